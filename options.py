@@ -1,0 +1,246 @@
+"""Every command-line flag of MELO, in one parser.
+
+`build_parser()` builds it and `parse_args(argv)` parses and validates; nothing is parsed at import, so
+tests and scripts can build their own argument sets (`parse_args(["--mode=ml-100k", ...])`).
+
+Flag names, meanings and defaults follow the original MELO project. Booleans are written
+`--flag=True` / `--flag=False`.
+"""
+import argparse
+import os
+import sys
+
+MODES = ("ml-1m", "ml-10m", "ml-100k", "amazon", "yelp")
+MODELS = ("bert4rec", "sasrec", "gru4rec", "narm")
+
+# Where each mode's ratings live when --data_path is not given (MovieLens is downloaded there).
+DEFAULT_DATA_PATHS = {
+    "ml-1m": "./Data/ml-1m/ratings.dat",
+    "ml-10m": "./Data/ml-10m/ratings.dat",
+    "ml-100k": "./Data/ml-100k/u.data",
+    "amazon": "./Data/amazon/ratings.csv",
+    "yelp": "./Data/yelp/ratings.csv",
+}
+
+
+def str2bool(text):
+    """Parse 'True'/'False' (as the original wrote them; also true/false/1/0/yes/no)."""
+    lowered = str(text).strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _checked(kind, minimum, what):
+    """An argparse type that converts with `kind` and rejects values below `minimum`."""
+
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return convert
+
+
+non_negative_int = _checked(int, 0, ">= 0")
+positive_int = _checked(int, 1, ">= 1")
+non_negative_float = _checked(float, 0.0, ">= 0")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="MELO: meta-learning with a learned adaptive loss for cold-start sequential "
+                    "rating prediction.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # ---------------------------------------------------------------- data
+    data = parser.add_argument_group("data")
+    add = data.add_argument
+    add("--mode", default="ml-1m", choices=MODES,
+        help="data set: MovieLens 1M/10M/100K (downloaded when missing), Amazon or Yelp ratings")
+    add("--data_path", default=None,
+        help="ratings file; default depends on --mode (" +
+             ", ".join(f"{m}: {p}" for m, p in DEFAULT_DATA_PATHS.items()) + ")")
+    add("--data_dir", default="./Data",
+        help="where downloads and the preprocessing cache live")
+    add("--min_item", type=non_negative_int, default=50,
+        help="drop items with fewer ratings than this (applied first)")
+    add("--min_sequence", type=positive_int, default=5,
+        help="then drop users with fewer ratings than this")
+    add("--max_seq_len", type=_checked(int, 3, ">= 3"), default=30,
+        help="length L of every window; a task uses at most this many of a user's latest items")
+    add("--min_sub_window_size", type=_checked(int, 2, ">= 2"), default=2,
+        help="shortest support / query window")
+    add("--num_samples", type=positive_int, default=25,
+        help="support windows per task (fewer when a user's history has fewer distinct windows)")
+    add("--num_query_set", type=positive_int, default=3,
+        help="query windows per task, all ending on the task's last item")
+    add("--num_test_data", type=positive_int, default=1000,
+        help="number of cold-start test users")
+    add("--val_size", type=positive_int, default=600,
+        help="number of fixed validation tasks scored at each --log_interval")
+    add("--val_fraction", type=_checked(float, 0.0, "in (0, 1)"), default=0.15,
+        help="share of the non-test users held out as validation users")
+    add("--batch_size", type=positive_int, default=16,
+        help="tasks (users) per meta-batch")
+    add("--random_seed", type=int, default=222,
+        help="seeds the user split, every task, dropout and the training order")
+    add("--use_random_sequence_length", type=str2bool, default=False,
+        help="training tasks use a random window length instead of max_seq_len")
+    add("--default_rating", type=float, default=0,
+        help="rating value written at padded positions (masks come from item id 0)")
+
+    # ---------------------------------------------------------------- model
+    model = parser.add_argument_group("backbone")
+    add = model.add_argument
+    add("--model", default="bert4rec", choices=MODELS, help="sequential backbone")
+    add("--model_init_seed", type=int, default=0, help="seeds the backbone's initial weights")
+    add("--bert_num_blocks", type=positive_int, default=2, help="transformer blocks (bert4rec, sasrec)")
+    add("--bert_num_heads", type=positive_int, default=4, help="attention heads (bert4rec, sasrec)")
+    add("--bert_hidden_units", type=positive_int, default=32, help="hidden size (bert4rec, sasrec)")
+    add("--bert_dropout", type=_checked(float, 0.0, ">= 0"), default=0.1,
+        help="dropout (bert4rec, sasrec)")
+    add("--gru4rec_embedding_dim", type=positive_int, default=32, help="item embedding size (gru4rec)")
+    add("--gru4rec_hidden_size", type=positive_int, default=32, help="GRU hidden size (gru4rec)")
+    add("--gru4rec_n_layers", type=positive_int, default=2, help="GRU layers (gru4rec)")
+    add("--narm_embedding_dim", type=positive_int, default=32, help="item embedding size (narm)")
+    add("--narm_hidden_size", type=positive_int, default=32, help="GRU hidden size (narm)")
+    add("--narm_n_layers", type=positive_int, default=1, help="GRU layers (narm)")
+
+    # ---------------------------------------------------------------- meta-learning
+    meta = parser.add_argument_group("meta-training (main.py)")
+    add = meta.add_argument
+    add("--num_train_iterations", type=non_negative_int, default=2000, help="outer iterations")
+    add("--num_inner_steps", type=positive_int, default=3, help="inner-loop gradient steps per task")
+    add("--inner_lr", type=non_negative_float, default=1e-3,
+        help="initial value of every learned inner learning rate")
+    add("--use_learnable_params", type=str2bool, default=True,
+        help="meta-learn the per-layer, per-step inner learning rates (MAML++ LSLR)")
+    add("--learn_lr", type=non_negative_float, default=1e-3, help="Adam lr of the inner learning rates")
+    add("--outer_lr", type=non_negative_float, default=1e-3, help="Adam lr of the backbone")
+    add("--min_outer_lr", type=non_negative_float, default=1e-4,
+        help="cosine annealing floor of --outer_lr")
+    add("--grad_clip", type=non_negative_float, default=5.0,
+        help="clip the meta-gradient norm (0 = off)")
+    add("--use_multi_step", type=str2bool, default=True, help="MAML++ multi-step loss")
+    add("--multi_step_loss_num_epochs", type=non_negative_int, default=1000,
+        help="iterations that use the multi-step loss; later only the last step counts")
+    add("--first_order_iterations", type=non_negative_int, default=0,
+        help="first K iterations are first-order for the backbone and learning rates "
+             "(the learned loss still gets its second-order meta-gradient)")
+    add("--task_chunk", type=non_negative_int, default=0,
+        help="process the meta-batch in chunks of this many tasks, accumulating gradients "
+             "(bounded memory; 0 = all at once)")
+
+    loss = parser.add_argument_group("learned inner loss (MELO)")
+    add = loss.add_argument
+    add("--use_adaptive_loss", type=str2bool, default=True,
+        help="MELO's learned, task-adaptive inner loss; False = plain MAML++ with MSE")
+    add("--lstm_input_size", type=positive_int, default=16, help="rating-embedding size of the encoder")
+    add("--lstm_hidden", type=positive_int, default=32, help="hidden size of the rating-sequence LSTM")
+    add("--lstm_num_layers", type=positive_int, default=1, help="layers of the rating-sequence LSTM")
+    add("--lstm_lr", type=non_negative_float, default=0.1,
+        help="Adam lr of the loss networks, cosine-annealed to --min_lstm_lr")
+    add("--min_lstm_lr", type=non_negative_float, default=0.01, help="floor of --lstm_lr")
+    add("--use_mlp", type=str2bool, default=False,
+        help="weight network: an MLP fed the task statistics chosen below")
+    add("--task_info_loss", type=str2bool, default=True, help="MLP input: per-position loss")
+    add("--task_info_rating_mean", type=str2bool, default=True, help="MLP input: task rating mean")
+    add("--task_info_rating_std", type=str2bool, default=True, help="MLP input: task rating std")
+    add("--task_info_labels", type=str2bool, default=True, help="MLP input: the label")
+    add("--task_info_predictions", type=str2bool, default=True, help="MLP input: the prediction")
+    add("--task_info_lr", type=non_negative_float, default=1e-3, help="Adam lr of the MLP weight net")
+    add("--use_mlp_mean", type=str2bool, default=False,
+        help="METAL-style: an MLP turns the weighted losses into the inner loss")
+    add("--use_step_loss", type=str2bool, default=False,
+        help="with --use_mlp_mean: one loss MLP per inner step")
+    add("--loss_num_layers", type=positive_int, default=2, help="layers of the loss MLP")
+    add("--loss_lr", type=non_negative_float, default=1e-3, help="Adam lr of the loss MLP")
+    add("--loss_weight_decay", type=non_negative_float, default=0.0, help="weight decay of the loss MLP")
+    add("--use_softmax", type=str2bool, default=False,
+        help="normalise weights with a masked softmax over positions")
+    add("--use_focal_loss", type=str2bool, default=False,
+        help="scale each position's loss by its relative size (focal-style)")
+
+    # ---------------------------------------------------------------- run control
+    run = parser.add_argument_group("run control")
+    add = run.add_argument
+    add("--test", action="store_true", help="evaluate --checkpoint_step on the test users")
+    add("--test_best", type=str2bool, default=True,
+        help="with --test: use the best-by-validation weights saved with that step "
+             "(False: the weights of exactly that step)")
+    add("--test_baseline", action="store_true",
+        help="score the training users' global mean rating on the test targets")
+    add("--checkpoint_step", type=int, default=-1,
+        help="step to resume from (training) or to evaluate (--test); -1 = none")
+    add("--checkpoint_dir", default="./checkpoints", help="where main.py keeps its checkpoints")
+    add("--log_dir", default="./runs", help="TensorBoard logs, one folder per run")
+    add("--log_interval", type=positive_int, default=50,
+        help="validate, log and checkpoint every this many iterations")
+    add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    add("--num_threads", type=non_negative_int, default=0,
+        help="torch CPU threads (0 = PyTorch's default, one per core)")
+
+    # ---------------------------------------------------------------- baseline
+    base = parser.add_argument_group("non-meta baseline (train_original.py) and pretraining")
+    add = base.add_argument
+    add("--pretraining_batch_size", type=positive_int, default=128, help="windows per batch")
+    add("--pretrain_epochs", type=non_negative_int, default=100, help="training epochs")
+    add("--pretraining_lr", type=non_negative_float, default=1e-3, help="Adam lr")
+    add("--pretrain_log_dir", default="./pretrained",
+        help="checkpoints and exported weights of train_original.py")
+    add("--use_learned_loss_baseline", type=str2bool, default=False,
+        help="weight the baseline's loss with the rating-sequence encoder")
+    add("--finetune_steps", type=non_negative_int, default=0,
+        help="at test time, plain gradient steps on each test user's support set")
+    add("--save_pretrained", type=str2bool, default=False,
+        help="export the item embedding and the whole model for main.py")
+    add("--load_pretrained_embedding", type=str2bool, default=False,
+        help="main.py starts from the item embedding saved by train_original.py")
+    add("--load_pretrained", type=str2bool, default=False,
+        help="main.py starts from the whole model saved by train_original.py")
+    return parser
+
+
+def validate(parser, args):
+    """Cross-flag checks that argparse types cannot express; errors exit with argparse's message."""
+    if args.min_sub_window_size > args.max_seq_len:
+        parser.error(f"--min_sub_window_size ({args.min_sub_window_size}) must not exceed "
+                     f"--max_seq_len ({args.max_seq_len})")
+    if not 0.0 < args.val_fraction < 1.0:
+        parser.error(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
+    if args.bert_hidden_units % args.bert_num_heads:
+        parser.error(f"--bert_hidden_units ({args.bert_hidden_units}) must be divisible by "
+                     f"--bert_num_heads ({args.bert_num_heads})")
+    if args.test and args.checkpoint_step < 0 and not args.test_baseline:
+        parser.error("--test needs --checkpoint_step=N (the step to evaluate)")
+
+
+def parse_args(argv=None):
+    """Parse `argv` (default: sys.argv), fill mode-dependent defaults, and validate."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
+    args.data_path_given = args.data_path is not None
+    if args.data_path is None:
+        args.data_path = os.path.join(args.data_dir, os.path.relpath(DEFAULT_DATA_PATHS[args.mode], "./Data"))
+    return args
+
+
+class MeloError(Exception):
+    """A problem with the user's input or files: reported as one line, without a traceback."""
+
+
+def run_cli(main_function, argv=None):
+    """Run a script's main(args); a MeloError becomes `error: ...` on stderr and exit status 2."""
+    try:
+        main_function(parse_args(argv))
+    except MeloError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
