@@ -1,0 +1,59 @@
+"""Checkpoint files: atomic writes, step listing, safe loading, and option compatibility checks.
+
+A checkpoint holds tensors and plain Python values only, so it loads with `weights_only=True`.
+It is written to a temporary file in the same folder and renamed, so a crash never leaves a broken one.
+"""
+import os
+import re
+import tempfile
+
+import torch
+
+from options import MeloError
+
+
+def checkpoint_path(directory, prefix, step):
+    return os.path.join(directory, f"{prefix}_step{step}.pt")
+
+
+def save_atomic(state, path):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def available_steps(directory, prefix):
+    pattern = re.compile(re.escape(prefix) + r"_step(\d+)\.pt$")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(m.group(1)) for m in map(pattern.match, os.listdir(directory)) if m)
+
+
+def load_checkpoint(directory, prefix, step):
+    """Load `prefix`'s checkpoint of `step`; a missing one is a MeloError listing the steps that exist."""
+    path = checkpoint_path(directory, prefix, step)
+    if not os.path.exists(path):
+        steps = available_steps(directory, prefix)
+        found = ", ".join(map(str, steps)) if steps else "none"
+        raise MeloError(f"no checkpoint for step {step} at {path}; steps saved for {prefix} in "
+                        f"{directory}: {found}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as error:  # truncated or foreign file
+        raise MeloError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+
+
+def check_compatible(saved, current, path):
+    """Every option that shapes the saved state must equal the current one; else say which differs."""
+    differing = [f"{key}={saved[key]!r} (now {current.get(key)!r})"
+                 for key in sorted(saved) if saved[key] != current.get(key)]
+    if differing:
+        raise MeloError(f"checkpoint {path} was made with other settings: {', '.join(differing)}; "
+                        "use the same options or another --checkpoint_dir")

@@ -1,0 +1,176 @@
+"""The MELO / MAML++ meta-learner: inner-loop adaptation per task and the outer (query) loss.
+
+One pure task function, `_adapt_task`, adapts a parameter dict on one task's support set with
+`torch.func.grad` + `functional_call` and scores the query set after the inner steps. Two drivers run it:
+
+* the fast path (default): `torch.func.vmap` over the tasks of a meta-batch, with each task adapting a
+  small item table that holds only the rows of its own items (ids remapped). A task's loss never touches
+  the other rows, so their gradient, and with it their inner update, is exactly zero: adapting the small
+  table gives the same numbers as adapting the whole table, at a cost independent of the catalog size.
+* the reference path (`fast=False`): a Python loop over tasks that adapts the whole item table.
+
+Both give the same losses and gradients (tests/test_meta_learner.py checks it in float64).
+
+Derivative order: by default the inner gradients keep their graph (second order). With
+`first_order=True` the inner gradient is taken at a detached copy of the parameters: the backbone and the
+learning rates then get first-order meta-gradients, while the learned loss, whose parameters enter the
+inner gradient directly, still gets its (second-order, mixed) meta-gradient d²L_inner/dθdφ.
+"""
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from inner_loop_optimizers import LSLRGradientDescent
+from models.loss_networks import masked_mean
+
+EMBEDDING = "item_embedding.weight"
+
+
+def multi_step_loss_weights(iteration, num_steps, msl_iterations):
+    """MAML++'s importance vector over inner steps at `iteration`.
+
+    Starts uniform (1/K); the non-final weights decay linearly to a floor of 0.03/K over
+    `msl_iterations` while the last one grows, so the vector always sums to one.
+    """
+    weights = torch.full((num_steps,), 1.0 / num_steps, dtype=torch.float64)
+    decay = 1.0 / num_steps / max(msl_iterations, 1)
+    floor = 0.03 / num_steps
+    weights[:-1] = torch.clamp(weights[:-1] - iteration * decay, min=floor)
+    weights[-1] = min(1.0 / num_steps + iteration * (num_steps - 1) * decay, 1.0 - (num_steps - 1) * floor)
+    return weights
+
+
+def last_step_weights(num_steps):
+    weights = torch.zeros(num_steps, dtype=torch.float64)
+    weights[-1] = 1.0
+    return weights
+
+
+def local_item_tables(item_windows):
+    """Per task, the sorted distinct item ids it uses, and its windows re-indexed into that list.
+
+    item_windows: [T, N] ids. Returns local_ids [T, K] (row 0 is always id 0, the padding item; short
+    lists are padded by repeating their last id, whose duplicate rows are never indexed) and
+    remapped [T, N] with local_ids.gather(1, remapped) == item_windows.
+    """
+    with_padding = torch.cat([torch.zeros_like(item_windows[:, :1]), item_windows], dim=1)
+    ordered, _ = with_padding.sort(dim=1)
+    is_first = torch.ones_like(ordered, dtype=torch.bool)
+    is_first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    slot = is_first.long().cumsum(1) - 1
+    counts = slot[:, -1] + 1
+    width = int(counts.max())
+    local_ids = torch.zeros(ordered.shape[0], width, dtype=ordered.dtype, device=ordered.device)
+    local_ids.scatter_(1, slot, ordered)  # duplicates write the same id to the same slot
+    last = local_ids.gather(1, (counts - 1)[:, None])
+    local_ids = torch.where(torch.arange(width, device=ordered.device)[None] < counts[:, None], local_ids, last)
+    remapped = torch.searchsorted(local_ids, item_windows)
+    return local_ids, remapped
+
+
+class MetaLearner(nn.Module):
+    """Everything that is meta-learned: the backbone θ, the inner learning rates α, the inner loss φ."""
+
+    def __init__(self, backbone, inner_loss, num_inner_steps, inner_lr, learnable_lrs, max_rating):
+        super().__init__()
+        self.backbone = backbone
+        self.inner_loss = inner_loss
+        self.num_inner_steps = num_inner_steps
+        self.max_rating = float(max_rating)
+        names = [name for name, _ in backbone.named_parameters()]
+        if EMBEDDING not in names:
+            raise ValueError(f"backbone {type(backbone).__name__} has no {EMBEDDING}")
+        self.lslr = LSLRGradientDescent(names, num_inner_steps, inner_lr, learnable_lrs)
+
+    # ------------------------------------------------------------------ one task
+    def _adapt_task(self, params, support, context, query, scored_steps, first_order):
+        """Adapt `params` on one task's support set; return (query losses [len(scored_steps)],
+        query predictions at the last position [Q]). `support`/`query` are (items, labels, mask)."""
+        support_items, support_labels, support_mask = support
+        query_items, query_labels, query_mask = query
+
+        def support_loss(current, step):
+            predictions = functional_call(self.backbone, current, (support_items,))
+            return self.inner_loss(predictions, support_labels, support_mask, context, step)
+
+        query_losses, query_predictions = [], None
+        for step in range(self.num_inner_steps):
+            at = {n: p.detach() for n, p in params.items()} if first_order else params
+            grads = grad(support_loss)(at, step)
+            params = self.lslr.update(params, grads, step)
+            if step in scored_steps:
+                query_predictions = functional_call(self.backbone, params, (query_items,))
+                query_losses.append(masked_mean((query_predictions - query_labels) ** 2, query_mask))
+        return torch.stack(query_losses), query_predictions[:, -1]
+
+    # ------------------------------------------------------------------ a batch of tasks
+    def _prepare(self, batch):
+        support_labels = batch.support_ratings / self.max_rating
+        support_mask = batch.support_items != 0
+        query = (batch.query_items, batch.query_ratings / self.max_rating, batch.query_items != 0)
+        context = self.inner_loss.prepare(support_labels, support_mask)
+        return (batch.support_items, support_labels, support_mask), context, query
+
+    def run_tasks(self, batch, scored_steps, first_order=False, fast=True):
+        """Query losses [T, len(scored_steps)] and last-position predictions [T, Q] (normalised)."""
+        support, context, query = self._prepare(batch)
+        if not fast:
+            return self._run_tasks_one_by_one(support, context, query, scored_steps, first_order)
+        num_tasks, num_support = support[0].shape[:2]
+        windows = torch.cat([support[0].flatten(1), query[0].flatten(1)], dim=1)
+        local_ids, remapped = local_item_tables(windows)
+        split = support[0][0].numel()
+        support = (remapped[:, :split].view_as(support[0]),) + support[1:]
+        query = (remapped[:, split:].view_as(query[0]),) + query[1:]
+        shared = {n: p for n, p in self.backbone.named_parameters() if n != EMBEDDING}
+        tables = self.backbone.item_embedding.weight[local_ids]  # [T, K, H]; gradient flows to the table
+
+        def one_task(table, task_support, task_context, task_query):
+            return self._adapt_task({**shared, EMBEDDING: table}, task_support, task_context, task_query,
+                                    scored_steps, first_order)
+
+        return vmap(one_task, randomness="different")(tables, support, context, query)
+
+    def _run_tasks_one_by_one(self, support, context, query, scored_steps, first_order):
+        params = dict(self.backbone.named_parameters())
+        losses, predictions = [], []
+        for t in range(support[0].shape[0]):
+            pick = lambda tensors: tuple(x[t] for x in tensors)  # noqa: E731
+            task_losses, task_predictions = self._adapt_task(
+                params, pick(support), {k: v[t] for k, v in context.items()}, pick(query),
+                scored_steps, first_order)
+            losses.append(task_losses)
+            predictions.append(task_predictions)
+        return torch.stack(losses), torch.stack(predictions)
+
+    def task_losses(self, batch, step_weights, first_order=False, fast=True):
+        """The outer loss of each task: Σ_k v_k L_query(θ_k+1) over the steps with a weight."""
+        scored = tuple(k for k in range(self.num_inner_steps) if step_weights[k] > 0)
+        losses, _ = self.run_tasks(batch, scored, first_order, fast)
+        weights = step_weights[list(scored)].to(losses)
+        return (losses * weights).sum(dim=1)
+
+    def predict(self, batch, fast=True):
+        """Adapt on each task's support set without keeping a graph; predicted stars [T, Q]."""
+        with torch.no_grad():
+            _, predictions = self.run_tasks(batch, (self.num_inner_steps - 1,), first_order=True, fast=fast)
+        return predictions * self.max_rating
+
+    def support_weights(self, batch):
+        """The adaptive loss's weight per support position (None for losses without one), for logging."""
+        support, context, _ = self._prepare(batch)
+        weights = context.get("weights")
+        return None if weights is None else (weights.detach(), support[1] * self.max_rating, support[2])
+
+
+def build_meta_learner(args, num_items, max_rating):
+    """The backbone `--model`, its LSLR rates and the inner loss the flags ask for."""
+    from models import model_factory
+    from models.loss_networks import build_inner_loss
+
+    backbone = model_factory(args, num_items)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.model_init_seed + 1)  # loss networks' own, fixed initialisation
+        inner_loss = build_inner_loss(args, max_rating)
+    return MetaLearner(backbone, inner_loss, args.num_inner_steps, args.inner_lr,
+                       args.use_learnable_params, max_rating)

@@ -1,0 +1,75 @@
+"""Rating-prediction reports in stars: RMSE, MAE, and the same per rating value.
+
+Errors are first accumulated as sums per half-star bucket (count, squared error, absolute error,
+prediction), so batches, and processes under torchrun, can be added up before the report is made.
+The per-rating table is the point of MELO: a user's rare ratings are where plain MAML fails.
+"""
+import json
+import math
+import os
+import tempfile
+
+import torch
+
+SUM_FIELDS = ("count", "squared_error", "absolute_error", "prediction")
+
+
+def num_buckets(max_rating):
+    return int(round(2 * max_rating)) + 1
+
+
+def error_sums(predicted_stars, target_stars, mask, max_rating):
+    """Sums per half-star target bucket: float64 tensor [buckets, 4] in SUM_FIELDS order."""
+    predicted = predicted_stars[mask].double()
+    target = target_stars[mask].double()
+    buckets = torch.round(target * 2).long().clamp(0, num_buckets(max_rating) - 1)
+    values = torch.stack([torch.ones_like(target), (predicted - target) ** 2,
+                          (predicted - target).abs(), predicted], dim=1)
+    sums = torch.zeros(num_buckets(max_rating), len(SUM_FIELDS), dtype=torch.float64, device=values.device)
+    return sums.index_add_(0, buckets, values).cpu()
+
+
+def report_from_sums(sums):
+    """RMSE/MAE overall and per rating value, and the mean of the per-rating RMSEs."""
+    total = sums.sum(0)
+    count = total[0].item()
+    if count == 0:
+        raise ValueError("no predictions to report")
+    per_rating = {}
+    for bucket, row in enumerate(sums):
+        n = row[0].item()
+        if n == 0:
+            continue
+        per_rating[f"{bucket / 2:g}"] = {
+            "count": int(n),
+            "rmse": math.sqrt(row[1].item() / n),
+            "mae": row[2].item() / n,
+            "mean_prediction": row[3].item() / n,
+        }
+    return {
+        "count": int(count),
+        "rmse": math.sqrt(total[1].item() / count),
+        "mae": total[2].item() / count,
+        "mean_per_rating_rmse": sum(r["rmse"] for r in per_rating.values()) / len(per_rating),
+        "per_rating": per_rating,
+    }
+
+
+def format_report(report, title):
+    lines = [f"{title}: RMSE {report['rmse']:.4f}  MAE {report['mae']:.4f}  "
+             f"mean per-rating RMSE {report['mean_per_rating_rmse']:.4f}  ({report['count']} targets)",
+             f"  {'rating':>6} {'count':>7} {'RMSE':>7} {'MAE':>7} {'mean pred':>9}"]
+    for rating, row in report["per_rating"].items():
+        lines.append(f"  {rating:>6} {row['count']:>7d} {row['rmse']:>7.4f} {row['mae']:>7.4f} "
+                     f"{row['mean_prediction']:>9.4f}")
+    return "\n".join(lines)
+
+
+def write_json_atomic(data, path):
+    """Write JSON to a temporary file in the same folder, then rename: never a half-written report."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(handle, "w") as out:
+        json.dump(data, out, indent=2, sort_keys=True)
+    os.replace(temporary, path)

@@ -1,0 +1,184 @@
+"""Inner-loop losses: plain MSE (MAML++) and MELO's learned, task-adaptive loss.
+
+Every inner loss is used in two phases, so that the part that only reads labels runs once per task and
+outside `vmap`, and the part that depends on the adapted parameters is a plain function of tensors:
+
+    context = loss.prepare(support_labels[T, S, L], support_mask[T, S, L])   # once per meta-batch
+    value   = loss(predictions[S, L], labels[S, L], mask[S, L], context_of_one_task, step)  # per task
+
+`labels` are ratings divided by the data set's maximum rating; `mask` marks real (unpadded) positions.
+The returned inner loss is always a masked mean over real positions, so its scale does not depend on
+how many windows a user has.
+"""
+import torch
+from torch import nn
+
+# The adaptive weight is 2 * sigmoid(z), in (0, 2); its last layer starts at zero so every weight starts
+# at exactly 1 and MELO starts as plain MAML++, then learns to move weight between positions.
+WEIGHT_SCALE = 2.0
+
+
+def masked_mean(values, mask):
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def rating_bucket_ids(labels, mask, max_rating):
+    """Half-star bucket of each rating (1 .. 2*max_rating); 0 is padding. Works for half stars."""
+    num_buckets = num_rating_buckets(max_rating)
+    ids = torch.round(labels * max_rating * 2).long().clamp(1, num_buckets - 1)
+    return torch.where(mask, ids, torch.zeros_like(ids))
+
+
+def num_rating_buckets(max_rating):
+    return int(round(2 * max_rating)) + 1
+
+
+def _mlp(sizes, zero_last=True):
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    if zero_last:
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+    return nn.Sequential(*layers)
+
+
+class MSEInnerLoss(nn.Module):
+    """Plain MAML++: the masked mean squared error."""
+
+    def prepare(self, support_labels, support_mask):
+        return {}
+
+    def forward(self, predictions, labels, mask, context, step):
+        return masked_mean((predictions - labels) ** 2, mask)
+
+
+class RatingSequenceEncoder(nn.Module):
+    """MELO's task-state encoder: an LSTM reads the rating sequence of each support window.
+
+    The task state is the mean of the windows' final states; each position's weight comes from the task
+    state, the LSTM state at that position and the position's own rating, so the weight of a rating can
+    depend on how common that rating is for this user. Reads labels only, so it runs outside the inner
+    loop and `nn.LSTM` (cuDNN included) is fine here.
+    """
+
+    def __init__(self, max_rating, input_size, hidden_size, num_layers):
+        super().__init__()
+        self.max_rating = max_rating
+        self.rating_embedding = nn.Embedding(num_rating_buckets(max_rating), input_size, padding_idx=0)
+        self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)
+        self.initial_hidden = nn.Parameter(torch.zeros(num_layers, 1, hidden_size))
+        self.initial_cell = nn.Parameter(torch.zeros(num_layers, 1, hidden_size))
+        self.head = _mlp([2 * hidden_size + input_size, hidden_size, 1])
+
+    def forward(self, labels, mask):
+        """labels, mask: [T, S, L] -> per-position logits [T, S, L]."""
+        num_tasks, num_windows, length = labels.shape
+        ids = rating_bucket_ids(labels, mask, self.max_rating)
+        embedded = self.rating_embedding(ids).flatten(0, 1)  # [T*S, L, E]
+        batch = embedded.shape[0]
+        state = (self.initial_hidden.expand(-1, batch, -1).contiguous(),
+                 self.initial_cell.expand(-1, batch, -1).contiguous())
+        outputs, (hidden, _) = self.lstm(embedded, state)
+        window_state = hidden[-1].view(num_tasks, num_windows, -1)
+        real_window = mask.any(dim=2, keepdim=True).to(window_state.dtype)  # [T, S, 1]
+        task_state = (window_state * real_window).sum(1) / real_window.sum(1).clamp_min(1.0)  # [T, H]
+        features = torch.cat([
+            task_state[:, None, None, :].expand(-1, num_windows, length, -1),
+            outputs.view(num_tasks, num_windows, length, -1),
+            embedded.view(num_tasks, num_windows, length, -1),
+        ], dim=-1)
+        return self.head(features).squeeze(-1)
+
+
+class TaskStatisticsWeightNet(nn.Module):
+    """`--use_mlp`: an MLP weight network fed per-position task statistics (chosen by flags)."""
+
+    FEATURES = ("loss", "rating_mean", "rating_std", "labels", "predictions")
+
+    def __init__(self, args):
+        super().__init__()
+        self.features = [f for f in self.FEATURES if getattr(args, f"task_info_{f}")]
+        if not self.features:
+            raise ValueError("--use_mlp needs at least one --task_info_* input set to True")
+        self.mlp = _mlp([len(self.features), args.lstm_hidden, 1])
+
+    def forward(self, errors, labels, predictions, rating_mean, rating_std):
+        available = {"loss": errors, "labels": labels, "predictions": predictions,
+                     "rating_mean": rating_mean.expand_as(errors), "rating_std": rating_std.expand_as(errors)}
+        return self.mlp(torch.stack([available[f] for f in self.features], dim=-1)).squeeze(-1)
+
+
+class AdaptiveInnerLoss(nn.Module):
+    """MELO's learned inner loss: a non-negative weight per position times its squared error.
+
+    Options (all trained by the outer loop whenever used):
+      weights from the rating-sequence LSTM (default) or from task statistics (`--use_mlp`);
+      `--use_softmax`: weights are a masked softmax over the task's positions (times their count);
+      `--use_focal_loss`: each error is scaled by its size relative to the task's mean error;
+      `--use_mlp_mean`: a (per-step with `--use_step_loss`) MLP reshapes each weighted error,
+      e + MLP(e), METAL-style, before the masked mean.
+    """
+
+    def __init__(self, args, max_rating):
+        super().__init__()
+        self.use_softmax = args.use_softmax
+        self.use_focal_loss = args.use_focal_loss
+        if args.use_mlp:
+            self.encoder, self.weight_net = None, TaskStatisticsWeightNet(args)
+        else:
+            self.encoder = RatingSequenceEncoder(max_rating, args.lstm_input_size, args.lstm_hidden,
+                                                 args.lstm_num_layers)
+            self.weight_net = None
+        self.loss_mlps = None
+        if args.use_mlp_mean:
+            count = args.num_inner_steps if args.use_step_loss else 1
+            sizes = [1] + [args.lstm_hidden] * (args.loss_num_layers - 1) + [1]
+            self.loss_mlps = nn.ModuleList(_mlp(sizes) for _ in range(count))
+
+    def prepare(self, support_labels, support_mask):
+        context = {}
+        if self.encoder is not None:
+            logits = self.encoder(support_labels, support_mask)
+            context["weights"] = self._weights(logits, support_mask)
+        else:
+            mask = support_mask.to(support_labels.dtype)
+            count = mask.sum((1, 2)).clamp_min(1.0)
+            mean = (support_labels * mask).sum((1, 2)) / count
+            var = (((support_labels - mean[:, None, None]) ** 2) * mask).sum((1, 2)) / count
+            context["rating_mean"], context["rating_std"] = mean, var.sqrt()
+        return context
+
+    def _weights(self, logits, mask):
+        if self.use_softmax:
+            # Softmax over the real positions of one task (the last two dims), scaled so the mean is 1.
+            dims = tuple(range(logits.dim() - 2, logits.dim()))
+            masked = torch.where(mask, logits, torch.full_like(logits, torch.finfo(logits.dtype).min))
+            flat = masked.flatten(-2).softmax(-1).view_as(logits)
+            return flat * mask.sum(dims, keepdim=True).to(logits.dtype)
+        return WEIGHT_SCALE * torch.sigmoid(logits)
+
+    def forward(self, predictions, labels, mask, context, step):
+        errors = (predictions - labels) ** 2
+        if self.encoder is not None:
+            weights = context["weights"]
+        else:
+            logits = self.weight_net(errors, labels, predictions, context["rating_mean"], context["rating_std"])
+            weights = self._weights(logits, mask)
+        weighted = weights * errors
+        if self.use_focal_loss:
+            weighted = weighted * errors / masked_mean(errors, mask).clamp_min(1e-12)
+        if self.loss_mlps is not None:
+            mlp = self.loss_mlps[step if len(self.loss_mlps) > 1 else 0]
+            weighted = weighted + mlp(weighted.unsqueeze(-1)).squeeze(-1)
+        return masked_mean(weighted, mask)
+
+
+def build_inner_loss(args, max_rating):
+    """The inner loss the flags ask for: MELO's adaptive loss, or MSE with --use_adaptive_loss=False."""
+    if not args.use_adaptive_loss:
+        return MSEInnerLoss()
+    return AdaptiveInnerLoss(args, max_rating)

@@ -1,0 +1,73 @@
+"""Process set-up shared by the scripts: threads, device, seeding, and torch.distributed (torchrun)."""
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from options import MeloError
+
+
+def configure_threads(args):
+    """`--num_threads=N` caps torch's CPU threads (0 keeps PyTorch's default: one per core)."""
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+
+
+def seed_everything(seed):
+    """Seed torch's global RNG (dropout) and numpy's legacy global RNG; task sampling uses its own
+    generators derived from the seed (dataloader.py)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2 ** 32))
+
+
+def select_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MeloError(f"--device={name} asks for CUDA, but torch sees no GPU; use --device=cpu")
+    return device
+
+
+class Distributed:
+    """Rank, world size and the few collectives MELO needs; a single process when not under torchrun."""
+
+    def __init__(self, device_name):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_name == "auto" and torch.cuda.is_available():
+            device_name = f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        self.device = select_device(device_name)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def shard(self, count):
+        """This rank's contiguous share of `count` items, as a slice (the union over ranks is all)."""
+        bounds = np.linspace(0, count, self.world_size + 1).round().astype(int)
+        return slice(int(bounds[self.rank]), int(bounds[self.rank + 1]))
+
+    def sum_(self, tensor):
+        """In-place sum over ranks (a no-op for one process); returns the tensor."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def close(self):
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()

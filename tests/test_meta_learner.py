@@ -1,0 +1,171 @@
+"""The meta-learning pieces: LSLR, the multi-step loss vector, the learned losses' meta-gradients, and
+the equivalence of the fast (vmap, per-task item table) path with the simple per-task loop."""
+import types
+
+import pytest
+import torch
+
+import options
+from inner_loop_optimizers import LSLRGradientDescent
+from meta_learner import build_meta_learner, last_step_weights, local_item_tables, multi_step_loss_weights
+from models.loss_networks import AdaptiveInnerLoss, MSEInnerLoss
+
+NUM_ITEMS = 40
+BACKBONES = ["bert4rec", "sasrec", "gru4rec", "narm"]
+
+
+def random_batch(num_tasks=3, num_support=4, num_query=2, length=8, seed=0):
+    """A TaskBatch-like set of random left-padded windows with half-star ratings."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def windows(count):
+        items = torch.randint(1, NUM_ITEMS + 1, (num_tasks, count, length), generator=generator)
+        lengths = torch.randint(2, length, (num_tasks, count, 1), generator=generator)
+        items = torch.where(torch.arange(length) >= length - lengths, items, 0)
+        stars = torch.randint(1, 11, items.shape, generator=generator).float() / 2
+        return items, torch.where(items > 0, stars, torch.zeros_like(stars))
+
+    support_items, support_ratings = windows(num_support)
+    support_items[0, -1] = 0  # a missing support window, as for users with a short history
+    support_ratings[0, -1] = 0
+    query_items, query_ratings = windows(num_query)
+    return types.SimpleNamespace(
+        support_items=support_items, support_ratings=support_ratings,
+        support_mask=support_items.ne(0).any(-1), query_items=query_items, query_ratings=query_ratings,
+        query_mask=torch.ones(num_tasks, num_query, dtype=torch.bool))
+
+
+def make_learner(model, *flags):
+    args = options.parse_args([f"--model={model}", "--max_seq_len=8", "--bert_dropout=0", "--bert_hidden_units=8",
+                               "--bert_num_heads=2", "--gru4rec_hidden_size=8", "--gru4rec_embedding_dim=8",
+                               "--narm_hidden_size=8", "--narm_embedding_dim=8", "--lstm_hidden=8",
+                               "--lstm_input_size=4", "--inner_lr=0.5", *flags])
+    return build_meta_learner(args, NUM_ITEMS, 5.0)
+
+
+def gradients(learner):
+    return {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_lslr_with_fixed_rates_is_a_hand_computed_sgd_step():
+    params = {"a.weight": torch.tensor([1.0, 2.0]), "b": torch.tensor([[3.0]])}
+    grads = {"a.weight": torch.tensor([0.5, -1.0]), "b": torch.tensor([[2.0]])}
+    lslr = LSLRGradientDescent(params, num_inner_steps=3, init_lr=0.1, learnable=False)
+    with torch.no_grad():
+        lslr.lrs["b"][2] = 0.25
+    step0 = lslr.update(params, grads, 0)
+    assert torch.allclose(step0["a.weight"], torch.tensor([0.95, 2.1]))
+    assert torch.allclose(step0["b"], torch.tensor([[2.8]]))
+    assert torch.allclose(lslr.update(params, grads, 2)["b"], torch.tensor([[2.5]]))
+    assert all(len(rates) == 3 for rates in lslr.rates_by_parameter().values())
+    assert not any(p.requires_grad for p in lslr.parameters())
+
+
+def test_multi_step_loss_vector_sums_to_one_and_anneals_towards_the_last_step():
+    steps, epochs = 4, 100
+    start = multi_step_loss_weights(0, steps, epochs)
+    assert torch.allclose(start, torch.full((steps,), 0.25, dtype=torch.float64))
+    previous = start
+    for iteration in range(1, 2 * epochs):
+        weights = multi_step_loss_weights(iteration, steps, epochs)
+        assert weights.sum().item() == pytest.approx(1.0)
+        assert (weights[:-1] <= previous[:-1] + 1e-12).all() and weights[-1] >= previous[-1] - 1e-12
+        previous = weights
+    floor = 0.03 / steps
+    assert torch.allclose(previous[:-1], torch.full((steps - 1,), floor, dtype=torch.float64))
+    assert previous[-1].item() == pytest.approx(1 - (steps - 1) * floor)
+    assert last_step_weights(steps).tolist() == [0, 0, 0, 1]
+
+
+def test_local_item_tables_hold_exactly_each_tasks_items():
+    windows = torch.tensor([[0, 7, 3, 7, 3], [5, 5, 5, 5, 5], [0, 0, 9, 1, 2]])
+    local_ids, remapped = local_item_tables(windows)
+    assert torch.equal(local_ids.gather(1, remapped), windows)
+    assert (local_ids[:, 0] == 0).all()
+    for task, row in enumerate(windows):
+        used = set(local_ids[task].tolist())
+        assert used == set(row.tolist()) | {0}
+        assert torch.equal(local_ids[task], local_ids[task].sort().values)
+
+
+@pytest.mark.parametrize("model", BACKBONES)
+@pytest.mark.parametrize("adaptive", ["True", "False"])
+def test_fast_path_equals_the_per_task_path_in_float64(float64, model, adaptive):
+    learner = make_learner(model, f"--use_adaptive_loss={adaptive}")
+    # Move the adaptive loss off its neutral start so its own path matters in the comparison.
+    for p in learner.inner_loss.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    batch = random_batch()
+    results = []
+    for fast in (True, False):
+        learner.zero_grad()
+        losses = learner.task_losses(batch, multi_step_loss_weights(10, 3, 100), fast=fast)
+        losses.sum().backward()
+        results.append((losses.detach(), gradients(learner), learner.predict(batch, fast=fast)))
+    (fast_loss, fast_grads, fast_pred), (ref_loss, ref_grads, ref_pred) = results
+    assert torch.allclose(fast_loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert fast_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert torch.allclose(fast_grads[name], ref_grads[name], rtol=1e-8, atol=1e-12), name
+    assert torch.allclose(fast_pred, ref_pred, rtol=1e-10, atol=1e-12)
+    assert any(g.abs().sum() > 0 for n, g in ref_grads.items() if n.startswith("lslr."))
+
+
+def test_second_order_meta_gradient_matches_finite_differences(float64):
+    learner = make_learner("sasrec", "--use_adaptive_loss=False", "--num_inner_steps=2")
+    batch = random_batch(num_tasks=2)
+    weights = last_step_weights(2)
+    learner.zero_grad()
+    learner.task_losses(batch, weights).sum().backward()
+    for parameter in (learner.backbone.head.weight, next(iter(learner.lslr.parameters()))):
+        analytic = parameter.grad.view(-1)[0].item()
+        with torch.no_grad():
+            parameter.view(-1)[0] += 1e-6
+            plus = learner.task_losses(batch, weights).sum().item()
+            parameter.view(-1)[0] -= 2e-6
+            minus = learner.task_losses(batch, weights).sum().item()
+            parameter.view(-1)[0] += 1e-6
+        assert analytic == pytest.approx((plus - minus) / 2e-6, rel=1e-5, abs=1e-10)
+
+
+@pytest.mark.parametrize("flags", [[], ["--use_mlp=True"], ["--use_mlp_mean=True", "--use_step_loss=True"],
+                                   ["--use_softmax=True"], ["--use_focal_loss=True"]])
+def test_learned_losses_get_meta_gradients_in_both_orders(flags):
+    learner = make_learner("gru4rec", *flags)
+    assert isinstance(learner.inner_loss, AdaptiveInnerLoss)
+    for p in learner.inner_loss.parameters():  # leave the neutral start, as after a few outer steps
+        torch.nn.init.normal_(p, std=0.3)
+    batch = random_batch()
+    weights = multi_step_loss_weights(0, 3, 10)
+    per_order = {}
+    for first_order in (False, True):
+        learner.zero_grad()
+        learner.task_losses(batch, weights, first_order=first_order).sum().backward()
+        grads = gradients(learner)
+        loss_grads = [g for n, g in grads.items() if n.startswith("inner_loss.")]
+        assert loss_grads and all(torch.isfinite(g).all() for g in loss_grads)
+        assert sum(g.abs().sum() for g in loss_grads) > 0, f"first_order={first_order}"
+        per_order[first_order] = grads
+    # First order drops the backbone's second-order terms, so its meta-gradient changes.
+    backbone_name = next(n for n in per_order[True] if n.startswith("backbone."))
+    assert not torch.allclose(per_order[True][backbone_name], per_order[False][backbone_name])
+
+
+def test_melo_starts_as_plain_maml():
+    """Zero-initialised last layers make every adaptive weight 1: MELO's first step is MAML++'s."""
+    batch = random_batch()
+    weights = multi_step_loss_weights(0, 3, 10)
+    melo = make_learner("narm", "--use_adaptive_loss=True")
+    maml = make_learner("narm", "--use_adaptive_loss=False")
+    assert isinstance(maml.inner_loss, MSEInnerLoss)
+    assert torch.allclose(melo.task_losses(batch, weights), maml.task_losses(batch, weights))
+    found = melo.support_weights(batch)
+    assert found is not None and torch.allclose(found[0], torch.ones_like(found[0]))
