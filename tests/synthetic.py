@@ -1,0 +1,254 @@
+"""Small, realistic, learnable rating files in every format MELO reads (deterministic from the seed).
+
+The ratings follow a simple generative story so that models can learn from them:
+
+    rating = global mean + user bias + item bias + user drift * (position in the user's history - 0.5)
+             + noise, rounded to whole (or, for ML-10M, half) stars and clipped to the scale;
+    a share of users has a favourite value (mostly 4, sometimes 5 or 3) that replaces most of its ratings.
+
+Item popularity is long-tailed (so that --min_item really removes items), a few users are very short
+(so that --min_sequence removes users), each user rates distinct items, and timestamps increase along a
+user's history with some ties. Every writer returns the ratings exactly as written, in file order, as a
+DataFrame with columns user, item, rating, timestamp (original ids; timestamp in unix seconds).
+
+`make_args(mode, data_path, tmp_path, **flags)` builds parsed options for tests.
+"""
+import json
+import os
+import zipfile
+
+import numpy as np
+import pandas as pd
+
+ALNUM = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
+URLSAFE = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
+
+
+def synthetic_ratings(num_users=300, num_items=200, seed=0, min_length=30, max_length=80,
+                      short_user_fraction=0.05, favourite_fraction=0.3, tie_fraction=0.1,
+                      half_stars=False, distinct_items=True, start_time=946_684_800, day_resolution=False):
+    """Ratings with integer user ids 1..num_users and scattered integer item ids, in time order per user.
+
+    `distinct_items=False` samples items with replacement, fully vectorised (for large timing files).
+    """
+    rng = np.random.default_rng(seed)
+    item_ids = np.sort(rng.choice(np.arange(1, 5 * num_items + 1), num_items, replace=False))
+    popularity = 1.0 / (np.arange(num_items) + 3.0) ** 2.0
+    rng.shuffle(popularity)              # popularity unrelated to the id order
+    popularity /= popularity.sum()
+
+    lengths = rng.integers(min_length, max_length + 1, size=num_users)
+    short = rng.random(num_users) < short_user_fraction
+    lengths[short] = rng.integers(1, 5, size=short.sum())
+    if distinct_items:
+        lengths = np.minimum(lengths, num_items)
+    user_of = np.repeat(np.arange(num_users), lengths)
+    total = int(lengths.sum())
+
+    if distinct_items:
+        items = np.concatenate([rng.choice(num_items, n, replace=False, p=popularity) for n in lengths])
+    else:
+        items = rng.choice(num_items, size=total, p=popularity)
+
+    starts = np.zeros(num_users + 1, np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    position = np.arange(total) - starts[user_of]
+    progress = position / np.maximum(lengths[user_of] - 1, 1)
+
+    user_bias = rng.normal(0.0, 0.4, num_users)
+    item_bias = rng.normal(0.0, 0.5, num_items)
+    drift = rng.normal(0.0, 0.6, num_users)
+    value = (3.6 + user_bias[user_of] + item_bias[items] + drift[user_of] * (progress - 0.5)
+             + rng.normal(0.0, 0.45, total))
+    low = 0.5 if half_stars else 1.0
+    step = 0.5 if half_stars else 1.0
+    ratings = np.clip(np.round(value / step) * step, low, 5.0)
+
+    has_favourite = rng.random(num_users) < favourite_fraction
+    favourite = rng.choice([4.0, 4.0, 4.0, 5.0, 3.0], size=num_users)
+    strength = rng.uniform(0.6, 0.95, num_users)
+    use_favourite = has_favourite[user_of] & (rng.random(total) < strength[user_of])
+    ratings = np.where(use_favourite, favourite[user_of], ratings)
+
+    unit = 86_400 if day_resolution else 1
+    gaps = np.maximum(1, rng.exponential(3 * 86_400 / unit, total)).astype(np.int64)
+    gaps[rng.random(total) < tie_fraction] = 0
+    gaps[starts[:-1][lengths > 0]] = 0
+    elapsed = np.cumsum(gaps)
+    elapsed -= elapsed[starts[user_of]]
+    user_start = rng.integers(0, 3 * 365 * 86_400 // unit, num_users)
+    timestamps = start_time + (user_start[user_of] + elapsed) * unit
+
+    return pd.DataFrame({"user": user_of + 1, "item": item_ids[items],
+                         "rating": ratings.astype(np.float64), "timestamp": timestamps.astype(np.int64)})
+
+
+def _file_order(frame, order, seed):
+    """'time' keeps the time order, 'user' shuffles within users (like ratings.dat), 'random' shuffles all
+    rows (like u.data)."""
+    rng = np.random.default_rng([seed, 7])
+    if order == "time":
+        return frame.reset_index(drop=True)
+    if order == "random":
+        return frame.iloc[rng.permutation(len(frame))].reset_index(drop=True)
+    if order == "user":
+        key = rng.random(len(frame))
+        index = np.lexsort((key, frame["user"].to_numpy()))
+        return frame.iloc[index].reset_index(drop=True)
+    raise ValueError(f"unknown order {order!r}")
+
+
+def _stars(values):
+    """Ratings as MovieLens writes them: 4, 3.5."""
+    return [f"{v:g}" for v in values]
+
+
+def movielens_text(frame, fmt):
+    if fmt == "ml-100k":
+        columns = [frame["user"].astype(str), frame["item"].astype(str),
+                   pd.Series(_stars(frame["rating"])), frame["timestamp"].astype(str)]
+        sep = "\t"
+    else:
+        columns = [frame["user"].astype(str), frame["item"].astype(str),
+                   pd.Series(_stars(frame["rating"])), frame["timestamp"].astype(str)]
+        sep = "::"
+    lines = columns[0].str.cat(columns[1:], sep=sep)
+    return "\n".join(lines) + "\n"
+
+
+def write_movielens(path, fmt="ml-1m", num_users=300, num_items=200, seed=0, order=None, **kwargs):
+    """A MovieLens ratings file: ml-100k u.data (tab separated, rows shuffled), ml-1m ratings.dat
+    ('::', grouped by user) or ml-10m ratings.dat ('::', half stars)."""
+    if fmt not in ("ml-100k", "ml-1m", "ml-10m"):
+        raise ValueError(f"unknown MovieLens format {fmt!r}")
+    kwargs.setdefault("half_stars", fmt == "ml-10m")
+    frame = synthetic_ratings(num_users, num_items, seed, **kwargs)
+    frame = _file_order(frame, order or ("random" if fmt == "ml-100k" else "user"), seed)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="\n") as handle:
+        handle.write(movielens_text(frame, fmt))
+    return frame
+
+
+def _random_ids(rng, count, length, alphabet, prefix=""):
+    """`count` distinct random ids, in generation order (deterministic: no set iteration order)."""
+    ids, seen = [], set()
+    while len(ids) < count:
+        for chars in rng.choice(alphabet, (count - len(ids), length)):
+            candidate = prefix + "".join(chars)
+            if candidate not in seen:
+                seen.add(candidate)
+                ids.append(candidate)
+    return np.array(ids, dtype=object)
+
+
+def _string_ids(frame, seed, user_maker, item_maker):
+    rng = np.random.default_rng([seed, 11])
+    users = np.unique(frame["user"])
+    items = np.unique(frame["item"])
+    user_map = dict(zip(users, user_maker(rng, len(users))))
+    item_map = dict(zip(items, item_maker(rng, len(items))))
+    out = frame.copy()
+    out["user"] = frame["user"].map(user_map).astype(object)
+    out["item"] = frame["item"].map(item_map).astype(object)
+    return out
+
+
+def _asins(rng, count):
+    """Amazon product ids: ISBN-like with leading zeros, or B0 + 8 characters."""
+    numeric = _random_ids(rng, count, 9, np.array(list("0123456789")), prefix="0")
+    modern = _random_ids(rng, count, 8, ALNUM, prefix="B0")
+    take = rng.random(count) < 0.5
+    return np.where(take, numeric, modern)
+
+
+def write_amazon_csv(path, header=True, num_users=300, num_items=200, seed=0, date_format=None,
+                     order="random", **kwargs):
+    """Amazon ratings. header=True: the original project's `reviewerID,product_id,rating,date` with date
+    strings (date_format='date', default) or unix seconds ('unix'); header=False: a public ratings-only
+    dump `user,item,rating,timestamp` with unix seconds and ratings like 5.0."""
+    kwargs.setdefault("day_resolution", True)
+    frame = synthetic_ratings(num_users, num_items, seed, **kwargs)
+    frame = _string_ids(frame, seed, lambda r, n: _random_ids(r, n, 13, ALNUM, prefix="A"), _asins)
+    frame = _file_order(frame, order, seed)
+    date_format = date_format or ("date" if header else "unix")
+    if date_format == "date":
+        stamps = pd.to_datetime(frame["timestamp"], unit="s").dt.strftime("%Y-%m-%d")
+    elif date_format == "unix":
+        stamps = frame["timestamp"].astype(str)
+    else:
+        raise ValueError(f"unknown date_format {date_format!r}")
+    out = pd.DataFrame({"reviewerID": frame["user"], "product_id": frame["item"],
+                        "rating": [f"{r:.1f}" for r in frame["rating"]], "date": stamps})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    out.to_csv(path, index=False, header=header, lineterminator="\n")
+    if date_format == "date":   # what a reader can recover from a date: midnight UTC of that day
+        frame["timestamp"] = frame["timestamp"] // 86_400 * 86_400
+    return frame
+
+
+REVIEW_WORDS = ["great", "food", "service", "slow", "friendly", "the", "\"best\"", "tacos,", "ever", "meh",
+                "café", "will", "return", "überrated", "line\nbreak"]
+
+
+def write_yelp(path, fmt="csv", num_users=300, num_items=200, seed=0, order="random", **kwargs):
+    """Yelp reviews: fmt='csv' is the original project's `user_id,business_id,stars,timestamp` (header,
+    date strings); fmt='json' is the Yelp data set's review JSON lines with extra fields."""
+    frame = synthetic_ratings(num_users, num_items, seed, **kwargs)
+    maker = lambda r, n: _random_ids(r, n, 22, URLSAFE)   # noqa: E731
+    frame = _string_ids(frame, seed, maker, maker)
+    frame = _file_order(frame, order, seed)
+    dates = pd.to_datetime(frame["timestamp"], unit="s").dt.strftime("%Y-%m-%d %H:%M:%S")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if fmt == "csv":
+        out = pd.DataFrame({"user_id": frame["user"], "business_id": frame["item"],
+                            "stars": frame["rating"].astype(int), "timestamp": dates})
+        out.to_csv(path, index=False, lineterminator="\n")
+    elif fmt == "json":
+        rng = np.random.default_rng([seed, 13])
+        ids = _random_ids(rng, len(frame), 22, URLSAFE)
+        with open(path, "w", encoding="utf-8", newline="\n") as handle:
+            for k, (user, item, stars, date) in enumerate(zip(frame["user"], frame["item"],
+                                                              frame["rating"], dates)):
+                record = {"review_id": ids[k], "user_id": user, "business_id": item, "stars": float(stars),
+                          "useful": int(rng.integers(0, 5)), "funny": 0, "cool": int(rng.integers(0, 2)),
+                          "text": " ".join(rng.choice(REVIEW_WORDS, 6)), "date": date}
+                handle.write(json.dumps(record, ensure_ascii=k % 2 == 0) + "\n")
+    else:
+        raise ValueError(f"unknown Yelp format {fmt!r}")
+    return frame
+
+
+ZIP_LAYOUT = {"ml-1m": ("ml-1m/ratings.dat", ["ml-1m/movies.dat", "ml-1m/users.dat", "ml-1m/README"]),
+              "ml-10m": ("ml-10M100K/ratings.dat", ["ml-10M100K/movies.dat", "ml-10M100K/tags.dat"]),
+              "ml-100k": ("ml-100k/u.data", ["ml-100k/u.item", "ml-100k/u1.base", "ml-100k/README"])}
+
+
+def make_movielens_zip(zip_path, mode, **kwargs):
+    """A GroupLens-like zip of `mode` (the ratings file in its folder plus a few other files)."""
+    member, others = ZIP_LAYOUT[mode]
+    frame = synthetic_ratings(half_stars=mode == "ml-10m", **kwargs)
+    frame = _file_order(frame, "random" if mode == "ml-100k" else "user", kwargs.get("seed", 0))
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr(member.split("/")[0] + "/", "")
+        for name in others:
+            bundle.writestr(name, "not ratings\n")
+        bundle.writestr(member, movielens_text(frame, mode))
+    return frame
+
+
+def make_args(mode, data_path, tmp_path, **flags):
+    """Parsed options for a test: data in `data_path` (None = the mode's default under tmp_path/Data),
+    caches and outputs under tmp_path, and small sizes unless overridden by `flags`."""
+    from options import parse_args
+
+    values = {"data_dir": os.path.join(str(tmp_path), "Data"), "min_item": 10, "min_sequence": 5,
+              "max_seq_len": 20, "num_samples": 8, "num_query_set": 3, "num_test_data": 30,
+              "val_size": 20, "batch_size": 4, "checkpoint_dir": os.path.join(str(tmp_path), "checkpoints"),
+              "log_dir": os.path.join(str(tmp_path), "runs"),
+              "pretrain_log_dir": os.path.join(str(tmp_path), "pretrained")}
+    values.update(flags)
+    argv = [f"--mode={mode}"] + [f"--{k}={v}" for k, v in values.items()]
+    if data_path is not None:
+        argv.append(f"--data_path={data_path}")
+    return parse_args(argv)
