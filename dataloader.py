@@ -205,6 +205,9 @@ class _Format:
         if len(fields) != 4:
             return self.field_count_problem(fields, line_text)
         user, item, rating, stamp = (f.strip() for f in fields)
+        if not self.header and not any(_is_number(f) for f in (user, item, rating, stamp)):
+            return (f"{line_text.strip()!r} looks like a header line, but this format has none "
+                    "(remove it, or check --mode)")
         for name, value in (("user id", user), ("item id", item), ("rating", rating), ("timestamp", stamp)):
             if not value:
                 return f"empty {name}"
@@ -213,9 +216,7 @@ class _Format:
                 if not _is_int(value):
                     return f"{name} {value!r} is not an integer"
         if not _is_number(rating):
-            hint = " (a header line? this format has none)" if line_text is not None and \
-                self.header is None and not any(_is_number(f) for f in fields) else ""
-            return f"rating {rating!r} is not a number{hint}"
+            return f"rating {rating!r} is not a number"
         if not np.isfinite(float(rating)) or not 0 < float(rating) <= MAX_RATING:
             return f"rating {rating} is outside (0, {MAX_RATING:g}]"
         if self.integer_ids and not _is_int(stamp):
@@ -271,23 +272,27 @@ def _first_line(path):
 
 
 def _to_seconds(column, path, fmt, skip_rows):
-    """int64 unix seconds from a column of ints, floats or date strings (vectorised)."""
+    """int64 unix seconds from a column of unix seconds (ints or floats) and / or date strings
+    (vectorised; date strings without a time zone are taken as UTC)."""
     if pd.api.types.is_integer_dtype(column.dtype):
         return column.to_numpy(np.int64)
-    numeric = pd.to_numeric(column, errors="coerce")
-    if numeric.notna().all():
-        values = numeric.to_numpy(np.float64)
-        return np.floor(values).astype(np.int64)
-    text = column.astype(str)
-    parsed = pd.to_datetime(text, errors="coerce", utc=True)
+    numeric = pd.to_numeric(column, errors="coerce").to_numpy(np.float64)
+    seconds = np.zeros(len(column), np.int64)
+    is_number = np.isfinite(numeric)
+    seconds[is_number] = np.floor(numeric[is_number]).astype(np.int64)
+    if is_number.all():
+        return seconds
+    text = column[~is_number].astype(str)
+    parsed = pd.to_datetime(text, errors="coerce", utc=True)        # one inferred format, fast
     missing = parsed.isna().to_numpy()
     if missing.any():      # several date formats in one file: parse the rest one by one
         parsed = parsed.copy()
         parsed[missing] = pd.to_datetime(text[missing], errors="coerce", utc=True, format="mixed")
         missing = parsed.isna().to_numpy()
         if missing.any():
-            raise _diagnose(path, fmt, skip_rows, row=int(np.argmax(missing)))
-    return ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64)
+            raise _diagnose(path, fmt, skip_rows, row=int(np.flatnonzero(~is_number)[np.argmax(missing)]))
+    seconds[~is_number] = ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64)
+    return seconds
 
 
 def _validated(frame, path, fmt, skip_rows):
@@ -378,12 +383,11 @@ YELP_JSON_FIELDS = ("user_id", "business_id", "stars", "date")
 
 def _read_yelp_json(path, chunk_rows=200_000):
     """The Yelp data set's review JSON-lines file, read in chunks (only the four fields are kept)."""
-    fmt = _Format("yelp", ",", "", "", False)
+    fmt = _Format("yelp", ",", "", "", False, header=True)
     fmt.rows = lambda p: ((number, [str(v) for v in values]) for number, values in _json_rows(p))
     parts, rows_before = [], 0
     try:
-        with pd.read_json(path, lines=True, chunksize=chunk_rows, dtype=False,
-                          convert_dates=False) as reader:
+        with pd.read_json(path, lines=True, chunksize=chunk_rows, dtype=False) as reader:
             for chunk in reader:
                 _check_json_chunk(path, chunk, rows_before)
                 parts.append(chunk[list(YELP_JSON_FIELDS)])
