@@ -12,7 +12,8 @@ result is cached as an ``.npz`` under ``<data_dir>/cache/``.
 ``MetaDataset(data, args)`` makes the cold-start user split and every task:
 
 * split: a permutation of all users from ``rng(seed, 3)``; the first ``--num_test_data`` are test users,
-  ``round(val_fraction * rest)`` (at least 1) of the rest are validation users, the others train.
+  ``round(val_fraction * rest)`` of the rest (at least 1, and at most rest - 1) are validation users, the
+  others train (in permutation order).
 * a task for user u with n ratings uses a window of ``w = min(n, max_seq_len)`` consecutive ratings
   (training with ``--use_random_sequence_length``: w uniform in [min_sub_window_size + 1, min(n, L)]),
   starting uniformly in [0, n - w] for training and at n - w (the latest ratings) for validation / test.
@@ -115,7 +116,7 @@ class TaskBatch:
         return TaskBatch(*(function(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
     def to(self, device):
-        return self._map(lambda t: t.to(device, non_blocking=True))
+        return self._map(lambda t: t.to(device))
 
     def __len__(self):
         return int(self.users.shape[0])
@@ -188,13 +189,16 @@ class _Format:
     def __init__(self, mode, sep, layout, description, integer_ids, header=None):
         self.mode, self.sep, self.layout, self.description = mode, sep, layout, description
         self.integer_ids, self.header = integer_ids, header
+        self.order = (0, 1, 2, 3)      # file column of user, item, rating, timestamp
 
     def rows(self, path):
+        """(line number, fields in user, item, rating, timestamp order) of every non-blank row."""
         if self.sep == ",":
-            yield from _csv_rows(path)
+            rows = _csv_rows(path)
         else:
-            for number, line in _text_lines(path):
-                yield number, line.split(self.sep)
+            rows = ((number, line.split(self.sep)) for number, line in _text_lines(path))
+        for number, fields in rows:
+            yield number, [fields[i] for i in self.order] if len(fields) == 4 else fields
 
     def field_count_problem(self, fields, line_text):
         return (f"expected 4 {self.description} fields {self.layout}, got {len(fields)}"
@@ -261,7 +265,7 @@ def _diagnose(path, fmt, skip_rows=0, row=None, fallback=None):
         if problem is not None:
             return _fail(path, number, problem)
         if row is not None:
-            break
+            return _fail(path, number, fallback or "could not be parsed")
     return _fail(path, None, fallback or "could not be parsed")
 
 
@@ -359,6 +363,27 @@ def _read_movielens(path, mode):
     return _validated(frame, path, fmt, 0)
 
 
+# Header names understood in Amazon / Yelp CSV files (lower case); with all four present, the columns may
+# come in any order. Unknown header names: the columns are taken as user, item, rating, timestamp.
+HEADER_NAMES = {
+    "user": ("reviewerid", "user_id", "userid", "user"),
+    "item": ("product_id", "asin", "business_id", "item_id", "itemid", "item", "movieid"),
+    "rating": ("rating", "stars", "overall", "score"),
+    "timestamp": ("date", "timestamp", "unixreviewtime", "time"),
+}
+
+
+def _header_order(fields):
+    names = [f.strip().lower() for f in fields]
+    positions = []
+    for role, aliases in HEADER_NAMES.items():
+        found = [i for i, name in enumerate(names) if name in aliases]
+        if len(found) != 1:
+            return (0, 1, 2, 3)
+        positions.append(found[0])
+    return tuple(positions) if len(set(positions)) == 4 else (0, 1, 2, 3)
+
+
 def _read_csv_ratings(path, mode):
     """Amazon / Yelp CSV: the original project's file with a header, or a headerless ratings-only dump."""
     layouts = {"amazon": ("reviewerID,product_id,rating,date", "user,item,rating,timestamp"),
@@ -372,9 +397,14 @@ def _read_csv_ratings(path, mode):
         raise _fail(path, number, fmt.field_count_problem(fields, first))
     has_header = not _is_number(fields[2])
     fmt.header = has_header or None
+    if has_header:
+        fmt.order = _header_order(fields)
     skip = number if has_header else 0     # raw lines to skip (blank lines before the header included)
     header_rows = 1 if has_header else 0
-    frame = _read_pandas(path, path, fmt, skip, header_rows, sep=",", dtype={0: str, 1: str})
+    user, item = fmt.order[:2]
+    frame = _read_pandas(path, path, fmt, skip, header_rows, sep=",", dtype={user: str, item: str})
+    if frame.shape[1] == 4:
+        frame = frame[list(fmt.order)]
     return _validated(frame, path, fmt, header_rows)
 
 
@@ -650,7 +680,7 @@ class MetaDataset:
 
         permutation = task_rng(self.seed, STREAM_SPLIT).permutation(num_users).astype(np.int64)
         rest = num_users - args.num_test_data
-        num_val = max(1, int(round(args.val_fraction * rest))) if rest > 0 else 0
+        num_val = min(max(1, int(round(args.val_fraction * rest))), rest - 1) if rest > 1 else max(rest, 0)
         if rest - num_val < 1:
             raise MeloError(
                 f"data set has {num_users} users after filtering (min_item={args.min_item}, "

@@ -139,6 +139,19 @@ def test_dates_become_unix_seconds(tmp_path):
     assert list(data.timestamps) == [1388620800, 1388707200, 1388793600]
 
 
+def test_csv_header_columns_may_come_in_any_order(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("date,overall,asin,reviewerID\n"
+                    "2014-01-02,5.0,0001,u1\n2014-01-03,4.0,0002,u1\n2014-01-04,3.0,0003,u1\n")
+    args = sy.make_args("amazon", str(path), tmp_path, min_item=0, min_sequence=1)
+    data = dl.load_data(args)
+    assert list(data.user_ids) == ["u1"] and list(data.item_ids) == ["0001", "0002", "0003"]
+    assert list(data.ratings) == [5.0, 4.0, 3.0]
+    path.write_text("date,overall,asin,reviewerID\n2014-01-02,5.0,0001,u1\n2014-01-03,x,0002,u1\n")
+    with pytest.raises(MeloError, match="line 3: rating 'x' is not a number"):
+        dl.load_data(sy.make_args("amazon", str(path), tmp_path / "b", min_item=0, min_sequence=1))
+
+
 # ============================================================================ cache
 def test_cache_is_used_then_invalidated(tmp_path, monkeypatch):
     mode, path, _ = write(tmp_path, "ml-1m")
@@ -204,6 +217,9 @@ def test_too_few_users_is_a_clear_error(ml1m):
     enough = sy.make_args("ml-1m", "unused", "/tmp", num_test_data=data.num_users() - 2)
     meta = dl.MetaDataset(data, enough)
     assert len(meta.train_users) == 1 and len(meta.val_users) == 1
+    mostly_val = sy.make_args("ml-1m", "unused", "/tmp", num_test_data=data.num_users() - 3, val_fraction=0.9)
+    meta = dl.MetaDataset(data, mostly_val)
+    assert len(meta.train_users) == 1 and len(meta.val_users) == 2
 
 
 # ============================================================================ tasks
