@@ -1,0 +1,105 @@
+"""Backbone registry, construction from flags, and the pretrained-weights hand-off.
+
+- `BACKBONES`: model name -> class (each has `from_args(args, num_items)`).
+- `model_factory(args, num_items)`: the backbone named by `args.model`, initialised from
+  `args.model_init_seed` without touching the caller's random state.
+- `export_weights(model)` / `load_pretrained_weights(model, exported, embedding_only, source)`: what
+  train_original.py saves and main.py loads (tensors and plain values only, so `torch.load(...,
+  weights_only=True)` reads it).
+"""
+import operator
+
+import torch
+
+from options import MeloError
+
+from .backbones import BERT4Rec, GRU4Rec, NARM, SASRec, Backbone
+
+BACKBONES = {cls.name: cls for cls in (BERT4Rec, SASRec, GRU4Rec, NARM)}
+
+EXPORT_KEYS = ("item_embedding", "model", "model_name", "num_items")
+
+
+def model_factory(args, num_items):
+    """Build the backbone `args.model` for items 1..num_items (id 0 is padding).
+
+    The weights depend only on `args.model_init_seed` (and the sizes): they are drawn on the CPU from a
+    freshly seeded default generator inside `fork_rng`, so the caller's CPU random state is restored
+    afterwards and CUDA's is never touched. Move the model to its device afterwards.
+    """
+    name = args.model
+    if name not in BACKBONES:
+        raise MeloError(f"unknown model {name!r}; known models: {', '.join(BACKBONES)}")
+    try:
+        num_items = operator.index(num_items)
+    except TypeError:
+        raise MeloError(f"the number of items must be an integer, got {num_items!r}") from None
+    if num_items < 1:
+        raise MeloError(f"the data set has no items (num_items={num_items}): nothing to build a model for")
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.default_generator.manual_seed(args.model_init_seed)
+        return BACKBONES[name].from_args(args, num_items)
+
+
+def export_weights(model):
+    """The item embedding table and the whole state dict, as CPU tensors, for `torch.save`."""
+    return {
+        "item_embedding": model.item_embedding.weight.detach().cpu().clone(),
+        "model": {key: value.detach().cpu().clone() for key, value in model.state_dict().items()},
+        "model_name": model.name,
+        "num_items": int(model.num_items),
+    }
+
+
+def _shape(tensor):
+    return tuple(tensor.shape)
+
+
+def load_pretrained_weights(model, exported, embedding_only, source):
+    """Copy an `export_weights` dict into `model` in place: the item embedding only, or everything.
+
+    `source` names where the dict came from (a path), for the messages. Anything that does not fit this
+    model (another backbone, another data set, other sizes) is a one-line `MeloError`, never a partial load.
+    """
+    if not isinstance(exported, dict):
+        raise MeloError(f"{source} is not a MELO pretrained export (expected a dict, got "
+                        f"{type(exported).__name__})")
+    missing = [key for key in EXPORT_KEYS if key not in exported]
+    if missing:
+        raise MeloError(f"{source} is not a MELO pretrained export: it lacks {', '.join(missing)}")
+    if exported["model_name"] != model.name:
+        raise MeloError(f"pretrained weights in {source} belong to model {exported['model_name']!r} but this "
+                        f"model is {model.name!r}: pretrain with --model={model.name} or choose "
+                        f"--model={exported['model_name']}")
+    table = exported["item_embedding"]
+    own_table = model.item_embedding.weight
+    if not torch.is_tensor(table):
+        raise MeloError(f"pretrained item embedding in {source} is not a tensor")
+    if _shape(table) != _shape(own_table):
+        raise MeloError(f"pretrained item embedding in {source} has shape {_shape(table)} but this model "
+                        f"needs {_shape(own_table)}: it was trained on another data set or with other sizes")
+    if embedding_only:
+        with torch.no_grad():
+            own_table.copy_(table)
+        return model
+
+    state = exported["model"]
+    own_state = model.state_dict()
+    if not isinstance(state, dict):
+        raise MeloError(f"pretrained model in {source} is not a state dict")
+    unexpected = sorted(set(state) - set(own_state))
+    absent = sorted(set(own_state) - set(state))
+    if unexpected or absent:
+        raise MeloError(f"pretrained model in {source} does not match this {model.name}: "
+                        f"missing {absent[:3] or 'nothing'}, unexpected {unexpected[:3] or 'nothing'}")
+    for key, own in own_state.items():
+        if not torch.is_tensor(state[key]) or _shape(state[key]) != _shape(own):
+            found = _shape(state[key]) if torch.is_tensor(state[key]) else type(state[key]).__name__
+            raise MeloError(f"pretrained tensor {key} in {source} has shape {found} but this model needs "
+                            f"{_shape(own)}: it was trained with other sizes")
+    model.load_state_dict(state)
+    return model
+
+
+__all__ = ["BACKBONES", "Backbone", "BERT4Rec", "SASRec", "GRU4Rec", "NARM", "model_factory",
+           "export_weights", "load_pretrained_weights"]

@@ -1,0 +1,160 @@
+"""The sequential backbones: BERT4Rec, SASRec, GRU4Rec and NARM, as rating predictors.
+
+Shared contract (the inner loop relies on every point):
+- `forward(item_ids[B, L]) -> [B, L]`: a predicted normalised rating (stars / 5) for every position, in
+  (0.1, 1.1). Windows are left-padded with item id 0; ratings are never an input.
+- `item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)`. The inner loop replaces its weight
+  (through `torch.func.functional_call`) by a small per-task table holding only the rows a task uses, with
+  remapped ids, so `forward` never depends on the number of rows.
+- Padding never leaks: outputs at real positions do not depend on the padding row or on padded positions.
+  An all-padding window gives finite outputs and gradients.
+- Second-order gradients and `torch.func.vmap` work everywhere (see `layers.py` for why no fused layers).
+"""
+import torch
+from torch import nn
+
+from .layers import GRU, LayerNorm, TransformerBlock, rating_head_output
+
+
+class Backbone(nn.Module):
+    """Base class: the registry name, the item count, and `from_args` to build from parsed flags."""
+
+    name = None
+
+    def __init__(self, num_items):
+        super().__init__()
+        self.num_items = num_items
+
+    @classmethod
+    def from_args(cls, args, num_items):
+        raise NotImplementedError
+
+
+class _Transformer(Backbone):
+    """Item + learned position embeddings, transformer blocks, a final LayerNorm and a linear head.
+
+    Subclasses choose `causal`: bidirectional (BERT4Rec) or each position seeing only itself and the
+    past (SASRec). Padding keys are always masked out of attention.
+    """
+
+    causal = False
+
+    def __init__(self, num_items, max_len=30, hidden=32, num_blocks=2, num_heads=4, dropout=0.1):
+        super().__init__(num_items)
+        self.max_len = max_len
+        self.item_embedding = nn.Embedding(num_items + 1, hidden, padding_idx=0)
+        self.position_embedding = nn.Parameter(torch.empty(max_len, hidden))
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(hidden, num_heads, dropout) for _ in range(num_blocks))
+        self.final_norm = LayerNorm(hidden)
+        self.head = nn.Linear(hidden, 1)
+        self._init_weights()
+
+    @classmethod
+    def from_args(cls, args, num_items):
+        return cls(num_items, max_len=args.max_seq_len, hidden=args.bert_hidden_units,
+                   num_blocks=args.bert_num_blocks, num_heads=args.bert_num_heads, dropout=args.bert_dropout)
+
+    def _init_weights(self):
+        # BERT's initialisation: small truncated normals, zero biases, identity LayerNorms.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.item_embedding.weight, std=0.02, a=-0.04, b=0.04)
+        nn.init.trunc_normal_(self.position_embedding, std=0.02, a=-0.04, b=0.04)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    def forward(self, item_ids):
+        length = item_ids.shape[-1]
+        if length > self.max_len:
+            raise ValueError(f"window length {length} exceeds the model's max_len {self.max_len}")
+        real = item_ids > 0  # [B, L]
+        # Positions count back from the right end: windows are left-padded, so the latest item always has
+        # the same position embedding, whatever the window's length or amount of padding.
+        x = self.item_embedding(item_ids) + self.position_embedding[self.max_len - length:]
+        x = self.embedding_dropout(x)
+        allowed = real.unsqueeze(-2).unsqueeze(-2)  # [B, 1 (heads), 1 (queries), L (keys)]
+        if self.causal:
+            allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=item_ids.device).tril()
+        # Every query may also see itself. For real queries that changes nothing (a real key, never later);
+        # a padded query would otherwise have no key at all and average uniformly over every position,
+        # later items included, which breaks causality at padded positions.
+        allowed = allowed | torch.eye(length, dtype=torch.bool, device=item_ids.device)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return rating_head_output(self.head(self.final_norm(x)).squeeze(-1))
+
+
+class BERT4Rec(_Transformer):
+    """BERT4Rec: bidirectional transformer, every position sees the whole (real part of the) window."""
+
+    name = "bert4rec"
+    causal = False
+
+
+class SASRec(_Transformer):
+    """SASRec: the same blocks with causal attention, so a position never sees a later item."""
+
+    name = "sasrec"
+    causal = True
+
+
+class GRU4Rec(Backbone):
+    """GRU4Rec: item embedding, a stacked GRU, a linear head on the state at every position."""
+
+    name = "gru4rec"
+
+    def __init__(self, num_items, embedding_dim=32, hidden_size=32, num_layers=2):
+        super().__init__(num_items)
+        # nn.Embedding's N(0, 1) initialisation: the GRU has no LayerNorm, so its inputs need unit scale.
+        self.item_embedding = nn.Embedding(num_items + 1, embedding_dim, padding_idx=0)
+        self.gru = GRU(embedding_dim, hidden_size, num_layers)
+        self.head = nn.Linear(hidden_size, 1)
+
+    @classmethod
+    def from_args(cls, args, num_items):
+        return cls(num_items, embedding_dim=args.gru4rec_embedding_dim, hidden_size=args.gru4rec_hidden_size,
+                   num_layers=args.gru4rec_n_layers)
+
+    def forward(self, item_ids):
+        states = self.gru(self.item_embedding(item_ids), item_ids > 0)
+        return rating_head_output(self.head(states).squeeze(-1))
+
+
+class NARM(Backbone):
+    """NARM: a GRU encoder with NARM's attention, evaluated causally at every position t.
+
+    Global encoding c_g = h_t; local encoding c_l = Σ_{j ≤ t, j real} α_tj h_j with
+    α_tj = vᵀ σ(A1 h_t + A2 h_j) (unnormalised, as in NARM); the head reads [c_g; c_l].
+    """
+
+    name = "narm"
+
+    def __init__(self, num_items, embedding_dim=32, hidden_size=32, num_layers=1):
+        super().__init__(num_items)
+        self.item_embedding = nn.Embedding(num_items + 1, embedding_dim, padding_idx=0)
+        self.gru = GRU(embedding_dim, hidden_size, num_layers)
+        self.attention_query = nn.Linear(hidden_size, hidden_size, bias=False)  # A1
+        self.attention_key = nn.Linear(hidden_size, hidden_size, bias=False)  # A2
+        self.attention_score = nn.Linear(hidden_size, 1, bias=False)  # v
+        self.head = nn.Linear(2 * hidden_size, 1)
+
+    @classmethod
+    def from_args(cls, args, num_items):
+        return cls(num_items, embedding_dim=args.narm_embedding_dim, hidden_size=args.narm_hidden_size,
+                   num_layers=args.narm_n_layers)
+
+    def forward(self, item_ids):
+        real = item_ids > 0
+        states = self.gru(self.item_embedding(item_ids), real)  # [B, L, H]
+        length = item_ids.shape[-1]
+        query = self.attention_query(states).unsqueeze(-2)  # A1 h_t: [B, L (t), 1, H]
+        key = self.attention_key(states).unsqueeze(-3)  # A2 h_j: [B, 1, L (j), H]
+        alpha = self.attention_score(torch.sigmoid(query + key)).squeeze(-1)  # [B, L (t), L (j)]
+        # j ≤ t keeps it causal; real j keeps the padding out (also of the gradient, through where)
+        causal = torch.ones(length, length, dtype=torch.bool, device=item_ids.device).tril()
+        alpha = torch.where(causal & real.unsqueeze(-2), alpha, 0.0)
+        local = torch.matmul(alpha, states)  # c_l for every t: [B, L, H]
+        return rating_head_output(self.head(torch.cat([states, local], dim=-1)).squeeze(-1))

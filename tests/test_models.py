@@ -1,0 +1,319 @@
+"""Backbone contract tests: shapes, padding, causality, functional use, second order, vmap, seeding,
+pretrained hand-off. Tiny models on the CPU so the whole file runs in seconds."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # plain `pytest` from anywhere finds options
+
+import options  # noqa: E402
+from models import BACKBONES, export_weights, load_pretrained_weights, model_factory  # noqa: E402
+from options import MeloError  # noqa: E402
+
+NAMES = list(options.MODELS)
+CAUSAL = ["sasrec", "gru4rec", "narm"]
+NUM_ITEMS = 20
+LENGTH = 6
+
+
+def tiny_args(name, *extra):
+    return options.parse_args([
+        f"--model={name}", f"--max_seq_len={LENGTH}", "--bert_hidden_units=8", "--bert_num_heads=2",
+        "--bert_num_blocks=2", "--gru4rec_embedding_dim=6", "--gru4rec_hidden_size=8", "--gru4rec_n_layers=2",
+        "--narm_embedding_dim=6", "--narm_hidden_size=8", *extra,
+    ])
+
+
+def build(name, *extra, dtype=torch.float32, train=False, num_items=NUM_ITEMS):
+    """A tiny model; eval mode unless `train` (dropout off for exact comparisons)."""
+    model = model_factory(tiny_args(name, *extra), num_items).to(dtype)
+    return model.train(train)
+
+
+def windows(batch=4, seed=0):
+    """Left-padded windows of real lengths 6, 4, 2, 1, ... with ids in 1..NUM_ITEMS."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, NUM_ITEMS + 1, (batch, LENGTH), generator=generator)
+    lengths = torch.tensor([6, 4, 2, 1] * batch)[:batch]
+    return torch.where(torch.arange(LENGTH) >= LENGTH - lengths[:, None], ids, 0)
+
+
+def targets_like(ids, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    ratings = torch.randint(1, 6, ids.shape, generator=generator) / 5.0
+    return ratings, (ids > 0)
+
+
+def masked_mse(model_or_params, model, ids, ratings, mask):
+    params = model_or_params
+    predictions = functional_call(model, params, (ids,))
+    mask = mask.to(predictions.dtype)
+    return ((predictions - ratings.to(predictions.dtype)) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------------- basics
+
+def test_registry_matches_options_and_unknown_model_is_a_melo_error():
+    assert set(BACKBONES) == set(options.MODELS)
+    args = tiny_args("bert4rec")
+    args.model = "transformer-xl"
+    with pytest.raises(MeloError, match="known models: bert4rec, sasrec, gru4rec, narm"):
+        model_factory(args, NUM_ITEMS)
+    with pytest.raises(MeloError):
+        model_factory(tiny_args("bert4rec"), 0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_shape_and_range(name):
+    ids = windows()
+    for train in (True, False):
+        model = build(name, "--bert_dropout=0.3", train=train)
+        assert isinstance(model.item_embedding, torch.nn.Embedding)
+        assert model.item_embedding.weight.shape[0] == NUM_ITEMS + 1 and model.item_embedding.padding_idx == 0
+        out = model(ids)
+        assert out.shape == ids.shape and out.dtype == torch.float32
+        assert (out > 0.1).all() and (out < 1.1).all()
+
+
+# ------------------------------------------------------------------------------------------- padding
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padding_row_does_not_reach_real_positions(name):
+    model = build(name)
+    ids = windows()
+    real = ids > 0
+    before = model(ids)
+    with torch.no_grad():
+        model.item_embedding.weight[0] += 3.0 * torch.randn(model.item_embedding.weight.shape[1])
+    after = model(ids)
+    torch.testing.assert_close(after[real], before[real], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_amount_of_left_padding_does_not_matter(name):
+    # The same 3 real items padded to length 6 and to length 4: same outputs at the real positions.
+    model = build(name)
+    items = torch.tensor([[5, 9, 2]])
+    long_window = torch.cat([torch.zeros(1, 3, dtype=torch.long), items], dim=1)
+    short_window = torch.cat([torch.zeros(1, 1, dtype=torch.long), items], dim=1)
+    torch.testing.assert_close(model(long_window)[:, -3:], model(short_window)[:, -3:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_all_padding_window_is_finite_with_finite_gradients(name):
+    model = build(name, "--bert_dropout=0.2", train=True)
+    ids = torch.cat([windows(2), torch.zeros(2, LENGTH, dtype=torch.long)])
+    out = model(ids)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    for key, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), key
+
+
+# ------------------------------------------------------------------------------------------- causality
+
+@pytest.mark.parametrize("name", NAMES)
+def test_causality(name):
+    model = build(name)
+    ids = windows(2)  # rows with 6 and 4 real items
+    changed = ids.clone()
+    t = 3
+    changed[:, t] = torch.where(ids[:, t] == 7, 8, 7)
+    before, after = model(ids), model(changed)
+    assert not torch.allclose(before[:, t], after[:, t])  # the changed position itself moves
+    if name in CAUSAL:
+        torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-6)
+    else:  # bert4rec is bidirectional: the earlier real positions see the change
+        assert not torch.allclose(before[0, :t], after[0, :t])
+
+
+# ------------------------------------------------------------------------------------------- functional use
+
+@pytest.mark.parametrize("name", NAMES)
+def test_functional_call_with_own_parameters(name):
+    model = build(name)
+    ids = windows()
+    params = dict(model.named_parameters())
+    torch.testing.assert_close(functional_call(model, params, (ids,)), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reduced_item_table_gives_the_same_output(name):
+    # What the inner loop does: keep only the rows a task uses (row 0 first), remap the ids.
+    model = build(name)
+    ids = windows()
+    used = torch.unique(torch.cat([torch.zeros(1, dtype=torch.long), ids.flatten()]))  # sorted, 0 first
+    remapped = torch.searchsorted(used, ids)
+    params = dict(model.named_parameters())
+    params["item_embedding.weight"] = params["item_embedding.weight"][used]
+    assert params["item_embedding.weight"].shape[0] < NUM_ITEMS + 1
+    torch.testing.assert_close(functional_call(model, params, (remapped,)), model(ids), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- second order
+
+def adapted_query_loss(model, params, support, query, lr, steps, inner_grad):
+    """Query loss after `steps` functional SGD steps on the support loss, keeping the inner graph."""
+    for _ in range(steps):
+        if inner_grad == "func":
+            grads = grad(masked_mse)(params, model, *support)
+        else:
+            loss = masked_mse(params, model, *support)
+            grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=True)))
+        params = {key: params[key] - lr * grads[key] for key in params}
+    return masked_mse(params, model, *query)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_second_order_gradient_matches_finite_differences(name):
+    torch.manual_seed(0)
+    model = build(name, dtype=torch.float64)
+    support = (windows(4, seed=2), *targets_like(windows(4, seed=2), seed=3))
+    query = (windows(2, seed=4), *targets_like(windows(2, seed=4), seed=5))
+    base = {key: value.detach().clone().requires_grad_() for key, value in model.named_parameters()}
+    lr, steps = 0.5, 2
+
+    analytic = {}
+    for inner_grad in ("func", "autograd"):
+        meta = adapted_query_loss(model, base, support, query, lr, steps, inner_grad)
+        analytic[inner_grad] = dict(zip(base, torch.autograd.grad(meta, list(base.values()))))
+    for key in base:
+        torch.testing.assert_close(analytic["func"][key], analytic["autograd"][key])
+        assert torch.isfinite(analytic["func"][key]).all(), key
+
+    # The second-order part (full minus first-order, i.e. inner gradients treated as constants) is non-zero.
+    first_order_params = dict(base)
+    for _ in range(steps):
+        grads = grad(masked_mse)({k: v.detach() for k, v in first_order_params.items()}, model, *support)
+        first_order_params = {k: first_order_params[k] - lr * grads[k] for k in base}
+    first = torch.autograd.grad(masked_mse(first_order_params, model, *query), list(base.values()))
+    second_order_norm = sum((analytic["func"][k] - f).norm() ** 2 for k, f in zip(base, first)).sqrt()
+    assert second_order_norm > 1e-6
+
+    # Central differences on the largest coordinate of a few parameter tensors, the item table included.
+    def meta_loss_at(key, index, delta):
+        with torch.no_grad():
+            shifted = {k: v.detach().clone() for k, v in base.items()}
+            shifted[key][index] += delta
+        return adapted_query_loss(model, shifted, support, query, lr, steps, "func").item()
+
+    keys = ["item_embedding.weight", "head.weight", list(base)[1], list(base)[-3]]
+    eps = 1e-6
+    for key in keys:
+        index = tuple(torch.nonzero(analytic["func"][key].abs() == analytic["func"][key].abs().max())[0].tolist())
+        numeric = (meta_loss_at(key, index, eps) - meta_loss_at(key, index, -eps)) / (2 * eps)
+        exact = analytic["func"][key][index].item()
+        assert exact != 0.0, key
+        assert abs(numeric - exact) <= 1e-6 * max(1.0, abs(exact)), (key, index, numeric, exact)
+
+
+# ------------------------------------------------------------------------------------------- vmap over tasks
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_over_tasks_matches_the_per_task_loop(name):
+    model = build(name)
+    tasks = 3
+    generator = torch.Generator().manual_seed(7)
+    base = {key: value.detach().clone().requires_grad_() for key, value in model.named_parameters()}
+    noise = {key: 0.05 * torch.randn((tasks, *value.shape), generator=generator) for key, value in base.items()}
+    ids = torch.stack([windows(4, seed=10 + task) for task in range(tasks)])  # [T, B, L]
+    ratings, mask = targets_like(ids, seed=11)
+
+    def task_loss(params, task_ids, task_ratings, task_mask):
+        for _ in range(2):
+            grads = grad(masked_mse)(params, model, task_ids, task_ratings, task_mask)
+            params = {key: params[key] - 0.3 * grads[key] for key in params}
+        return masked_mse(params, model, task_ids, task_ratings, task_mask)
+
+    stacked = {key: base[key] + noise[key] for key in base}  # per-task parameter dicts, stacked
+    batched = vmap(task_loss, randomness="different")(stacked, ids, ratings, mask)
+    looped = torch.stack([
+        task_loss({key: base[key] + noise[key][task] for key in base}, ids[task], ratings[task], mask[task])
+        for task in range(tasks)
+    ])
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)
+    batched_grads = torch.autograd.grad(batched.sum(), list(base.values()))
+    looped_grads = torch.autograd.grad(looped.sum(), list(base.values()))
+    for key, b, lg in zip(base, batched_grads, looped_grads):
+        torch.testing.assert_close(b, lg, rtol=1e-4, atol=1e-6, msg=key)
+
+    # With dropout on, vmap needs randomness="different" and must still give finite losses and grads.
+    model.train()
+    model_with_dropout = build(name, "--bert_dropout=0.2", train=True)
+    dropout_params = {key: value.detach().requires_grad_() for key, value in model_with_dropout.named_parameters()}
+
+    def dropout_task_loss(params, task_ids, task_ratings, task_mask):
+        grads = grad(masked_mse)(params, model_with_dropout, task_ids, task_ratings, task_mask)
+        params = {key: params[key] - 0.3 * grads[key] for key in params}
+        return masked_mse(params, model_with_dropout, task_ids, task_ratings, task_mask)
+
+    losses = vmap(dropout_task_loss, in_dims=(None, 0, 0, 0), randomness="different")(dropout_params, ids,
+                                                                                     ratings, mask)
+    outer = torch.autograd.grad(losses.sum(), list(dropout_params.values()))
+    assert torch.isfinite(losses).all() and all(torch.isfinite(g).all() for g in outer)
+
+
+# ------------------------------------------------------------------------------------------- seeding
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_init_seed(name):
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    first = build(name, "--model_init_seed=5").state_dict()
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's random stream is untouched
+    same = build(name, "--model_init_seed=5").state_dict()
+    other = build(name, "--model_init_seed=6").state_dict()
+    assert all(torch.equal(first[key], same[key]) for key in first)
+    assert any(not torch.equal(first[key], other[key]) for key in first)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+# ------------------------------------------------------------------------------------------- pretrained hand-off
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_and_load_round_trip(name, tmp_path):
+    source_model = build(name, "--model_init_seed=1")
+    path = tmp_path / "pretrained.pt"
+    torch.save(export_weights(source_model), path)
+    exported = torch.load(path, weights_only=True)
+    assert exported["model_name"] == name and exported["num_items"] == NUM_ITEMS
+    assert torch.equal(exported["item_embedding"], source_model.item_embedding.weight)
+
+    target = build(name, "--model_init_seed=2")
+    untouched = {key: value.clone() for key, value in target.state_dict().items()}
+    load_pretrained_weights(target, exported, embedding_only=True, source=str(path))
+    for key, value in target.state_dict().items():
+        expected = source_model.state_dict()[key] if key == "item_embedding.weight" else untouched[key]
+        assert torch.equal(value, expected), key
+
+    target = build(name, "--model_init_seed=2")
+    load_pretrained_weights(target, exported, embedding_only=False, source=str(path))
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, source_model.state_dict()[key]), key
+    ids = windows()
+    torch.testing.assert_close(target(ids), source_model(ids), rtol=0, atol=0)
+
+
+def test_load_rejects_what_does_not_fit():
+    exported = export_weights(build("bert4rec", num_items=30))
+    with pytest.raises(MeloError) as error:
+        load_pretrained_weights(build("bert4rec"), exported, embedding_only=True, source="p.pt")
+    assert str(error.value) == ("pretrained item embedding in p.pt has shape (31, 8) but this model needs "
+                                "(21, 8): it was trained on another data set or with other sizes")
+    for embedding_only in (True, False):
+        with pytest.raises(MeloError, match="'bert4rec'.*'sasrec'"):
+            load_pretrained_weights(build("sasrec", num_items=30), exported, embedding_only, source="p.pt")
+    # Same table, other sizes elsewhere: only the whole-model load notices.
+    other_depth = build("bert4rec", "--bert_num_blocks=1", num_items=30)
+    load_pretrained_weights(other_depth, exported, embedding_only=True, source="p.pt")
+    with pytest.raises(MeloError, match="does not match"):
+        load_pretrained_weights(other_depth, exported, embedding_only=False, source="p.pt")
+    wider_ff = dict(exported, model=dict(exported["model"]))
+    wider_ff["model"]["head.weight"] = torch.zeros(1, 9)
+    with pytest.raises(MeloError, match=r"head.weight in p.pt has shape \(1, 9\)"):
+        load_pretrained_weights(build("bert4rec", num_items=30), wider_ff, embedding_only=False, source="p.pt")
+    with pytest.raises(MeloError, match="not a MELO pretrained export"):
+        load_pretrained_weights(build("bert4rec"), {"model": {}}, embedding_only=False, source="p.pt")
