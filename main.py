@@ -1,0 +1,355 @@
+"""MELO / MAML++ meta-training, evaluation and resume.
+
+    python main.py                                   # meta-train MELO on MovieLens-1M (downloaded)
+    python main.py --use_adaptive_loss=False         # plain MAML++
+    python main.py --checkpoint_step=N --test        # score step N on the cold-start test users
+    python main.py --checkpoint_step=N               # resume training at step N
+    python main.py --test_baseline                   # the training users' mean rating, same targets
+    torchrun --standalone --nproc_per_node=K main.py ...   # K processes, one meta-batch shared
+
+Every `--log_interval` iterations the fixed validation tasks are scored, TensorBoard is written under
+`--log_dir`, and a checkpoint of that step (with the best-so-far weights) is saved in `--checkpoint_dir`.
+"""
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import checkpointing
+import metrics
+from dataloader import MetaDataset, load_data
+from meta_learner import build_meta_learner, last_step_weights, multi_step_loss_weights
+from options import MeloError, run_cli
+from runtime import Distributed, configure_threads, seed_everything
+
+# Options that change the shape or meaning of what a checkpoint holds; resuming or testing with other
+# values is refused with the names of the ones that differ.
+SHAPE_OPTIONS = (
+    "model", "mode", "max_seq_len", "num_inner_steps", "use_adaptive_loss", "use_learnable_params",
+    "bert_num_blocks", "bert_num_heads", "bert_hidden_units",
+    "gru4rec_embedding_dim", "gru4rec_hidden_size", "gru4rec_n_layers",
+    "narm_embedding_dim", "narm_hidden_size", "narm_n_layers",
+    "lstm_input_size", "lstm_hidden", "lstm_num_layers", "use_mlp", "use_mlp_mean", "use_step_loss",
+    "loss_num_layers", "task_info_loss", "task_info_rating_mean", "task_info_rating_std",
+    "task_info_labels", "task_info_predictions",
+)
+
+
+def run_prefix(args):
+    """Checkpoint / report name: model, data set and method (melo or maml)."""
+    return f"{args.model}_{args.mode}_{'melo' if args.use_adaptive_loss else 'maml'}"
+
+
+def shape_options(args, data):
+    options = {key: getattr(args, key) for key in SHAPE_OPTIONS}
+    options.update(num_items=int(data.num_items), max_rating=float(data.max_rating))
+    return options
+
+
+def cosine(base, floor, total):
+    """Multiplier for LambdaLR: cosine annealing from `base` to `floor` over `total` iterations."""
+    if base == 0:
+        return lambda it: 1.0
+    return lambda it: (floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * min(it, total) / max(total, 1)))) / base
+
+
+def build_optimizer(args, learner):
+    """One Adam over everything meta-learned, one parameter group per part with its own lr schedule."""
+    groups, schedules = [], []
+
+    def add(params, lr, floor=None, weight_decay=0.0):
+        params = [p for p in params if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": lr, "weight_decay": weight_decay})
+            schedules.append(cosine(lr, floor, args.num_train_iterations) if floor is not None else (lambda it: 1.0))
+
+    loss = learner.inner_loss
+    add(learner.backbone.parameters(), args.outer_lr, args.min_outer_lr)
+    add(learner.lslr.parameters(), args.learn_lr)
+    if getattr(loss, "encoder", None) is not None:
+        add(loss.encoder.parameters(), args.lstm_lr, args.min_lstm_lr)
+    if getattr(loss, "weight_net", None) is not None:
+        add(loss.weight_net.parameters(), args.task_info_lr)
+    if getattr(loss, "loss_mlps", None) is not None:
+        add(loss.loss_mlps.parameters(), args.loss_lr, weight_decay=args.loss_weight_decay)
+    optimizer = torch.optim.Adam(groups)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+
+
+def load_pretrained(args, learner):
+    """Start from train_original.py's exported weights (--load_pretrained[_embedding])."""
+    from models import load_pretrained_weights
+
+    path = os.path.join(args.pretrain_log_dir, f"{args.model}_{args.mode}_pretrained.pt")
+    if not os.path.exists(path):
+        raise MeloError(f"no pretrained weights at {path}: run train_original.py --model={args.model} "
+                        f"--mode={args.mode} --save_pretrained=True first")
+    exported = torch.load(path, map_location="cpu", weights_only=True)
+    load_pretrained_weights(learner.backbone, exported, embedding_only=not args.load_pretrained, source=path)
+
+
+class MetaTrainer:
+    def __init__(self, args, dist):
+        self.args, self.dist, self.device = args, dist, dist.device
+        # Rank 0 reads (and downloads, caches) first so the other ranks find the cache.
+        if dist.is_main:
+            self.data = load_data(args)
+        dist.barrier()
+        if not dist.is_main:
+            self.data = load_data(args)
+        self.dataset = MetaDataset(self.data, args)
+        self.learner = build_meta_learner(args, self.data.num_items, self.data.max_rating).to(self.device)
+        self.optimizer, self.scheduler = build_optimizer(args, self.learner)
+        self.prefix = run_prefix(args)
+        self.shape = shape_options(args, self.data)
+        self.iteration = 0
+        self.best = {"rmse": float("inf"), "step": None, "state": None}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self):
+        return {
+            "format": 1,
+            "step": self.iteration,
+            "shape_options": self.shape,
+            "meta_state": {k: v.detach().cpu().clone() for k, v in self.learner.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "best_rmse": self.best["rmse"],
+            "best_step": self.best["step"],
+            "best_meta_state": self.best["state"],
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def save(self):
+        if self.dist.is_main:
+            path = checkpointing.checkpoint_path(self.args.checkpoint_dir, self.prefix, self.iteration)
+            checkpointing.save_atomic(self.state(), path)
+            return path
+        return None
+
+    def load(self, step, restore_training):
+        checkpoint = checkpointing.load_checkpoint(self.args.checkpoint_dir, self.prefix, step)
+        path = checkpointing.checkpoint_path(self.args.checkpoint_dir, self.prefix, step)
+        checkpointing.check_compatible(checkpoint["shape_options"], self.shape, path)
+        self.learner.load_state_dict(checkpoint["meta_state"])
+        self.iteration = checkpoint["step"]
+        self.best = {"rmse": checkpoint["best_rmse"], "step": checkpoint["best_step"],
+                     "state": checkpoint["best_meta_state"]}
+        if restore_training:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            torch.set_rng_state(checkpoint["torch_rng"])
+            if checkpoint["cuda_rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        return checkpoint
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, tasks):
+        """Report over a fixed task set; tasks are sharded over ranks and the error sums added up."""
+        self.learner.eval()
+        mine = tasks.select(self.dist.shard(len(tasks)))
+        sums = torch.zeros(metrics.num_buckets(self.data.max_rating), len(metrics.SUM_FIELDS), dtype=torch.float64)
+        for start in range(0, len(mine), self.args.batch_size):
+            chunk = mine.select(slice(start, start + self.args.batch_size)).to(self.device)
+            predicted = self.learner.predict(chunk)
+            sums += metrics.error_sums(predicted, chunk.query_ratings[:, :, -1], chunk.query_mask,
+                                       self.data.max_rating)
+        self.learner.train()
+        if self.dist.enabled:
+            sums = self.dist.sum_(sums.to(self.device)).cpu()
+        return metrics.report_from_sums(sums)
+
+    # ------------------------------------------------------------------ training
+    def step_weights(self):
+        args = self.args
+        if args.use_multi_step and self.iteration < args.multi_step_loss_num_epochs:
+            return multi_step_loss_weights(self.iteration, args.num_inner_steps, args.multi_step_loss_num_epochs)
+        return last_step_weights(args.num_inner_steps)
+
+    def train_step(self):
+        """One outer iteration over this rank's share of the meta-batch; returns the mean outer loss."""
+        args = self.args
+        batch = self.dataset.train_batch(self.iteration, self.dist.shard(args.batch_size)).to(self.device)
+        weights = self.step_weights()
+        first_order = self.iteration < args.first_order_iterations
+        chunk = args.task_chunk or max(len(batch), 1)
+        self.optimizer.zero_grad(set_to_none=False)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for start in range(0, len(batch), chunk):
+            per_task = self.learner.task_losses(batch.select(slice(start, start + chunk)), weights, first_order)
+            # Normalise by the whole meta-batch, so chunks and ranks add up to the mean over all tasks.
+            (per_task.sum() / args.batch_size).backward()
+            total += per_task.detach().sum().double()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for p in params:  # a rank without tasks, or a part the loss did not reach, still all-reduces
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.dist.enabled:
+            # Second-order meta-gradients are averaged explicitly, not through DDP hooks.
+            flat = torch.cat([p.grad.reshape(-1) for p in params] + [total.reshape(1).to(params[0].grad)])
+            self.dist.sum_(flat)
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+            total = flat[-1].double()
+        loss = (total / args.batch_size).item()
+        if not math.isfinite(loss):
+            return loss
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.iteration += 1
+        return loss
+
+    def train(self, writer):
+        args = self.args
+        val_tasks = self.dataset.val_tasks()
+        bar = tqdm(range(self.iteration, args.num_train_iterations), initial=self.iteration,
+                   total=args.num_train_iterations, disable=not self.dist.is_main, dynamic_ncols=True)
+        recent = []
+        try:
+            for _ in bar:
+                loss = self.train_step()
+                if not math.isfinite(loss):
+                    saved = checkpointing.available_steps(args.checkpoint_dir, self.prefix)
+                    raise MeloError(f"the outer loss became {loss} at iteration {self.iteration + 1}; "
+                                    f"stopped without saving (last good checkpoint: step "
+                                    f"{saved[-1] if saved else 'none'}); try a lower --outer_lr or --lstm_lr")
+                recent.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if writer is not None:
+                    writer.add_scalar("train/outer_loss", loss, self.iteration)
+                if self.iteration % args.log_interval == 0 or self.iteration == args.num_train_iterations:
+                    self.validate_and_save(val_tasks, writer, sum(recent) / len(recent))
+                    recent = []
+        except KeyboardInterrupt:
+            path = self.save()
+            print(f"\ninterrupted: saved step {self.iteration} to {path}; resume with "
+                  f"--checkpoint_step={self.iteration}", file=sys.stderr)
+            raise SystemExit(130)
+
+    def validate_and_save(self, val_tasks, writer, train_loss):
+        report = self.evaluate(val_tasks)
+        if report["rmse"] < self.best["rmse"]:
+            self.best = {"rmse": report["rmse"], "step": self.iteration,
+                         "state": {k: v.detach().cpu().clone() for k, v in self.learner.state_dict().items()}}
+        path = self.save()
+        if self.dist.is_main:
+            tqdm.write(f"step {self.iteration}: train loss {train_loss:.4f} | val RMSE {report['rmse']:.4f} "
+                       f"MAE {report['mae']:.4f} mean per-rating RMSE {report['mean_per_rating_rmse']:.4f} | "
+                       f"best RMSE {self.best['rmse']:.4f} at step {self.best['step']} | saved {path}")
+        if writer is not None:
+            self.log_to_tensorboard(writer, report)
+
+    def log_to_tensorboard(self, writer, report):
+        step = self.iteration
+        for key in ("rmse", "mae", "mean_per_rating_rmse"):
+            writer.add_scalar(f"val/{key}", report[key], step)
+        for rating, row in report["per_rating"].items():
+            writer.add_scalar(f"val_rmse_per_rating/{rating}", row["rmse"], step)
+        for name, rates in self.learner.lslr.rates_by_parameter().items():
+            for k, rate in enumerate(rates):
+                writer.add_scalar(f"inner_lr/step{k}/{name}", rate, step)
+        for k, weight in enumerate(self.step_weights().tolist()):
+            writer.add_scalar(f"multi_step_loss/step{k}", weight, step)
+        for i, group in enumerate(self.optimizer.param_groups):
+            writer.add_scalar(f"meta_lr/group{i}", group["lr"], step)
+        self.log_adaptive_weights(writer, step)
+        writer.flush()
+
+    def log_adaptive_weights(self, writer, step):
+        """Mean weight the learned loss gives to each rating value on a fixed training meta-batch."""
+        with torch.no_grad():
+            found = self.learner.support_weights(self.dataset.train_batch(0).to(self.device))
+        if found is None:
+            return
+        weights, stars, mask = found
+        for value in torch.unique(stars[mask]).tolist():
+            selected = mask & (stars == value)
+            writer.add_scalar(f"adaptive_weight/rating_{value:g}", weights[selected].mean().item(), step)
+
+
+def open_writer(args, prefix):
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = os.path.join(args.log_dir, f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}_seed{args.random_seed}")
+    writer = SummaryWriter(folder)
+    writer.add_text("options", "\n".join(f"    {k} = {v}" for k, v in sorted(vars(args).items())))
+    return writer
+
+
+def report_path(args, prefix, step):
+    kind = "best" if args.test_best else "step"
+    return os.path.join(args.checkpoint_dir, f"{prefix}_step{step}.test_{kind}.json")
+
+
+def test(trainer):
+    args = trainer.args
+    checkpoint = trainer.load(args.checkpoint_step, restore_training=False)
+    if args.test_best and checkpoint["best_meta_state"] is not None:
+        trainer.learner.load_state_dict(checkpoint["best_meta_state"])
+        which = f"best weights up to step {args.checkpoint_step} (from step {checkpoint['best_step']})"
+    else:
+        which = f"weights of step {args.checkpoint_step}"
+    report = trainer.evaluate(trainer.dataset.test_tasks())
+    report.update(method=trainer.prefix.rsplit("_", 1)[1], model=args.model, mode=args.mode,
+                  checkpoint_step=args.checkpoint_step, weights=which, random_seed=args.random_seed)
+    if trainer.dist.is_main:
+        print(metrics.format_report(report, f"test {trainer.prefix}, {which}"))
+        path = report_path(args, trainer.prefix, args.checkpoint_step)
+        metrics.write_json_atomic(report, path)
+        print(f"report written to {path}")
+    return report
+
+
+def test_baseline(trainer):
+    """Predict the training users' global mean rating for every test target."""
+    args, data, dataset = trainer.args, trainer.data, trainer.dataset
+    train_ratings = torch.cat([torch.from_numpy(data.sequence(u)[1]) for u in dataset.train_users])
+    mean = train_ratings.double().mean().item()
+    tasks = dataset.test_tasks()
+    targets = tasks.query_ratings[:, :, -1]
+    sums = metrics.error_sums(torch.full_like(targets, mean), targets, tasks.query_mask, data.max_rating)
+    report = metrics.report_from_sums(sums)
+    report.update(method="mean_rating", mode=args.mode, prediction=mean, random_seed=args.random_seed)
+    if trainer.dist.is_main:
+        print(metrics.format_report(report, f"test mean-rating baseline ({mean:.4f} stars) on {args.mode}"))
+        path = os.path.join(args.checkpoint_dir, f"mean-rating_{args.mode}.test.json")
+        metrics.write_json_atomic(report, path)
+        print(f"report written to {path}")
+    return report
+
+
+def main(args):
+    configure_threads(args)
+    seed_everything(args.random_seed)
+    dist = Distributed(args.device)
+    try:
+        trainer = MetaTrainer(args, dist)
+        if args.test_baseline:
+            return test_baseline(trainer)
+        if args.test:
+            return test(trainer)
+        if args.checkpoint_step >= 0:
+            trainer.load(args.checkpoint_step, restore_training=True)
+        elif args.load_pretrained or args.load_pretrained_embedding:
+            load_pretrained(args, trainer.learner)
+        writer = open_writer(args, trainer.prefix) if dist.is_main else None
+        try:
+            trainer.train(writer)
+        finally:
+            if writer is not None:
+                writer.close()
+        return trainer
+    finally:
+        dist.close()
+
+
+if __name__ == "__main__":
+    run_cli(main)

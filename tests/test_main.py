@@ -1,0 +1,180 @@
+"""main.py end to end on a generated MovieLens-100K file: training, checkpoints, TensorBoard, resume,
+--test, --test_baseline and the failures a user can run into."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main
+import options
+from meta_learner import MetaLearner, last_step_weights
+from runtime import Distributed
+
+from synthetic import write_movielens
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ratings_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "u.data"
+    write_movielens(str(path), fmt="ml-100k", num_users=120, num_items=80, seed=3)
+    return str(path)
+
+
+def flags(ratings_file, tmp_path, *extra):
+    return ["--mode=ml-100k", f"--data_path={ratings_file}", f"--data_dir={tmp_path}/Data", "--min_item=1",
+            "--num_test_data=20", "--val_size=10", "--batch_size=4", "--num_samples=5", "--num_query_set=2",
+            "--max_seq_len=10", "--bert_hidden_units=16", "--gru4rec_hidden_size=16", "--narm_hidden_size=16",
+            "--log_interval=2", "--num_train_iterations=4", f"--checkpoint_dir={tmp_path}/ckpt",
+            f"--log_dir={tmp_path}/runs", "--inner_lr=0.05", *extra]
+
+
+def run(argv):
+    return main.main(options.parse_args(argv))
+
+
+def fixed_batch_loss(trainer):
+    with torch.no_grad():
+        batch = trainer.dataset.train_batch(10_000)
+        return trainer.learner.task_losses(batch, last_step_weights(trainer.args.num_inner_steps)).mean().item()
+
+
+@pytest.mark.parametrize("model", ["bert4rec", "sasrec", "gru4rec", "narm"])
+@pytest.mark.parametrize("adaptive", ["True", "False"])
+def test_training_writes_checkpoints_and_logs_and_test_reports(ratings_file, tmp_path, model, adaptive, capsys):
+    argv = flags(ratings_file, tmp_path, f"--model={model}", f"--use_adaptive_loss={adaptive}")
+    trainer = run(argv)
+    assert trainer.iteration == 4
+    prefix = main.run_prefix(trainer.args)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == [f"{prefix}_step2.pt", f"{prefix}_step4.pt"]
+    assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))
+    capsys.readouterr()
+    report = run(argv + ["--checkpoint_step=4", "--test"])
+    printed = capsys.readouterr().out
+    assert "RMSE" in printed and "mean pred" in printed
+    saved = json.loads((tmp_path / "ckpt" / f"{prefix}_step4.test_best.json").read_text())
+    assert saved["rmse"] == pytest.approx(report["rmse"]) and saved["count"] == 20 * 2
+    assert 0 < report["rmse"] < 4 and report["mae"] <= report["rmse"]
+    assert sum(row["count"] for row in report["per_rating"].values()) == report["count"]
+
+
+@pytest.mark.parametrize("model", ["bert4rec", "gru4rec"])
+def test_a_short_run_lowers_the_training_loss(ratings_file, tmp_path, model):
+    argv = flags(ratings_file, tmp_path, f"--model={model}", "--num_train_iterations=30", "--log_interval=30",
+                 "--outer_lr=0.01", "--batch_size=8")
+    args = options.parse_args(argv)
+    before = fixed_batch_loss(main.MetaTrainer(args, Distributed("cpu")))
+    after = fixed_batch_loss(run(argv))
+    assert after < 0.8 * before
+
+
+def test_test_is_repeatable_and_test_best_chooses_the_weights(ratings_file, tmp_path, capsys):
+    argv = flags(ratings_file, tmp_path, "--model=narm")
+    run(argv)
+    first = run(argv + ["--checkpoint_step=4", "--test"])
+    second = run(argv + ["--checkpoint_step=4", "--test"])
+    assert first == second
+    exact = run(argv + ["--checkpoint_step=4", "--test", "--test_best=False"])
+    assert exact["weights"].startswith("weights of step 4")
+    assert os.path.exists(tmp_path / "ckpt" / "narm_ml-100k_melo_step4.test_step.json")
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(ratings_file, tmp_path):
+    argv = flags(ratings_file, tmp_path, "--model=bert4rec", "--bert_dropout=0.3")
+    uninterrupted = run(argv)
+    # A second run that only has the checkpoint of step 2 resumes from it.
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    step2 = tmp_path / "ckpt" / "bert4rec_ml-100k_melo_step2.pt"
+    (resumed_dir / step2.name).write_bytes(step2.read_bytes())
+    resumed = run(argv + [f"--checkpoint_dir={resumed_dir}", "--checkpoint_step=2"])
+    assert resumed.iteration == 4
+    for (name, a), (_, b) in zip(uninterrupted.learner.state_dict().items(), resumed.learner.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert resumed.best["rmse"] == uninterrupted.best["rmse"]
+
+
+def test_task_chunks_give_the_same_update(ratings_file, tmp_path):
+    results = []
+    for chunk in (0, 3):
+        args = options.parse_args(flags(ratings_file, tmp_path, "--model=gru4rec", f"--task_chunk={chunk}"))
+        torch.manual_seed(0)
+        trainer = main.MetaTrainer(args, Distributed("cpu"))
+        trainer.train_step()
+        results.append(trainer.learner.state_dict())
+    for name in results[0]:
+        assert torch.allclose(results[0][name], results[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def test_mean_rating_baseline_reports_on_the_same_targets(ratings_file, tmp_path):
+    argv = flags(ratings_file, tmp_path)
+    report = run(argv + ["--test_baseline"])
+    assert report["count"] == 20 * 2
+    assert all(row["mean_prediction"] == pytest.approx(report["prediction"]) for row in report["per_rating"].values())
+    assert os.path.exists(tmp_path / "ckpt" / "mean-rating_ml-100k.test.json")
+
+
+def test_missing_step_lists_the_saved_ones(ratings_file, tmp_path):
+    argv = flags(ratings_file, tmp_path, "--model=gru4rec")
+    run(argv)
+    with pytest.raises(options.MeloError, match=r"no checkpoint for step 3 .*: 2, 4"):
+        run(argv + ["--checkpoint_step=3", "--test"])
+
+
+def test_checkpoint_of_other_settings_is_refused_by_name(ratings_file, tmp_path):
+    run(flags(ratings_file, tmp_path, "--model=bert4rec"))
+    with pytest.raises(options.MeloError, match=r"bert_hidden_units=16 \(now 8\)"):
+        run(flags(ratings_file, tmp_path, "--model=bert4rec", "--bert_hidden_units=8",
+                  "--checkpoint_step=4", "--test"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(ratings_file, tmp_path, monkeypatch):
+    argv = flags(ratings_file, tmp_path, "--model=gru4rec", "--num_train_iterations=6")
+    original = MetaLearner.task_losses
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        losses = original(self, *args, **kwargs)
+        return losses * float("nan") if calls["n"] == 3 else losses
+
+    monkeypatch.setattr(MetaLearner, "task_losses", poisoned)
+    with pytest.raises(options.MeloError, match="became nan at iteration 3.*last good checkpoint: step 2"):
+        run(argv)
+    good = torch.load(tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step2.pt", weights_only=True)
+    assert good["step"] == 2 and sorted(os.listdir(tmp_path / "ckpt")) == ["gru4rec_ml-100k_melo_step2.pt"]
+
+
+def test_ctrl_c_saves_the_latest_state(ratings_file, tmp_path, monkeypatch):
+    argv = flags(ratings_file, tmp_path, "--model=gru4rec", "--num_train_iterations=6", "--log_interval=5")
+    original = main.MetaTrainer.train_step
+
+    def interrupted(self):
+        if self.iteration == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(main.MetaTrainer, "train_step", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 130
+    saved = torch.load(tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step3.pt", weights_only=True)
+    assert saved["step"] == 3
+
+
+def test_command_line_errors_are_one_line_without_traceback(ratings_file, tmp_path):
+    cases = [
+        flags(ratings_file, tmp_path, "--checkpoint_step=7", "--test"),             # nothing saved yet
+        flags(str(tmp_path / "missing.data"), tmp_path),                             # explicit path missing
+        flags(ratings_file, tmp_path, "--num_test_data=5000"),                       # too few users
+    ]
+    for argv in cases:
+        done = subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode != 0
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
