@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -47,6 +48,11 @@ def shape_options(args, data):
     options = {key: getattr(args, key) for key in SHAPE_OPTIONS}
     options.update(num_items=int(data.num_items), max_rating=float(data.max_rating))
     return options
+
+
+def stream_seed(*keys):
+    """A 63-bit seed mixed from integers (numpy's SeedSequence), for per-iteration random streams."""
+    return int(np.random.SeedSequence([k % 2 ** 63 for k in keys]).generate_state(2, np.uint64)[0] >> 1)
 
 
 def cosine(base, floor, total):
@@ -173,6 +179,9 @@ class MetaTrainer:
     def train_step(self):
         """One outer iteration over this rank's share of the meta-batch; returns the mean outer loss."""
         args = self.args
+        # Dropout draws from a stream that is a pure function of (seed, iteration, rank): a resumed run
+        # repeats it exactly, and ranks do not share masks.
+        torch.manual_seed(stream_seed(args.random_seed, self.iteration, self.dist.rank))
         batch = self.dataset.train_batch(self.iteration, self.dist.shard(args.batch_size)).to(self.device)
         weights = self.step_weights()
         first_order = self.iteration < args.first_order_iterations
