@@ -150,11 +150,15 @@ class NARM(Backbone):
         real = item_ids > 0
         states = self.gru(self.item_embedding(item_ids), real)  # [B, L, H]
         length = item_ids.shape[-1]
-        query = self.attention_query(states).unsqueeze(-2)  # A1 h_t: [B, L (t), 1, H]
-        key = self.attention_key(states).unsqueeze(-3)  # A2 h_j: [B, 1, L (j), H]
-        alpha = self.attention_score(torch.sigmoid(query + key)).squeeze(-1)  # [B, L (t), L (j)]
-        # j ≤ t keeps it causal; real j keeps the padding out (also of the gradient, through where)
-        causal = torch.ones(length, length, dtype=torch.bool, device=item_ids.device).tril()
-        alpha = torch.where(causal & real.unsqueeze(-2), alpha, 0.0)
-        local = torch.matmul(alpha, states)  # c_l for every t: [B, L, H]
+        # α_tj only for the causal pairs j ≤ t: the [pairs, H] sigmoid is NARM's costliest step, and the
+        # pairs j > t (about half of L × L) would be masked anyway.
+        rows, cols = torch.tril_indices(length, length, device=item_ids.device)  # pairs (t, j), j ≤ t
+        query = self.attention_query(states)[..., rows, :]  # A1 h_t: [B, pairs, H]
+        key = self.attention_key(states)[..., cols, :]  # A2 h_j: [B, pairs, H]
+        pair_alpha = self.attention_score(torch.sigmoid(query + key)).squeeze(-1)  # [B, pairs]
+        pair_alpha = torch.where(real[..., cols], pair_alpha, 0.0)  # padded h_j never contributes
+        # Scatter into a [B, L, L] matrix, zero above the diagonal, so one matmul gives c_l for every t.
+        alpha = torch.zeros_like(states[..., 0]).repeat_interleave(length, dim=-1)  # [B, L * L]
+        alpha = alpha.index_add(-1, rows * length + cols, pair_alpha).unflatten(-1, (length, length))
+        local = torch.matmul(alpha, states)  # [B, L, H]
         return rating_head_output(self.head(torch.cat([states, local], dim=-1)).squeeze(-1))

@@ -1,17 +1,12 @@
 """Backbone contract tests: shapes, padding, causality, functional use, second order, vmap, seeding,
 pretrained hand-off. Tiny models on the CPU so the whole file runs in seconds."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # plain `pytest` from anywhere finds options
-
-import options  # noqa: E402
-from models import BACKBONES, export_weights, load_pretrained_weights, model_factory  # noqa: E402
-from options import MeloError  # noqa: E402
+import options
+from models import BACKBONES, export_weights, load_pretrained_weights, model_factory
+from options import MeloError
 
 NAMES = list(options.MODELS)
 CAUSAL = ["sasrec", "gru4rec", "narm"]
