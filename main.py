@@ -293,6 +293,12 @@ def open_writer(args, prefix):
     return writer
 
 
+def log_hparams(writer, args, best):
+    """The run's options beside its best validation score, for TensorBoard's HPARAMS tab."""
+    hparams = {k: v for k, v in vars(args).items() if isinstance(v, (bool, int, float, str))}
+    writer.add_hparams(hparams, {"hparam/best_val_rmse": best["rmse"]}, run_name=".")
+
+
 def report_path(args, prefix, step):
     kind = "best" if args.test_best else "step"
     return os.path.join(args.checkpoint_dir, f"{prefix}_step{step}.test_{kind}.json")
@@ -352,6 +358,8 @@ def main(args):
         writer = open_writer(args, trainer.prefix) if dist.is_main else None
         try:
             trainer.train(writer)
+            if writer is not None:
+                log_hparams(writer, args, trainer.best)
         finally:
             if writer is not None:
                 writer.close()
