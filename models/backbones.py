@@ -158,7 +158,8 @@ class NARM(Backbone):
         pair_alpha = self.attention_score(torch.sigmoid(query + key)).squeeze(-1)  # [B, pairs]
         pair_alpha = torch.where(real[..., cols], pair_alpha, 0.0)  # padded h_j never contributes
         # Scatter into a [B, L, L] matrix, zero above the diagonal, so one matmul gives c_l for every t.
-        alpha = torch.zeros_like(states[..., 0]).repeat_interleave(length, dim=-1)  # [B, L * L]
+        # (zeros_like keeps the vmap batch dim; pair_alpha's dtype, which autocast may have lowered)
+        alpha = torch.zeros_like(states[..., 0], dtype=pair_alpha.dtype).repeat_interleave(length, dim=-1)
         alpha = alpha.index_add(-1, rows * length + cols, pair_alpha).unflatten(-1, (length, length))
         local = torch.matmul(alpha, states)  # [B, L, H]
         return rating_head_output(self.head(torch.cat([states, local], dim=-1)).squeeze(-1))

@@ -71,6 +71,10 @@ def test_output_shape_and_range(name):
         out = model(ids)
         assert out.shape == ids.shape and out.dtype == torch.float32
         assert (out > 0.1).all() and (out < 1.1).all()
+    # Mixed precision (as on a GPU): the masking constant and the dtypes must still work out.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = build(name, train=True)(torch.cat([ids, torch.zeros_like(ids[:1])]))
+    assert out.shape == (ids.shape[0] + 1, LENGTH) and torch.isfinite(out).all()
 
 
 # ------------------------------------------------------------------------------------------- padding
