@@ -89,19 +89,23 @@ class TransformerBlock(nn.Module):
 class GRU(nn.Module):
     """A multi-layer GRU built from `nn.Linear`, with padded steps skipped.
 
-    Same equations (and initialisation) as `nn.GRU`:
-        r = σ(W_ir x + b_ir + W_hr h + b_hr),  z = σ(W_iz x + b_iz + W_hz h + b_hz)
-        n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)),  h' = (1 − z) ⊙ n + z ⊙ h
-    At a padded step the state is carried over unchanged (h_t = h_{t−1}), so left padding is a no-op and
-    the padding embedding can never reach a real position. The input projections of all steps are
-    computed in one matmul before the loop; the loop does only the hidden-to-hidden work.
+    The equations of `nn.GRU`, with its update gate written as u = 1 − z (the same family: the z
+    weights are negated, and nn.GRU's symmetric initialisation is kept):
+        r = σ(W_ir x + b_ir + W_hr h + b_hr),  u = σ(W_iu x + b_iu + W_hu h + b_hu)
+        n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)),  h' = h + u ⊙ (n − h)
+    At a padded step u is multiplied by 0, so h_t = h_{t−1} exactly: left padding is a no-op and the
+    padding embedding can never reach a real position (nor receive a gradient).
+
+    Speed: the loop runs L steps per layer, and the inner loop differentiates it twice, so every op per
+    step counts (on a GPU each is a kernel launch). The input projections of all steps are one matmul
+    before the loop; a step is one matmul, two gate nonlinearities and a `lerp`.
     """
 
     def __init__(self, input_size, hidden_size, num_layers):
         super().__init__()
         self.hidden_size = hidden_size
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
-        self.input_proj = nn.ModuleList(nn.Linear(size, 3 * hidden_size) for size in sizes)
+        self.input_proj = nn.ModuleList(nn.Linear(size, 3 * hidden_size) for size in sizes)  # [r, u, n]
         self.hidden_proj = nn.ModuleList(nn.Linear(hidden_size, 3 * hidden_size) for _ in sizes)
         bound = 1.0 / math.sqrt(hidden_size)  # nn.GRU's initialisation
         for parameter in self.parameters():
@@ -110,19 +114,19 @@ class GRU(nn.Module):
     def forward(self, x, real):
         """x: [B, L, input_size]; real: bool [B, L] (False = padding). Returns states [B, L, hidden]."""
         hidden = self.hidden_size
-        # unbind (not x[:, t]) so the backward is one stack instead of L full-size zero-filled copies
-        keep_steps = real.unsqueeze(-1).unbind(-2)  # L of [B, 1]
         for input_proj, hidden_proj in zip(self.input_proj, self.hidden_proj):
-            projected = input_proj(x)  # [B, L, 3H], all steps at once
-            gates_rz = projected[..., : 2 * hidden].unbind(-2)
-            gates_n = projected[..., 2 * hidden:].unbind(-2)
-            h = torch.zeros_like(gates_n[0])
+            input_ru, input_n = input_proj(x).split([2 * hidden, hidden], dim=-1)  # all steps at once
+            # unbind (not [:, t]) so the backward is one stack, not L full-size zero-filled copies;
+            # keep in the projections' dtype, which autocast may have lowered (lerp wants one dtype)
+            keep_steps = real.unsqueeze(-1).to(input_n.dtype).unbind(-2)  # L of [B, 1], 1 = real step
+            input_ru, input_n = input_ru.unbind(-2), input_n.unbind(-2)
+            h = torch.zeros_like(input_n[0])
             states = []
-            for input_rz, input_n, keep in zip(gates_rz, gates_n, keep_steps):
-                recurrent = hidden_proj(h)
-                r, z = torch.sigmoid(input_rz + recurrent[..., : 2 * hidden]).chunk(2, dim=-1)
-                n = torch.tanh(input_n + r * recurrent[..., 2 * hidden:])
-                h = torch.where(keep, n + z * (h - n), h)
+            for step_ru, step_n, keep in zip(input_ru, input_n, keep_steps):
+                recurrent_ru, recurrent_n = hidden_proj(h).split([2 * hidden, hidden], dim=-1)
+                r, u = torch.sigmoid(step_ru + recurrent_ru).chunk(2, dim=-1)
+                n = torch.tanh(step_n + r * recurrent_n)
+                h = torch.lerp(h, n, u * keep)
                 states.append(h)
             x = torch.stack(states, dim=-2)
         return x
