@@ -198,7 +198,10 @@ def build_parser():
     add("--use_learned_loss_baseline", type=str2bool, default=False,
         help="weight the baseline's loss with the rating-sequence encoder")
     add("--finetune_steps", type=non_negative_int, default=0,
-        help="at test time, plain gradient steps on each test user's support set")
+        help="train_original.py --test: plain SGD steps on each test user's support windows before "
+             "predicting (the fine-tuning baseline between no adaptation and MAML; 0 = none)")
+    add("--finetune_lr", type=non_negative_float, default=0.1,
+        help="SGD learning rate of --finetune_steps (on the masked mean squared error of ratings / 5)")
     add("--save_pretrained", type=str2bool, default=False,
         help="export the item embedding and the whole model for main.py")
     add("--load_pretrained_embedding", type=str2bool, default=False,

@@ -1,0 +1,234 @@
+"""train_original.py on a generated MovieLens-100K file: training, checkpoints, resume, the test report on
+main.py's targets, fine-tuning, the learned-loss variant and the pretrained hand-off into main.py."""
+import copy
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+import main
+import metrics
+import options
+import train_original
+from dataloader import MetaDataset, load_data
+from runtime import Distributed
+
+from synthetic import write_movielens
+
+
+@pytest.fixture(scope="module")
+def ratings_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "u.data"
+    write_movielens(str(path), fmt="ml-100k", num_users=120, num_items=80, seed=3)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """The runs here use --num_threads=1 (tiny tensors; on a shared machine two spinning threads per
+    process make them many times slower); the rest of the suite gets its thread count back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def flags(ratings_file, tmp_path, *extra):
+    return ["--mode=ml-100k", f"--data_path={ratings_file}", f"--data_dir={tmp_path}/Data", "--min_item=1",
+            "--num_test_data=20", "--val_size=10", "--batch_size=4", "--num_samples=5", "--num_query_set=2",
+            "--max_seq_len=10", "--bert_hidden_units=16", "--gru4rec_hidden_size=16", "--narm_hidden_size=16",
+            "--pretraining_batch_size=64", "--pretrain_epochs=2", f"--pretrain_log_dir={tmp_path}/pre",
+            f"--checkpoint_dir={tmp_path}/ckpt", f"--log_dir={tmp_path}/runs", "--log_interval=2",
+            "--num_train_iterations=2", "--num_threads=1", *extra]
+
+
+def run(argv):
+    return train_original.main(options.parse_args(argv))
+
+
+def fixed_loss(trainer):
+    """Plain MSE of a fixed set of training windows (an epoch number never trained on)."""
+    items, ratings = trainer.dataset.window_dataset(10_000)
+    trainer.model.eval()
+    with torch.no_grad():
+        mask = items != 0
+        errors = (trainer.model(items) - ratings / trainer.max_rating) ** 2
+        loss = (errors * mask).sum() / mask.sum()
+    trainer.model.train()
+    return loss.item()
+
+
+@pytest.mark.parametrize("learned_loss", ["False", "True"])
+def test_training_lowers_the_loss_and_keeps_best_and_latest(ratings_file, tmp_path, learned_loss, capsys):
+    argv = flags(ratings_file, tmp_path, "--model=gru4rec", "--pretrain_epochs=4", "--pretraining_lr=0.01",
+                 f"--use_learned_loss_baseline={learned_loss}")
+    before = fixed_loss(train_original.BaselineTrainer(options.parse_args(argv)))
+    trainer = run(argv)
+    assert trainer.epoch == 4
+    assert fixed_loss(trainer) < 0.7 * before
+    prefix = train_original.run_prefix(trainer.args)
+    assert prefix.endswith("basic-learned-loss" if learned_loss == "True" else "basic")
+    kept = {4, trainer.best["step"]}
+    assert sorted(os.listdir(tmp_path / "pre")) == sorted(f"{prefix}_step{s}.pt" for s in kept)
+    assert glob.glob(str(tmp_path / "runs" / f"{prefix}_*" / "events.out.tfevents.*"))
+    printed = capsys.readouterr().out
+    assert printed.count("val RMSE") == 4
+
+
+def test_learned_loss_weights_have_mean_one_and_train(ratings_file, tmp_path):
+    trainer = train_original.BaselineTrainer(options.parse_args(
+        flags(ratings_file, tmp_path, "--model=gru4rec", "--use_learned_loss_baseline=True")))
+    items, ratings = next(trainer.epoch_batches(0))
+    with torch.no_grad():
+        head = trainer.encoder.head[-1]
+        head.weight.normal_(0, 1.0)
+        head.bias.fill_(-3.0)  # every raw weight small: normalised, the loss keeps the scale of the MSE
+        labels, mask = ratings / trainer.max_rating, items != 0
+        weighted = trainer.loss(items, ratings)
+        plain = ((trainer.model(items) - labels) ** 2 * mask).sum() / mask.sum()
+    assert 0.3 * plain < weighted < 3 * plain
+    head.weight.data.zero_()
+    head.bias.data.fill_(-30.0)  # shrinking every raw weight alike no longer shrinks the loss
+    assert trainer.loss(items, ratings).item() == pytest.approx(plain.item(), rel=1e-4)
+    trainer.loss(items, ratings).backward()
+    assert all(p.grad is not None for p in trainer.encoder.parameters() if p.requires_grad)
+
+
+def test_resume_is_identical_to_an_uninterrupted_run(ratings_file, tmp_path):
+    argv = flags(ratings_file, tmp_path, "--model=sasrec", "--bert_dropout=0.3", "--pretrain_epochs=3")
+    uninterrupted = run(argv)
+    other = tmp_path / "resumed"
+    first = run(argv + [f"--pretrain_log_dir={other}", "--pretrain_epochs=1"])
+    assert first.epoch == 1
+    resumed = run(argv + [f"--pretrain_log_dir={other}", "--checkpoint_step=1"])
+    assert resumed.epoch == 3
+    for (name, a), (_, b) in zip(uninterrupted.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert resumed.best["rmse"] == uninterrupted.best["rmse"]
+
+
+def capture_targets(monkeypatch):
+    """Record the targets and masks every metrics.error_sums call scores."""
+    seen = []
+    original = metrics.error_sums
+
+    def recording(predicted, target, mask, max_rating):
+        seen.append((target.detach().cpu().clone(), mask.cpu().clone()))
+        return original(predicted, target, mask, max_rating)
+
+    monkeypatch.setattr(metrics, "error_sums", recording)
+    return seen
+
+
+def test_test_report_scores_exactly_main_test_targets(ratings_file, tmp_path, monkeypatch, capsys):
+    argv = flags(ratings_file, tmp_path, "--model=gru4rec")
+    run(argv)
+    main.main(options.parse_args(argv))                  # 2 meta-training iterations: a checkpoint to test
+    seen = capture_targets(monkeypatch)
+    baseline = run(argv + ["--checkpoint_step=2", "--test"])
+    baseline_targets = torch.cat([t for t, _ in seen]), torch.cat([m for _, m in seen])
+    seen.clear()
+    meta = main.main(options.parse_args(argv + ["--checkpoint_step=2", "--test"]))
+    meta_targets = torch.cat([t for t, _ in seen]), torch.cat([m for _, m in seen])
+    assert torch.equal(baseline_targets[0], meta_targets[0]) and torch.equal(baseline_targets[1], meta_targets[1])
+    args = options.parse_args(argv)
+    tasks = MetaDataset(load_data(args), args).test_tasks()
+    assert torch.equal(baseline_targets[0], tasks.query_ratings[:, :, -1])
+    assert baseline["count"] == meta["count"] == 20 * 2
+    assert {k: r["count"] for k, r in baseline["per_rating"].items()} == \
+           {k: r["count"] for k, r in meta["per_rating"].items()}
+    # The same report as main.py --test: printed table, JSON beside the checkpoint.
+    printed = capsys.readouterr().out
+    assert "test gru4rec_ml-100k_basic, best weights up to step 2" in printed and "mean pred" in printed
+    saved = json.loads((tmp_path / "pre" / "gru4rec_ml-100k_basic_step2.test_best.json").read_text())
+    assert saved == json.loads(json.dumps(baseline))
+    assert saved["method"] == "basic" and saved["model"] == "gru4rec"
+    assert set(saved) >= set(json.loads((tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step2.test_best.json").read_text()))
+    # Deterministic: the same command gives the same numbers.
+    assert run(argv + ["--checkpoint_step=2", "--test"]) == baseline
+
+
+def test_finetuning_adapts_each_user_on_its_support_set(ratings_file, tmp_path):
+    argv = flags(ratings_file, tmp_path, "--model=narm", "--pretrain_epochs=1")
+    run(argv)
+    plain = run(argv + ["--checkpoint_step=1", "--test"])
+    zero_lr = run(argv + ["--checkpoint_step=1", "--test", "--finetune_steps=2", "--finetune_lr=0"])
+    assert zero_lr["rmse"] == pytest.approx(plain["rmse"], rel=1e-5)
+    tuned = run(argv + ["--checkpoint_step=1", "--test", "--finetune_steps=2", "--finetune_lr=0.5"])
+    assert tuned["rmse"] != pytest.approx(plain["rmse"], rel=1e-4) and tuned["method"] == "finetune"
+    assert os.path.exists(tmp_path / "pre" / "narm_ml-100k_basic_step1.finetune2_lr0.5.test_best.json")
+
+    # The vmapped fine-tuning equals plain SGD on a copy of the model, one task at a time.
+    args = options.parse_args(argv + ["--finetune_steps=2", "--finetune_lr=0.5"])
+    trainer = train_original.BaselineTrainer(args)
+    trainer.load(1, restore_training=False)
+    tasks = trainer.dataset.test_tasks().select(slice(0, 3))
+    trainer.model.eval()
+    batched = trainer.finetuned_predictions(tasks)
+    for t in range(3):
+        model = copy.deepcopy(trainer.model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        items, labels = tasks.support_items[t], tasks.support_ratings[t] / trainer.max_rating
+        for _ in range(2):
+            optimizer.zero_grad()
+            mask = items != 0
+            (((model(items) - labels) ** 2 * mask).sum() / mask.sum()).backward()
+            optimizer.step()
+        with torch.no_grad():
+            expected = model(tasks.query_items[t])[:, -1] * trainer.max_rating
+        assert torch.allclose(batched[t], expected, atol=1e-5)
+
+
+def test_pretrained_hand_off_into_main(ratings_file, tmp_path, capsys):
+    argv = flags(ratings_file, tmp_path, "--model=bert4rec", "--pretrain_epochs=1")
+    trainer = run(argv + ["--save_pretrained=True"])
+    path = tmp_path / "pre" / "bert4rec_ml-100k_pretrained.pt"
+    assert path.exists()
+    exported = torch.load(path, weights_only=True)
+    assert torch.equal(exported["item_embedding"], trainer.best["state"]["item_embedding.weight"])
+
+    # main.py starts from it and trains.
+    meta_args = options.parse_args(argv + ["--load_pretrained_embedding=True", "--num_train_iterations=1",
+                                           "--log_interval=1"])
+    meta = main.MetaTrainer(meta_args, Distributed("cpu"))
+    main.load_pretrained(meta_args, meta.learner)
+    assert torch.equal(meta.learner.backbone.item_embedding.weight, exported["item_embedding"])
+    assert main.main(meta_args).iteration == 1
+    whole = options.parse_args(argv + ["--load_pretrained=True"])
+    meta = main.MetaTrainer(whole, Distributed("cpu"))
+    main.load_pretrained(whole, meta.learner)
+    for name, value in meta.learner.backbone.state_dict().items():
+        assert torch.equal(value, trainer.best["state"][name]), name
+
+    # Other sizes, another data set (other item count): one line, no traceback.
+    other_data = tmp_path / "other.data"
+    write_movielens(str(other_data), fmt="ml-100k", num_users=120, num_items=60, seed=4)
+    capsys.readouterr()
+    for mismatch in (["--bert_hidden_units=8", "--bert_num_heads=2"], [f"--data_path={other_data}"]):
+        with pytest.raises(SystemExit) as exit_info:
+            options.run_cli(main.main, argv + ["--load_pretrained_embedding=True", *mismatch])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: pretrained item embedding in ") and "shape" in err[0]
+
+
+def test_errors_are_one_line(ratings_file, tmp_path, capsys):
+    argv = flags(ratings_file, tmp_path, "--model=gru4rec", "--pretrain_epochs=1")
+    cases = [
+        (argv + ["--checkpoint_step=3", "--test"], "no checkpoint for step 3"),
+        (argv + ["--test_baseline"], "belongs to main.py"),
+    ]
+    run(argv)
+    cases += [
+        (argv + ["--checkpoint_step=1", "--test", "--gru4rec_hidden_size=8"], r"gru4rec_hidden_size=16 (now 8)"),
+        (argv + ["--checkpoint_step=1", "--test", "--random_seed=1"], "random_seed=222 (now 1)"),
+    ]
+    for case, message in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            options.run_cli(train_original.main, case)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

@@ -1,0 +1,356 @@
+"""The non-meta baseline ("Basic"): a backbone trained on the training users' windows, no meta-learning.
+
+    python train_original.py --model=bert4rec                      # train (100 epochs by default)
+    python train_original.py --model=bert4rec --checkpoint_step=N  # resume after epoch N
+    python train_original.py --model=bert4rec --checkpoint_step=N --test                     # no adaptation
+    python train_original.py --model=bert4rec --checkpoint_step=N --test --finetune_steps=5  # fine-tuning
+    python train_original.py --save_pretrained=True && python main.py --load_pretrained_embedding=True
+
+Same footing as main.py: the same data flags, the same cold-start split (`MetaDataset`), the same
+per-position loss (masked mean squared error of ratings / max rating), and the same fixed validation and
+test targets (the last position of every query window of `val_tasks()` / `test_tasks()`), scored by the
+same `metrics` code. An epoch is one pass over `MetaDataset.window_dataset(epoch)`: for every training
+user, the support and query windows of one training-style task, shuffled by a generator of
+(seed, epoch), so an epoch's batches are a pure function of the seed and a resumed run is identical to
+an uninterrupted one.
+
+After every epoch the validation targets are scored (the backbone predicts the query windows directly),
+TensorBoard is written under `--log_dir`, and `<pretrain_log_dir>/<model>_<mode>_<method>_step<epoch>.pt`
+is saved with the best-so-far weights inside; only the latest and the best epoch's files are kept.
+`--test` scores the best weights (or, with `--test_best=False`, those of exactly that epoch) on the test
+targets and writes the report as JSON beside the checkpoint.
+
+`--finetune_steps=K` (with `--test`): for each test user, a copy of the weights takes K plain SGD steps
+(`--finetune_lr`, on the MSE of that user's support windows, dropout off) before its query windows are
+predicted: the fine-tuning baseline between "no adaptation" and MAML. The copies are batched with
+`torch.func.vmap`, `--batch_size` users at a time.
+
+`--use_learned_loss_baseline=True` weights each position's squared error with MELO's rating-sequence
+encoder (`models.loss_networks.RatingSequenceEncoder`, each window read as a task of one window), trained
+jointly with the backbone by the same Adam. Minimising a weighted loss over the weights too has a trivial
+solution: shrink every weight towards zero. So the weights are normalised to mean 1 over the batch's real
+positions (the normaliser is part of the graph): the encoder can only move weight between positions, and
+the loss keeps the scale of the plain MSE.
+"""
+import math
+import os
+import sys
+
+import torch
+from torch.func import functional_call, grad, vmap
+from tqdm import tqdm
+
+import checkpointing
+import main as meta_main
+import metrics
+from dataloader import STREAM_WINDOWS, MetaDataset, load_data, task_rng
+from models import export_weights, model_factory
+from models.loss_networks import RatingSequenceEncoder, masked_mean
+from options import MeloError, run_cli
+from runtime import configure_threads, seed_everything, select_device
+
+# Of main.py's checkpoint-shaping options, those that shape a plain backbone (the rest are meta-learning's).
+BACKBONE_SHAPE_PREFIXES = ("bert_", "gru4rec_", "narm_")
+LEARNED_LOSS_OPTIONS = ("lstm_input_size", "lstm_hidden", "lstm_num_layers")
+# Options that decide who the training and the test users are: a baseline checkpoint trained under another
+# split would be scored on users it was trained on.
+SPLIT_OPTIONS = ("random_seed", "num_test_data", "val_fraction", "min_item", "min_sequence",
+                 "min_sub_window_size")
+
+
+def method_name(args):
+    return "basic-learned-loss" if args.use_learned_loss_baseline else "basic"
+
+
+def run_prefix(args):
+    """Checkpoint / report name: model, data set and method."""
+    return f"{args.model}_{args.mode}_{method_name(args)}"
+
+
+def pretrained_path(args):
+    """Where main.py's --load_pretrained[_embedding] looks for the export."""
+    return os.path.join(args.pretrain_log_dir, f"{args.model}_{args.mode}_pretrained.pt")
+
+
+def report_path(args, step):
+    """JSON report of `--test` beside the checkpoint; fine-tuning runs are named by their K and lr."""
+    finetune = f".finetune{args.finetune_steps}_lr{args.finetune_lr:g}" if args.finetune_steps else ""
+    kind = "best" if args.test_best else "step"
+    return os.path.join(args.pretrain_log_dir, f"{run_prefix(args)}_step{step}{finetune}.test_{kind}.json")
+
+
+def shape_options(args, data):
+    """The options a baseline checkpoint depends on: main.py's shape options that concern the backbone,
+    the learned-loss encoder's sizes when it is used, and the options of the user split."""
+    everything = meta_main.shape_options(args, data)
+    keys = ["model", "mode", "max_seq_len", "num_items", "max_rating"]
+    keys += [k for k in meta_main.SHAPE_OPTIONS if k.startswith(BACKBONE_SHAPE_PREFIXES)]
+    if args.use_learned_loss_baseline:
+        keys += LEARNED_LOSS_OPTIONS
+    options = {key: everything[key] for key in keys}
+    options.update({key: getattr(args, key) for key in SPLIT_OPTIONS})
+    options["use_learned_loss_baseline"] = args.use_learned_loss_baseline
+    return options
+
+
+def normalised_weights(logits, mask):
+    """sigmoid(logits) divided by its mean over the real positions (so their mean is exactly 1), computed
+    in log space: exact even where every sigmoid underflows."""
+    log_weights = torch.nn.functional.logsigmoid(logits).masked_fill(~mask, torch.finfo(logits.dtype).min)
+    log_mean = torch.logsumexp(log_weights.flatten(), 0) - torch.log(mask.sum().clamp_min(1).to(logits.dtype))
+    return torch.exp(log_weights - log_mean) * mask
+
+
+def state_copy(module):
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class BaselineTrainer:
+    def __init__(self, args):
+        self.args = args
+        self.device = select_device(args.device)
+        self.data = load_data(args)
+        self.dataset = MetaDataset(self.data, args)
+        self.max_rating = float(self.data.max_rating)
+        self.model = model_factory(args, self.data.num_items).to(self.device)
+        self.encoder = None
+        if args.use_learned_loss_baseline:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.model_init_seed + 1)  # as main.py's loss networks
+                self.encoder = RatingSequenceEncoder(self.max_rating, args.lstm_input_size, args.lstm_hidden,
+                                                     args.lstm_num_layers).to(self.device)
+        params = list(self.model.parameters())
+        if self.encoder is not None:
+            params += list(self.encoder.parameters())
+        self.optimizer = torch.optim.Adam(params, lr=args.pretraining_lr)
+        self.prefix = run_prefix(args)
+        self.shape = shape_options(args, self.data)
+        self.epoch = 0
+        self.best = {"rmse": float("inf"), "step": None, "state": None}
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, items, ratings):
+        """The masked mean squared error of normalised ratings over real positions, weighted by the
+        rating-sequence encoder with --use_learned_loss_baseline (weights of mean 1, see the docstring)."""
+        labels = ratings / self.max_rating
+        mask = items != 0
+        errors = (self.model(items) - labels) ** 2
+        if self.encoder is None:
+            return masked_mean(errors, mask)
+        logits = self.encoder(labels[:, None], mask[:, None]).squeeze(1)  # each window a task of one window
+        return masked_mean(normalised_weights(logits, mask) * errors, mask)
+
+    def epoch_batches(self, epoch):
+        """The shuffled training windows of `epoch`, in batches of --pretraining_batch_size."""
+        items, ratings = self.dataset.window_dataset(epoch)
+        order = torch.from_numpy(task_rng(self.args.random_seed, STREAM_WINDOWS, epoch).permutation(len(items)))
+        size = self.args.pretraining_batch_size
+        for start in range(0, len(order), size):
+            index = order[start:start + size]
+            yield items[index].to(self.device), ratings[index].to(self.device)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self):
+        return {
+            "format": 1,
+            "step": self.epoch,
+            "shape_options": self.shape,
+            "model_state": state_copy(self.model),
+            "encoder_state": state_copy(self.encoder) if self.encoder is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "best_rmse": self.best["rmse"],
+            "best_step": self.best["step"],
+            "best_model_state": self.best["state"],
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def save(self):
+        """Save this epoch's checkpoint, then remove this run's other step files but the best epoch's."""
+        directory = self.args.pretrain_log_dir
+        path = checkpointing.checkpoint_path(directory, self.prefix, self.epoch)
+        checkpointing.save_atomic(self.state(), path)
+        for step in checkpointing.available_steps(directory, self.prefix):
+            if step not in (self.epoch, self.best["step"]):
+                os.remove(checkpointing.checkpoint_path(directory, self.prefix, step))
+        return path
+
+    def load(self, step, restore_training):
+        directory = self.args.pretrain_log_dir
+        checkpoint = checkpointing.load_checkpoint(directory, self.prefix, step)
+        checkpointing.check_compatible(checkpoint["shape_options"], self.shape,
+                                       checkpointing.checkpoint_path(directory, self.prefix, step))
+        self.model.load_state_dict(checkpoint["model_state"])
+        if self.encoder is not None:
+            self.encoder.load_state_dict(checkpoint["encoder_state"])
+        self.epoch = checkpoint["step"]
+        self.best = {"rmse": checkpoint["best_rmse"], "step": checkpoint["best_step"],
+                     "state": checkpoint["best_model_state"]}
+        if restore_training:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            torch.set_rng_state(checkpoint["torch_rng"])
+            if checkpoint["cuda_rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        return checkpoint
+
+    # ------------------------------------------------------------------ evaluation
+    def predict(self, tasks):
+        """Predicted stars [T, Q] for the last position of every query window: the backbone as it is, or,
+        with --finetune_steps, a copy of it adapted to each task's support windows."""
+        self.model.eval()
+        predictions = []
+        if self.args.finetune_steps:
+            for start in range(0, len(tasks), self.args.batch_size):
+                chunk = tasks.select(slice(start, start + self.args.batch_size)).to(self.device)
+                predictions.append(self.finetuned_predictions(chunk).cpu())
+        else:
+            per_chunk = max(1, self.args.pretraining_batch_size // max(1, tasks.query_items.shape[1]))
+            with torch.no_grad():
+                for start in range(0, len(tasks), per_chunk):
+                    items = tasks.query_items[start:start + per_chunk].to(self.device)
+                    predicted = self.model(items.flatten(0, 1)).view(items.shape)[..., -1]
+                    predictions.append((predicted * self.max_rating).cpu())
+        self.model.train()
+        if not predictions:
+            return torch.zeros(tasks.query_mask.shape)
+        return torch.cat(predictions)
+
+    def finetuned_predictions(self, tasks):
+        """K SGD steps per task on its own copy of the weights (vmapped over tasks), then predict."""
+        params = {name: p.detach() for name, p in self.model.named_parameters()}
+        buffers = {name: b.detach() for name, b in self.model.named_buffers()}
+        model, steps, lr = self.model, self.args.finetune_steps, self.args.finetune_lr
+
+        def support_loss(current, items, labels):
+            predicted = functional_call(model, {**current, **buffers}, (items,))
+            return masked_mean((predicted - labels) ** 2, items != 0)
+
+        def one_task(items, labels, query_items):
+            current = params
+            for _ in range(steps):
+                grads = grad(support_loss)(current, items, labels)
+                current = {name: value - lr * grads[name] for name, value in current.items()}
+            return functional_call(model, {**current, **buffers}, (query_items,))[:, -1]
+
+        labels = tasks.support_ratings / self.max_rating
+        predicted = vmap(one_task, randomness="different")(tasks.support_items, labels, tasks.query_items)
+        return predicted.detach() * self.max_rating
+
+    def evaluate(self, tasks):
+        predicted = self.predict(tasks)
+        sums = metrics.error_sums(predicted, tasks.query_ratings[:, :, -1], tasks.query_mask, self.max_rating)
+        return metrics.report_from_sums(sums)
+
+    # ------------------------------------------------------------------ training
+    def train_epoch(self, bar):
+        total, count = 0.0, 0
+        for items, ratings in self.epoch_batches(self.epoch):
+            loss = self.loss(items, ratings)
+            if not math.isfinite(loss.item()):
+                saved = checkpointing.available_steps(self.args.pretrain_log_dir, self.prefix)
+                raise MeloError(f"the training loss became {loss.item()} in epoch {self.epoch + 1}; stopped "
+                                f"without saving (last good checkpoint: step {saved[-1] if saved else 'none'}); "
+                                "try a lower --pretraining_lr")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total, count = total + loss.item() * len(items), count + len(items)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        self.epoch += 1
+        return total / max(count, 1)
+
+    def train(self, writer):
+        args = self.args
+        val_tasks = self.dataset.val_tasks()
+        bar = tqdm(range(self.epoch, args.pretrain_epochs), initial=self.epoch, total=args.pretrain_epochs,
+                   desc=f"{self.prefix} epochs", dynamic_ncols=True)
+        try:
+            for _ in bar:
+                train_loss = self.train_epoch(bar)
+                report = self.evaluate(val_tasks)
+                if report["rmse"] < self.best["rmse"]:
+                    self.best = {"rmse": report["rmse"], "step": self.epoch, "state": state_copy(self.model)}
+                path = self.save()
+                tqdm.write(f"epoch {self.epoch}: train loss {train_loss:.4f} | val RMSE {report['rmse']:.4f} "
+                           f"MAE {report['mae']:.4f} mean per-rating RMSE {report['mean_per_rating_rmse']:.4f} | "
+                           f"best RMSE {self.best['rmse']:.4f} at epoch {self.best['step']} | saved {path}")
+                if writer is not None:
+                    writer.add_scalar("train/loss", train_loss, self.epoch)
+                    for key in ("rmse", "mae", "mean_per_rating_rmse"):
+                        writer.add_scalar(f"val/{key}", report[key], self.epoch)
+                    for rating, row in report["per_rating"].items():
+                        writer.add_scalar(f"val_rmse_per_rating/{rating}", row["rmse"], self.epoch)
+                    writer.flush()
+        except KeyboardInterrupt:
+            # Mid-epoch state cannot be resumed exactly: the last finished epoch's checkpoint stands.
+            saved = checkpointing.available_steps(args.pretrain_log_dir, self.prefix)
+            print(f"\ninterrupted in epoch {self.epoch + 1}; resume with --checkpoint_step="
+                  f"{saved[-1] if saved else 'none (nothing saved yet)'}", file=sys.stderr)
+            raise SystemExit(130)
+
+    def best_weights(self):
+        return self.best["state"] if self.best["state"] is not None else state_copy(self.model)
+
+    def export(self):
+        """Save the best weights where main.py --load_pretrained[_embedding]=True finds them."""
+        model = model_factory(self.args, self.data.num_items)
+        model.load_state_dict(self.best_weights())
+        exported = export_weights(model)
+        # Extra context for people reading the file; main.py checks the model name and every shape.
+        exported.update(mode=self.args.mode, shape_options=self.shape, best_step=self.best["step"],
+                        random_seed=self.args.random_seed)
+        path = pretrained_path(self.args)
+        checkpointing.save_atomic(exported, path)
+        print(f"pretrained weights (best epoch {self.best['step']}) saved to {path}: use them with python "
+              f"main.py --model={self.args.model} --mode={self.args.mode} --load_pretrained_embedding=True "
+              f"(or --load_pretrained=True), with the same data and size flags")
+        return path
+
+
+def test(trainer):
+    args = trainer.args
+    checkpoint = trainer.load(args.checkpoint_step, restore_training=False)
+    if args.test_best and checkpoint["best_model_state"] is not None:
+        trainer.model.load_state_dict(checkpoint["best_model_state"])
+        which = f"best weights up to step {args.checkpoint_step} (from step {checkpoint['best_step']})"
+    else:
+        which = f"weights of step {args.checkpoint_step}"
+    if args.finetune_steps:
+        which += f", fine-tuned {args.finetune_steps} SGD steps (lr {args.finetune_lr:g}) per user"
+    report = trainer.evaluate(trainer.dataset.test_tasks())
+    report.update(method="finetune" if args.finetune_steps else method_name(args), model=args.model,
+                  mode=args.mode, checkpoint_step=args.checkpoint_step, weights=which,
+                  random_seed=args.random_seed, finetune_steps=args.finetune_steps,
+                  finetune_lr=args.finetune_lr)
+    print(metrics.format_report(report, f"test {trainer.prefix}, {which}"))
+    path = report_path(args, args.checkpoint_step)
+    metrics.write_json_atomic(report, path)
+    print(f"report written to {path}")
+    return report
+
+
+def main(args):
+    configure_threads(args)
+    seed_everything(args.random_seed)
+    if args.test_baseline:
+        raise MeloError("--test_baseline belongs to main.py: python main.py --test_baseline")
+    if args.load_pretrained or args.load_pretrained_embedding:
+        raise MeloError("--load_pretrained / --load_pretrained_embedding are main.py's; train_original.py "
+                        "resumes its own runs with --checkpoint_step=N")
+    trainer = BaselineTrainer(args)
+    if args.test:
+        return test(trainer)
+    if args.checkpoint_step >= 0:
+        trainer.load(args.checkpoint_step, restore_training=True)
+    writer = meta_main.open_writer(args, trainer.prefix)
+    try:
+        trainer.train(writer)
+    finally:
+        writer.close()
+    if args.save_pretrained:
+        trainer.export()
+    return trainer
+
+
+if __name__ == "__main__":
+    run_cli(main)
