@@ -145,7 +145,8 @@ def test_test_report_scores_exactly_main_test_targets(ratings_file, tmp_path, mo
     saved = json.loads((tmp_path / "pre" / "gru4rec_ml-100k_basic_step2.test_best.json").read_text())
     assert saved == json.loads(json.dumps(baseline))
     assert saved["method"] == "basic" and saved["model"] == "gru4rec"
-    assert set(saved) >= set(json.loads((tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step2.test_best.json").read_text()))
+    meta_saved = json.loads((tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step2.test_best.json").read_text())
+    assert set(saved) >= set(meta_saved)
     # Deterministic: the same command gives the same numbers.
     assert run(argv + ["--checkpoint_step=2", "--test"]) == baseline
 
