@@ -16,9 +16,10 @@ from torch import nn
 def masked_fill_value(dtype):
     """A large finite negative for masked attention scores.
 
-    Not -inf: a row whose keys are all masked (a padded query position, or an all-padding window)
-    would give NaN in the softmax and in its gradients. With a finite value such a row is a harmless
-    uniform average. Half of the minimum so that adding a score to it cannot overflow.
+    Not -inf: a row whose keys were all masked would give NaN in the softmax and in its gradients.
+    The backbones always let a query see itself, so no row is fully masked, but a finite value keeps any
+    such row (another caller's mask) a harmless uniform average. Half of the dtype's minimum, so that
+    it stays finite in half precision and adding a score to it cannot overflow.
     """
     return torch.finfo(dtype).min / 2
 
