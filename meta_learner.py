@@ -83,24 +83,47 @@ class MetaLearner(nn.Module):
         self.lslr = LSLRGradientDescent(names, num_inner_steps, inner_lr, learnable_lrs)
 
     # ------------------------------------------------------------------ one task
-    def _adapt_task(self, params, support, context, query, scored_steps, first_order):
+    def _adapt_task(self, params, support, context, query, scored_steps, first_order, merge_query=True):
         """Adapt `params` on one task's support set; return (query losses [len(scored_steps)],
-        query predictions at the last position [Q]). `support`/`query` are (items, labels, mask)."""
+        query predictions at the last position [Q]). `support`/`query` are (items, labels, mask).
+
+        With `merge_query` (second order only), the query scored after step k − 1 goes through the
+        backbone together with the support set of step k, which uses the same parameters θ_k: one forward
+        (and its backward) fewer per scored step. Without it, the plain order: a separate query forward."""
         support_items, support_labels, support_mask = support
         query_items, query_labels, query_mask = query
+        num_support = support_items.shape[0]
 
         def support_loss(current, step):
             predictions = functional_call(self.backbone, current, (support_items,))
             return self.inner_loss(predictions, support_labels, support_mask, context, step)
 
+        def support_loss_and_query(current, step):
+            # θ_k scores the query of step k − 1 and gives the support loss of step k: one forward over
+            # the support and query windows together (windows never interact), the query part as aux.
+            predictions = functional_call(self.backbone, current, (torch.cat([support_items, query_items]),))
+            support_predictions, query_predictions = predictions.split(
+                [num_support, predictions.shape[0] - num_support])
+            loss = self.inner_loss(support_predictions, support_labels, support_mask, context, step)
+            return loss, query_predictions
+
         query_losses, query_predictions = [], None
+
+        def score(predictions):
+            query_losses.append(masked_mean((predictions - query_labels) ** 2, query_mask))
+            return predictions
+
+        merge = merge_query and not first_order  # first order: the support gradient is at a detached copy
         for step in range(self.num_inner_steps):
             at = {n: p.detach() for n, p in params.items()} if first_order else params
-            grads = grad(support_loss)(at, step)
+            if merge and step - 1 in scored_steps:
+                grads, query_predictions = grad(support_loss_and_query, has_aux=True)(at, step)
+                score(query_predictions)
+            else:
+                grads = grad(support_loss)(at, step)
             params = self.lslr.update(params, grads, step)
-            if step in scored_steps:
-                query_predictions = functional_call(self.backbone, params, (query_items,))
-                query_losses.append(masked_mean((query_predictions - query_labels) ** 2, query_mask))
+            if step in scored_steps and not (merge and step + 1 < self.num_inner_steps):
+                query_predictions = score(functional_call(self.backbone, params, (query_items,)))
         return torch.stack(query_losses), query_predictions[:, -1]
 
     # ------------------------------------------------------------------ a batch of tasks
@@ -138,7 +161,7 @@ class MetaLearner(nn.Module):
             pick = lambda tensors: tuple(x[t] for x in tensors)  # noqa: E731
             task_losses, task_predictions = self._adapt_task(
                 params, pick(support), {k: v[t] for k, v in context.items()}, pick(query),
-                scored_steps, first_order)
+                scored_steps, first_order, merge_query=False)
             losses.append(task_losses)
             predictions.append(task_predictions)
         return torch.stack(losses), torch.stack(predictions)
