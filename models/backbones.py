@@ -13,7 +13,7 @@ Shared contract (the inner loop relies on every point):
 import torch
 from torch import nn
 
-from .layers import GRU, LayerNorm, TransformerBlock, rating_head_output
+from .layers import GRU, LayerNorm, TransformerBlock, attention_bias, rating_head_output
 
 
 class Backbone(nn.Module):
@@ -82,8 +82,9 @@ class _Transformer(Backbone):
         # a padded query would otherwise have no key at all and average uniformly over every position,
         # later items included, which breaks causality at padded positions.
         allowed = allowed | torch.eye(length, dtype=torch.bool, device=item_ids.device)
+        bias = attention_bias(allowed, x.dtype)  # once for every block
         for block in self.blocks:
-            x = block(x, allowed)
+            x = block(x, bias)
         return rating_head_output(self.head(self.final_norm(x)).squeeze(-1))
 
 

@@ -38,8 +38,15 @@ class LayerNorm(nn.LayerNorm):
         return normalised * self.weight + self.bias
 
 
+def attention_bias(allowed, dtype):
+    """The additive form of a boolean attention mask: 0 where a query may see a key, a large negative
+    (`masked_fill_value`) where not. Adding it is exact: a masked score's exp underflows to 0, as with
+    `torch.where`, and an add has a free backward (where's needs a zero-filled copy)."""
+    return torch.full_like(allowed, masked_fill_value(dtype), dtype=dtype).masked_fill(allowed, 0.0)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with an explicit boolean mask of the keys each query may see."""
+    """Multi-head self-attention with an additive mask (`attention_bias`) on the scores."""
 
     def __init__(self, hidden, num_heads, dropout):
         super().__init__()
@@ -50,13 +57,14 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(hidden, hidden)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, allowed):
-        """x: [B, L, D]; allowed: bool, broadcastable to [B, heads, L(query), L(key)]."""
+    def forward(self, x, bias):
+        """x: [B, L, D]; bias: additive mask, broadcastable to [B, heads, L(query), L(key)]."""
         head_dim = x.shape[-1] // self.num_heads
-        # [B, L, 3D] -> [B, L, 3, heads, head_dim] -> three of [B, heads, L, head_dim]
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, head_dim)).movedim(-3, 0).transpose(-3, -2)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
-        scores = torch.where(allowed, scores, masked_fill_value(scores.dtype))
+        # [B, L, 3D] -> [3, B, heads, L, head_dim] in one copy, so the matmuls need no copies of their own
+        q, k, v = (self.qkv(x).unflatten(-1, (3, self.num_heads, head_dim)).movedim(-3, 0)
+                   .transpose(-3, -2).contiguous().unbind(0))
+        # the scale on q ([.., L, head_dim]) rather than on the scores ([.., L, L]): fewer elements
+        scores = torch.matmul(q * (1.0 / math.sqrt(head_dim)), k.transpose(-1, -2)) + bias
         weights = self.dropout(torch.softmax(scores, dim=-1))
         context = torch.matmul(weights, v).transpose(-3, -2).flatten(-2)  # [B, L, D]
         return self.out(context)
@@ -82,8 +90,9 @@ class TransformerBlock(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, allowed):
-        x = x + self.dropout(self.attention(self.attention_norm(x), allowed))
+    def forward(self, x, bias):
+        """x: [B, L, D]; bias: the additive attention mask (`attention_bias`)."""
+        x = x + self.dropout(self.attention(self.attention_norm(x), bias))
         return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
 
 
@@ -139,4 +148,5 @@ def rating_head_output(logits):
     return 0.1 + torch.sigmoid(logits)
 
 
-__all__ = ["GRU", "SelfAttention", "TransformerBlock", "masked_fill_value", "rating_head_output"]
+__all__ = ["GRU", "SelfAttention", "TransformerBlock", "attention_bias", "masked_fill_value",
+           "rating_head_output"]
