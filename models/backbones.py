@@ -13,7 +13,7 @@ Shared contract (the inner loop relies on every point):
 import torch
 from torch import nn
 
-from .layers import GRU, LayerNorm, TransformerBlock, attention_bias, rating_head_output
+from .layers import GRU, Dropout, LayerNorm, TransformerBlock, attention_bias, rating_head_output
 
 
 class Backbone(nn.Module):
@@ -44,7 +44,7 @@ class _Transformer(Backbone):
         self.max_len = max_len
         self.item_embedding = nn.Embedding(num_items + 1, hidden, padding_idx=0)
         self.position_embedding = nn.Parameter(torch.empty(max_len, hidden))
-        self.embedding_dropout = nn.Dropout(dropout)
+        self.embedding_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(hidden, num_heads, dropout) for _ in range(num_blocks))
         self.final_norm = LayerNorm(hidden)
         self.head = nn.Linear(hidden, 1)

@@ -77,6 +77,26 @@ def test_output_shape_and_range(name):
     assert out.shape == (ids.shape[0] + 1, LENGTH) and torch.isfinite(out).all()
 
 
+def test_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales():
+    from models.layers import Dropout
+
+    torch.manual_seed(0)
+    dropout = Dropout(0.25).train()
+    x = torch.ones(400, 500)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    assert torch.equal(dropout.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    # under vmap (randomness="different") every task draws its own mask; gradients are the mask
+    masks = vmap(lambda row: Dropout(0.5).train()(row), randomness="different")(torch.ones(8, 1000))
+    assert len({tuple(m.nonzero().flatten().tolist()) for m in masks}) == 8
+    w = torch.ones(1000, requires_grad=True)
+    out = Dropout(0.5).train()(w)
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, out.detach())
+
+
 # ------------------------------------------------------------------------------------------- padding
 
 @pytest.mark.parametrize("name", NAMES)
