@@ -115,16 +115,14 @@ def parse(argv=None):
     if unknown or not models:
         raise MeloError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from "
                         f"{', '.join(options.MODELS)}")
-    data_path = known.data_path
-    if data_path is None:
-        data_path = options.parse_args([f"--mode={known.mode}", *extra]).data_path
-    learned = options.parse_args([f"--mode={known.mode}", *extra]).use_learned_loss_baseline
+    defaults = options.parse_args([f"--mode={known.mode}", *extra])
+    data_path = known.data_path if known.data_path is not None else defaults.data_path
     return Config(mode=known.mode, data_path=data_path, models=list(dict.fromkeys(models)),
                   seeds=[known.random_seed + k for k in range(known.seeds)],
                   iterations=known.num_train_iterations, epochs=known.pretrain_epochs,
                   finetune_steps=known.finetune_steps, root=os.path.join(known.results_dir, known.mode),
                   extra=extra, dry_run=known.dry_run, verbose=known.verbose, argv=argv,
-                  learned_loss_baseline=learned)
+                  learned_loss_baseline=defaults.use_learned_loss_baseline)
 
 
 def seed_dir(config, seed):
@@ -155,8 +153,9 @@ def check_settings(config):
     if os.path.exists(path):
         with open(path) as handle:
             saved = json.load(handle)
-        differing = [f"{k}={saved.get(k)!r} (now {current.get(k)!r})"
-                     for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+        # Flags only one side knows (the code gained or lost one since) are not compared.
+        differing = [f"{k}={saved[k]!r} (now {current[k]!r})"
+                     for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
         if differing:
             raise MeloError(f"the results in {config.root} were made with other settings: "
                             f"{', '.join(differing)}; use the same flags, another --results_dir, "
@@ -175,9 +174,10 @@ def check_data(config):
     instead of a failed first run (this also fills the data cache the runs then read)."""
     for seed in config.seeds:
         args = options.parse_args(run_flags(config, seed))
-        dataset = MetaDataset(load_data(args), args)
-    print(f"data {config.mode} ({config.data_path}): {dataset.data.num_users()} users, {dataset.data.num_items} "
-          f"items; train / validation / test users {len(dataset.train_users)} / {len(dataset.val_users)} / "
+        data = load_data(args)
+        dataset = MetaDataset(data, args)
+    print(f"data {config.mode} ({config.data_path}): {data.num_users()} users, {data.num_items} items; "
+          f"train / validation / test users {len(dataset.train_users)} / {len(dataset.val_users)} / "
           f"{len(dataset.test_users)}", flush=True)
 
 

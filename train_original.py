@@ -29,8 +29,9 @@ predicted: the fine-tuning baseline between "no adaptation" and MAML. The copies
 encoder (`models.loss_networks.RatingSequenceEncoder`, each window read as a task of one window), trained
 jointly with the backbone by the same Adam. Minimising a weighted loss over the weights too has a trivial
 solution: shrink every weight towards zero. So the weights are normalised to mean 1 over the batch's real
-positions (the normaliser is part of the graph): the encoder can only move weight between positions, and
-the loss keeps the scale of the plain MSE.
+positions (the normaliser is part of the graph, computed in log space so it stays exact when every
+sigmoid is tiny): the encoder can only move weight between positions, and the loss keeps the scale of the
+plain MSE. Its head starts at zero, so training starts as the plain MSE.
 """
 import math
 import os
