@@ -42,8 +42,9 @@ def targets_like(ids, seed=1):
     return ratings, (ids > 0)
 
 
-def masked_mse(model_or_params, model, ids, ratings, mask):
-    params = model_or_params
+def masked_mse(params, model, ids, ratings, mask):
+    """The mean squared error over real positions of `model` run with `params` (parameters first, so
+    `torch.func.grad` differentiates them)."""
     predictions = functional_call(model, params, (ids,))
     mask = mask.to(predictions.dtype)
     return ((predictions - ratings.to(predictions.dtype)) ** 2 * mask).sum() / mask.sum().clamp(min=1)
