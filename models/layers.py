@@ -43,6 +43,24 @@ class Dropout(nn.Dropout):
         return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
 
+class WideningLinear(nn.Linear):
+    """`nn.Linear` for out_features > in_features (the qkv and first feed-forward projections), with
+    the transposed weight made contiguous before the matmul.
+
+    The layout decides how autograd writes the inner loop's weight gradient: for a column-major
+    (transposed) weight it is gᵀ·x, and the outer double backward then hands the wide gradient g its
+    own gradient in a transposed layout, which every later elementwise op (GELU's double backward,
+    the dropout mask, the accumulation) reads against contiguous tensors at several times the cost.
+    With a contiguous copy of the (small) weight it is xᵀ·g, and the transposed layout lands on the
+    narrow input instead. Same product; ~5% less time for a transformer block under the
+    meta-learning pattern.
+    """
+
+    def forward(self, x):
+        out = torch.matmul(x, self.weight.t().contiguous())
+        return out if self.bias is None else out + self.bias
+
+
 class LayerNorm(nn.LayerNorm):
     """`nn.LayerNorm` with the affine part written out.
 
@@ -72,7 +90,7 @@ class SelfAttention(nn.Module):
         if hidden % num_heads:
             raise ValueError(f"hidden size {hidden} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)  # one matmul for queries, keys and values
+        self.qkv = WideningLinear(hidden, 3 * hidden)  # one matmul for queries, keys and values
         self.out = nn.Linear(hidden, hidden)
         self.dropout = Dropout(dropout)
 
@@ -102,7 +120,7 @@ class TransformerBlock(nn.Module):
         self.attention = SelfAttention(hidden, num_heads, dropout)
         self.feed_forward_norm = LayerNorm(hidden)
         self.feed_forward = nn.Sequential(
-            nn.Linear(hidden, ff_multiplier * hidden),
+            WideningLinear(hidden, ff_multiplier * hidden),
             nn.GELU(),
             Dropout(dropout),
             nn.Linear(ff_multiplier * hidden, hidden),
@@ -168,4 +186,4 @@ def rating_head_output(logits):
 
 
 __all__ = ["Dropout", "GRU", "SelfAttention", "TransformerBlock", "attention_bias", "masked_fill_value",
-           "rating_head_output"]
+           "rating_head_output", "WideningLinear"]
