@@ -133,6 +133,11 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
 
 
+# A pre-activation whose sigmoid is exactly 0.0 (exp(1e4) overflows to inf in every float type torch
+# computes sigmoid in), representable in float16 and bfloat16.
+PAD_LOGIT = -1e4
+
+
 class GRU(nn.Module):
     """A multi-layer GRU built from `nn.Linear`, with padded steps skipped.
 
@@ -140,12 +145,14 @@ class GRU(nn.Module):
     weights are negated, and nn.GRU's symmetric initialisation is kept):
         r = σ(W_ir x + b_ir + W_hr h + b_hr),  u = σ(W_iu x + b_iu + W_hu h + b_hu)
         n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)),  h' = h + u ⊙ (n − h)
-    At a padded step u is multiplied by 0, so h_t = h_{t−1} exactly: left padding is a no-op and the
-    padding embedding can never reach a real position (nor receive a gradient).
+    At a padded step u's pre-activation gets PAD_LOGIT, so u and its derivative are exactly 0 and
+    h_t = h_{t−1} exactly: left padding is a no-op and the padding embedding can never reach a real
+    position (nor receive a gradient).
 
     Speed: the loop runs L steps per layer, and the inner loop differentiates it twice, so every op per
     step counts (on a GPU each is a kernel launch). The input projections of all steps are one matmul
-    before the loop; a step is one matmul, two gate nonlinearities and a `lerp`.
+    before the loop (the padding bias rides along there); a step is one matmul, two gate nonlinearities
+    and a `lerp`.
     """
 
     def __init__(self, input_size, hidden_size, num_layers):
@@ -161,19 +168,23 @@ class GRU(nn.Module):
     def forward(self, x, real):
         """x: [B, L, input_size]; real: bool [B, L] (False = padding). Returns states [B, L, hidden]."""
         hidden = self.hidden_size
+        # At a padded step the update gate's pre-activation gets PAD_LOGIT, so u = σ(·) is exactly 0 (and
+        # so is its derivative): h' = lerp(h, n, 0) = h exactly, without a mask multiply in every step.
+        is_update_gate = torch.arange(2 * hidden, device=x.device) >= hidden  # the u half of [r, u]
+        pad_bias = torch.where(real.unsqueeze(-1) | ~is_update_gate, 0.0, PAD_LOGIT)  # [B, L, 2H]
         for input_proj, hidden_proj in zip(self.input_proj, self.hidden_proj):
             input_ru, input_n = input_proj(x).split([2 * hidden, hidden], dim=-1)  # all steps at once
-            # unbind (not [:, t]) so the backward is one stack, not L full-size zero-filled copies;
-            # keep in the projections' dtype, which autocast may have lowered (lerp wants one dtype)
-            keep_steps = real.unsqueeze(-1).to(input_n.dtype).unbind(-2)  # L of [B, 1], 1 = real step
+            # in the projections' dtype, which autocast may have lowered (lerp wants one dtype)
+            input_ru = input_ru + pad_bias.to(input_ru.dtype)
+            # unbind (not [:, t]) so the backward is one stack, not L full-size zero-filled copies
             input_ru, input_n = input_ru.unbind(-2), input_n.unbind(-2)
             h = torch.zeros_like(input_n[0])
             states = []
-            for step_ru, step_n, keep in zip(input_ru, input_n, keep_steps):
+            for step_ru, step_n in zip(input_ru, input_n):
                 recurrent_ru, recurrent_n = hidden_proj(h).split([2 * hidden, hidden], dim=-1)
                 r, u = torch.sigmoid(step_ru + recurrent_ru).chunk(2, dim=-1)
                 n = torch.tanh(step_n + r * recurrent_n)
-                h = torch.lerp(h, n, u * keep)
+                h = torch.lerp(h, n, u)
                 states.append(h)
             x = torch.stack(states, dim=-2)
         return x
