@@ -1,0 +1,269 @@
+"""How fast is one meta-training iteration? A table per backbone x {MELO, MAML++} x catalog size.
+
+    python benchmark.py                                  # the default configuration, 1,000 and 50,000 items
+    python benchmark.py --models=gru4rec --methods=melo --items=1000 --repeats=5
+    python benchmark.py --reference=False                # skip the (slow) per-task reference path
+
+One outer iteration is what `main.py`'s `MetaTrainer.train_step` does: the outer loss of every task of a
+meta-batch (inner loop, second order, multi-step loss of iteration 0, so the query set is scored after
+every inner step), its backward, gradient clipping and one Adam step over every meta-learned parameter,
+the whole item table included, with `main.build_optimizer`'s optimizer and schedule. Building the
+meta-batch (`MetaDataset.train_batch`) is timed apart.
+
+The data are generated (no download): `--num_users` users with 40..200 ratings each over a catalog of
+exactly `--items` items with a long-tailed (Zipf-like) popularity and item ids shuffled over the catalog,
+so a task reads up to ~30 distinct items scattered over the whole table (a task's windows come from one
+stretch of at most `--max_seq_len` of its user's items). Every (backbone, method, catalog, path) runs in
+a fresh subprocess, one after the other, so runs do not disturb each other and memory starts clean.
+
+Columns: seconds per outer iteration (median over `--repeats` iterations after one warm-up, each on a
+new meta-batch) and tasks per second; peak memory of an iteration (CPU: how far the process's peak
+resident set rose above what it held after the set-up, the warm-up included, so allocator caches count;
+CUDA: `max_memory_allocated` above what was allocated after the set-up); the median time to build a
+meta-batch; and the same figures for the simple per-task path (`fast=False`, whole item table) with the
+ratio of the two. The load average is printed: on a shared machine, time when it is low.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import options  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------- data
+def synthetic_data(num_items, num_users, seed=0):
+    """RatingData over items 1..num_items (every one rated at least once), users of 40..200 ratings."""
+    from dataloader import MAX_RATING, RatingData
+
+    rng = np.random.default_rng([seed, num_items])
+    lengths = rng.integers(40, 201, size=num_users)
+    total = int(lengths.sum())
+    popularity = 1.0 / (np.arange(num_items) + 10.0)  # Zipf-like, exponent 1
+    popularity /= popularity.sum()
+    rank_to_item = rng.permutation(num_items) + 1  # popular items scattered over the id range
+    items = rank_to_item[rng.choice(num_items, size=total, p=popularity)]
+    items[:num_items] = rank_to_item  # every item of the catalog occurs
+    user_bias = rng.normal(0, 0.4, num_users)
+    item_bias = rng.normal(0, 0.5, num_items + 1)
+    user_of = np.repeat(np.arange(num_users), lengths)
+    ratings = np.clip(np.round(3.6 + user_bias[user_of] + item_bias[items] + rng.normal(0, 0.5, total)), 1, 5)
+    offsets = np.zeros(num_users + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return RatingData(offsets=offsets, items=items.astype(np.int64), ratings=ratings.astype(np.float32),
+                      timestamps=np.arange(total, dtype=np.int64), user_ids=np.arange(num_users, dtype=np.int64),
+                      item_ids=np.arange(1, num_items + 1, dtype=np.int64), num_items=num_items,
+                      max_rating=MAX_RATING)
+
+
+# ------------------------------------------------------------------------------------------- memory
+def _status_kib(field):
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def reset_peak_memory(device):
+    """Start a new peak-memory window; returns the baseline (bytes) it is measured against."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets VmHWM (the peak resident set) to the current resident set
+    except OSError:
+        return None
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_memory(device, baseline):
+    if baseline is None:
+        return float("nan")
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - baseline
+    return _status_kib("VmHWM") * 1024 - baseline
+
+
+# ------------------------------------------------------------------------------------------- one case
+def case_args(model, method, extra):
+    return options.parse_args([f"--model={model}", f"--use_adaptive_loss={method == 'melo'}",
+                               "--num_test_data=100", "--val_size=50", *extra])
+
+
+def run_case(model, method, num_items, path, repeats, device, extra, num_users):
+    """Time `repeats` outer iterations of one path ('fast' or 'reference') after one warm-up."""
+    from dataloader import MetaDataset
+    from main import build_optimizer
+    from meta_learner import build_meta_learner, multi_step_loss_weights
+
+    args = case_args(model, method, extra)
+    torch.manual_seed(args.random_seed)
+    dataset = MetaDataset(synthetic_data(num_items, num_users), args)
+    learner = build_meta_learner(args, num_items, 5.0).to(device).train()
+    optimizer, scheduler = build_optimizer(args, learner)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # iteration 0: the multi-step loss scores the query after every inner step (the costliest case)
+    weights = multi_step_loss_weights(0, args.num_inner_steps, args.multi_step_loss_num_epochs)
+    fast = path == "fast"
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def iteration(batch):
+        # main.MetaTrainer.train_step, one chunk, one rank
+        optimizer.zero_grad(set_to_none=False)
+        per_task = learner.task_losses(batch, weights, fast=fast)
+        (per_task.sum() / args.batch_size).backward()
+        loss = per_task.detach().sum().double().item() / args.batch_size
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        return loss
+
+    build_times = []
+
+    def build(index):
+        start = time.perf_counter()
+        batch = dataset.train_batch(index).to(device)
+        sync()
+        build_times.append(time.perf_counter() - start)
+        return batch
+
+    baseline = reset_peak_memory(device)  # after the set-up, before the first iteration
+    iteration(build(0))  # warm-up
+    times, losses = [], []
+    for index in range(1, repeats + 1):
+        batch = build(index)
+        sync()
+        start = time.perf_counter()
+        losses.append(iteration(batch))
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"model": model, "method": method, "items": num_items, "path": path, "tasks": args.batch_size,
+            "median_s": statistics.median(times), "min_s": min(times), "times": times,
+            "peak_bytes": peak_memory(device, baseline), "build_s": statistics.median(build_times),
+            "finite": bool(np.isfinite(losses).all()), "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------- driver
+def format_table(results, loads):
+    """A markdown table: one row per (backbone, method, catalog), the fast path and the reference."""
+    fast = {(r["model"], r["method"], r["items"]): r for r in results if r["path"] == "fast"}
+    reference = {(r["model"], r["method"], r["items"]): r for r in results if r["path"] == "reference"}
+    first = results[0]
+    lines = [f"torch {torch.__version__}, {first['device']}, {first['threads']} threads; {first['tasks']} tasks x "
+             f"{first['support']} support windows x {first['query']} queries, length {first['length']}, "
+             f"{first['inner_steps']} inner steps, second order, multi-step loss of iteration 0; "
+             f"load average (1/5/15 min) at start {loads[0]}, at end {loads[1]}",
+             "",
+             "| backbone | method | items | s / iteration | tasks / s | peak MiB | build ms "
+             "| per-task s / iteration | per-task peak MiB | speed-up |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key, r in fast.items():
+        row = [r["model"], r["method"], f"{r['items']:,}", f"{r['median_s']:.3f}", f"{r['tasks'] / r['median_s']:.1f}",
+               f"{r['peak_bytes'] / 2 ** 20:.0f}", f"{r['build_s'] * 1e3:.1f}"]
+        ref = reference.get(key)
+        row += ([f"{ref['median_s']:.3f}", f"{ref['peak_bytes'] / 2 ** 20:.0f}",
+                 f"{ref['median_s'] / r['median_s']:.1f}x"] if ref else ["-", "-", "-"])
+        lines.append("| " + " | ".join(row) + " |")
+    items = sorted({key[2] for key in fast})
+    if len(items) > 1:
+        lines.append("")
+        for (model, method, count), r in fast.items():
+            small = fast.get((model, method, items[0]))
+            if count == items[-1] and small is not None:
+                lines.append(f"{model} {method}: {items[-1]:,} items cost {r['median_s'] / small['median_s']:.2f}x "
+                             f"what {items[0]:,} items cost")
+    return "\n".join(lines)
+
+
+def load_average():
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     epilog="Any other flag is passed to main.py's parser (e.g. --num_inner_steps=5).")
+    parser.add_argument("--models", default=",".join(options.MODELS), help="comma-separated backbones")
+    parser.add_argument("--methods", default="melo,maml", help="comma-separated: melo, maml")
+    parser.add_argument("--items", default="1000,50000", help="comma-separated catalog sizes")
+    parser.add_argument("--repeats", type=int, default=7, help="timed iterations of the fast path (after a warm-up)")
+    parser.add_argument("--reference", type=options.str2bool, default=True,
+                        help="also time the per-task reference path (fast=False)")
+    parser.add_argument("--reference_repeats", type=int, default=3,
+                        help="timed iterations of the reference path (after a warm-up)")
+    parser.add_argument("--num_users", type=int, default=2000, help="users of the generated data set")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0 = PyTorch's default)")
+    parser.add_argument("--json", default=None, help="also write the raw results to this file")
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: model:method:items:path
+    known, extra = parser.parse_known_args(argv)
+    known.extra = extra
+    return known
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse(argv)
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device(args.device)
+    if args.case is not None:  # one case in this (fresh) process
+        model, method, items, path = args.case.split(":")
+        repeats = args.repeats if path == "fast" else args.reference_repeats
+        result = run_case(model, method, int(items), path, repeats, device, args.extra, args.num_users)
+        config = case_args(model, method, args.extra)
+        result.update(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+                      support=config.num_samples, query=config.num_query_set, length=config.max_seq_len,
+                      inner_steps=config.num_inner_steps)
+        print("RESULT " + json.dumps(result))
+        return result
+
+    cases = [(model, method, int(items), path)
+             for path in (("fast", "reference") if args.reference else ("fast",))
+             for model in args.models.split(",") for method in args.methods.split(",")
+             for items in args.items.split(",")]
+    loads, results = [load_average()], []
+    for model, method, items, path in cases:
+        command = [sys.executable, os.path.abspath(__file__), f"--case={model}:{method}:{items}:{path}", *argv]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not found:
+            sys.stderr.write(done.stdout + done.stderr)
+            raise SystemExit(f"benchmark case {model}:{method}:{items}:{path} failed")
+        result = json.loads(found[-1][len("RESULT "):])
+        if not result["finite"]:
+            raise SystemExit(f"benchmark case {model}:{method}:{items}:{path}: non-finite loss")
+        results.append(result)
+        print(f"{model} {method} {items:,} items, {path}: median {result['median_s']:.3f} s "
+              f"(each: {', '.join(f'{t:.3f}' for t in result['times'])}), load {load_average()}",
+              file=sys.stderr, flush=True)
+    loads.append(load_average())
+    print(format_table(results, loads))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""benchmark.py: the generated catalog, one tiny case end to end (both paths), the table."""
+import numpy as np
+import torch
+
+import benchmark
+
+TINY = ["--max_seq_len=8", "--num_samples=3", "--num_query_set=2", "--batch_size=3", "--bert_hidden_units=8",
+        "--bert_num_heads=2", "--gru4rec_hidden_size=8", "--gru4rec_embedding_dim=8", "--narm_hidden_size=8",
+        "--narm_embedding_dim=8", "--lstm_hidden=8", "--lstm_input_size=4"]
+
+
+def test_synthetic_data_uses_exactly_the_whole_catalog():
+    data = benchmark.synthetic_data(num_items=700, num_users=120)
+    assert data.num_items == 700
+    assert np.array_equal(np.unique(data.items), np.arange(1, 701))
+    lengths = data.sequence_lengths()
+    assert lengths.min() >= 40 and lengths.max() <= 200 and len(lengths) == 120
+    assert set(np.unique(data.ratings)) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def test_one_case_of_each_path_runs_and_the_table_lists_both():
+    results = []
+    for path in ("fast", "reference"):
+        result = benchmark.run_case("sasrec", "melo", 300, path, 2, torch.device("cpu"), TINY, num_users=150)
+        assert result["finite"] and len(result["times"]) == 2 and result["median_s"] > 0
+        assert result["build_s"] > 0 and result["tasks"] == 3
+        result.update(device="cpu", support=3, query=2, length=8, inner_steps=3)
+        results.append(result)
+    table = benchmark.format_table(results, ["0.1 0.1 0.1", "0.2 0.2 0.2"])
+    row = next(line for line in table.splitlines() if line.startswith("| sasrec | melo | 300 |"))
+    assert row.count("|") == 11 and not row.rstrip(" |").endswith("-")
