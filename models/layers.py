@@ -149,10 +149,12 @@ class GRU(nn.Module):
     h_t = h_{t−1} exactly: left padding is a no-op and the padding embedding can never reach a real
     position (nor receive a gradient).
 
-    Speed: the loop runs L steps per layer, and the inner loop differentiates it twice, so every op per
-    step counts (on a GPU each is a kernel launch). The input projections of all steps are one matmul
+    Speed: the loop runs L steps, and the inner loop differentiates it twice, so every op per step counts
+    (on a GPU each is a kernel launch). The first layer's input projections of all steps are one matmul
     before the loop (the padding bias rides along there); a step is one matmul, two gate nonlinearities
-    and a `lerp`.
+    and a `lerp`. Several layers run as a wavefront: in wave s layer l does its step s − l, so the L + N − 1
+    waves do the gate arithmetic of all N layers together (one set of ops on [N, B, 3H]) instead of N × L
+    separate steps; a layer outside its steps gets PAD_LOGIT too and holds its state exactly.
     """
 
     def __init__(self, input_size, hidden_size, num_layers):
@@ -167,27 +169,59 @@ class GRU(nn.Module):
 
     def forward(self, x, real):
         """x: [B, L, input_size]; real: bool [B, L] (False = padding). Returns states [B, L, hidden]."""
-        hidden = self.hidden_size
-        # At a padded step the update gate's pre-activation gets PAD_LOGIT, so u = σ(·) is exactly 0 (and
-        # so is its derivative): h' = lerp(h, n, 0) = h exactly, without a mask multiply in every step.
-        is_update_gate = torch.arange(2 * hidden, device=x.device) >= hidden  # the u half of [r, u]
-        pad_bias = torch.where(real.unsqueeze(-1) | ~is_update_gate, 0.0, PAD_LOGIT)  # [B, L, 2H]
-        for input_proj, hidden_proj in zip(self.input_proj, self.hidden_proj):
-            input_ru, input_n = input_proj(x).split([2 * hidden, hidden], dim=-1)  # all steps at once
+        hidden, layers = self.hidden_size, len(self.hidden_proj)
+        gate = torch.arange(3 * hidden, device=x.device)
+        is_update_gate = (gate >= hidden) & (gate < 2 * hidden)  # the u third of [r, u, n]
+        projected = self.input_proj[0](x)  # the first layer's input projections, all steps at once
+        if layers == 1:
+            pad_bias = torch.where(real.unsqueeze(-1) | ~is_update_gate, 0.0, PAD_LOGIT)
             # in the projections' dtype, which autocast may have lowered (lerp wants one dtype)
-            input_ru = input_ru + pad_bias.to(input_ru.dtype)
-            # unbind (not [:, t]) so the backward is one stack, not L full-size zero-filled copies
-            input_ru, input_n = input_ru.unbind(-2), input_n.unbind(-2)
-            h = torch.zeros_like(input_n[0])
-            states = []
-            for step_ru, step_n in zip(input_ru, input_n):
-                recurrent_ru, recurrent_n = hidden_proj(h).split([2 * hidden, hidden], dim=-1)
-                r, u = torch.sigmoid(step_ru + recurrent_ru).chunk(2, dim=-1)
-                n = torch.tanh(step_n + r * recurrent_n)
-                h = torch.lerp(h, n, u)
-                states.append(h)
-            x = torch.stack(states, dim=-2)
-        return x
+            return self._single_layer(projected + pad_bias.to(projected.dtype))
+        return self._wavefront(projected, real, is_update_gate)
+
+    def _step(self, h, input_gates, recurrent_gates):
+        """One GRU step on pre-activations: h' = lerp(h, n, u)."""
+        hidden = self.hidden_size
+        input_ru, input_n = input_gates.split([2 * hidden, hidden], dim=-1)
+        recurrent_ru, recurrent_n = recurrent_gates.split([2 * hidden, hidden], dim=-1)
+        r, u = torch.sigmoid(input_ru + recurrent_ru).chunk(2, dim=-1)
+        n = torch.tanh(input_n + r * recurrent_n)
+        return torch.lerp(h, n, u)
+
+    def _single_layer(self, projected):
+        hidden_proj = self.hidden_proj[0]
+        # unbind (not [:, t]) so the backward is one stack, not L full-size zero-filled copies
+        steps = projected.unbind(-2)
+        h = torch.zeros_like(steps[0][..., :self.hidden_size])
+        states = []
+        for step in steps:
+            h = self._step(h, step, hidden_proj(h))
+            states.append(h)
+        return torch.stack(states, dim=-2)
+
+    def _wavefront(self, projected, real, is_update_gate):
+        hidden, layers, length = self.hidden_size, len(self.hidden_proj), projected.shape[-2]
+        dtype = projected.dtype
+        # Layer l's steps run in waves l .. l + L - 1; outside them (and at padded steps) u gets PAD_LOGIT.
+        active = torch.stack([nn.functional.pad(real, (l, layers - 1 - l), value=False) for l in range(layers)])
+        pad_bias = torch.where(active.unsqueeze(-1) | ~is_update_gate, 0.0, PAD_LOGIT).to(dtype)
+        pad_bias = pad_bias.unbind(-2)  # waves of [layers, B, 3H]
+        first = nn.functional.pad(projected, (0, 0, 0, layers - 1)).unbind(-2)  # waves of [B, 3H]
+        recurrent_weight = torch.stack([p.weight for p in self.hidden_proj]).transpose(-1, -2)  # [N, H, 3H]
+        recurrent_bias = torch.stack([p.bias for p in self.hidden_proj]).unsqueeze(-2)  # [N, 1, 3H]
+        input_weight = torch.stack([p.weight for p in self.input_proj[1:]]).transpose(-1, -2)  # [N-1, H, 3H]
+        input_bias = torch.stack([p.bias for p in self.input_proj[1:]]).unsqueeze(-2)
+        h = projected.new_zeros((layers,) + projected.shape[:-2] + (hidden,))  # [N, B, H]
+        states = []
+        for wave in range(length + layers - 1):
+            # layer l's input is layer l - 1's state of the previous wave, i.e. of the same step
+            # (.to: under autocast the matmuls are lowered, their float32 biases would promote them back)
+            inputs = torch.cat([first[wave].unsqueeze(0), (torch.matmul(h[:-1], input_weight) + input_bias).to(dtype)])
+            recurrent = (torch.matmul(h, recurrent_weight) + recurrent_bias).to(dtype)
+            h = self._step(h, inputs + pad_bias[wave], recurrent)
+            if wave >= layers - 1:
+                states.append(h[-1])
+        return torch.stack(states, dim=-2)
 
 
 def rating_head_output(logits):

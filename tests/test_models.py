@@ -98,6 +98,39 @@ def test_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales():
     torch.testing.assert_close(w.grad, out.detach())
 
 
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_gru_equals_a_plain_layer_by_layer_loop(num_layers):
+    """The wavefront (several layers) and the single-layer loop against the equations, step by step."""
+    from models.layers import GRU
+
+    torch.manual_seed(0)
+    gru = GRU(6, 8, num_layers).double()
+    x = torch.randn(5, 7, 6, dtype=torch.float64)
+    real = torch.arange(7) >= torch.tensor([0, 2, 5, 6, 7])[:, None]  # left padding, one all-padding row
+
+    def reference(x):
+        for input_proj, hidden_proj in zip(gru.input_proj, gru.hidden_proj):
+            h, states = torch.zeros(x.shape[0], 8, dtype=x.dtype), []
+            for t in range(x.shape[1]):
+                i_r, i_u, i_n = input_proj(x[:, t]).chunk(3, dim=-1)
+                h_r, h_u, h_n = hidden_proj(h).chunk(3, dim=-1)
+                r, u = torch.sigmoid(i_r + h_r), torch.sigmoid(i_u + h_u)
+                n = torch.tanh(i_n + r * h_n)
+                h = torch.where(real[:, t, None], h + u * (n - h), h)
+                states.append(h)
+            x = torch.stack(states, dim=1)
+        return x
+
+    expected, found = reference(x), gru(x, real)
+    torch.testing.assert_close(found, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(found[~real], torch.zeros_like(found[~real]))  # padding holds the zero state exactly
+    weights = torch.randn_like(expected)
+    grads = torch.autograd.grad((found * weights).sum(), list(gru.parameters()))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), list(gru.parameters()))
+    for grad_found, grad_expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad_found, grad_expected, rtol=1e-10, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------- padding
 
 @pytest.mark.parametrize("name", NAMES)
