@@ -21,7 +21,8 @@ new meta-batch) and tasks per second; peak memory of an iteration (CPU: how far 
 resident set rose above what it held after the set-up, the warm-up included, so allocator caches count;
 CUDA: `max_memory_allocated` above what was allocated after the set-up); the median time to build a
 meta-batch; and the same figures for the simple per-task path (`fast=False`, whole item table) with the
-ratio of the two. The load average is printed: on a shared machine, time when it is low.
+ratio of the two. The load average and a machine-speed calibration (three fixed workloads) are
+printed at the start and the end: on a shared or virtual machine, compare tables only at similar speeds.
 """
 import argparse
 import json
@@ -97,6 +98,34 @@ def peak_memory(device, baseline):
     return _status_kib("VmHWM") * 1024 - baseline
 
 
+# ------------------------------------------------------------------------------------------- machine speed
+def calibration(device):
+    """Seconds for three fixed workloads (best of three): 50 products of 512x512 matrices, 20 passes over
+    4M floats, 20,000 tiny ops. On a shared or virtual machine these drift by tens of percent from
+    minute to minute; printed with the table so two tables can be compared."""
+    matrix = torch.randn(512, 512, device=device)
+    vector = torch.randn(1 << 22, device=device)
+    tiny = torch.randn(2, 2, device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def once():
+        times = []
+        for work in (lambda: [matrix @ matrix for _ in range(50)], lambda: [vector * 1.0001 for _ in range(20)],
+                     lambda: [tiny + 1 for _ in range(20000)]):
+            sync()
+            start = time.perf_counter()
+            work()
+            sync()
+            times.append(time.perf_counter() - start)
+        return times
+
+    once()
+    return [min(column) for column in zip(*(once() for _ in range(3)))]
+
+
 # ------------------------------------------------------------------------------------------- one case
 def case_args(model, method, extra):
     return options.parse_args([f"--model={model}", f"--use_adaptive_loss={method == 'melo'}",
@@ -161,7 +190,7 @@ def run_case(model, method, num_items, path, repeats, device, extra, num_users):
 
 
 # ------------------------------------------------------------------------------------------- driver
-def format_table(results, loads):
+def format_table(results, loads, calibrations=None):
     """A markdown table: one row per (backbone, method, catalog), the fast path and the reference."""
     fast = {(r["model"], r["method"], r["items"]): r for r in results if r["path"] == "fast"}
     reference = {(r["model"], r["method"], r["items"]): r for r in results if r["path"] == "reference"}
@@ -170,6 +199,9 @@ def format_table(results, loads):
              f"{first['support']} support windows x {first['query']} queries, length {first['length']}, "
              f"{first['inner_steps']} inner steps, second order, multi-step loss of iteration 0; "
              f"load average (1/5/15 min) at start {loads[0]}, at end {loads[1]}",
+             *([f"machine speed (s; 512² matmuls / 4M-float passes / tiny ops) at start "
+                f"{' / '.join(f'{x:.3f}' for x in calibrations[0])}, at end "
+                f"{' / '.join(f'{x:.3f}' for x in calibrations[1])}"] if calibrations else []),
              "",
              "| backbone | method | items | s / iteration | tasks / s | peak MiB | build ms "
              "| per-task s / iteration | per-task peak MiB | speed-up |",
@@ -243,6 +275,7 @@ def main(argv=None):
              for model in args.models.split(",") for method in args.methods.split(",")
              for items in args.items.split(",")]
     loads, results = [load_average()], []
+    calibrations = [calibration(device)]
     for model, method, items, path in cases:
         command = [sys.executable, os.path.abspath(__file__), f"--case={model}:{method}:{items}:{path}", *argv]
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -258,7 +291,8 @@ def main(argv=None):
               f"(each: {', '.join(f'{t:.3f}' for t in result['times'])}), load {load_average()}",
               file=sys.stderr, flush=True)
     loads.append(load_average())
-    print(format_table(results, loads))
+    calibrations.append(calibration(device))
+    print(format_table(results, loads, calibrations))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)
