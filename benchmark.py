@@ -21,7 +21,9 @@ new meta-batch) and tasks per second; peak memory of an iteration (CPU: how far 
 resident set rose above what it held after the set-up, the warm-up included, so allocator caches count;
 CUDA: `max_memory_allocated` above what was allocated after the set-up); the median time to build a
 meta-batch; and the same figures for the simple per-task path (`fast=False`, whole item table) with the
-ratio of the two. The load average and a machine-speed calibration (three fixed workloads) are
+ratio of the two. With several catalogs, the fast path's cost per catalog is also measured in one
+process with iterations alternating between the catalogs, for a ratio that the machine's drift does not
+bias. The load average and a machine-speed calibration (three fixed workloads) are
 printed at the start and the end: on a shared or virtual machine, compare tables only at similar speeds.
 """
 import argparse
@@ -132,61 +134,80 @@ def case_args(model, method, extra):
                                "--num_test_data=100", "--val_size=50", *extra])
 
 
-def run_case(model, method, num_items, path, repeats, device, extra, num_users):
-    """Time `repeats` outer iterations of one path ('fast' or 'reference') after one warm-up."""
-    from dataloader import MetaDataset
-    from main import build_optimizer
-    from meta_learner import build_meta_learner, multi_step_loss_weights
+class Case:
+    """One (backbone, method, catalog, path) set up as main.py would: data, learner, optimizer, schedule."""
 
-    args = case_args(model, method, extra)
-    torch.manual_seed(args.random_seed)
-    dataset = MetaDataset(synthetic_data(num_items, num_users), args)
-    learner = build_meta_learner(args, num_items, 5.0).to(device).train()
-    optimizer, scheduler = build_optimizer(args, learner)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    # iteration 0: the multi-step loss scores the query after every inner step (the costliest case)
-    weights = multi_step_loss_weights(0, args.num_inner_steps, args.multi_step_loss_num_epochs)
-    fast = path == "fast"
+    def __init__(self, model, method, num_items, path, device, extra, num_users):
+        from dataloader import MetaDataset
+        from main import build_optimizer
+        from meta_learner import build_meta_learner, multi_step_loss_weights
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        self.args = args = case_args(model, method, extra)
+        self.device, self.fast = device, path == "fast"
+        torch.manual_seed(args.random_seed)
+        self.dataset = MetaDataset(synthetic_data(num_items, num_users), args)
+        self.learner = build_meta_learner(args, num_items, 5.0).to(device).train()
+        self.optimizer, self.scheduler = build_optimizer(args, self.learner)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        # iteration 0: the multi-step loss scores the query after every inner step (the costliest case)
+        self.weights = multi_step_loss_weights(0, args.num_inner_steps, args.multi_step_loss_num_epochs)
+        self.build_times, self.next_index = [], 0
 
-    def iteration(batch):
-        # main.MetaTrainer.train_step, one chunk, one rank
-        optimizer.zero_grad(set_to_none=False)
-        per_task = learner.task_losses(batch, weights, fast=fast)
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def build(self):
+        """The next meta-batch (timed apart)."""
+        start = time.perf_counter()
+        batch = self.dataset.train_batch(self.next_index).to(self.device)
+        self.sync()
+        self.build_times.append(time.perf_counter() - start)
+        self.next_index += 1
+        return batch
+
+    def iteration(self, batch):
+        """main.MetaTrainer.train_step (one chunk, one rank); returns (seconds, loss)."""
+        args = self.args
+        self.sync()
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=False)
+        per_task = self.learner.task_losses(batch, self.weights, fast=self.fast)
         (per_task.sum() / args.batch_size).backward()
         loss = per_task.detach().sum().double().item() / args.batch_size
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        return loss
+            torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.sync()
+        return time.perf_counter() - start, loss
 
-    build_times = []
 
-    def build(index):
-        start = time.perf_counter()
-        batch = dataset.train_batch(index).to(device)
-        sync()
-        build_times.append(time.perf_counter() - start)
-        return batch
-
+def run_case(model, method, num_items, path, repeats, device, extra, num_users):
+    """Time `repeats` outer iterations of one path ('fast' or 'reference') after one warm-up."""
+    case = Case(model, method, num_items, path, device, extra, num_users)
     baseline = reset_peak_memory(device)  # after the set-up, before the first iteration
-    iteration(build(0))  # warm-up
-    times, losses = [], []
-    for index in range(1, repeats + 1):
-        batch = build(index)
-        sync()
-        start = time.perf_counter()
-        losses.append(iteration(batch))
-        sync()
-        times.append(time.perf_counter() - start)
-    return {"model": model, "method": method, "items": num_items, "path": path, "tasks": args.batch_size,
-            "median_s": statistics.median(times), "min_s": min(times), "times": times,
-            "peak_bytes": peak_memory(device, baseline), "build_s": statistics.median(build_times),
+    case.iteration(case.build())  # warm-up
+    times, losses = zip(*(case.iteration(case.build()) for _ in range(repeats)))
+    return {"model": model, "method": method, "items": num_items, "path": path, "tasks": case.args.batch_size,
+            "median_s": statistics.median(times), "min_s": min(times), "times": list(times),
+            "peak_bytes": peak_memory(device, baseline), "build_s": statistics.median(case.build_times),
             "finite": bool(np.isfinite(losses).all()), "threads": torch.get_num_threads()}
+
+
+def run_ratio(model, method, catalogs, repeats, device, extra, num_users):
+    """The fast path on every catalog in one process, iterations alternating between catalogs (and the
+    order reversed every round), so that the machine's drift falls on all of them alike."""
+    cases = [Case(model, method, items, "fast", device, extra, num_users) for items in catalogs]
+    for case in cases:
+        case.iteration(case.build())  # warm-up
+    times = [[] for _ in cases]
+    for round_ in range(repeats):
+        order = range(len(cases)) if round_ % 2 == 0 else reversed(range(len(cases)))
+        for k in order:
+            times[k].append(cases[k].iteration(cases[k].build())[0])
+    return {"model": model, "method": method, "catalogs": list(catalogs), "path": "ratio",
+            "median_s": [statistics.median(t) for t in times], "times": times}
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -213,14 +234,14 @@ def format_table(results, loads, calibrations=None):
         row += ([f"{ref['median_s']:.3f}", f"{ref['peak_bytes'] / 2 ** 20:.0f}",
                  f"{ref['median_s'] / r['median_s']:.1f}x"] if ref else ["-", "-", "-"])
         lines.append("| " + " | ".join(row) + " |")
-    items = sorted({key[2] for key in fast})
-    if len(items) > 1:
+    ratios = [r for r in results if r["path"] == "ratio"]
+    if ratios:
         lines.append("")
-        for (model, method, count), r in fast.items():
-            small = fast.get((model, method, items[0]))
-            if count == items[-1] and small is not None:
-                lines.append(f"{model} {method}: {items[-1]:,} items cost {r['median_s'] / small['median_s']:.2f}x "
-                             f"what {items[0]:,} items cost")
+        lines.append("Catalog size, measured apart (one process, iterations alternating between the catalogs):")
+        for r in ratios:
+            small, large = r["median_s"][0], r["median_s"][-1]
+            lines.append(f"{r['model']} {r['method']}: {r['catalogs'][-1]:,} items cost {large / small:.2f}x what "
+                         f"{r['catalogs'][0]:,} items cost ({large:.3f} s vs {small:.3f} s)")
     return "\n".join(lines)
 
 
@@ -261,19 +282,26 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.case is not None:  # one case in this (fresh) process
         model, method, items, path = args.case.split(":")
+        config = case_args(model, method, args.extra)
+        if path == "ratio":
+            result = run_ratio(model, method, [int(n) for n in items.split("+")], args.repeats, device,
+                               args.extra, args.num_users)
+            print("RESULT " + json.dumps(result))
+            return result
         repeats = args.repeats if path == "fast" else args.reference_repeats
         result = run_case(model, method, int(items), path, repeats, device, args.extra, args.num_users)
-        config = case_args(model, method, args.extra)
         result.update(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
                       support=config.num_samples, query=config.num_query_set, length=config.max_seq_len,
                       inner_steps=config.num_inner_steps)
         print("RESULT " + json.dumps(result))
         return result
 
-    cases = [(model, method, int(items), path)
+    models, methods, catalogs = args.models.split(","), args.methods.split(","), args.items.split(",")
+    cases = [(model, method, items, path)
              for path in (("fast", "reference") if args.reference else ("fast",))
-             for model in args.models.split(",") for method in args.methods.split(",")
-             for items in args.items.split(",")]
+             for model in models for method in methods for items in catalogs]
+    if len(catalogs) > 1:
+        cases += [(model, method, "+".join(catalogs), "ratio") for model in models for method in methods]
     loads, results = [load_average()], []
     calibrations = [calibration(device)]
     for model, method, items, path in cases:
@@ -284,12 +312,12 @@ def main(argv=None):
             sys.stderr.write(done.stdout + done.stderr)
             raise SystemExit(f"benchmark case {model}:{method}:{items}:{path} failed")
         result = json.loads(found[-1][len("RESULT "):])
-        if not result["finite"]:
+        if not result.get("finite", True):
             raise SystemExit(f"benchmark case {model}:{method}:{items}:{path}: non-finite loss")
         results.append(result)
-        print(f"{model} {method} {items:,} items, {path}: median {result['median_s']:.3f} s "
-              f"(each: {', '.join(f'{t:.3f}' for t in result['times'])}), load {load_average()}",
-              file=sys.stderr, flush=True)
+        medians = result["median_s"] if path == "ratio" else [result["median_s"]]
+        print(f"{model} {method} {items} items, {path}: median {' / '.join(f'{m:.3f}' for m in medians)} s, "
+              f"load {load_average()}", file=sys.stderr, flush=True)
     loads.append(load_average())
     calibrations.append(calibration(device))
     print(format_table(results, loads, calibrations))

@@ -29,3 +29,12 @@ def test_one_case_of_each_path_runs_and_the_table_lists_both():
     table = benchmark.format_table(results, ["0.1 0.1 0.1", "0.2 0.2 0.2"])
     row = next(line for line in table.splitlines() if line.startswith("| sasrec | melo | 300 |"))
     assert row.count("|") == 11 and not row.rstrip(" |").endswith("-")
+
+
+def test_ratio_case_alternates_catalogs_and_reports_one_median_each():
+    result = benchmark.run_ratio("gru4rec", "maml", [200, 3000], 2, torch.device("cpu"), TINY, num_users=150)
+    assert result["catalogs"] == [200, 3000] and [len(t) for t in result["times"]] == [2, 2]
+    fast = benchmark.run_case("gru4rec", "maml", 200, "fast", 1, torch.device("cpu"), TINY, num_users=150)
+    fast.update(device="cpu", support=3, query=2, length=8, inner_steps=3)
+    table = benchmark.format_table([fast, result], ["0 0 0", "0 0 0"])
+    assert "gru4rec maml: 3,000 items cost" in table
