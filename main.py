@@ -100,12 +100,7 @@ def load_pretrained(args, learner):
 class MetaTrainer:
     def __init__(self, args, dist):
         self.args, self.dist, self.device = args, dist, dist.device
-        # Rank 0 reads (and downloads, caches) first so the other ranks find the cache.
-        if dist.is_main:
-            self.data = load_data(args)
-        dist.barrier()
-        if not dist.is_main:
-            self.data = load_data(args)
+        self.data = dist.main_first(load_data, args)
         self.dataset = MetaDataset(self.data, args)
         self.learner = build_meta_learner(args, self.data.num_items, self.data.max_rating).to(self.device)
         self.optimizer, self.scheduler = build_optimizer(args, self.learner)

@@ -58,6 +58,16 @@ class Distributed:
         bounds = np.linspace(0, count, self.world_size + 1).round().astype(int)
         return slice(int(bounds[self.rank]), int(bounds[self.rank + 1]))
 
+    def main_first(self, function, *args):
+        """`function(*args)` on rank 0, then on the other ranks: rank 0 downloads and caches the data, the
+        others read its cache."""
+        if self.is_main:
+            result = function(*args)
+        self.barrier()
+        if not self.is_main:
+            result = function(*args)
+        return result
+
     def sum_(self, tensor):
         """In-place sum over ranks (a no-op for one process); returns the tensor."""
         if self.enabled:

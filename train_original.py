@@ -5,14 +5,20 @@
     python train_original.py --model=bert4rec --checkpoint_step=N --test                     # no adaptation
     python train_original.py --model=bert4rec --checkpoint_step=N --test --finetune_steps=5  # fine-tuning
     python train_original.py --save_pretrained=True && python main.py --load_pretrained_embedding=True
+    torchrun --standalone --nproc_per_node=K train_original.py ...   # DistributedDataParallel, K processes
 
 Same footing as main.py: the same data flags, the same cold-start split (`MetaDataset`), the same
 per-position loss (masked mean squared error of ratings / max rating), and the same fixed validation and
 test targets (the last position of every query window of `val_tasks()` / `test_tasks()`), scored by the
 same `metrics` code. An epoch is one pass over `MetaDataset.window_dataset(epoch)`: for every training
-user, the support and query windows of one training-style task, shuffled by a generator of
-(seed, epoch), so an epoch's batches are a pure function of the seed and a resumed run is identical to
-an uninterrupted one.
+user, the support and query windows of one training-style task, shuffled by torch's DistributedSampler
+seeded with (seed, epoch), and dropout is seeded per (seed, epoch, rank), so an epoch is a pure function
+of the seed and a resumed run is identical to an uninterrupted one.
+
+Under `torchrun --nproc_per_node=K train_original.py ...` the backbone (and encoder) is wrapped in
+DistributedDataParallel: each rank takes ceil(--pretraining_batch_size / K) windows of every global batch
+from the sampler, the loss is normalised by the real positions of the whole global batch, and validation
+and test tasks are sharded with their error sums added up. Only rank 0 writes checkpoints, logs, reports.
 
 After every epoch the validation targets are scored (the backbone predicts the query windows directly),
 TensorBoard is written under `--log_dir`, and `<pretrain_log_dir>/<model>_<mode>_<method>_step<epoch>.pt`
@@ -38,17 +44,20 @@ import os
 import sys
 
 import torch
+from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import checkpointing
 import main as meta_main
 import metrics
-from dataloader import STREAM_WINDOWS, MetaDataset, load_data, task_rng
+from dataloader import STREAM_WINDOWS, MetaDataset, load_data
 from models import export_weights, model_factory
 from models.loss_networks import RatingSequenceEncoder, masked_mean
 from options import MeloError, run_cli
-from runtime import configure_threads, seed_everything, select_device
+from runtime import Distributed, configure_threads, seed_everything
 
 # Of main.py's checkpoint-shaping options, those that shape a plain backbone (the rest are meta-learning's).
 BACKBONE_SHAPE_PREFIXES = ("bert_", "gru4rec_", "narm_")
@@ -106,11 +115,31 @@ def state_copy(module):
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+class WindowLoss(nn.Module):
+    """The training loss of a batch of windows as one module, so that DistributedDataParallel can wrap the
+    backbone and the optional learned-loss encoder together. Returns the sum of the (weighted) squared
+    errors of normalised ratings over the real positions, and the number of those positions."""
+
+    def __init__(self, backbone, encoder, max_rating):
+        super().__init__()
+        self.backbone, self.encoder, self.max_rating = backbone, encoder, max_rating
+
+    def forward(self, items, ratings):
+        labels = ratings / self.max_rating
+        mask = items != 0
+        errors = (self.backbone(items) - labels) ** 2
+        if self.encoder is not None:
+            logits = self.encoder(labels[:, None], mask[:, None]).squeeze(1)  # each window a task of one window
+            errors = normalised_weights(logits, mask) * errors
+        return (errors * mask).sum(), mask.sum()
+
+
 class BaselineTrainer:
-    def __init__(self, args):
+    def __init__(self, args, dist=None):
         self.args = args
-        self.device = select_device(args.device)
-        self.data = load_data(args)
+        self.dist = dist if dist is not None else Distributed(args.device)
+        self.device = self.dist.device
+        self.data = self.dist.main_first(load_data, args)
         self.dataset = MetaDataset(self.data, args)
         self.max_rating = float(self.data.max_rating)
         self.model = model_factory(args, self.data.num_items).to(self.device)
@@ -120,10 +149,14 @@ class BaselineTrainer:
                 torch.manual_seed(args.model_init_seed + 1)  # as main.py's loss networks
                 self.encoder = RatingSequenceEncoder(self.max_rating, args.lstm_input_size, args.lstm_hidden,
                                                      args.lstm_num_layers).to(self.device)
-        params = list(self.model.parameters())
-        if self.encoder is not None:
-            params += list(self.encoder.parameters())
-        self.optimizer = torch.optim.Adam(params, lr=args.pretraining_lr)
+        self.window_loss = WindowLoss(self.model, self.encoder, self.max_rating)
+        # Under torchrun, DDP averages the gradients over ranks during backward (first-order training, so
+        # its hooks are exact here; main.py's second-order meta-gradients are all-reduced by hand).
+        self.training_loss = self.window_loss
+        if self.dist.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.training_loss = DistributedDataParallel(self.window_loss, device_ids=device_ids)
+        self.optimizer = torch.optim.Adam(self.window_loss.parameters(), lr=args.pretraining_lr)
         self.prefix = run_prefix(args)
         self.shape = shape_options(args, self.data)
         self.epoch = 0
@@ -133,21 +166,27 @@ class BaselineTrainer:
     def loss(self, items, ratings):
         """The masked mean squared error of normalised ratings over real positions, weighted by the
         rating-sequence encoder with --use_learned_loss_baseline (weights of mean 1, see the docstring)."""
-        labels = ratings / self.max_rating
-        mask = items != 0
-        errors = (self.model(items) - labels) ** 2
-        if self.encoder is None:
-            return masked_mean(errors, mask)
-        logits = self.encoder(labels[:, None], mask[:, None]).squeeze(1)  # each window a task of one window
-        return masked_mean(normalised_weights(logits, mask) * errors, mask)
+        error_sum, count = self.window_loss(items, ratings)
+        return error_sum / count.clamp_min(1)
 
     def epoch_batches(self, epoch):
-        """The shuffled training windows of `epoch`, in batches of --pretraining_batch_size."""
+        """This rank's batches of the shuffled training windows of `epoch`.
+
+        torch's DistributedSampler deals a permutation of the windows (seeded by --random_seed + epoch)
+        round-robin over the ranks, so the union over ranks of every rank's j-th batch of
+        ceil(pretraining_batch_size / K) windows is exactly the j-th batch a single process takes. The
+        sampler pads the tail with repeated windows to give every rank the same count; those repeats are
+        dropped, and every rank yields the same number of batches (the last ones possibly empty)."""
         items, ratings = self.dataset.window_dataset(epoch)
-        order = torch.from_numpy(task_rng(self.args.random_seed, STREAM_WINDOWS, epoch).permutation(len(items)))
-        size = self.args.pretraining_batch_size
-        for start in range(0, len(order), size):
-            index = order[start:start + size]
+        ranks, rank = self.dist.world_size, self.dist.rank
+        sampler = DistributedSampler(range(len(items)), num_replicas=ranks, rank=rank, shuffle=True,
+                                     seed=self.args.random_seed)
+        sampler.set_epoch(epoch)
+        mine = torch.tensor(list(sampler), dtype=torch.long)[:len(range(rank, len(items), ranks))]
+        per_rank = -(-self.args.pretraining_batch_size // ranks)
+        num_batches = -(-len(items) // (per_rank * ranks))
+        for start in range(0, num_batches * per_rank, per_rank):
+            index = mine[start:start + per_rank]
             yield items[index].to(self.device), ratings[index].to(self.device)
 
     # ------------------------------------------------------------------ checkpoints
@@ -162,12 +201,13 @@ class BaselineTrainer:
             "best_rmse": self.best["rmse"],
             "best_step": self.best["step"],
             "best_model_state": self.best["state"],
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
     def save(self):
-        """Save this epoch's checkpoint, then remove this run's other step files but the best epoch's."""
+        """Save this epoch's checkpoint, then remove this run's other step files but the best epoch's.
+        Rank 0 only."""
+        if not self.dist.is_main:
+            return None
         directory = self.args.pretrain_log_dir
         path = checkpointing.checkpoint_path(directory, self.prefix, self.epoch)
         checkpointing.save_atomic(self.state(), path)
@@ -189,9 +229,6 @@ class BaselineTrainer:
                      "state": checkpoint["best_model_state"]}
         if restore_training:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
-            torch.set_rng_state(checkpoint["torch_rng"])
-            if checkpoint["cuda_rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
         return checkpoint
 
     # ------------------------------------------------------------------ evaluation
@@ -238,25 +275,35 @@ class BaselineTrainer:
         return predicted.detach() * self.max_rating
 
     def evaluate(self, tasks):
-        predicted = self.predict(tasks)
-        sums = metrics.error_sums(predicted, tasks.query_ratings[:, :, -1], tasks.query_mask, self.max_rating)
-        return metrics.report_from_sums(sums)
+        """Report over a fixed task set; under torchrun the tasks are sharded and the error sums added up,
+        so the report equals a single process's."""
+        mine = tasks.select(self.dist.shard(len(tasks)))
+        sums = metrics.error_sums(self.predict(mine), mine.query_ratings[:, :, -1], mine.query_mask,
+                                  self.max_rating)
+        return metrics.report_from_sums(self.dist.sum_(sums.to(self.device)).cpu())
 
     # ------------------------------------------------------------------ training
     def train_epoch(self, bar):
+        # Dropout draws from a stream of (seed, epoch, rank): a resumed run repeats it, ranks differ.
+        torch.manual_seed(meta_main.stream_seed(self.args.random_seed, STREAM_WINDOWS, self.epoch, self.dist.rank))
         total, count = 0.0, 0
         for items, ratings in self.epoch_batches(self.epoch):
-            loss = self.loss(items, ratings)
-            if not math.isfinite(loss.item()):
+            error_sum, positions = self.training_loss(items, ratings)
+            # The loss is the mean over the real positions of the whole global batch, on every rank alike.
+            sums = self.dist.sum_(torch.stack([error_sum.detach().double(), positions.double()]))
+            loss = (sums[0] / sums[1].clamp_min(1)).item()
+            if not math.isfinite(loss):
                 saved = checkpointing.available_steps(self.args.pretrain_log_dir, self.prefix)
-                raise MeloError(f"the training loss became {loss.item()} in epoch {self.epoch + 1}; stopped "
+                raise MeloError(f"the training loss became {loss} in epoch {self.epoch + 1}; stopped "
                                 f"without saving (last good checkpoint: step {saved[-1] if saved else 'none'}); "
                                 "try a lower --pretraining_lr")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP divides the summed gradients by the world size; multiplying by it here leaves the gradient
+            # of the global mean.
+            (error_sum * (self.dist.world_size / sums[1].clamp_min(1).to(error_sum.dtype))).backward()
             self.optimizer.step()
-            total, count = total + loss.item() * len(items), count + len(items)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            total, count = total + sums[0].item(), count + sums[1].item()
+            bar.set_postfix(loss=f"{loss:.4f}")
         self.epoch += 1
         return total / max(count, 1)
 
@@ -264,7 +311,7 @@ class BaselineTrainer:
         args = self.args
         val_tasks = self.dataset.val_tasks()
         bar = tqdm(range(self.epoch, args.pretrain_epochs), initial=self.epoch, total=args.pretrain_epochs,
-                   desc=f"{self.prefix} epochs", dynamic_ncols=True)
+                   desc=f"{self.prefix} epochs", dynamic_ncols=True, disable=not self.dist.is_main)
         try:
             for _ in bar:
                 train_loss = self.train_epoch(bar)
@@ -272,9 +319,11 @@ class BaselineTrainer:
                 if report["rmse"] < self.best["rmse"]:
                     self.best = {"rmse": report["rmse"], "step": self.epoch, "state": state_copy(self.model)}
                 path = self.save()
-                tqdm.write(f"epoch {self.epoch}: train loss {train_loss:.4f} | val RMSE {report['rmse']:.4f} "
-                           f"MAE {report['mae']:.4f} mean per-rating RMSE {report['mean_per_rating_rmse']:.4f} | "
-                           f"best RMSE {self.best['rmse']:.4f} at epoch {self.best['step']} | saved {path}")
+                if self.dist.is_main:
+                    tqdm.write(f"epoch {self.epoch}: train loss {train_loss:.4f} | val RMSE {report['rmse']:.4f} "
+                               f"MAE {report['mae']:.4f} mean per-rating RMSE "
+                               f"{report['mean_per_rating_rmse']:.4f} | best RMSE {self.best['rmse']:.4f} at "
+                               f"epoch {self.best['step']} | saved {path}")
                 if writer is not None:
                     writer.add_scalar("train/loss", train_loss, self.epoch)
                     for key in ("rmse", "mae", "mean_per_rating_rmse"):
@@ -285,8 +334,9 @@ class BaselineTrainer:
         except KeyboardInterrupt:
             # Mid-epoch state cannot be resumed exactly: the last finished epoch's checkpoint stands.
             saved = checkpointing.available_steps(args.pretrain_log_dir, self.prefix)
-            print(f"\ninterrupted in epoch {self.epoch + 1}; resume with --checkpoint_step="
-                  f"{saved[-1] if saved else 'none (nothing saved yet)'}", file=sys.stderr)
+            if self.dist.is_main:
+                print(f"\ninterrupted in epoch {self.epoch + 1}; resume with --checkpoint_step="
+                      f"{saved[-1] if saved else 'none (nothing saved yet)'}", file=sys.stderr)
             raise SystemExit(130)
 
     def best_weights(self):
@@ -323,10 +373,11 @@ def test(trainer):
                   mode=args.mode, checkpoint_step=args.checkpoint_step, weights=which,
                   random_seed=args.random_seed, finetune_steps=args.finetune_steps,
                   finetune_lr=args.finetune_lr)
-    print(metrics.format_report(report, f"test {trainer.prefix}, {which}"))
-    path = report_path(args, args.checkpoint_step)
-    metrics.write_json_atomic(report, path)
-    print(f"report written to {path}")
+    if trainer.dist.is_main:
+        print(metrics.format_report(report, f"test {trainer.prefix}, {which}"))
+        path = report_path(args, args.checkpoint_step)
+        metrics.write_json_atomic(report, path)
+        print(f"report written to {path}")
     return report
 
 
@@ -338,19 +389,24 @@ def main(args):
     if args.load_pretrained or args.load_pretrained_embedding:
         raise MeloError("--load_pretrained / --load_pretrained_embedding are main.py's; train_original.py "
                         "resumes its own runs with --checkpoint_step=N")
-    trainer = BaselineTrainer(args)
-    if args.test:
-        return test(trainer)
-    if args.checkpoint_step >= 0:
-        trainer.load(args.checkpoint_step, restore_training=True)
-    writer = meta_main.open_writer(args, trainer.prefix)
+    dist = Distributed(args.device)
     try:
-        trainer.train(writer)
+        trainer = BaselineTrainer(args, dist)
+        if args.test:
+            return test(trainer)
+        if args.checkpoint_step >= 0:
+            trainer.load(args.checkpoint_step, restore_training=True)
+        writer = meta_main.open_writer(args, trainer.prefix) if dist.is_main else None
+        try:
+            trainer.train(writer)
+        finally:
+            if writer is not None:
+                writer.close()
+        if args.save_pretrained and dist.is_main:
+            trainer.export()
+        return trainer
     finally:
-        writer.close()
-    if args.save_pretrained:
-        trainer.export()
-    return trainer
+        dist.close()
 
 
 if __name__ == "__main__":

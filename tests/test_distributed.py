@@ -1,13 +1,17 @@
-"""torchrun with two gloo processes on the CPU: the same update and the same test report as one process,
-and one set of logs and checkpoints."""
+"""torchrun with two gloo processes on the CPU, for main.py and train_original.py: the same update and the
+same test report as one process, and one set of logs and checkpoints."""
 import json
 import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+import options
+import train_original
 from synthetic import write_movielens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,15 +24,15 @@ def data_flags(tmp_path, ratings):
             "--num_train_iterations=1", "--log_interval=1"]
 
 
-def launch(processes, argv):
+def launch(processes, argv, script="main.py"):
     if processes == 1:
-        command = [sys.executable, "main.py", *argv]
+        command = [sys.executable, script, *argv]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={processes}", "main.py", *argv]
+                   f"--nproc_per_node={processes}", script, *argv]
     environment = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-10000:]
     return done
 
 
@@ -68,5 +72,79 @@ def test_test_report_under_two_processes_equals_one(runs):
     single, double = reports
     assert single["count"] == double["count"] == 21 * 2
     assert single["per_rating"].keys() == double["per_rating"].keys()
+    for key in ("rmse", "mae", "mean_per_rating_rmse"):
+        assert single[key] == pytest.approx(double[key], rel=1e-6)
+
+
+# ---------------------------------------------------------------------- train_original.py (DDP)
+
+def baseline_flags(tmp_path, ratings):
+    return data_flags(tmp_path, ratings) + ["--pretrain_epochs=2", "--pretraining_batch_size=8",
+                                            "--pretraining_lr=0.01", f"--pretrain_log_dir={tmp_path}/pre"]
+
+
+@pytest.fixture(scope="module")
+def baseline_runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("distributed_baseline")
+    ratings = tmp_path / "u.data"
+    write_movielens(str(ratings), fmt="ml-100k", num_users=100, num_items=60, seed=5)
+    flags = baseline_flags(tmp_path, ratings)
+    for processes in (1, 2):
+        launch(processes, flags + [f"--pretrain_log_dir={tmp_path}/pre{processes}",
+                                   f"--log_dir={tmp_path}/runs{processes}"], "train_original.py")
+    return tmp_path, flags
+
+
+def test_baseline_ranks_deal_out_exactly_the_single_process_batches(tmp_path):
+    ratings = tmp_path / "u.data"
+    write_movielens(str(ratings), fmt="ml-100k", num_users=100, num_items=60, seed=5)
+    trainer = train_original.BaselineTrainer(options.parse_args(baseline_flags(tmp_path, ratings)
+                                                                + ["--pretraining_batch_size=6"]))
+
+    def batches(world_size, rank):
+        trainer.dist = SimpleNamespace(world_size=world_size, rank=rank)
+        return list(trainer.epoch_batches(1))
+
+    def rows(items, ratings):
+        return sorted(zip(map(tuple, items.tolist()), map(tuple, ratings.tolist())))
+
+    single = batches(1, 0)
+    assert sum(len(items) for items, _ in single) == len(trainer.dataset.window_dataset(1)[0])
+    assert len(single) > 3 and all(len(items) == 6 for items, _ in single[:-1])
+    for world_size in (2, 3):
+        per_rank = [batches(world_size, rank) for rank in range(world_size)]
+        assert {len(b) for b in per_rank} == {len(single)}
+        for j, (items, ratings) in enumerate(single):
+            union_items = torch.cat([per_rank[r][j][0] for r in range(world_size)])
+            union_ratings = torch.cat([per_rank[r][j][1] for r in range(world_size)])
+            assert rows(union_items, union_ratings) == rows(items, ratings)
+    # A fixed shuffle per epoch: the same epoch deals the same batches, another epoch others.
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(single, batches(1, 0)))
+    windows_of_epoch_1 = trainer.dataset.window_dataset(1)
+    trainer.dataset.window_dataset = lambda epoch: windows_of_epoch_1  # epoch 2 shuffles the same windows
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(single, trainer.epoch_batches(2)))
+
+
+def test_baseline_under_two_processes_trains_like_one(baseline_runs):
+    tmp_path, _ = baseline_runs
+    states = [torch.load(tmp_path / f"pre{n}" / "gru4rec_ml-100k_basic_step2.pt", weights_only=True)
+              for n in (1, 2)]
+    assert states[0]["best_rmse"] == pytest.approx(states[1]["best_rmse"], rel=1e-4)
+    for name, single in states[0]["model_state"].items():
+        assert torch.allclose(single, states[1]["model_state"][name], rtol=1e-4, atol=1e-5), name
+    assert len(os.listdir(tmp_path / "runs2")) == 1
+    assert all(name.startswith("gru4rec_ml-100k_basic_step") for name in os.listdir(tmp_path / "pre2"))
+
+
+def test_baseline_test_report_under_two_processes_equals_one(baseline_runs):
+    tmp_path, flags = baseline_runs
+    reports = []
+    for processes in (1, 2):
+        launch(processes, flags + [f"--pretrain_log_dir={tmp_path}/pre2", "--checkpoint_step=2", "--test"],
+               "train_original.py")
+        path = tmp_path / "pre2" / "gru4rec_ml-100k_basic_step2.test_best.json"
+        reports.append(json.loads(path.read_text()))
+    single, double = reports
+    assert single["count"] == double["count"] == 21 * 2
     for key in ("rmse", "mae", "mean_per_rating_rmse"):
         assert single[key] == pytest.approx(double[key], rel=1e-6)
