@@ -154,9 +154,13 @@ class NARM(Backbone):
         # α_tj only for the causal pairs j ≤ t: the [pairs, H] sigmoid is NARM's costliest step, and the
         # pairs j > t (about half of L × L) would be masked anyway.
         rows, cols = torch.tril_indices(length, length, device=item_ids.device)  # pairs (t, j), j ≤ t
-        query = self.attention_query(states)[..., rows, :]  # A1 h_t: [B, pairs, H]
-        key = self.attention_key(states)[..., cols, :]  # A2 h_j: [B, pairs, H]
-        pair_alpha = self.attention_score(torch.sigmoid(query + key)).squeeze(-1)  # [B, pairs]
+        # A1 h_t + A2 h_j for every pair as one matmul with a constant 0/1 matrix (exact: a row picks one
+        # query and one key). An index gather's backward is an accumulating index_put_, serial on the CPU:
+        # NARM's meta-training iteration took 1.7x as long with it.
+        eye = torch.eye(length, dtype=states.dtype, device=states.device)
+        select = torch.cat([eye[rows], eye[cols]], dim=-1)  # [pairs, 2L]
+        pre = torch.matmul(select, torch.cat([self.attention_query(states), self.attention_key(states)], dim=-2))
+        pair_alpha = self.attention_score(torch.sigmoid(pre)).squeeze(-1)  # [B, pairs]
         pair_alpha = torch.where(real[..., cols], pair_alpha, 0.0)  # padded h_j never contributes
         # Scatter into a [B, L, L] matrix, zero above the diagonal, so one matmul gives c_l for every t.
         # (zeros_like keeps the vmap batch dim; pair_alpha's dtype, which autocast may have lowered)
