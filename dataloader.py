@@ -64,6 +64,10 @@ MAX_RATING = 5.0            # the rating scale's maximum for every supported dat
 CACHE_VERSION = 1           # bump when the preprocessing or the cache layout changes
 
 STREAM_TRAIN, STREAM_VAL, STREAM_TEST, STREAM_SPLIT, STREAM_WINDOWS = 0, 1, 2, 3, 4
+# The options that decide who the training, validation and test users are: weights trained under other
+# values may have been trained on this split's test users.
+SPLIT_OPTIONS = ("random_seed", "num_test_data", "val_fraction", "min_item", "min_sequence",
+                 "min_sub_window_size")
 
 
 # ============================================================================ data containers
@@ -686,7 +690,7 @@ class MetaDataset:
                 f"data set has {num_users} users after filtering (min_item={args.min_item}, "
                 f"min_sequence={effective_min_sequence(args)}); --num_test_data={args.num_test_data} leaves "
                 f"{'no' if rest <= 0 else 'too few'} training/validation users (needs at least 2 more): "
-                "lower --num_test_data or the filters")
+                f"lower --num_test_data (e.g. --num_test_data={max(1, num_users // 10)}) or the filters")
         self.test_users = permutation[:args.num_test_data]
         self.val_users = permutation[args.num_test_data:args.num_test_data + num_val]
         self.train_users = permutation[args.num_test_data + num_val:]
@@ -708,7 +712,7 @@ class MetaDataset:
 
     def _build(self, users, rngs, training):
         """numpy arrays of the tasks of `users`, task k drawn from rngs[k]."""
-        T, S, Q, L = len(users), self.S, self.Q, self.L
+        T, S, Q = len(users), self.S, self.Q
         support_end = np.zeros((T, S), np.int64)      # exclusive end, as an index into data.items
         support_len = np.zeros((T, S), np.int64)      # 0 = no window
         query_end = np.zeros((T, Q), np.int64)

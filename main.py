@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import checkpointing
 import metrics
-from dataloader import MetaDataset, load_data
+from dataloader import SPLIT_OPTIONS, MetaDataset, load_data
 from meta_learner import build_meta_learner, last_step_weights, multi_step_loss_weights
 from options import MeloError, run_cli
 from runtime import Distributed, configure_threads, seed_everything
@@ -45,7 +45,9 @@ def run_prefix(args):
 
 
 def shape_options(args, data):
-    options = {key: getattr(args, key) for key in SHAPE_OPTIONS}
+    """What a checkpoint must agree on: its shapes and meaning, and the user split (testing under another
+    split would score users the checkpoint was trained on)."""
+    options = {key: getattr(args, key) for key in SHAPE_OPTIONS + SPLIT_OPTIONS}
     options.update(num_items=int(data.num_items), max_rating=float(data.max_rating))
     return options
 
@@ -94,6 +96,13 @@ def load_pretrained(args, learner):
         raise MeloError(f"no pretrained weights at {path}: run train_original.py --model={args.model} "
                         f"--mode={args.mode} --save_pretrained=True first")
     exported = torch.load(path, map_location="cpu", weights_only=True)
+    saved = exported.get("shape_options", {})
+    differing = [f"{key}={saved[key]!r} (now {getattr(args, key)!r})"
+                 for key in SPLIT_OPTIONS if key in saved and saved[key] != getattr(args, key)]
+    if differing:
+        raise MeloError(f"pretrained weights {path} were trained under another user split "
+                        f"({', '.join(differing)}), so their training users may be test users here: use the "
+                        "same flags, or retrain with train_original.py --save_pretrained=True")
     load_pretrained_weights(learner.backbone, exported, embedding_only=not args.load_pretrained, source=path)
 
 

@@ -53,7 +53,7 @@ from tqdm import tqdm
 import checkpointing
 import main as meta_main
 import metrics
-from dataloader import STREAM_WINDOWS, MetaDataset, load_data
+from dataloader import SPLIT_OPTIONS, STREAM_WINDOWS, MetaDataset, load_data
 from models import export_weights, model_factory
 from models.loss_networks import RatingSequenceEncoder, masked_mean
 from options import MeloError, run_cli
@@ -62,10 +62,6 @@ from runtime import Distributed, configure_threads, seed_everything
 # Of main.py's checkpoint-shaping options, those that shape a plain backbone (the rest are meta-learning's).
 BACKBONE_SHAPE_PREFIXES = ("bert_", "gru4rec_", "narm_")
 LEARNED_LOSS_OPTIONS = ("lstm_input_size", "lstm_hidden", "lstm_num_layers")
-# Options that decide who the training and the test users are: a baseline checkpoint trained under another
-# split would be scored on users it was trained on.
-SPLIT_OPTIONS = ("random_seed", "num_test_data", "val_fraction", "min_item", "min_sequence",
-                 "min_sub_window_size")
 
 
 def method_name(args):
@@ -93,12 +89,11 @@ def shape_options(args, data):
     """The options a baseline checkpoint depends on: main.py's shape options that concern the backbone,
     the learned-loss encoder's sizes when it is used, and the options of the user split."""
     everything = meta_main.shape_options(args, data)
-    keys = ["model", "mode", "max_seq_len", "num_items", "max_rating"]
+    keys = ["model", "mode", "max_seq_len", "num_items", "max_rating", *SPLIT_OPTIONS]
     keys += [k for k in meta_main.SHAPE_OPTIONS if k.startswith(BACKBONE_SHAPE_PREFIXES)]
     if args.use_learned_loss_baseline:
         keys += LEARNED_LOSS_OPTIONS
     options = {key: everything[key] for key in keys}
-    options.update({key: getattr(args, key) for key in SPLIT_OPTIONS})
     options["use_learned_loss_baseline"] = args.use_learned_loss_baseline
     return options
 

@@ -133,6 +133,9 @@ def test_checkpoint_of_other_settings_is_refused_by_name(ratings_file, tmp_path)
     with pytest.raises(options.MeloError, match=r"bert_hidden_units=16 \(now 8\)"):
         run(flags(ratings_file, tmp_path, "--model=bert4rec", "--bert_hidden_units=8",
                   "--checkpoint_step=4", "--test"))
+    # Another user split would score users the checkpoint was trained on.
+    with pytest.raises(options.MeloError, match=r"random_seed=222 \(now 7\)"):
+        run(flags(ratings_file, tmp_path, "--model=bert4rec", "--random_seed=7", "--checkpoint_step=4", "--test"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(ratings_file, tmp_path, monkeypatch):

@@ -213,6 +213,11 @@ def test_pretrained_hand_off_into_main(ratings_file, tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: pretrained item embedding in ") and "shape" in err[0]
+    # Pretrained under another user split: its training users may be main.py's test users.
+    with pytest.raises(SystemExit):
+        options.run_cli(main.main, argv + ["--load_pretrained_embedding=True", "--num_test_data=19"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another user split (num_test_data=20 (now 19))" in err[0], err
 
 
 def test_errors_are_one_line(ratings_file, tmp_path, capsys):
