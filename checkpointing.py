@@ -57,3 +57,11 @@ def check_compatible(saved, current, path):
     if differing:
         raise MeloError(f"checkpoint {path} was made with other settings: {', '.join(differing)}; "
                         "use the same options or another --checkpoint_dir")
+
+
+def tested_weights(checkpoint, step, test_best, best_key):
+    """What `--checkpoint_step=N --test` scores: (the best-so-far weights saved with step N, or None for
+    step N's own weights when --test_best=False or no best was kept), and a description for the report."""
+    if test_best and checkpoint[best_key] is not None:
+        return checkpoint[best_key], f"best weights up to step {step} (from step {checkpoint['best_step']})"
+    return None, f"weights of step {step}"

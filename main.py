@@ -311,19 +311,15 @@ def report_path(args, prefix, step):
 def test(trainer):
     args = trainer.args
     checkpoint = trainer.load(args.checkpoint_step, restore_training=False)
-    if args.test_best and checkpoint["best_meta_state"] is not None:
-        trainer.learner.load_state_dict(checkpoint["best_meta_state"])
-        which = f"best weights up to step {args.checkpoint_step} (from step {checkpoint['best_step']})"
-    else:
-        which = f"weights of step {args.checkpoint_step}"
+    best, which = checkpointing.tested_weights(checkpoint, args.checkpoint_step, args.test_best, "best_meta_state")
+    if best is not None:
+        trainer.learner.load_state_dict(best)
     report = trainer.evaluate(trainer.dataset.test_tasks())
     report.update(method=trainer.prefix.rsplit("_", 1)[1], model=args.model, mode=args.mode,
                   checkpoint_step=args.checkpoint_step, weights=which, random_seed=args.random_seed)
     if trainer.dist.is_main:
-        print(metrics.format_report(report, f"test {trainer.prefix}, {which}"))
-        path = report_path(args, trainer.prefix, args.checkpoint_step)
-        metrics.write_json_atomic(report, path)
-        print(f"report written to {path}")
+        metrics.publish(report, f"test {trainer.prefix}, {which}",
+                        report_path(args, trainer.prefix, args.checkpoint_step))
     return report
 
 
@@ -338,10 +334,8 @@ def test_baseline(trainer):
     report = metrics.report_from_sums(sums)
     report.update(method="mean_rating", mode=args.mode, prediction=mean, random_seed=args.random_seed)
     if trainer.dist.is_main:
-        print(metrics.format_report(report, f"test mean-rating baseline ({mean:.4f} stars) on {args.mode}"))
-        path = os.path.join(args.checkpoint_dir, f"mean-rating_{args.mode}.test.json")
-        metrics.write_json_atomic(report, path)
-        print(f"report written to {path}")
+        metrics.publish(report, f"test mean-rating baseline ({mean:.4f} stars) on {args.mode}",
+                        os.path.join(args.checkpoint_dir, f"mean-rating_{args.mode}.test.json"))
     return report
 
 

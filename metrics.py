@@ -65,6 +65,13 @@ def format_report(report, title):
     return "\n".join(lines)
 
 
+def publish(report, title, path):
+    """Print the report and write it as JSON to `path` (rank 0's job)."""
+    print(format_report(report, title))
+    write_json_atomic(report, path)
+    print(f"report written to {path}")
+
+
 def write_json_atomic(data, path):
     """Write JSON to a temporary file in the same folder, then rename: never a half-written report."""
     directory = os.path.dirname(os.path.abspath(path))

@@ -356,11 +356,9 @@ class BaselineTrainer:
 def test(trainer):
     args = trainer.args
     checkpoint = trainer.load(args.checkpoint_step, restore_training=False)
-    if args.test_best and checkpoint["best_model_state"] is not None:
-        trainer.model.load_state_dict(checkpoint["best_model_state"])
-        which = f"best weights up to step {args.checkpoint_step} (from step {checkpoint['best_step']})"
-    else:
-        which = f"weights of step {args.checkpoint_step}"
+    best, which = checkpointing.tested_weights(checkpoint, args.checkpoint_step, args.test_best, "best_model_state")
+    if best is not None:
+        trainer.model.load_state_dict(best)
     if args.finetune_steps:
         which += f", fine-tuned {args.finetune_steps} SGD steps (lr {args.finetune_lr:g}) per user"
     report = trainer.evaluate(trainer.dataset.test_tasks())
@@ -369,10 +367,7 @@ def test(trainer):
                   random_seed=args.random_seed, finetune_steps=args.finetune_steps,
                   finetune_lr=args.finetune_lr)
     if trainer.dist.is_main:
-        print(metrics.format_report(report, f"test {trainer.prefix}, {which}"))
-        path = report_path(args, args.checkpoint_step)
-        metrics.write_json_atomic(report, path)
-        print(f"report written to {path}")
+        metrics.publish(report, f"test {trainer.prefix}, {which}", report_path(args, args.checkpoint_step))
     return report
 
 

@@ -36,15 +36,25 @@ def launch(processes, argv, script="main.py"):
     return done
 
 
+def write_ratings(tmp_path):
+    ratings = tmp_path / "u.data"
+    write_movielens(str(ratings), fmt="ml-100k", num_users=100, num_items=60, seed=5)
+    return ratings
+
+
+def train_with_one_and_two_processes(tmp_path, flags, script, output_flag, output_folder):
+    """Train once with one process and once with two, each into its own `<output_folder><n>` and
+    `runs<n>` folders."""
+    for processes in (1, 2):
+        launch(processes, flags + [f"{output_flag}={tmp_path}/{output_folder}{processes}",
+                                   f"--log_dir={tmp_path}/runs{processes}"], script)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("distributed")
-    ratings = tmp_path / "u.data"
-    write_movielens(str(ratings), fmt="ml-100k", num_users=100, num_items=60, seed=5)
-    flags = data_flags(tmp_path, ratings)
-    for processes in (1, 2):
-        launch(processes, flags + [f"--checkpoint_dir={tmp_path}/ckpt{processes}",
-                                   f"--log_dir={tmp_path}/runs{processes}"])
+    flags = data_flags(tmp_path, write_ratings(tmp_path))
+    train_with_one_and_two_processes(tmp_path, flags, "main.py", "--checkpoint_dir", "ckpt")
     return tmp_path, flags
 
 
@@ -86,20 +96,14 @@ def baseline_flags(tmp_path, ratings):
 @pytest.fixture(scope="module")
 def baseline_runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("distributed_baseline")
-    ratings = tmp_path / "u.data"
-    write_movielens(str(ratings), fmt="ml-100k", num_users=100, num_items=60, seed=5)
-    flags = baseline_flags(tmp_path, ratings)
-    for processes in (1, 2):
-        launch(processes, flags + [f"--pretrain_log_dir={tmp_path}/pre{processes}",
-                                   f"--log_dir={tmp_path}/runs{processes}"], "train_original.py")
+    flags = baseline_flags(tmp_path, write_ratings(tmp_path))
+    train_with_one_and_two_processes(tmp_path, flags, "train_original.py", "--pretrain_log_dir", "pre")
     return tmp_path, flags
 
 
 def test_baseline_ranks_deal_out_exactly_the_single_process_batches(tmp_path):
-    ratings = tmp_path / "u.data"
-    write_movielens(str(ratings), fmt="ml-100k", num_users=100, num_items=60, seed=5)
-    trainer = train_original.BaselineTrainer(options.parse_args(baseline_flags(tmp_path, ratings)
-                                                                + ["--pretraining_batch_size=6"]))
+    flags = baseline_flags(tmp_path, write_ratings(tmp_path)) + ["--pretraining_batch_size=6"]
+    trainer = train_original.BaselineTrainer(options.parse_args(flags))
 
     def batches(world_size, rank):
         trainer.dist = SimpleNamespace(world_size=world_size, rank=rank)
