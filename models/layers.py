@@ -29,13 +29,14 @@ DROPOUT_LEVELS = 2 ** 15
 
 
 class Dropout(nn.Dropout):
-    """`nn.Dropout` with a cheaper CPU mask: one 32-bit draw gives two elements' 15-bit uniforms.
+    """`nn.Dropout` with a cheaper CPU mask: one 64-bit draw gives four elements' 15-bit uniforms.
 
     ATen's CPU random draws are serial, and a float32 `rand` costs ~4.6 ns per element here (an AMD
-    EPYC), an int32 `random_` ~1.4 ns per draw; with dropout's masks at ~27% of a transformer's
-    meta-training iteration, that matters. An element is kept when its 15-bit uniform u satisfies
-    u ≥ round(p · 2¹⁵), i.e. with probability 1 − p' where p' is p rounded to a multiple of 2⁻¹⁵, and is
-    scaled by 1 / (1 − p'): still unbiased. On CUDA, and for in-place or p = 1, it is `nn.Dropout`.
+    EPYC), an int64 `random_` (63 random bits) ~4 ns per draw; with dropout's masks a large part of a
+    transformer's meta-training iteration, that matters. An element is kept when its 15-bit uniform u
+    satisfies u ≥ round(p · 2¹⁵), i.e. with probability 1 − p' where p' is p rounded to a multiple of
+    2⁻¹⁵, and is scaled by 1 / (1 − p'): still unbiased. On CUDA, and for in-place or p = 1, it is
+    `nn.Dropout`.
     """
 
     def forward(self, x):
@@ -46,9 +47,9 @@ class Dropout(nn.Dropout):
             return super().forward(x)
         width = x.shape[-1]
         # empty_like keeps vmap's batch dimension (randomness="different" draws per task)
-        bits = torch.empty_like(x[..., :(width + 1) // 2], dtype=torch.int32,
-                                memory_format=torch.contiguous_format).random_()  # 31 random bits each
-        uniform = bits.view(torch.int16)[..., :width] & (DROPOUT_LEVELS - 1)  # low 15 bits of each half
+        bits = torch.empty_like(x[..., :(width + 3) // 4], dtype=torch.int64,
+                                memory_format=torch.contiguous_format).random_()  # 63 random bits each
+        uniform = bits.view(torch.int16)[..., :width] & (DROPOUT_LEVELS - 1)  # 15 bits of each quarter
         keep = uniform >= threshold
         return x * keep.to(x.dtype).mul_(DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold))
 
