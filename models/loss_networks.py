@@ -83,13 +83,14 @@ class RatingSequenceEncoder(nn.Module):
         state = (self.initial_hidden.expand(-1, batch, -1).contiguous(),
                  self.initial_cell.expand(-1, batch, -1).contiguous())
         outputs, (hidden, _) = self.lstm(embedded, state)
-        window_state = hidden[-1].view(num_tasks, num_windows, -1)
+        hidden_size = hidden.shape[-1]  # explicit sizes below: an empty batch (a rank's last shard) works
+        window_state = hidden[-1].view(num_tasks, num_windows, hidden_size)
         real_window = mask.any(dim=2, keepdim=True).to(window_state.dtype)  # [T, S, 1]
         task_state = (window_state * real_window).sum(1) / real_window.sum(1).clamp_min(1.0)  # [T, H]
         features = torch.cat([
             task_state[:, None, None, :].expand(-1, num_windows, length, -1),
-            outputs.view(num_tasks, num_windows, length, -1),
-            embedded.view(num_tasks, num_windows, length, -1),
+            outputs.view(num_tasks, num_windows, length, hidden_size),
+            embedded.view(num_tasks, num_windows, length, embedded.shape[-1]),
         ], dim=-1)
         return self.head(features).squeeze(-1)
 

@@ -96,6 +96,17 @@ def test_learned_loss_weights_have_mean_one_and_train(ratings_file, tmp_path):
     assert all(p.grad is not None for p in trainer.encoder.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("model", ["bert4rec", "sasrec", "gru4rec", "narm"])
+def test_an_empty_shard_gives_zero_loss_and_a_gradient_for_every_parameter(ratings_file, tmp_path, model):
+    """Under torchrun a rank's last batch can be empty; DDP still needs a gradient for every parameter."""
+    trainer = train_original.BaselineTrainer(options.parse_args(
+        flags(ratings_file, tmp_path, f"--model={model}", "--use_learned_loss_baseline=True")))
+    error_sum, positions = trainer.window_loss(torch.zeros(0, 10, dtype=torch.long), torch.zeros(0, 10))
+    assert error_sum.item() == 0 and positions.item() == 0
+    error_sum.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in trainer.window_loss.parameters())
+
+
 def test_resume_is_identical_to_an_uninterrupted_run(ratings_file, tmp_path):
     argv = flags(ratings_file, tmp_path, "--model=sasrec", "--bert_dropout=0.3", "--pretrain_epochs=3")
     uninterrupted = run(argv)
