@@ -342,8 +342,7 @@ def test_baseline(trainer):
 def main(args):
     configure_threads(args)
     seed_everything(args.random_seed)
-    dist = Distributed(args.device)
-    try:
+    with Distributed(args.device) as dist:
         trainer = MetaTrainer(args, dist)
         if args.test_baseline:
             return test_baseline(trainer)
@@ -362,8 +361,6 @@ def main(args):
             if writer is not None:
                 writer.close()
         return trainer
-    finally:
-        dist.close()
 
 
 if __name__ == "__main__":

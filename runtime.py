@@ -37,7 +37,8 @@ class Distributed:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_name == "auto" and torch.cuda.is_available():
+        # one GPU per process: a bare "cuda" (or "auto") means this process's local rank's GPU
+        if device_name in ("auto", "cuda") and torch.cuda.is_available():
             device_name = f"cuda:{self.local_rank % torch.cuda.device_count()}"
         self.device = select_device(device_name)
         if self.device.type == "cuda":
@@ -78,6 +79,16 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error_type, error, traceback):
+        """Leave the process group. After a normal run every rank first waits for the others: a rank
+        that tears gloo down while another still talks to it (rank 0 writing its last checkpoint or
+        report) can kill that rank ("terminate called without an active exception"). After an error
+        nobody waits, since the other ranks may never arrive."""
         if self.enabled and dist.is_initialized():
+            if error_type is None:
+                dist.barrier()
             dist.destroy_process_group()
+        return False

@@ -16,9 +16,11 @@ seeded with (seed, epoch), and dropout is seeded per (seed, epoch, rank), so an 
 of the seed and a resumed run is identical to an uninterrupted one.
 
 Under `torchrun --nproc_per_node=K train_original.py ...` the backbone (and encoder) is wrapped in
-DistributedDataParallel: each rank takes ceil(--pretraining_batch_size / K) windows of every global batch
-from the sampler, the loss is normalised by the real positions of the whole global batch, and validation
-and test tasks are sharded with their error sums added up. Only rank 0 writes checkpoints, logs, reports.
+DistributedDataParallel: each global batch of --pretraining_batch_size windows is dealt over the ranks by
+torch's DistributedSampler, the squared errors are normalised by the real positions of the whole global
+batch, so a step equals the single-process step (with --use_learned_loss_baseline the encoder's weights
+are normalised to mean 1 within each rank's shard instead), and validation and test tasks are sharded
+with their error sums added up. Only rank 0 writes checkpoints, logs, reports.
 
 After every epoch the validation targets are scored (the backbone predicts the query windows directly),
 TensorBoard is written under `--log_dir`, and `<pretrain_log_dir>/<model>_<mode>_<method>_step<epoch>.pt`
@@ -113,7 +115,8 @@ def state_copy(module):
 class WindowLoss(nn.Module):
     """The training loss of a batch of windows as one module, so that DistributedDataParallel can wrap the
     backbone and the optional learned-loss encoder together. Returns the sum of the (weighted) squared
-    errors of normalised ratings over the real positions, and the number of those positions."""
+    errors of normalised ratings over the real positions, and the number of those positions. The learned
+    weights are normalised to mean 1 over this batch's positions (under torchrun: this rank's shard)."""
 
     def __init__(self, backbone, encoder, max_rating):
         super().__init__()
@@ -145,12 +148,7 @@ class BaselineTrainer:
                 self.encoder = RatingSequenceEncoder(self.max_rating, args.lstm_input_size, args.lstm_hidden,
                                                      args.lstm_num_layers).to(self.device)
         self.window_loss = WindowLoss(self.model, self.encoder, self.max_rating)
-        # Under torchrun, DDP averages the gradients over ranks during backward (first-order training, so
-        # its hooks are exact here; main.py's second-order meta-gradients are all-reduced by hand).
-        self.training_loss = self.window_loss
-        if self.dist.enabled:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.training_loss = DistributedDataParallel(self.window_loss, device_ids=device_ids)
+        self.training_loss = self.window_loss  # wrapped in DDP when training under torchrun (train())
         self.optimizer = torch.optim.Adam(self.window_loss.parameters(), lr=args.pretraining_lr)
         self.prefix = run_prefix(args)
         self.shape = shape_options(args, self.data)
@@ -167,21 +165,25 @@ class BaselineTrainer:
     def epoch_batches(self, epoch):
         """This rank's batches of the shuffled training windows of `epoch`.
 
-        torch's DistributedSampler deals a permutation of the windows (seeded by --random_seed + epoch)
-        round-robin over the ranks, so the union over ranks of every rank's j-th batch of
-        ceil(pretraining_batch_size / K) windows is exactly the j-th batch a single process takes. The
-        sampler pads the tail with repeated windows to give every rank the same count; those repeats are
-        dropped, and every rank yields the same number of batches (the last ones possibly empty)."""
+        torch's DistributedSampler deals a permutation of the windows round-robin over the K ranks (rank r
+        gets positions r, r + K, ...; its padding repeats are dropped). Of the j-th global batch, positions
+        [jB, (j + 1)B) with B = --pretraining_batch_size, rank r takes the positions that are its own, so
+        the union over ranks of their j-th batches is exactly the j-th batch a single process takes, for
+        any K; every rank yields the same number of batches (some possibly empty)."""
         items, ratings = self.dataset.window_dataset(epoch)
-        ranks, rank = self.dist.world_size, self.dist.rank
+        ranks, rank, size = self.dist.world_size, self.dist.rank, self.args.pretraining_batch_size
+        # The sampler shuffles with seed + epoch: a seed of its own stream keeps (seed, epoch + 1) and
+        # (seed + 1, epoch) apart. 62 bits, so that seed + epoch stays a valid int64.
         sampler = DistributedSampler(range(len(items)), num_replicas=ranks, rank=rank, shuffle=True,
-                                     seed=self.args.random_seed)
+                                     seed=meta_main.stream_seed(self.args.random_seed, STREAM_WINDOWS) >> 1)
         sampler.set_epoch(epoch)
         mine = torch.tensor(list(sampler), dtype=torch.long)[:len(range(rank, len(items), ranks))]
-        per_rank = -(-self.args.pretraining_batch_size // ranks)
-        num_batches = -(-len(items) // (per_rank * ranks))
-        for start in range(0, num_batches * per_rank, per_rank):
-            index = mine[start:start + per_rank]
+
+        def first_own(position):  # index in `mine` of this rank's first position >= `position`
+            return -((rank - position) // ranks)
+
+        for start in range(0, len(items), size):
+            index = mine[first_own(start):first_own(start + size)]
             yield items[index].to(self.device), ratings[index].to(self.device)
 
     # ------------------------------------------------------------------ checkpoints
@@ -304,6 +306,11 @@ class BaselineTrainer:
 
     def train(self, writer):
         args = self.args
+        if self.dist.enabled and self.training_loss is self.window_loss:
+            # DDP averages the gradients over ranks during backward (first-order training, so its hooks
+            # are exact here; main.py's second-order meta-gradients are all-reduced by hand).
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.training_loss = DistributedDataParallel(self.window_loss, device_ids=device_ids)
         val_tasks = self.dataset.val_tasks()
         bar = tqdm(range(self.epoch, args.pretrain_epochs), initial=self.epoch, total=args.pretrain_epochs,
                    desc=f"{self.prefix} epochs", dynamic_ncols=True, disable=not self.dist.is_main)
@@ -379,8 +386,7 @@ def main(args):
     if args.load_pretrained or args.load_pretrained_embedding:
         raise MeloError("--load_pretrained / --load_pretrained_embedding are main.py's; train_original.py "
                         "resumes its own runs with --checkpoint_step=N")
-    dist = Distributed(args.device)
-    try:
+    with Distributed(args.device) as dist:
         trainer = BaselineTrainer(args, dist)
         if args.test:
             return test(trainer)
@@ -395,8 +401,6 @@ def main(args):
         if args.save_pretrained and dist.is_main:
             trainer.export()
         return trainer
-    finally:
-        dist.close()
 
 
 if __name__ == "__main__":

@@ -35,15 +35,16 @@ class Dropout(nn.Dropout):
     EPYC), an int64 `random_` (63 random bits) ~4 ns per draw; with dropout's masks a large part of a
     transformer's meta-training iteration, that matters. An element is kept when its 15-bit uniform u
     satisfies u ≥ round(p · 2¹⁵), i.e. with probability 1 − p' where p' is p rounded to a multiple of
-    2⁻¹⁵, and is scaled by 1 / (1 − p'): still unbiased. On CUDA, and for in-place or p = 1, it is
-    `nn.Dropout`.
+    2⁻¹⁵, and is scaled by 1 / (1 − p'): still unbiased. On CUDA, and for in-place, 0-d or p = 1, it is
+    `nn.Dropout`. Under `vmap(randomness="different")` the input must be batched (in-place random ops
+    refuse an unbatched tensor there); in the backbones every dropout input depends on the item ids.
     """
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
         threshold = round(self.p * DROPOUT_LEVELS)
-        if x.device.type != "cpu" or self.inplace or threshold >= DROPOUT_LEVELS:
+        if x.device.type != "cpu" or self.inplace or threshold >= DROPOUT_LEVELS or x.dim() == 0:
             return super().forward(x)
         width = x.shape[-1]
         # empty_like keeps vmap's batch dimension (randomness="different" draws per task)
