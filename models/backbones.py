@@ -13,7 +13,7 @@ Shared contract (the inner loop relies on every point):
 import torch
 from torch import nn
 
-from .layers import GRU, Dropout, LayerNorm, TransformerBlock, attention_bias, rating_head_output
+from .layers import GRU, Dropout, LayerNorm, Linear, TransformerBlock, attention_bias, rating_head_output
 
 
 class Backbone(nn.Module):
@@ -47,7 +47,7 @@ class _Transformer(Backbone):
         self.embedding_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(hidden, num_heads, dropout) for _ in range(num_blocks))
         self.final_norm = LayerNorm(hidden)
-        self.head = nn.Linear(hidden, 1)
+        self.head = Linear(hidden, 1)
         self._init_weights()
 
     @classmethod
@@ -85,7 +85,7 @@ class _Transformer(Backbone):
         bias = attention_bias(allowed, x.dtype)  # once for every block
         for block in self.blocks:
             x = block(x, bias)
-        return rating_head_output(self.head(self.final_norm(x)).squeeze(-1))
+        return rating_head_output(self.final_norm.project(x, self.head).squeeze(-1))
 
 
 class BERT4Rec(_Transformer):

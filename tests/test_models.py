@@ -142,6 +142,41 @@ def test_gru_equals_a_plain_layer_by_layer_loop(num_layers):
         torch.testing.assert_close(grad_found, grad_expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("widening", [False, True])
+def test_layer_norm_folded_into_the_next_linear_layer_is_that_layer_after_the_norm(widening):
+    """LayerNorm.project: the affine part folded into the linear layer's weight and bias gives
+    linear(norm(x)) against the layer-norm equation, with the same first and second derivatives."""
+    from models.layers import LayerNorm, Linear, WideningLinear
+
+    torch.manual_seed(0)
+    norm = LayerNorm(6).double()
+    linear = (WideningLinear(6, 12) if widening else Linear(6, 3)).double()
+    with torch.no_grad():  # a non-identity affine part, or the fold would be trivially right
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 5, 6, dtype=torch.float64, requires_grad=True)
+    parameters = [x, *norm.parameters(), *linear.parameters()]
+
+    def reference(x):
+        centred = x - x.mean(-1, keepdim=True)
+        normalised = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return (normalised * norm.weight + norm.bias) @ linear.weight.t() + linear.bias
+
+    found, expected = norm.project(x, linear), reference(x)
+    torch.testing.assert_close(found, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(expected)
+    grads = torch.autograd.grad((found * weights).sum(), parameters, create_graph=True)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), parameters, create_graph=True)
+    for grad_found, grad_expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad_found, grad_expected, rtol=1e-10, atol=1e-12)
+    # second order: the gradient of a function of the first gradients
+    second = torch.autograd.grad(sum((g * g).sum() for g in grads), parameters, materialize_grads=True)
+    expected_second = torch.autograd.grad(sum((g * g).sum() for g in expected_grads), parameters,
+                                          materialize_grads=True)
+    for grad_found, grad_expected in zip(second, expected_second):
+        torch.testing.assert_close(grad_found, grad_expected, rtol=1e-9, atol=1e-11)
+
+
 # ------------------------------------------------------------------------------------------- padding
 
 @pytest.mark.parametrize("name", NAMES)
