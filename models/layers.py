@@ -24,20 +24,21 @@ def masked_fill_value(dtype):
     return torch.finfo(dtype).min / 2
 
 
-# Dropout masks are drawn at 15-bit resolution: p is rounded to a multiple of 2⁻¹⁵ (0.1 → 0.100006).
-DROPOUT_LEVELS = 2 ** 15
+# Dropout masks are drawn at 16-bit resolution: p is rounded to a multiple of 2⁻¹⁶ (0.1 → 0.100006).
+DROPOUT_LEVELS = 2 ** 16
 
 
 class Dropout(nn.Dropout):
-    """`nn.Dropout` with a cheaper CPU mask: one 64-bit draw gives four elements' 15-bit uniforms.
+    """`nn.Dropout` with a cheaper CPU mask: one 64-bit draw gives four elements' 16-bit uniforms.
 
     ATen's CPU random draws are serial, and a float32 `rand` costs ~4.6 ns per element here (an AMD
-    EPYC), an int64 `random_` (63 random bits) ~4 ns per draw; with dropout's masks a large part of a
-    transformer's meta-training iteration, that matters. An element is kept when its 15-bit uniform u
-    satisfies u ≥ round(p · 2¹⁵), i.e. with probability 1 − p' where p' is p rounded to a multiple of
-    2⁻¹⁵, and is scaled by 1 / (1 − p'): still unbiased. On CUDA, and for in-place, 0-d or p = 1, it is
-    `nn.Dropout`. Under `vmap(randomness="different")` the input must be batched (in-place random ops
-    refuse an unbatched tensor there); in the backbones every dropout input depends on the item ids.
+    EPYC), an int64 `random_` (64 random bits over the full range) ~4 ns per draw; with dropout's masks a
+    large part of a transformer's meta-training iteration, that matters. Each 16-bit quarter, read as a
+    signed int16 v, is uniform on [−2¹⁵, 2¹⁵); an element is kept when v ≥ round(p · 2¹⁶) − 2¹⁵, i.e.
+    with probability 1 − p' where p' is p rounded to a multiple of 2⁻¹⁶, and is scaled by 1 / (1 − p'):
+    still unbiased. On CUDA, and for in-place, 0-d or p = 1, it is `nn.Dropout`. Under
+    `vmap(randomness="different")` the input must be batched (in-place random ops refuse an unbatched
+    tensor there); in the backbones every dropout input depends on the item ids.
     """
 
     def forward(self, x):
@@ -49,9 +50,8 @@ class Dropout(nn.Dropout):
         width = x.shape[-1]
         # empty_like keeps vmap's batch dimension (randomness="different" draws per task)
         bits = torch.empty_like(x[..., :(width + 3) // 4], dtype=torch.int64,
-                                memory_format=torch.contiguous_format).random_()  # 63 random bits each
-        uniform = bits.view(torch.int16)[..., :width] & (DROPOUT_LEVELS - 1)  # 15 bits of each quarter
-        keep = uniform >= threshold
+                                memory_format=torch.contiguous_format).random_(-2 ** 63, None)  # 64 bits
+        keep = bits.view(torch.int16)[..., :width] >= threshold - DROPOUT_LEVELS // 2
         return x * keep.to(x.dtype).mul_(DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold))
 
 

@@ -96,8 +96,8 @@ def test_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales():
     out = Dropout(0.5).train()(w)
     out.sum().backward()
     torch.testing.assert_close(w.grad, out.detach())
-    # Four elements share a 64-bit draw (15 bits each): any width works, every quarter keeps 1 - p of
-    # its elements, independently of the others, and the scale is exact for p rounded to a multiple of 2^-15.
+    # Four elements share a 64-bit draw (16 bits each): any width works, every quarter keeps 1 - p of
+    # its elements, independently of the others, and the scale is exact for p rounded to a multiple of 2^-16.
     for width in (1, 6):
         y = Dropout(0.5).train()(torch.ones(40000, width))
         assert y.shape == (40000, width) and abs((y != 0).float().mean().item() - 0.5) < 0.01
@@ -106,7 +106,7 @@ def test_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales():
     for i, j in [(0, 1), (1, 2), (2, 3)]:
         assert abs((y[:, i] & y[:, j]).float().mean().item() - 0.25) < 0.01
     y = Dropout(0.1).train()(torch.ones(10))
-    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 32768 / (32768 - 3277)))
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 65536 / (65536 - 6554)))
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
