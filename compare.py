@@ -47,9 +47,9 @@ CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "pr
               "num_train_iterations", "pretrain_epochs", "finetune_steps", "save_pretrained",
               "load_pretrained", "load_pretrained_embedding")
 # Options that do not change any result, or that name the result files themselves: left out of the
-# settings record, so changing them never makes old results look foreign.
-NOT_SETTINGS = CONTROLLED + ("data_path_given", "data_dir", "device", "num_threads", "task_chunk",
-                             "finetune_lr")
+# settings record, so changing them never makes old results look foreign. (Not --task_chunk: with
+# dropout, chunks draw the masks in another order.)
+NOT_SETTINGS = CONTROLLED + ("data_path_given", "data_dir", "device", "num_threads", "finetune_lr")
 
 
 def build_parser():
