@@ -5,11 +5,16 @@ It is written to a temporary file in the same folder and renamed, so a crash nev
 """
 import os
 import re
-import tempfile
+import warnings
 
 import torch
 
 from options import MeloError
+from runtime import write_atomic
+
+
+# The "format" every checkpoint records; a change of layout raises it, so an old file is refused clearly.
+CHECKPOINT_FORMAT = 1
 
 
 def checkpoint_path(directory, prefix, step):
@@ -17,16 +22,7 @@ def checkpoint_path(directory, prefix, step):
 
 
 def save_atomic(state, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_atomic(path, lambda out: torch.save(state, out))
 
 
 def available_steps(directory, prefix):
@@ -44,10 +40,26 @@ def load_checkpoint(directory, prefix, step):
         found = ", ".join(map(str, steps)) if steps else "none"
         raise MeloError(f"no checkpoint for step {step} at {path}; steps saved for {prefix} in "
                         f"{directory}: {found}")
+    checkpoint = read_saved_dict(path, "checkpoint")
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise MeloError(f"{path} is not a MELO checkpoint of format {CHECKPOINT_FORMAT} (found format "
+                        f"{checkpoint.get('format')!r}): use a checkpoint this version wrote")
+    return checkpoint
+
+
+def read_saved_dict(path, what):
+    """`torch.load` a dict that MELO saved (a checkpoint, a pretrained export); anything else at `path` (a
+    truncated, empty or foreign file) is a one-line MeloError naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as error:  # truncated or foreign file
-        raise MeloError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+        with warnings.catch_warnings():  # garbage can look like an unusual pickle protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types (RuntimeError, EOFError, UnpicklingError...)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise MeloError(f"cannot read {what} {path} (truncated, or not a file MELO wrote): {reason}") from None
+    if not isinstance(loaded, dict):
+        raise MeloError(f"{path} is not a MELO {what} (expected a dict, got {type(loaded).__name__})")
+    return loaded
 
 
 def check_compatible(saved, current, path):

@@ -48,6 +48,7 @@ import pandas as pd
 import torch
 
 from options import MeloError, run_cli
+from runtime import write_atomic
 
 log = logging.getLogger("melo.data")
 
@@ -598,21 +599,11 @@ def _load_cache(path):
 
 
 def _save_cache(path, data):
-    folder = os.path.dirname(path)
     try:
-        os.makedirs(folder, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-", suffix=".npz", delete=False)
-        try:
-            with handle:
-                np.savez(handle, version=np.int64(CACHE_VERSION), offsets=data.offsets, items=data.items,
-                         ratings=data.ratings, timestamps=data.timestamps, user_ids=data.user_ids,
-                         item_ids=data.item_ids, num_items=np.int64(data.num_items),
-                         max_rating=np.float64(data.max_rating))
-            os.chmod(handle.name, 0o644)     # temporary files are private; a cache need not be
-            os.replace(handle.name, path)
-        except BaseException:
-            os.unlink(handle.name)
-            raise
+        write_atomic(path, lambda out: np.savez(
+            out, version=np.int64(CACHE_VERSION), offsets=data.offsets, items=data.items, ratings=data.ratings,
+            timestamps=data.timestamps, user_ids=data.user_ids, item_ids=data.item_ids,
+            num_items=np.int64(data.num_items), max_rating=np.float64(data.max_rating)))
     except OSError as error:      # a read-only data folder only costs the next start its speed
         print(f"warning: could not write the data cache {path}: {error}", file=sys.stderr)
 

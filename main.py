@@ -38,6 +38,15 @@ SHAPE_OPTIONS = (
     "task_info_labels", "task_info_predictions",
 )
 
+# Options that shape the training trajectory but not the checkpoint: resuming with other values works
+# (extending --num_train_iterations, say), but is no longer "as if never stopped", so it is pointed out.
+TRAINING_OPTIONS = (
+    "num_train_iterations", "batch_size", "outer_lr", "min_outer_lr", "learn_lr", "lstm_lr", "min_lstm_lr",
+    "task_info_lr", "loss_lr", "loss_weight_decay", "grad_clip", "use_multi_step",
+    "multi_step_loss_num_epochs", "first_order_iterations", "num_samples", "num_query_set",
+    "use_random_sequence_length", "bert_dropout",
+)
+
 
 def run_prefix(args):
     """Checkpoint / report name: model, data set and method (melo or maml)."""
@@ -53,8 +62,9 @@ def shape_options(args, data):
 
 
 def stream_seed(*keys):
-    """A 63-bit seed mixed from integers (numpy's SeedSequence), for per-iteration random streams."""
-    return int(np.random.SeedSequence([k % 2 ** 63 for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+    """A 63-bit seed mixed from integers (numpy's SeedSequence), for per-iteration random streams.
+    (A Python int before the shift: numpy 1.x cannot shift a uint64 by an int.)"""
+    return int(np.random.SeedSequence([k % 2 ** 63 for k in keys]).generate_state(2, np.uint64)[0]) >> 1
 
 
 def cosine(base, floor, total):
@@ -95,7 +105,7 @@ def load_pretrained(args, learner):
     if not os.path.exists(path):
         raise MeloError(f"no pretrained weights at {path}: run train_original.py --model={args.model} "
                         f"--mode={args.mode} --save_pretrained=True first")
-    exported = torch.load(path, map_location="cpu", weights_only=True)
+    exported = checkpointing.read_saved_dict(path, "pretrained export")
     saved = exported.get("shape_options", {})
     differing = [f"{key}={saved[key]!r} (now {getattr(args, key)!r})"
                  for key in SPLIT_OPTIONS if key in saved and saved[key] != getattr(args, key)]
@@ -121,9 +131,10 @@ class MetaTrainer:
     # ------------------------------------------------------------------ checkpoints
     def state(self):
         return {
-            "format": 1,
+            "format": checkpointing.CHECKPOINT_FORMAT,
             "step": self.iteration,
             "shape_options": self.shape,
+            "training_options": {key: getattr(self.args, key) for key in TRAINING_OPTIONS},
             "meta_state": {k: v.detach().cpu().clone() for k, v in self.learner.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -150,6 +161,12 @@ class MetaTrainer:
         self.best = {"rmse": checkpoint["best_rmse"], "step": checkpoint["best_step"],
                      "state": checkpoint["best_meta_state"]}
         if restore_training:
+            saved = checkpoint.get("training_options", {})
+            differing = [f"{key}={saved[key]!r} (now {getattr(self.args, key)!r})"
+                         for key in TRAINING_OPTIONS if key in saved and saved[key] != getattr(self.args, key)]
+            if differing and self.dist.is_main:
+                print(f"warning: resuming {path} with other training options: {', '.join(differing)}; the "
+                      "run continues from there but will not equal one that was never stopped", file=sys.stderr)
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             torch.set_rng_state(checkpoint["torch_rng"])

@@ -6,10 +6,10 @@ The per-rating table is the point of MELO: a user's rare ratings are where plain
 """
 import json
 import math
-import os
-import tempfile
 
 import torch
+
+from runtime import write_atomic
 
 SUM_FIELDS = ("count", "squared_error", "absolute_error", "prediction")
 
@@ -73,10 +73,5 @@ def publish(report, title, path):
 
 
 def write_json_atomic(data, path):
-    """Write JSON to a temporary file in the same folder, then rename: never a half-written report."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        json.dump(data, out, indent=2, sort_keys=True)
-    os.replace(temporary, path)
+    """Write JSON all at once (`runtime.write_atomic`): never a half-written report."""
+    write_atomic(path, lambda out: json.dump(data, out, indent=2, sort_keys=True), binary=False)

@@ -213,9 +213,12 @@ def build_parser():
 
 def validate(parser, args):
     """Cross-flag checks that argparse types cannot express; errors exit with argparse's message."""
-    if args.min_sub_window_size > args.max_seq_len:
-        parser.error(f"--min_sub_window_size ({args.min_sub_window_size}) must not exceed "
+    if args.min_sub_window_size >= args.max_seq_len:
+        # support windows lie within a task window's first max_seq_len - 1 items
+        parser.error(f"--min_sub_window_size ({args.min_sub_window_size}) must be smaller than "
                      f"--max_seq_len ({args.max_seq_len})")
+    if not args.bert_dropout < 1.0:
+        parser.error(f"--bert_dropout must be in [0, 1), got {args.bert_dropout}")
     if not 0.0 < args.val_fraction < 1.0:
         parser.error(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
     if args.bert_hidden_units % args.bert_num_heads:

@@ -1,11 +1,32 @@
-"""Process set-up shared by the scripts: threads, device, seeding, and torch.distributed (torchrun)."""
+"""Process set-up shared by the scripts: threads, device, seeding, torch.distributed (torchrun), and
+writing files all at once."""
 import os
+import tempfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from options import MeloError
+
+
+def write_atomic(path, write, binary=True):
+    """Write `path` all at once or not at all: `write(file)` fills a temporary file in the same folder,
+    which is flushed to disk, made readable like the data it replaces (mkstemp's files are private) and
+    renamed over `path`. On any error the temporary file is removed and `path` is left as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(handle, "wb" if binary else "w") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def configure_threads(args):
@@ -24,7 +45,10 @@ def seed_everything(seed):
 def select_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MeloError(f"--device={name} is not a device: use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MeloError(f"--device={name} asks for CUDA, but torch sees no GPU; use --device=cpu")
     return device

@@ -189,7 +189,7 @@ class BaselineTrainer:
     # ------------------------------------------------------------------ checkpoints
     def state(self):
         return {
-            "format": 1,
+            "format": checkpointing.CHECKPOINT_FORMAT,
             "step": self.epoch,
             "shape_options": self.shape,
             "model_state": state_copy(self.model),

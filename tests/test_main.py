@@ -6,13 +6,17 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+import checkpointing
 import main
 import options
 from meta_learner import MetaLearner, last_step_weights
-from runtime import Distributed
+from models import model_factory
+from runtime import Distributed, write_atomic
 
 from synthetic import write_movielens
 
@@ -86,7 +90,7 @@ def test_test_is_repeatable_and_test_best_chooses_the_weights(ratings_file, tmp_
     assert os.path.exists(tmp_path / "ckpt" / "narm_ml-100k_melo_step4.test_step.json")
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(ratings_file, tmp_path):
+def test_resume_continues_exactly_like_an_uninterrupted_run(ratings_file, tmp_path, capsys):
     argv = flags(ratings_file, tmp_path, "--model=bert4rec", "--bert_dropout=0.3")
     uninterrupted = run(argv)
     # A second run that only has the checkpoint of step 2 resumes from it.
@@ -94,11 +98,17 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(ratings_file, tmp_pa
     resumed_dir.mkdir()
     step2 = tmp_path / "ckpt" / "bert4rec_ml-100k_melo_step2.pt"
     (resumed_dir / step2.name).write_bytes(step2.read_bytes())
+    capsys.readouterr()
     resumed = run(argv + [f"--checkpoint_dir={resumed_dir}", "--checkpoint_step=2"])
     assert resumed.iteration == 4
     for (name, a), (_, b) in zip(uninterrupted.learner.state_dict().items(), resumed.learner.state_dict().items()):
         assert torch.equal(a, b), name
     assert resumed.best["rmse"] == uninterrupted.best["rmse"]
+    assert "warning" not in capsys.readouterr().err
+    # Other training options still resume, with a warning that names them.
+    extended = run(argv + [f"--checkpoint_dir={resumed_dir}", "--checkpoint_step=2", "--num_train_iterations=6"])
+    assert extended.iteration == 6
+    assert "num_train_iterations=4 (now 6)" in capsys.readouterr().err
 
 
 def test_task_chunks_give_the_same_update(ratings_file, tmp_path):
@@ -177,9 +187,57 @@ def test_command_line_errors_are_one_line_without_traceback(ratings_file, tmp_pa
         flags(ratings_file, tmp_path, "--checkpoint_step=7", "--test"),             # nothing saved yet
         flags(str(tmp_path / "missing.data"), tmp_path),                             # explicit path missing
         flags(ratings_file, tmp_path, "--num_test_data=5000"),                       # too few users
+        flags(ratings_file, tmp_path, "--device=gpu"),                               # no such device
     ]
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / f"{main.run_prefix(options.parse_args(flags(ratings_file, tmp_path)))}_step7.pt").write_bytes(b"\x80junk")
+    cases.append(flags(ratings_file, tmp_path, "--checkpoint_step=7", "--test", f"--checkpoint_dir={garbage}"))
     for argv in cases:
         done = subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, capture_output=True, text=True)
         assert done.returncode != 0
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_seq_len=5", "--min_sub_window_size=5"], "--min_sub_window_size (5) must be smaller than --max_seq_len (5)"),
+    (["--bert_dropout=1"], "--bert_dropout must be in [0, 1), got 1.0"),
+])
+def test_flag_combinations_that_cannot_work_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        options.parse_args(argv)
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80not a pickle", "list", "foreign dict"])
+def test_unreadable_checkpoints_and_exports_are_one_line_errors(tmp_path, content):
+    path = tmp_path / "run_step1.pt"
+    if content == "list":
+        torch.save([1, 2], path)
+    elif content == "foreign dict":
+        torch.save({"weights": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(options.MeloError) as checkpoint_error:
+        checkpointing.load_checkpoint(str(tmp_path), "run", 1)
+    assert str(path) in str(checkpoint_error.value) and len(str(checkpoint_error.value).splitlines()) == 1
+    args = options.parse_args(["--mode=ml-100k", f"--pretrain_log_dir={tmp_path}", "--load_pretrained=True"])
+    os.replace(path, tmp_path / f"{args.model}_{args.mode}_pretrained.pt")
+    with pytest.raises(options.MeloError) as export_error:
+        main.load_pretrained(args, SimpleNamespace(backbone=model_factory(args, 10)))
+    assert "pretrained" in str(export_error.value) and len(str(export_error.value).splitlines()) == 1
+
+
+def test_write_atomic_leaves_the_old_file_on_failure_and_makes_readable_files(tmp_path):
+    path = tmp_path / "report.json"
+    write_atomic(str(path), lambda out: out.write("old"), binary=False)
+    assert path.read_text() == "old" and os.stat(path).st_mode & 0o777 == 0o644
+
+    def fails(out):
+        out.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_atomic(str(path), fails, binary=False)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["report.json"]
