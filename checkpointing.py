@@ -32,6 +32,15 @@ def available_steps(directory, prefix):
     return sorted(int(m.group(1)) for m in map(pattern.match, os.listdir(directory)) if m)
 
 
+def refuse_to_overwrite(directory, prefix, folder_flag):
+    """A fresh run must not overwrite (or prune) the checkpoints of an earlier run with the same name."""
+    steps = available_steps(directory, prefix)
+    if steps:
+        raise MeloError(f"{directory} already holds checkpoints of a {prefix} run (steps "
+                        f"{', '.join(map(str, steps))}): resume it with --checkpoint_step={steps[-1]}, or start "
+                        f"afresh with another {folder_flag} (or remove those files)")
+
+
 def load_checkpoint(directory, prefix, step):
     """Load `prefix`'s checkpoint of `step`; a missing one is a MeloError listing the steps that exist."""
     path = checkpoint_path(directory, prefix, step)

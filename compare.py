@@ -227,7 +227,7 @@ def basic_piece(config, seed, shared, model, finetune_steps):
     prefix = train_original.run_prefix(args)
     checkpoint = checkpointing.checkpoint_path(args.pretrain_log_dir, prefix, config.epochs)
     if not finetune_steps and not os.path.exists(checkpoint):
-        steps.insert(0, ("train", "train_original.py", flags))
+        steps.insert(0, training_step("train_original.py", flags, args.pretrain_log_dir, prefix, config.epochs))
     method = "finetune" if finetune_steps else "basic"
     return Piece(seed, model, method, train_original.report_path(args, config.epochs), steps)
 
@@ -239,8 +239,15 @@ def meta_piece(config, seed, shared, model, method, adaptive):
     prefix = meta_main.run_prefix(args)
     steps = [("test", "main.py", flags + [f"--checkpoint_step={config.iterations}", "--test"])]
     if not os.path.exists(checkpointing.checkpoint_path(args.checkpoint_dir, prefix, config.iterations)):
-        steps.insert(0, ("train", "main.py", flags))
+        steps.insert(0, training_step("main.py", flags, args.checkpoint_dir, prefix, config.iterations))
     return Piece(seed, model, method, meta_main.report_path(args, prefix, config.iterations), steps)
+
+
+def training_step(script, flags, directory, prefix, last_step):
+    """The step that makes a missing final checkpoint: a fresh run, or, after an interrupted one, resuming
+    from the last checkpoint it saved (exactly as if it had never stopped)."""
+    earlier = [step for step in checkpointing.available_steps(directory, prefix) if step < last_step]
+    return ("train", script, flags + ([f"--checkpoint_step={earlier[-1]}"] if earlier else []))
 
 
 def run_script(script, argv, log_path, verbose):

@@ -367,8 +367,10 @@ def main(args):
             return test(trainer)
         if args.checkpoint_step >= 0:
             trainer.load(args.checkpoint_step, restore_training=True)
-        elif args.load_pretrained or args.load_pretrained_embedding:
-            load_pretrained(args, trainer.learner)
+        else:
+            checkpointing.refuse_to_overwrite(args.checkpoint_dir, trainer.prefix, "--checkpoint_dir")
+            if args.load_pretrained or args.load_pretrained_embedding:
+                load_pretrained(args, trainer.learner)
         writer = open_writer(args, trainer.prefix) if dist.is_main else None
         try:
             trainer.train(writer)

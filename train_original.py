@@ -392,6 +392,8 @@ def main(args):
             return test(trainer)
         if args.checkpoint_step >= 0:
             trainer.load(args.checkpoint_step, restore_training=True)
+        else:
+            checkpointing.refuse_to_overwrite(args.pretrain_log_dir, trainer.prefix, "--pretrain_log_dir")
         writer = meta_main.open_writer(args, trainer.prefix) if dist.is_main else None
         try:
             trainer.train(writer)

@@ -215,3 +215,15 @@ def test_the_runs_are_real_processes(ratings_file, tmp_path):
     log = tmp_path / "mean.log"
     assert compare.run_script(script, script_argv, str(log), verbose=False) == 0
     assert os.path.exists(mean.report) and "test mean-rating baseline" in log.read_text()
+
+
+def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path):
+    folder = tmp_path / "ckpt"
+    assert compare.training_step("main.py", ["--x"], str(folder), "gru4rec_ml-100k_melo", 4) == \
+        ("train", "main.py", ["--x"])  # nothing saved: a fresh run
+    folder.mkdir()
+    for step in (1, 2, 6):
+        (folder / f"gru4rec_ml-100k_melo_step{step}.pt").write_bytes(b"")
+    (folder / "gru4rec_ml-100k_maml_step3.pt").write_bytes(b"")  # another run's file
+    assert compare.training_step("main.py", ["--x"], str(folder), "gru4rec_ml-100k_melo", 4) == \
+        ("train", "main.py", ["--x", "--checkpoint_step=2"])

@@ -111,6 +111,18 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(ratings_file, tmp_pa
     assert "num_train_iterations=4 (now 6)" in capsys.readouterr().err
 
 
+def test_a_fresh_run_does_not_overwrite_an_earlier_runs_checkpoints(ratings_file, tmp_path, capsys):
+    argv = flags(ratings_file, tmp_path, "--model=gru4rec", "--num_train_iterations=2")
+    run(argv)
+    saved = {path.name: path.read_bytes() for path in (tmp_path / "ckpt").iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        options.run_cli(main.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resume it with --checkpoint_step=2" in err[0], err
+    assert {path.name: path.read_bytes() for path in (tmp_path / "ckpt").iterdir()} == saved
+
+
 def test_task_chunks_give_the_same_update(ratings_file, tmp_path):
     results = []
     for chunk in (0, 3):

@@ -218,6 +218,7 @@ def test_pretrained_hand_off_into_main(ratings_file, tmp_path, capsys):
     other_data = tmp_path / "other.data"
     write_movielens(str(other_data), fmt="ml-100k", num_users=120, num_items=60, seed=4)
     capsys.readouterr()
+    argv = argv + [f"--checkpoint_dir={tmp_path}/fresh"]  # the runs above left checkpoints in ckpt/
     for mismatch in (["--bert_hidden_units=8", "--bert_num_heads=2"], [f"--data_path={other_data}"]):
         with pytest.raises(SystemExit) as exit_info:
             options.run_cli(main.main, argv + ["--load_pretrained_embedding=True", *mismatch])
