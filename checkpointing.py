@@ -32,13 +32,22 @@ def available_steps(directory, prefix):
     return sorted(int(m.group(1)) for m in map(pattern.match, os.listdir(directory)) if m)
 
 
-def refuse_to_overwrite(directory, prefix, folder_flag):
-    """A fresh run must not overwrite (or prune) the checkpoints of an earlier run with the same name."""
+def start_fresh(directory, prefix, folder_flag, overwrite, is_main):
+    """Before a fresh run: an earlier run with the same name in `directory` is refused (its checkpoints
+    would be overwritten, or pruned) unless `overwrite`, in which case its checkpoints and reports are
+    deleted (by the main process), so that the folder never mixes two runs."""
     steps = available_steps(directory, prefix)
-    if steps:
+    if not steps:
+        return
+    if not overwrite:
         raise MeloError(f"{directory} already holds checkpoints of a {prefix} run (steps "
-                        f"{', '.join(map(str, steps))}): resume it with --checkpoint_step={steps[-1]}, or start "
-                        f"afresh with another {folder_flag} (or remove those files)")
+                        f"{', '.join(map(str, steps))}): resume it with --checkpoint_step={steps[-1]}, start "
+                        f"afresh with another {folder_flag}, or replace it with --overwrite=True")
+    if is_main:
+        run_file = re.compile(re.escape(prefix) + r"_step\d+\.")  # its checkpoints and their reports
+        for name in os.listdir(directory):
+            if run_file.match(name):
+                os.remove(os.path.join(directory, name))
 
 
 def load_checkpoint(directory, prefix, step):

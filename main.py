@@ -368,7 +368,8 @@ def main(args):
         if args.checkpoint_step >= 0:
             trainer.load(args.checkpoint_step, restore_training=True)
         else:
-            checkpointing.refuse_to_overwrite(args.checkpoint_dir, trainer.prefix, "--checkpoint_dir")
+            checkpointing.start_fresh(args.checkpoint_dir, trainer.prefix, "--checkpoint_dir", args.overwrite,
+                                      dist.is_main)
             if args.load_pretrained or args.load_pretrained_embedding:
                 load_pretrained(args, trainer.learner)
         writer = open_writer(args, trainer.prefix) if dist.is_main else None

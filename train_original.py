@@ -393,7 +393,8 @@ def main(args):
         if args.checkpoint_step >= 0:
             trainer.load(args.checkpoint_step, restore_training=True)
         else:
-            checkpointing.refuse_to_overwrite(args.pretrain_log_dir, trainer.prefix, "--pretrain_log_dir")
+            checkpointing.start_fresh(args.pretrain_log_dir, trainer.prefix, "--pretrain_log_dir",
+                                      args.overwrite, dist.is_main)
         writer = meta_main.open_writer(args, trainer.prefix) if dist.is_main else None
         try:
             trainer.train(writer)
