@@ -1,5 +1,6 @@
 """The meta-learning pieces: LSLR, the multi-step loss vector, the learned losses' meta-gradients, and
 the equivalence of the fast (vmap, per-task item table) path with the simple per-task loop."""
+import os
 import types
 
 import pytest
@@ -12,6 +13,12 @@ from models.loss_networks import AdaptiveInnerLoss, MSEInnerLoss
 
 NUM_ITEMS = 40
 BACKBONES = ["bert4rec", "sasrec", "gru4rec", "narm"]
+# MELO_TEST_DEVICE=cuda runs the float64 checks of the second-order meta-gradient on a GPU (README, GPU).
+DEVICE = torch.device(os.environ.get("MELO_TEST_DEVICE", "cpu"))
+
+
+def on_device(batch):
+    return types.SimpleNamespace(**{name: value.to(DEVICE) for name, value in vars(batch).items()})
 
 
 def random_batch(num_tasks=3, num_support=4, num_query=2, length=8, seed=0):
@@ -103,7 +110,8 @@ def test_fast_path_equals_the_per_task_path_in_float64(float64, model, adaptive)
     # Move the adaptive loss off its neutral start so its own path matters in the comparison.
     for p in learner.inner_loss.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    batch = random_batch()
+    learner.to(DEVICE)
+    batch = on_device(random_batch())
     results = []
     for fast in (True, False):
         learner.zero_grad()
@@ -120,8 +128,8 @@ def test_fast_path_equals_the_per_task_path_in_float64(float64, model, adaptive)
 
 
 def test_second_order_meta_gradient_matches_finite_differences(float64):
-    learner = make_learner("sasrec", "--use_adaptive_loss=False", "--num_inner_steps=2")
-    batch = random_batch(num_tasks=2)
+    learner = make_learner("sasrec", "--use_adaptive_loss=False", "--num_inner_steps=2").to(DEVICE)
+    batch = on_device(random_batch(num_tasks=2))
     weights = last_step_weights(2)
     learner.zero_grad()
     learner.task_losses(batch, weights).sum().backward()
