@@ -80,10 +80,16 @@ def read_saved_dict(path, what):
     return loaded
 
 
+def option_differences(saved, current, keys):
+    """'key=saved (now current)' for each of `keys` that the `saved` options record with a value other
+    than the `current` one's (a dict, e.g. vars(args)); keys `saved` lacks are not compared."""
+    return [f"{key}={saved[key]!r} (now {current.get(key)!r})"
+            for key in keys if key in saved and saved[key] != current.get(key)]
+
+
 def check_compatible(saved, current, path):
     """Every option that shapes the saved state must equal the current one; else say which differs."""
-    differing = [f"{key}={saved[key]!r} (now {current.get(key)!r})"
-                 for key in sorted(saved) if saved[key] != current.get(key)]
+    differing = option_differences(saved, current, sorted(saved))
     if differing:
         raise MeloError(f"checkpoint {path} was made with other settings: {', '.join(differing)}; "
                         "use the same options or another --checkpoint_dir")

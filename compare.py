@@ -154,8 +154,7 @@ def check_settings(config):
         with open(path) as handle:
             saved = json.load(handle)
         # Flags only one side knows (the code gained or lost one since) are not compared.
-        differing = [f"{k}={saved[k]!r} (now {current[k]!r})"
-                     for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
+        differing = checkpointing.option_differences(saved, current, sorted(set(saved) & set(current)))
         if differing:
             raise MeloError(f"the results in {config.root} were made with other settings: "
                             f"{', '.join(differing)}; use the same flags, another --results_dir, "

@@ -107,8 +107,7 @@ def load_pretrained(args, learner):
                         f"--mode={args.mode} --save_pretrained=True first")
     exported = checkpointing.read_saved_dict(path, "pretrained export")
     saved = exported.get("shape_options", {})
-    differing = [f"{key}={saved[key]!r} (now {getattr(args, key)!r})"
-                 for key in SPLIT_OPTIONS if key in saved and saved[key] != getattr(args, key)]
+    differing = checkpointing.option_differences(saved, vars(args), SPLIT_OPTIONS)
     if differing:
         raise MeloError(f"pretrained weights {path} were trained under another user split "
                         f"({', '.join(differing)}), so their training users may be test users here: use the "
@@ -162,8 +161,7 @@ class MetaTrainer:
                      "state": checkpoint["best_meta_state"]}
         if restore_training:
             saved = checkpoint.get("training_options", {})
-            differing = [f"{key}={saved[key]!r} (now {getattr(self.args, key)!r})"
-                         for key in TRAINING_OPTIONS if key in saved and saved[key] != getattr(self.args, key)]
+            differing = checkpointing.option_differences(saved, vars(self.args), TRAINING_OPTIONS)
             if differing and self.dist.is_main:
                 print(f"warning: resuming {path} with other training options: {', '.join(differing)}; the "
                       "run continues from there but will not equal one that was never stopped", file=sys.stderr)
