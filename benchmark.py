@@ -283,6 +283,9 @@ def main(argv=None):
     if args.case is not None:  # one case in this (fresh) process
         model, method, items, path = args.case.split(":")
         config = case_args(model, method, args.extra)
+        if config.keep_freed_memory:  # as main.py does (runtime.configure_cpu)
+            from runtime import keep_freed_memory
+            keep_freed_memory()
         if path == "ratio":
             result = run_ratio(model, method, [int(n) for n in items.split("+")], args.repeats, device,
                                args.extra, args.num_users)

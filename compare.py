@@ -49,7 +49,8 @@ CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "pr
 # Options that do not change any result, or that name the result files themselves: left out of the
 # settings record, so changing them never makes old results look foreign. (Not --task_chunk: with
 # dropout, chunks draw the masks in another order.)
-NOT_SETTINGS = CONTROLLED + ("data_path_given", "data_dir", "device", "num_threads", "finetune_lr", "overwrite")
+NOT_SETTINGS = CONTROLLED + ("data_path_given", "data_dir", "device", "num_threads", "keep_freed_memory",
+                             "finetune_lr", "overwrite")
 
 
 def build_parser():

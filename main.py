@@ -24,7 +24,7 @@ import metrics
 from dataloader import SPLIT_OPTIONS, MetaDataset, load_data
 from meta_learner import build_meta_learner, last_step_weights, multi_step_loss_weights
 from options import MeloError, run_cli
-from runtime import Distributed, configure_threads, seed_everything
+from runtime import Distributed, configure_cpu, seed_everything
 
 # Options that change the shape or meaning of what a checkpoint holds; resuming or testing with other
 # values is refused with the names of the ones that differ.
@@ -355,7 +355,7 @@ def test_baseline(trainer):
 
 
 def main(args):
-    configure_threads(args)
+    configure_cpu(args)
     seed_everything(args.random_seed)
     with Distributed(args.device) as dist:
         trainer = MetaTrainer(args, dist)

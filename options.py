@@ -189,6 +189,9 @@ def build_parser():
     add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     add("--num_threads", type=non_negative_int, default=0,
         help="torch CPU threads (0 = PyTorch's default, one per core)")
+    add("--keep_freed_memory", type=str2bool, default=True,
+        help="glibc: keep freed memory in the process for the next iteration instead of returning it to "
+             "the OS and page-faulting it in again (faster on the CPU; the process holds its peak memory)")
 
     # ---------------------------------------------------------------- baseline
     base = parser.add_argument_group("non-meta baseline (train_original.py) and pretraining")

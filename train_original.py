@@ -59,7 +59,7 @@ from dataloader import SPLIT_OPTIONS, STREAM_WINDOWS, MetaDataset, load_data
 from models import export_weights, model_factory
 from models.loss_networks import RatingSequenceEncoder, masked_mean
 from options import MeloError, run_cli
-from runtime import Distributed, configure_threads, seed_everything
+from runtime import Distributed, configure_cpu, seed_everything
 
 # Of main.py's checkpoint-shaping options, those that shape a plain backbone (the rest are meta-learning's).
 BACKBONE_SHAPE_PREFIXES = ("bert_", "gru4rec_", "narm_")
@@ -379,7 +379,7 @@ def test(trainer):
 
 
 def main(args):
-    configure_threads(args)
+    configure_cpu(args)
     seed_everything(args.random_seed)
     if args.test_baseline:
         raise MeloError("--test_baseline belongs to main.py: python main.py --test_baseline")

@@ -16,6 +16,7 @@ import main
 import options
 from meta_learner import MetaLearner, last_step_weights
 from models import model_factory
+import runtime
 from runtime import Distributed, write_atomic
 
 from synthetic import write_movielens
@@ -259,3 +260,22 @@ def test_write_atomic_leaves_the_old_file_on_failure_and_makes_readable_files(tm
     with pytest.raises(OSError):
         write_atomic(str(path), fails, binary=False)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["report.json"]
+
+
+
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not os.confstr("CS_GNU_LIBC_VERSION"), reason="mallopt is glibc's")
+def test_keep_freed_memory_takes_effect_under_glibc():
+    # in a fresh process: mallopt's settings are process-wide (README, Performance, for what they buy)
+    done = subprocess.run([sys.executable, "-c", "import runtime; print(runtime.keep_freed_memory())"], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True"]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_freed_memory_follows_the_flag(keep, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(True))
+    runtime.configure_cpu(options.parse_args([f"--keep_freed_memory={keep}"]))
+    assert calls == ([True] if keep else [])
