@@ -192,8 +192,10 @@ def build_meta_learner(args, num_items, max_rating):
     from models.loss_networks import build_inner_loss
 
     backbone = model_factory(args, num_items)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.model_init_seed + 1)  # loss networks' own, fixed initialisation
+    # the loss networks' own, fixed initialisation; like model_factory, on the CPU generator only (CUDA's
+    # would be reseeded and not restored: fork_rng(devices=[]) saves the CPU state alone)
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.default_generator.manual_seed(args.model_init_seed + 1)
         inner_loss = build_inner_loss(args, max_rating)
     return MetaLearner(backbone, inner_loss, args.num_inner_steps, args.inner_lr,
                        args.use_learnable_params, max_rating)

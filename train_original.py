@@ -143,10 +143,11 @@ class BaselineTrainer:
         self.model = model_factory(args, self.data.num_items).to(self.device)
         self.encoder = None
         if args.use_learned_loss_baseline:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(args.model_init_seed + 1)  # as main.py's loss networks
+            with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+                torch.default_generator.manual_seed(args.model_init_seed + 1)  # as main.py's loss networks
                 self.encoder = RatingSequenceEncoder(self.max_rating, args.lstm_input_size, args.lstm_hidden,
-                                                     args.lstm_num_layers).to(self.device)
+                                                     args.lstm_num_layers)
+            self.encoder.to(self.device)
         self.window_loss = WindowLoss(self.model, self.encoder, self.max_rating)
         self.training_loss = self.window_loss  # wrapped in DDP when training under torchrun (train())
         self.optimizer = torch.optim.Adam(self.window_loss.parameters(), lr=args.pretraining_lr)

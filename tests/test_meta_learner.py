@@ -177,3 +177,20 @@ def test_melo_starts_as_plain_maml():
     assert torch.allclose(melo.task_losses(batch, weights), maml.task_losses(batch, weights))
     found = melo.support_weights(batch)
     assert found is not None and torch.allclose(found[0], torch.ones_like(found[0]))
+
+
+
+def test_building_a_learner_depends_only_on_the_init_seed_and_leaves_the_random_state_alone():
+    def build(seed):
+        return make_learner("sasrec", "--use_adaptive_loss=True", f"--model_init_seed={seed}").state_dict()
+
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    first = build(5)
+    assert torch.equal(torch.rand(3), expected)  # the caller's stream goes on as if nothing was drawn
+    torch.manual_seed(2)
+    assert all(torch.equal(first[k], v) for k, v in build(5).items())
+    other = build(6)
+    for part in ("backbone.", "inner_loss."):
+        assert any(not torch.equal(first[k], other[k]) for k in first if k.startswith(part))
