@@ -32,22 +32,29 @@ def available_steps(directory, prefix):
     return sorted(int(m.group(1)) for m in map(pattern.match, os.listdir(directory)) if m)
 
 
-def start_fresh(directory, prefix, folder_flag, overwrite, is_main):
+def start_fresh(directory, prefix, folder_flag, overwrite):
     """Before a fresh run: an earlier run with the same name in `directory` is refused (its checkpoints
-    would be overwritten, or pruned) unless `overwrite`, in which case its checkpoints and reports are
-    deleted (by the main process), so that the folder never mixes two runs."""
+    would be overwritten, or pruned) unless `overwrite`. Returns that earlier run's checkpoints and
+    reports, for `replace_earlier_run` to delete once the new run has saved its first checkpoint, so that
+    a run that fails before (bad pretrained weights, a NaN, Ctrl-C) leaves the earlier one intact."""
     steps = available_steps(directory, prefix)
     if not steps:
-        return
+        return []
     if not overwrite:
         raise MeloError(f"{directory} already holds checkpoints of a {prefix} run (steps "
                         f"{', '.join(map(str, steps))}): resume it with --checkpoint_step={steps[-1]}, start "
                         f"afresh with another {folder_flag}, or replace it with --overwrite=True")
-    if is_main:
-        run_file = re.compile(re.escape(prefix) + r"_step\d+\.")  # its checkpoints and their reports
-        for name in os.listdir(directory):
-            if run_file.match(name):
-                os.remove(os.path.join(directory, name))
+    run_file = re.compile(re.escape(prefix) + r"_step\d+\.")  # its checkpoints and their reports
+    return sorted(os.path.join(directory, name) for name in os.listdir(directory) if run_file.match(name))
+
+
+def replace_earlier_run(earlier_files, saved_path):
+    """Delete the earlier run's files (`start_fresh`) now that `saved_path`, the new run's first
+    checkpoint, is on disk; a file of the same name is the new one and stays. Returns []."""
+    for path in earlier_files:
+        if os.path.abspath(path) != os.path.abspath(saved_path) and os.path.exists(path):
+            os.remove(path)
+    return []
 
 
 def load_checkpoint(directory, prefix, step):

@@ -126,6 +126,7 @@ class MetaTrainer:
         self.shape = shape_options(args, self.data)
         self.iteration = 0
         self.best = {"rmse": float("inf"), "step": None, "state": None}
+        self.earlier_run = []  # an earlier run's files that this one replaces (--overwrite)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self):
@@ -148,6 +149,7 @@ class MetaTrainer:
         if self.dist.is_main:
             path = checkpointing.checkpoint_path(self.args.checkpoint_dir, self.prefix, self.iteration)
             checkpointing.save_atomic(self.state(), path)
+            self.earlier_run = checkpointing.replace_earlier_run(self.earlier_run, path)
             return path
         return None
 
@@ -366,8 +368,8 @@ def main(args):
         if args.checkpoint_step >= 0:
             trainer.load(args.checkpoint_step, restore_training=True)
         else:
-            checkpointing.start_fresh(args.checkpoint_dir, trainer.prefix, "--checkpoint_dir", args.overwrite,
-                                      dist.is_main)
+            trainer.earlier_run = checkpointing.start_fresh(args.checkpoint_dir, trainer.prefix, "--checkpoint_dir",
+                                                            args.overwrite)
             if args.load_pretrained or args.load_pretrained_embedding:
                 load_pretrained(args, trainer.learner)
         writer = open_writer(args, trainer.prefix) if dist.is_main else None

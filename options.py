@@ -181,8 +181,8 @@ def build_parser():
         help="step to resume from (training) or to evaluate (--test); -1 = none")
     add("--checkpoint_dir", default="./checkpoints", help="where main.py keeps its checkpoints")
     add("--overwrite", type=str2bool, default=False,
-        help="a fresh run first deletes an earlier run's checkpoints and reports of the same name (model, "
-             "data set, method) instead of refusing to start")
+        help="a fresh run replaces an earlier run of the same name (model, data set, method) instead of "
+             "refusing to start: its checkpoints and reports are deleted once the new run saved a checkpoint")
     add("--log_dir", default="./runs", help="TensorBoard logs, one folder per run")
     add("--log_interval", type=positive_int, default=50,
         help="validate, log and checkpoint every this many iterations")

@@ -155,6 +155,7 @@ class BaselineTrainer:
         self.shape = shape_options(args, self.data)
         self.epoch = 0
         self.best = {"rmse": float("inf"), "step": None, "state": None}
+        self.earlier_run = []  # an earlier run's files that this one replaces (--overwrite)
 
     # ------------------------------------------------------------------ loss
     def loss(self, items, ratings):
@@ -209,6 +210,7 @@ class BaselineTrainer:
         directory = self.args.pretrain_log_dir
         path = checkpointing.checkpoint_path(directory, self.prefix, self.epoch)
         checkpointing.save_atomic(self.state(), path)
+        self.earlier_run = checkpointing.replace_earlier_run(self.earlier_run, path)
         for step in checkpointing.available_steps(directory, self.prefix):
             if step not in (self.epoch, self.best["step"]):
                 os.remove(checkpointing.checkpoint_path(directory, self.prefix, step))
@@ -394,8 +396,8 @@ def main(args):
         if args.checkpoint_step >= 0:
             trainer.load(args.checkpoint_step, restore_training=True)
         else:
-            checkpointing.start_fresh(args.pretrain_log_dir, trainer.prefix, "--pretrain_log_dir",
-                                      args.overwrite, dist.is_main)
+            trainer.earlier_run = checkpointing.start_fresh(args.pretrain_log_dir, trainer.prefix,
+                                                            "--pretrain_log_dir", args.overwrite)
         writer = meta_main.open_writer(args, trainer.prefix) if dist.is_main else None
         try:
             trainer.train(writer)

@@ -122,8 +122,16 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_runs_checkpoints(ratings_file
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "resume it with --checkpoint_step=2" in err[0], err
     assert {path.name: path.read_bytes() for path in (tmp_path / "ckpt").iterdir()} == saved
-    # --overwrite=True replaces that run: its checkpoints and reports go, other runs' files stay.
+    # --overwrite=True replaces that run once the new one has saved a checkpoint: a run that fails before
+    # (here: no pretrained weights to load) leaves it as it was.
     (tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step2.test_best.json").write_text("{}")
+    saved = {path.name: path.read_bytes() for path in (tmp_path / "ckpt").iterdir()}
+    with pytest.raises(SystemExit):
+        options.run_cli(main.main, argv + ["--overwrite=True", "--load_pretrained_embedding=True",
+                                           f"--pretrain_log_dir={tmp_path / 'nothing'}"])
+    assert "no pretrained weights" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in (tmp_path / "ckpt").iterdir()} == saved
+    # then its checkpoints and reports go, and other runs' files stay
     (tmp_path / "ckpt" / "gru4rec_ml-100k_maml_step2.pt").write_bytes(b"another run")
     run(argv + ["--overwrite=True", "--num_train_iterations=1", "--log_interval=1"])
     assert sorted(path.name for path in (tmp_path / "ckpt").iterdir()) == \

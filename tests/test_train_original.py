@@ -250,3 +250,15 @@ def test_errors_are_one_line(ratings_file, tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_a_fresh_run_replaces_an_earlier_one_only_with_overwrite(ratings_file, tmp_path, capsys):
+    argv = flags(ratings_file, tmp_path, "--model=gru4rec", "--pretrain_epochs=3")
+    prefix = train_original.run_prefix(run(argv).args)
+    earlier = {name: (tmp_path / "pre" / name).read_bytes() for name in os.listdir(tmp_path / "pre")}
+    with pytest.raises(SystemExit):
+        options.run_cli(train_original.main, argv[:-1] + ["--pretrain_epochs=1"])
+    assert "resume it with --checkpoint_step=3" in capsys.readouterr().err
+    assert {name: (tmp_path / "pre" / name).read_bytes() for name in os.listdir(tmp_path / "pre")} == earlier
+    run(argv + ["--pretrain_epochs=1", "--overwrite=True"])
+    assert os.listdir(tmp_path / "pre") == [f"{prefix}_step1.pt"]
