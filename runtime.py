@@ -64,8 +64,10 @@ def keep_freed_memory():
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    # mallopt returns 1 on success; the trim threshold is an int, so "never" is its largest value
-    return bool(mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    # mallopt returns 1 on success; a trim threshold of -1 turns trimming off (man mallopt)
+    from_heap = mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)
+    never_trimmed = mallopt(M_TRIM_THRESHOLD, -1)
+    return bool(from_heap) and bool(never_trimmed)
 
 
 def seed_everything(seed):
