@@ -42,6 +42,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import options  # noqa: E402
+from options import MeloError  # noqa: E402
+from runtime import keep_freed_memory, select_device  # noqa: E402
+
+METHODS = ("melo", "maml")
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -218,7 +222,8 @@ def format_table(results, loads, calibrations=None):
     first = results[0]
     lines = [f"torch {torch.__version__}, {first['device']}, {first['threads']} threads; {first['tasks']} tasks x "
              f"{first['support']} support windows x {first['query']} queries, length {first['length']}, "
-             f"{first['inner_steps']} inner steps, second order, multi-step loss of iteration 0; "
+             f"{first['inner_steps']} inner steps, second order, multi-step loss of iteration 0; freed memory "
+             f"{'kept' if first.get('keep_freed_memory') else 'returned to the OS'} (--keep_freed_memory); "
              f"load average (1/5/15 min) at start {loads[0]}, at end {loads[1]}",
              *([f"machine speed (s; 512² matmuls / 4M-float passes / tiny ops) at start "
                 f"{' / '.join(f'{x:.3f}' for x in calibrations[0])}, at end "
@@ -259,18 +264,32 @@ def parse(argv):
     parser.add_argument("--models", default=",".join(options.MODELS), help="comma-separated backbones")
     parser.add_argument("--methods", default="melo,maml", help="comma-separated: melo, maml")
     parser.add_argument("--items", default="1000,50000", help="comma-separated catalog sizes")
-    parser.add_argument("--repeats", type=int, default=7, help="timed iterations of the fast path (after a warm-up)")
+    parser.add_argument("--repeats", type=options.positive_int, default=7,
+                        help="timed iterations of the fast path (after a warm-up)")
     parser.add_argument("--reference", type=options.str2bool, default=True,
                         help="also time the per-task reference path (fast=False)")
-    parser.add_argument("--reference_repeats", type=int, default=3,
+    parser.add_argument("--reference_repeats", type=options.positive_int, default=3,
                         help="timed iterations of the reference path (after a warm-up)")
-    parser.add_argument("--num_users", type=int, default=2000, help="users of the generated data set")
+    parser.add_argument("--num_users", type=options.positive_int, default=2000, help="users of the generated data set")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0 = PyTorch's default)")
     parser.add_argument("--json", default=None, help="also write the raw results to this file")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: model:method:items:path
     known, extra = parser.parse_known_args(argv)
     known.extra = extra
+    # checked here, before any case runs: a typo must not label one method's figures with another's name
+    for flag, values, allowed in (("--models", known.models, options.MODELS), ("--methods", known.methods, METHODS)):
+        unknown = [value for value in values.split(",") if value not in allowed]
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+    if not all(value.isdigit() and int(value) > 0 for value in known.items.split(",")):
+        parser.error(f"--items={known.items}: give comma-separated positive item counts, e.g. 1000,50000")
+    if any(flag.startswith("--use_adaptive_loss") for flag in extra):
+        parser.error("--use_adaptive_loss: the benchmark sets it per method; choose them with --methods")
+    try:
+        known.device = select_device(known.device)
+    except MeloError as error:
+        parser.error(str(error))
     return known
 
 
@@ -279,13 +298,11 @@ def main(argv=None):
     args = parse(argv)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    device = torch.device(args.device)
+    device = args.device
     if args.case is not None:  # one case in this (fresh) process
         model, method, items, path = args.case.split(":")
         config = case_args(model, method, args.extra)
-        if config.keep_freed_memory:  # as main.py does (runtime.configure_cpu)
-            from runtime import keep_freed_memory
-            keep_freed_memory()
+        kept = config.keep_freed_memory and keep_freed_memory()  # as main.py does (runtime.configure_cpu)
         if path == "ratio":
             result = run_ratio(model, method, [int(n) for n in items.split("+")], args.repeats, device,
                                args.extra, args.num_users)
@@ -294,6 +311,7 @@ def main(argv=None):
         repeats = args.repeats if path == "fast" else args.reference_repeats
         result = run_case(model, method, int(items), path, repeats, device, args.extra, args.num_users)
         result.update(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+                      keep_freed_memory=bool(kept),
                       support=config.num_samples, query=config.num_query_set, length=config.max_seq_len,
                       inner_steps=config.num_inner_steps)
         print("RESULT " + json.dumps(result))

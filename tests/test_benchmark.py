@@ -38,3 +38,19 @@ def test_ratio_case_alternates_catalogs_and_reports_one_median_each():
     fast.update(device="cpu", support=3, query=2, length=8, inner_steps=3)
     table = benchmark.format_table([fast, result], ["0 0 0", "0 0 0"])
     assert "gru4rec maml: 3,000 items cost" in table
+
+
+def test_bad_arguments_are_refused_before_any_case_runs(capsys):
+    import pytest
+
+    for argv, message in [(["--methods=MELO"], "--methods: unknown 'MELO'"),
+                          (["--models=bert"], "--models: unknown 'bert'"),
+                          (["--items=1000,abc"], "--items=1000,abc"),
+                          (["--repeats=0"], "--repeats"),
+                          (["--use_adaptive_loss=False"], "choose them with --methods"),
+                          (["--device=gpu"], "--device=gpu")]:
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert benchmark.parse(["--methods=maml", "--models=narm,gru4rec", "--items=5"]).device == torch.device("cpu")
