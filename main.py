@@ -44,7 +44,7 @@ TRAINING_OPTIONS = (
     "num_train_iterations", "batch_size", "outer_lr", "min_outer_lr", "learn_lr", "lstm_lr", "min_lstm_lr",
     "task_info_lr", "loss_lr", "loss_weight_decay", "grad_clip", "use_multi_step",
     "multi_step_loss_num_epochs", "first_order_iterations", "num_samples", "num_query_set",
-    "use_random_sequence_length", "bert_dropout",
+    "use_random_sequence_length", "bert_dropout", "val_size",
 )
 
 
@@ -165,8 +165,12 @@ class MetaTrainer:
             saved = checkpoint.get("training_options", {})
             differing = checkpointing.option_differences(saved, vars(self.args), TRAINING_OPTIONS)
             if differing and self.dist.is_main:
+                best = ("; the best weights so far were chosen on other validation tasks, and later steps are "
+                        "compared with them" if "val_size" in saved and saved["val_size"] != self.args.val_size
+                        else "")
                 print(f"warning: resuming {path} with other training options: {', '.join(differing)}; the "
-                      "run continues from there but will not equal one that was never stopped", file=sys.stderr)
+                      f"run continues from there but will not equal one that was never stopped{best}",
+                      file=sys.stderr)
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             torch.set_rng_state(checkpoint["torch_rng"])
@@ -367,6 +371,10 @@ def main(args):
             return test(trainer)
         if args.checkpoint_step >= 0:
             trainer.load(args.checkpoint_step, restore_training=True)
+            if trainer.iteration >= args.num_train_iterations:
+                raise MeloError(f"step {trainer.iteration} already reaches --num_train_iterations="
+                                f"{args.num_train_iterations}: nothing to train; evaluate it with --test, or "
+                                "train on with a larger --num_train_iterations")
         else:
             trainer.earlier_run = checkpointing.start_fresh(args.checkpoint_dir, trainer.prefix, "--checkpoint_dir",
                                                             args.overwrite)

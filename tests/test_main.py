@@ -110,6 +110,13 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(ratings_file, tmp_pa
     extended = run(argv + [f"--checkpoint_dir={resumed_dir}", "--checkpoint_step=2", "--num_train_iterations=6"])
     assert extended.iteration == 6
     assert "num_train_iterations=4 (now 6)" in capsys.readouterr().err
+    run(argv + [f"--checkpoint_dir={resumed_dir}", "--checkpoint_step=4", "--val_size=5", "--num_train_iterations=6"])
+    err = capsys.readouterr().err
+    assert "val_size=" in err and "chosen on other validation tasks" in err
+    # a run that has nothing left to train says so instead of doing nothing
+    with pytest.raises(SystemExit):
+        options.run_cli(main.main, argv + [f"--checkpoint_dir={resumed_dir}", "--checkpoint_step=4"])
+    assert "step 4 already reaches --num_train_iterations=4" in capsys.readouterr().err
 
 
 def test_a_fresh_run_does_not_overwrite_an_earlier_runs_checkpoints(ratings_file, tmp_path, capsys):

@@ -242,6 +242,7 @@ def test_errors_are_one_line(ratings_file, tmp_path, capsys):
     cases += [
         (argv + ["--checkpoint_step=1", "--test", "--gru4rec_hidden_size=8"], r"gru4rec_hidden_size=16 (now 8)"),
         (argv + ["--checkpoint_step=1", "--test", "--random_seed=1"], "random_seed=222 (now 1)"),
+        (argv + ["--checkpoint_step=1"], "epoch 1 already reaches --pretrain_epochs=1"),
     ]
     for case, message in cases:
         capsys.readouterr()
