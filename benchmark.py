@@ -258,7 +258,7 @@ def load_average():
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = options.CommandLineParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      epilog="Any other flag is passed to main.py's parser (e.g. --num_inner_steps=5).")
     parser.add_argument("--models", default=",".join(options.MODELS), help="comma-separated backbones")

@@ -54,7 +54,7 @@ NOT_SETTINGS = CONTROLLED + ("data_path_given", "data_dir", "device", "num_threa
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = options.CommandLineParser(
         description="Run (or reuse) Basic, MAML and MELO for each backbone plus the mean-rating baseline, "
                     "and print the comparison table. Flags not listed here are main.py's (see python "
                     "main.py --help) and are passed to every run.",

@@ -53,8 +53,19 @@ positive_int = _checked(int, 1, ">= 1")
 non_negative_float = _checked(float, 0.0, ">= 0")
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse with a one-line error (not the whole usage block above it) and no abbreviated flags
+    (`--num_train_iteration=5` would silently mean `--num_train_iterations`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         description="MELO: meta-learning with a learned adaptive loss for cold-start sequential "
                     "rating prediction.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
