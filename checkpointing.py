@@ -4,6 +4,7 @@ A checkpoint holds tensors and plain Python values only, so it loads with `weigh
 It is written to a temporary file in the same folder and renamed, so a crash never leaves a broken one.
 """
 import os
+import pickle
 import re
 import warnings
 
@@ -79,7 +80,9 @@ def read_saved_dict(path, what):
         with warnings.catch_warnings():  # garbage can look like an unusual pickle protocol
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many types (RuntimeError, EOFError, UnpicklingError...)
+    except pickle.UnpicklingError:  # torch's message would advise weights_only=False: unsafe, and no help
+        raise MeloError(f"cannot read {what} {path}: not a file MELO wrote (or a damaged one)") from None
+    except Exception as error:  # torch.load raises many types (RuntimeError, EOFError, ...)
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise MeloError(f"cannot read {what} {path} (truncated, or not a file MELO wrote): {reason}") from None
     if not isinstance(loaded, dict):

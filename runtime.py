@@ -14,8 +14,8 @@ from options import MeloError
 
 def write_atomic(path, write, binary=True):
     """Write `path` all at once or not at all: `write(file)` fills a temporary file in the same folder,
-    which is flushed to disk, made readable like the data it replaces (mkstemp's files are private) and
-    renamed over `path`. On any error the temporary file is removed and `path` is left as it was."""
+    which is flushed to disk, given mode 0644 (mkstemp's files are private to the owner) and renamed over
+    `path`. On any error the temporary file is removed and `path` is left as it was."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
@@ -83,7 +83,9 @@ def select_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise MeloError(f"--device={name} is not a device: use cpu, cuda, cuda:N or auto") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # MELO is tested on these two only
+        raise MeloError(f"--device={name} is not a device MELO runs on: use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MeloError(f"--device={name} asks for CUDA, but torch sees no GPU; use --device=cpu")
     return device
