@@ -222,6 +222,7 @@ def test_command_line_errors_are_one_line_without_traceback(ratings_file, tmp_pa
         flags(str(tmp_path / "missing.data"), tmp_path),                             # explicit path missing
         flags(ratings_file, tmp_path, "--num_test_data=5000"),                       # too few users
         flags(ratings_file, tmp_path, "--device=gpu"),                               # no such device
+        flags(ratings_file, tmp_path, "--device=mps"),                               # not one MELO runs on
     ]
     garbage = tmp_path / "garbage"
     garbage.mkdir()
