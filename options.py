@@ -265,5 +265,5 @@ def run_cli(main_function, argv=None):
     try:
         main_function(parse_args(argv))
     except MeloError as error:
-        print(f"error: {error}", file=sys.stderr)
+        sys.stderr.write(f"error: {error}\n")  # one write: the lines of several ranks do not interleave
         sys.exit(2)

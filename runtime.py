@@ -122,10 +122,21 @@ class Distributed:
 
     def main_first(self, function, *args):
         """`function(*args)` on rank 0, then on the other ranks: rank 0 downloads and caches the data, the
-        others read its cache."""
+        others read its cache. When it fails on rank 0, the other ranks stop with rank 0's error instead
+        of waiting for it (or dying with a "connection closed" traceback when it exits)."""
+        if not self.enabled:
+            return function(*args)
+        failure = [None]
         if self.is_main:
-            result = function(*args)
-        self.barrier()
+            try:
+                result = function(*args)
+            except Exception as error:
+                failure = [str(error) if isinstance(error, MeloError) else f"{type(error).__name__}: {error}"]
+                dist.broadcast_object_list(failure, src=0)
+                raise
+        dist.broadcast_object_list(failure, src=0)  # also the barrier that makes the others wait
+        if failure[0] is not None:
+            raise MeloError(f"rank 0 failed: {failure[0]}")
         if not self.is_main:
             result = function(*args)
         return result

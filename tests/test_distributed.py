@@ -152,3 +152,16 @@ def test_baseline_test_report_under_two_processes_equals_one(baseline_runs):
     assert single["count"] == double["count"] == 21 * 2
     for key in ("rmse", "mae", "mean_per_rating_rmse"):
         assert single[key] == pytest.approx(double[key], rel=1e-6)
+
+
+def test_an_error_on_rank_zero_stops_the_other_ranks_with_it(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
+               "--mode=ml-100k", f"--data_path={tmp_path}/missing.data", f"--data_dir={tmp_path}/Data"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=300)
+    assert done.returncode != 0
+    message = f"--data_path {tmp_path}/missing.data does not exist: check the path"
+    errors = sorted(line for line in done.stderr.splitlines() if line.startswith("error: "))
+    assert len(errors) == 2 and errors[0].startswith(f"error: {message}"), done.stderr
+    assert errors[1].startswith(f"error: rank 0 failed: {message}"), done.stderr
+    assert "Connection closed" not in done.stderr and "main_first" not in done.stderr
