@@ -127,12 +127,14 @@ class MetaTrainer:
         self.iteration = 0
         self.best = {"rmse": float("inf"), "step": None, "state": None}
         self.earlier_run = []  # an earlier run's files that this one replaces (--overwrite)
+        self.log_folder = None  # the run's TensorBoard folder under --log_dir (open_writer)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self):
         return {
             "format": checkpointing.CHECKPOINT_FORMAT,
             "step": self.iteration,
+            "log_folder": self.log_folder,
             "shape_options": self.shape,
             "training_options": {key: getattr(self.args, key) for key in TRAINING_OPTIONS},
             "meta_state": {k: v.detach().cpu().clone() for k, v in self.learner.state_dict().items()},
@@ -159,6 +161,7 @@ class MetaTrainer:
         checkpointing.check_compatible(checkpoint["shape_options"], self.shape, path)
         self.learner.load_state_dict(checkpoint["meta_state"])
         self.iteration = checkpoint["step"]
+        self.log_folder = checkpoint.get("log_folder")
         self.best = {"rmse": checkpoint["best_rmse"], "step": checkpoint["best_step"],
                      "state": checkpoint["best_meta_state"]}
         if restore_training:
@@ -243,6 +246,8 @@ class MetaTrainer:
 
     def train(self, writer):
         args = self.args
+        if writer is not None:  # recorded in the checkpoints, for a resumed run to write on
+            self.log_folder = os.path.basename(writer.log_dir)
         val_tasks = self.dataset.val_tasks()
         bar = tqdm(range(self.iteration, args.num_train_iterations), initial=self.iteration,
                    total=args.num_train_iterations, disable=not self.dist.is_main, dynamic_ncols=True)
@@ -309,10 +314,19 @@ class MetaTrainer:
             writer.add_scalar(f"adaptive_weight/rating_{value:g}", weights[selected].mean().item(), step)
 
 
-def open_writer(args, prefix):
+def open_writer(args, prefix, log_folder=None, step=0):
+    """The run's TensorBoard writer. A fresh run gets a new folder `<prefix>_<time>_seed<seed>` under
+    `--log_dir`; a run resumed at `step` goes on writing into its `log_folder` (its checkpoint records
+    it), where what an interrupted attempt logged after that step is hidden (purge_step)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    folder = os.path.join(args.log_dir, f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}_seed{args.random_seed}")
+    if log_folder is not None:
+        return SummaryWriter(os.path.join(args.log_dir, log_folder), purge_step=step + 1)
+    name = f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}_seed{args.random_seed}"
+    folder, copy = os.path.join(args.log_dir, name), 1
+    while os.path.exists(folder):  # two runs started in the same second
+        copy += 1
+        folder = os.path.join(args.log_dir, f"{name}-{copy}")
     writer = SummaryWriter(folder)
     writer.add_text("options", "\n".join(f"    {k} = {v}" for k, v in sorted(vars(args).items())))
     return writer
@@ -380,7 +394,7 @@ def main(args):
                                                             args.overwrite)
             if args.load_pretrained or args.load_pretrained_embedding:
                 load_pretrained(args, trainer.learner)
-        writer = open_writer(args, trainer.prefix) if dist.is_main else None
+        writer = open_writer(args, trainer.prefix, trainer.log_folder, trainer.iteration) if dist.is_main else None
         try:
             trainer.train(writer)
             if writer is not None:

@@ -156,6 +156,7 @@ class BaselineTrainer:
         self.epoch = 0
         self.best = {"rmse": float("inf"), "step": None, "state": None}
         self.earlier_run = []  # an earlier run's files that this one replaces (--overwrite)
+        self.log_folder = None  # the run's TensorBoard folder under --log_dir (main.open_writer)
 
     # ------------------------------------------------------------------ loss
     def loss(self, items, ratings):
@@ -193,6 +194,7 @@ class BaselineTrainer:
         return {
             "format": checkpointing.CHECKPOINT_FORMAT,
             "step": self.epoch,
+            "log_folder": self.log_folder,
             "shape_options": self.shape,
             "model_state": state_copy(self.model),
             "encoder_state": state_copy(self.encoder) if self.encoder is not None else None,
@@ -225,6 +227,7 @@ class BaselineTrainer:
         if self.encoder is not None:
             self.encoder.load_state_dict(checkpoint["encoder_state"])
         self.epoch = checkpoint["step"]
+        self.log_folder = checkpoint.get("log_folder")
         self.best = {"rmse": checkpoint["best_rmse"], "step": checkpoint["best_step"],
                      "state": checkpoint["best_model_state"]}
         if restore_training:
@@ -309,6 +312,8 @@ class BaselineTrainer:
 
     def train(self, writer):
         args = self.args
+        if writer is not None:  # recorded in the checkpoints, for a resumed run to write on
+            self.log_folder = os.path.basename(writer.log_dir)
         if self.dist.enabled and self.training_loss is self.window_loss:
             # DDP averages the gradients over ranks during backward (first-order training, so its hooks
             # are exact here; main.py's second-order meta-gradients are all-reduced by hand).
@@ -402,7 +407,8 @@ def main(args):
         else:
             trainer.earlier_run = checkpointing.start_fresh(args.pretrain_log_dir, trainer.prefix,
                                                             "--pretrain_log_dir", args.overwrite)
-        writer = meta_main.open_writer(args, trainer.prefix) if dist.is_main else None
+        writer = (meta_main.open_writer(args, trainer.prefix, trainer.log_folder, trainer.epoch)
+                  if dist.is_main else None)
         try:
             trainer.train(writer)
         finally:

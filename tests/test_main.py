@@ -94,6 +94,8 @@ def test_test_is_repeatable_and_test_best_chooses_the_weights(ratings_file, tmp_
 def test_resume_continues_exactly_like_an_uninterrupted_run(ratings_file, tmp_path, capsys):
     argv = flags(ratings_file, tmp_path, "--model=bert4rec", "--bert_dropout=0.3")
     uninterrupted = run(argv)
+    events = str(tmp_path / "runs" / uninterrupted.log_folder / "events.out.tfevents.*")
+    first_attempt = len(glob.glob(events))
     # A second run that only has the checkpoint of step 2 resumes from it.
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
@@ -106,6 +108,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(ratings_file, tmp_pa
         assert torch.equal(a, b), name
     assert resumed.best["rmse"] == uninterrupted.best["rmse"]
     assert "warning" not in capsys.readouterr().err
+    # its TensorBoard curves go on in the run's folder, beside the first attempt's events
+    assert resumed.log_folder == uninterrupted.log_folder
+    assert sorted(os.listdir(tmp_path / "runs")) == [uninterrupted.log_folder]
+    assert len(glob.glob(events)) > first_attempt
     # Other training options still resume, with a warning that names them.
     extended = run(argv + [f"--checkpoint_dir={resumed_dir}", "--checkpoint_step=2", "--num_train_iterations=6"])
     assert extended.iteration == 6
