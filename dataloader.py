@@ -30,6 +30,7 @@ is a pure function of (seed, iteration); validation and test tasks are fixed by 
 ``python dataloader.py --mode=M [--data_path=P] [data flags]`` prints the data summary (see
 :meth:`MetaDataset.summary`; the balance score is defined there).
 """
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -500,6 +501,7 @@ def download_movielens(mode, data_path, data_dir):
     folder = os.path.join(data_dir, mode)
     by_hand = (f"download {url} by hand and put {member_name} from it at {data_path} "
                f"(or pass --data_path)")
+    created = missing_folders(folder) + missing_folders(os.path.dirname(os.path.abspath(data_path)))
     os.makedirs(folder, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(data_path)), exist_ok=True)
     work = tempfile.mkdtemp(prefix=".download-", dir=folder)
@@ -526,6 +528,19 @@ def download_movielens(mode, data_path, data_dir):
         os.replace(extracted, data_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if not os.path.exists(data_path):  # failed: leave no empty folders behind either
+            for directory in sorted(set(created), key=len, reverse=True):  # the deepest first
+                with contextlib.suppress(OSError):  # not empty (any more): keep it
+                    os.rmdir(directory)
+
+
+def missing_folders(path):
+    """`path` and those of its parents that do not exist yet (what os.makedirs would create)."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 # ============================================================================ preprocessing
