@@ -58,6 +58,13 @@ def replace_earlier_run(earlier_files, saved_path):
     return []
 
 
+def check_left_to_train(done, total, unit, flag):
+    """Resuming at `done` of `total` steps (or epochs) must leave something to train."""
+    if done >= total:
+        raise MeloError(f"{unit} {done} already reaches {flag}={total}: nothing to train; evaluate it with "
+                        f"--test, or train on with a larger {flag}")
+
+
 def load_checkpoint(directory, prefix, step):
     """Load `prefix`'s checkpoint of `step`; a missing one is a MeloError listing the steps that exist."""
     path = checkpoint_path(directory, prefix, step)

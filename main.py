@@ -385,10 +385,8 @@ def main(args):
             return test(trainer)
         if args.checkpoint_step >= 0:
             trainer.load(args.checkpoint_step, restore_training=True)
-            if trainer.iteration >= args.num_train_iterations:
-                raise MeloError(f"step {trainer.iteration} already reaches --num_train_iterations="
-                                f"{args.num_train_iterations}: nothing to train; evaluate it with --test, or "
-                                "train on with a larger --num_train_iterations")
+            checkpointing.check_left_to_train(trainer.iteration, args.num_train_iterations, "step",
+                                              "--num_train_iterations")
         else:
             trainer.earlier_run = checkpointing.start_fresh(args.checkpoint_dir, trainer.prefix, "--checkpoint_dir",
                                                             args.overwrite)

@@ -400,10 +400,7 @@ def main(args):
             return test(trainer)
         if args.checkpoint_step >= 0:
             trainer.load(args.checkpoint_step, restore_training=True)
-            if trainer.epoch >= args.pretrain_epochs:
-                raise MeloError(f"epoch {trainer.epoch} already reaches --pretrain_epochs={args.pretrain_epochs}: "
-                                "nothing to train; evaluate it with --test, or train on with a larger "
-                                "--pretrain_epochs")
+            checkpointing.check_left_to_train(trainer.epoch, args.pretrain_epochs, "epoch", "--pretrain_epochs")
         else:
             trainer.earlier_run = checkpointing.start_fresh(args.pretrain_log_dir, trainer.prefix,
                                                             "--pretrain_log_dir", args.overwrite)
