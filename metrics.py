@@ -66,9 +66,10 @@ def format_report(report, title):
 
 
 def publish(report, title, path):
-    """Print the report and write it as JSON to `path` (rank 0's job)."""
-    print(format_report(report, title))
+    """Write the report as JSON to `path` and print it (rank 0's job). Written first: a closed output
+    (`| head`) must not lose it."""
     write_json_atomic(report, path)
+    print(format_report(report, title))
     print(f"report written to {path}")
 
 

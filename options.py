@@ -261,9 +261,14 @@ class MeloError(Exception):
 
 
 def run_cli(main_function, argv=None):
-    """Run a script's main(args); a MeloError becomes `error: ...` on stderr and exit status 2."""
+    """Run a script's main(args); a MeloError becomes `error: ...` on stderr and exit status 2. Output
+    piped into a reader that stops early (`| head`) ends the run quietly, as other commands do."""
     try:
         main_function(parse_args(argv))
     except MeloError as error:
         sys.stderr.write(f"error: {error}\n")  # one write: the lines of several ranks do not interleave
         sys.exit(2)
+    except BrokenPipeError:
+        # Python would report the broken pipe again when it flushes stdout at exit (Python docs, signal)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

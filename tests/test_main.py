@@ -13,6 +13,7 @@ import torch
 
 import checkpointing
 import main
+import metrics
 import options
 from meta_learner import MetaLearner, last_step_weights
 from models import model_factory
@@ -305,3 +306,20 @@ def test_keep_freed_memory_follows_the_flag(keep, monkeypatch):
     monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(True))
     runtime.configure_cpu(options.parse_args([f"--keep_freed_memory={keep}"]))
     assert calls == ([True] if keep else [])
+
+
+
+def test_a_closed_output_pipe_ends_the_run_quietly_after_the_report_is_written(tmp_path, monkeypatch):
+    def reader_gone(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")  # what print raises when `| head` has exited
+
+    report = tmp_path / "report.json"
+    monkeypatch.setattr(metrics, "print", reader_gone, raising=False)
+    monkeypatch.setattr(metrics, "format_report", lambda report, title: title)
+    with pytest.raises(BrokenPipeError):
+        metrics.publish({"rmse": 1.0}, "title", str(report))
+    assert json.loads(report.read_text()) == {"rmse": 1.0}
+    # run_cli then exits with status 1 and no traceback
+    script = "import options\ndef main(args):\n    raise BrokenPipeError(32, 'Broken pipe')\noptions.run_cli(main, [])\n"
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr == ""
