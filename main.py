@@ -249,6 +249,12 @@ class MetaTrainer:
         if writer is not None:  # recorded in the checkpoints, for a resumed run to write on
             self.log_folder = os.path.basename(writer.log_dir)
         val_tasks = self.dataset.val_tasks()
+        if self.dist.is_main:
+            dataset, validated = self.dataset, len(val_tasks.support_items)
+            capped = f" (--val_size={args.val_size} capped)" if validated < args.val_size else ""
+            print(f"{args.mode}: {len(dataset.train_users)} training, {len(dataset.val_users)} validation and "
+                  f"{len(dataset.test_users)} test users, {self.data.num_items} items; validating on "
+                  f"{validated} users{capped} every {args.log_interval} iterations")
         bar = tqdm(range(self.iteration, args.num_train_iterations), initial=self.iteration,
                    total=args.num_train_iterations, disable=not self.dist.is_main, dynamic_ncols=True)
         recent = []

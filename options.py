@@ -95,7 +95,8 @@ def build_parser():
     add("--num_test_data", type=positive_int, default=1000,
         help="number of cold-start test users")
     add("--val_size", type=positive_int, default=600,
-        help="number of fixed validation tasks scored at each --log_interval")
+        help="number of fixed validation tasks scored at each --log_interval (at most the number of "
+             "validation users)")
     add("--val_fraction", type=_checked(float, 0.0, "in (0, 1)"), default=0.15,
         help="share of the non-test users held out as validation users")
     add("--batch_size", type=positive_int, default=16,

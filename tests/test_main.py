@@ -61,7 +61,9 @@ def test_training_writes_checkpoints_and_logs_and_test_reports(ratings_file, tmp
     prefix = main.run_prefix(trainer.args)
     assert sorted(os.listdir(tmp_path / "ckpt")) == [f"{prefix}_step2.pt", f"{prefix}_step4.pt"]
     assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))
-    capsys.readouterr()
+    dataset = trainer.dataset
+    assert (f"{len(dataset.train_users)} training, {len(dataset.val_users)} validation and 20 test users"
+            in capsys.readouterr().out)
     report = run(argv + ["--checkpoint_step=4", "--test"])
     printed = capsys.readouterr().out
     assert "RMSE" in printed and "mean pred" in printed
@@ -118,8 +120,11 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(ratings_file, tmp_pa
     assert extended.iteration == 6
     assert "num_train_iterations=4 (now 6)" in capsys.readouterr().err
     run(argv + [f"--checkpoint_dir={resumed_dir}", "--checkpoint_step=4", "--val_size=5", "--num_train_iterations=6"])
-    err = capsys.readouterr().err
-    assert "val_size=" in err and "chosen on other validation tasks" in err
+    printed = capsys.readouterr()
+    assert "val_size=" in printed.err and "chosen on other validation tasks" in printed.err
+    assert "validating on 5 users every 2 iterations" in printed.out
+    run(argv + [f"--checkpoint_dir={resumed_dir}", "--checkpoint_step=6", "--val_size=500", "--num_train_iterations=7"])
+    assert "(--val_size=500 capped)" in capsys.readouterr().out
     # a run that has nothing left to train says so instead of doing nothing
     with pytest.raises(SystemExit):
         options.run_cli(main.main, argv + [f"--checkpoint_dir={resumed_dir}", "--checkpoint_step=4"])
