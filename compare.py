@@ -95,8 +95,7 @@ class Config:
 
 
 def given_flags(extra):
-    """The destinations of the main.py flags explicitly present in `extra` (argparse's own matching, so
-    abbreviations count too)."""
+    """The destinations of the main.py flags explicitly present in `extra` (argparse's own matching)."""
     parser = options.build_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
