@@ -43,7 +43,7 @@ if ROOT not in sys.path:
 
 import options  # noqa: E402
 from options import MeloError  # noqa: E402
-from runtime import keep_freed_memory, select_device  # noqa: E402
+from runtime import configure_cpu, select_device  # noqa: E402
 
 METHODS = ("melo", "maml")
 
@@ -302,7 +302,7 @@ def main(argv=None):
     if args.case is not None:  # one case in this (fresh) process
         model, method, items, path = args.case.split(":")
         config = case_args(model, method, args.extra)
-        kept = config.keep_freed_memory and keep_freed_memory()  # as main.py does (runtime.configure_cpu)
+        kept = configure_cpu(config)  # as main.py does (its --num_threads: benchmark.py's own, set above)
         if path == "ratio":
             result = run_ratio(model, method, [int(n) for n in items.split("+")], args.repeats, device,
                                args.extra, args.num_users)
@@ -311,7 +311,7 @@ def main(argv=None):
         repeats = args.repeats if path == "fast" else args.reference_repeats
         result = run_case(model, method, int(items), path, repeats, device, args.extra, args.num_users)
         result.update(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-                      keep_freed_memory=bool(kept),
+                      keep_freed_memory=kept,
                       support=config.num_samples, query=config.num_query_set, length=config.max_seq_len,
                       inner_steps=config.num_inner_steps)
         print("RESULT " + json.dumps(result))

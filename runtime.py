@@ -33,11 +33,11 @@ def write_atomic(path, write, binary=True):
 
 def configure_cpu(args):
     """`--num_threads=N` caps torch's CPU threads (0 keeps PyTorch's default: one per core);
-    `--keep_freed_memory` (default) keeps freed memory in the process (`keep_freed_memory`)."""
+    `--keep_freed_memory` (default) keeps freed memory in the process (`keep_freed_memory`). Returns
+    whether freed memory is kept."""
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    if args.keep_freed_memory:
-        keep_freed_memory()
+    return bool(args.keep_freed_memory and keep_freed_memory())
 
 
 # glibc's mallopt parameters (malloc.h), and the largest mmap threshold it accepts on 64-bit systems
