@@ -32,8 +32,16 @@ def launch(processes, argv, script="main.py"):
                    f"--nproc_per_node={processes}", script, *argv]
     environment = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, timeout=300)
+    if processes > 1 and done.returncode != 0 and GLOO_TEARDOWN_ABORT in done.stderr:
+        # gloo's rare abort while two ranks shut down (README, torchrun): once more, and only for it
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, timeout=300)
     assert done.returncode == 0, done.stderr[-10000:]
     return done
+
+
+# What a rank prints when gloo aborts it while the ranks shut down (about 1 launch in 80 here, torch 2.13
+# CPU); a failure without it fails at once.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def write_ratings(tmp_path):
