@@ -22,7 +22,8 @@ from tqdm import tqdm
 import checkpointing
 import metrics
 from dataloader import SPLIT_OPTIONS, MetaDataset, load_data
-from meta_learner import build_meta_learner, last_step_weights, multi_step_loss_weights
+from meta_learner import (build_meta_learner, last_step_weights, mean_weight_by_rating, multi_step_loss_weights,
+                          weight_sums_by_rating)
 from options import MeloError, run_cli
 from runtime import Distributed, configure_cpu, seed_everything
 
@@ -35,7 +36,7 @@ SHAPE_OPTIONS = (
     "narm_embedding_dim", "narm_hidden_size", "narm_n_layers",
     "lstm_input_size", "lstm_hidden", "lstm_num_layers", "use_mlp", "use_mlp_mean", "use_step_loss",
     "loss_num_layers", "task_info_loss", "task_info_rating_mean", "task_info_rating_std",
-    "task_info_labels", "task_info_predictions",
+    "task_info_labels", "task_info_predictions", "adaptive_weights", "task_state",
 )
 
 # Options that shape the training trajectory but not the checkpoint: resuming with other values works
@@ -44,7 +45,7 @@ TRAINING_OPTIONS = (
     "num_train_iterations", "batch_size", "outer_lr", "min_outer_lr", "learn_lr", "lstm_lr", "min_lstm_lr",
     "task_info_lr", "loss_lr", "loss_weight_decay", "grad_clip", "use_multi_step",
     "multi_step_loss_num_epochs", "first_order_iterations", "num_samples", "num_query_set",
-    "use_random_sequence_length", "bert_dropout", "val_size",
+    "use_random_sequence_length", "bert_dropout", "val_size", "query_loss",
 )
 
 
@@ -182,20 +183,32 @@ class MetaTrainer:
         return checkpoint
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, tasks):
-        """Report over a fixed task set; tasks are sharded over ranks and the error sums added up."""
+    def evaluate(self, tasks, with_weights=False):
+        """Report over a fixed task set; tasks are sharded over ranks and the error sums added up.
+        `with_weights`: the report adds the adaptive loss's mean weight per rating value on the tasks'
+        support sets (none for MAML++)."""
         self.learner.eval()
         mine = tasks.select(self.dist.shard(len(tasks)))
         sums = torch.zeros(metrics.num_buckets(self.data.max_rating), len(metrics.SUM_FIELDS), dtype=torch.float64)
+        weight_sums = None
         for start in range(0, len(mine), self.args.batch_size):
             chunk = mine.select(slice(start, start + self.args.batch_size)).to(self.device)
             predicted = self.learner.predict(chunk)
             sums += metrics.error_sums(predicted, chunk.query_ratings[:, :, -1], chunk.query_mask,
                                        self.data.max_rating)
+            if with_weights and self.learner.inner_loss.has_weights:
+                found = weight_sums_by_rating(*self.learner.support_weights(chunk), self.data.max_rating)
+                weight_sums = found if weight_sums is None else weight_sums + found
         self.learner.train()
         if self.dist.enabled:
             sums = self.dist.sum_(sums.to(self.device)).cpu()
-        return metrics.report_from_sums(sums)
+            if weight_sums is not None:
+                weight_sums = self.dist.sum_(weight_sums.to(self.device)).cpu()
+        report = metrics.report_from_sums(sums)
+        if weight_sums is not None:
+            report["adaptive_weight_by_rating"], report["adaptive_weight_by_rating_per_step"] = \
+                mean_weight_by_rating(weight_sums)
+        return report
 
     # ------------------------------------------------------------------ training
     def step_weights(self):
@@ -309,15 +322,19 @@ class MetaTrainer:
         writer.flush()
 
     def log_adaptive_weights(self, writer, step):
-        """Mean weight the learned loss gives to each rating value on a fixed training meta-batch."""
-        with torch.no_grad():
-            found = self.learner.support_weights(self.dataset.train_batch(0).to(self.device))
-        if found is None:
+        """Mean weight the learned loss gives to each rating value on a fixed training meta-batch, over the
+        inner steps and at each step (the weights vary by step with --task_state=per_step)."""
+        if not self.learner.inner_loss.has_weights:
             return
-        weights, stars, mask = found
-        for value in torch.unique(stars[mask]).tolist():
-            selected = mask & (stars == value)
-            writer.add_scalar(f"adaptive_weight/rating_{value:g}", weights[selected].mean().item(), step)
+        self.learner.eval()
+        found = self.learner.support_weights(self.dataset.train_batch(0).to(self.device))
+        self.learner.train()
+        overall, per_step = mean_weight_by_rating(weight_sums_by_rating(*found, self.data.max_rating))
+        for rating, weight in overall.items():
+            writer.add_scalar(f"adaptive_weight/rating_{rating}", weight, step)
+        for k, weights in enumerate(per_step):
+            for rating, weight in weights.items():
+                writer.add_scalar(f"adaptive_weight_step{k}/rating_{rating}", weight, step)
 
 
 def open_writer(args, prefix, log_folder=None, step=0):
@@ -355,7 +372,7 @@ def test(trainer):
     best, which = checkpointing.tested_weights(checkpoint, args.checkpoint_step, args.test_best, "best_meta_state")
     if best is not None:
         trainer.learner.load_state_dict(best)
-    report = trainer.evaluate(trainer.dataset.test_tasks())
+    report = trainer.evaluate(trainer.dataset.test_tasks(), with_weights=True)
     report.update(method=trainer.prefix.rsplit("_", 1)[1], model=args.model, mode=args.mode,
                   checkpoint_step=args.checkpoint_step, weights=which, random_seed=args.random_seed)
     if trainer.dist.is_main:

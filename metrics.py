@@ -62,6 +62,9 @@ def format_report(report, title):
     for rating, row in report["per_rating"].items():
         lines.append(f"  {rating:>6} {row['count']:>7d} {row['rmse']:>7.4f} {row['mae']:>7.4f} "
                      f"{row['mean_prediction']:>9.4f}")
+    if "adaptive_weight_by_rating" in report:
+        lines.append("  adaptive loss weight by support rating (mean over inner steps): " + ", ".join(
+            f"{rating}: {weight:.3f}" for rating, weight in report["adaptive_weight_by_rating"].items()))
     return "\n".join(lines)
 
 
