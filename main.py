@@ -144,6 +144,7 @@ class MetaTrainer:
             "best_rmse": self.best["rmse"],
             "best_step": self.best["step"],
             "best_meta_state": self.best["state"],
+            "best_report": self.best.get("report"),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -164,7 +165,7 @@ class MetaTrainer:
         self.iteration = checkpoint["step"]
         self.log_folder = checkpoint.get("log_folder")
         self.best = {"rmse": checkpoint["best_rmse"], "step": checkpoint["best_step"],
-                     "state": checkpoint["best_meta_state"]}
+                     "state": checkpoint["best_meta_state"], "report": checkpoint.get("best_report")}
         if restore_training:
             saved = checkpoint.get("training_options", {})
             differing = checkpointing.option_differences(saved, vars(self.args), TRAINING_OPTIONS)
@@ -295,7 +296,7 @@ class MetaTrainer:
     def validate_and_save(self, val_tasks, writer, train_loss):
         report = self.evaluate(val_tasks)
         if report["rmse"] < self.best["rmse"]:
-            self.best = {"rmse": report["rmse"], "step": self.iteration,
+            self.best = {"rmse": report["rmse"], "step": self.iteration, "report": report,
                          "state": {k: v.detach().cpu().clone() for k, v in self.learner.state_dict().items()}}
         path = self.save()
         if self.dist.is_main:
@@ -375,6 +376,9 @@ def test(trainer):
     report = trainer.evaluate(trainer.dataset.test_tasks(), with_weights=True)
     report.update(method=trainer.prefix.rsplit("_", 1)[1], model=args.model, mode=args.mode,
                   checkpoint_step=args.checkpoint_step, weights=which, random_seed=args.random_seed)
+    if checkpoint.get("best_report") is not None and best is not None:  # what chose these weights
+        report["validation"] = {key: checkpoint["best_report"][key] for key in ("rmse", "mae", "mean_per_rating_rmse")}
+        report["validation"]["step"] = checkpoint["best_step"]
     if trainer.dist.is_main:
         metrics.publish(report, f"test {trainer.prefix}, {which}",
                         report_path(args, trainer.prefix, args.checkpoint_step))
