@@ -274,11 +274,11 @@ class MeloError(Exception):
     """A problem with the user's input or files: reported as one line, without a traceback."""
 
 
-def run_cli(main_function, argv=None):
-    """Run a script's main(args); a MeloError becomes `error: ...` on stderr and exit status 2. Output
-    piped into a reader that stops early (`| head`) ends the run quietly, as other commands do."""
+def run_cli(main_function, argv=None, parse=parse_args):
+    """Run a script's main(parse(argv)); a MeloError becomes `error: ...` on stderr and exit status 2.
+    Output piped into a reader that stops early (`| head`) ends the run quietly, as other commands do."""
     try:
-        main_function(parse_args(argv))
+        main_function(parse(argv))
     except MeloError as error:
         sys.stderr.write(f"error: {error}\n")  # one write: the lines of several ranks do not interleave
         sys.exit(2)
