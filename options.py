@@ -161,9 +161,10 @@ def build_parser():
     add("--lstm_input_size", type=positive_int, default=16, help="rating-embedding size of the encoder")
     add("--lstm_hidden", type=positive_int, default=32, help="hidden size of the rating-sequence LSTM")
     add("--lstm_num_layers", type=positive_int, default=1, help="layers of the rating-sequence LSTM")
-    add("--lstm_lr", type=non_negative_float, default=0.1,
-        help="Adam lr of the loss networks, cosine-annealed to --min_lstm_lr")
-    add("--min_lstm_lr", type=non_negative_float, default=0.01, help="floor of --lstm_lr")
+    add("--lstm_lr", type=non_negative_float, default=0.01,
+        help="Adam lr of the loss networks, cosine-annealed to --min_lstm_lr (the original's 0.1 pushed the "
+             "weights to their extremes within 25 iterations)")
+    add("--min_lstm_lr", type=non_negative_float, default=0.001, help="floor of --lstm_lr")
     add("--use_mlp", type=str2bool, default=False,
         help="weight network: an MLP fed the task statistics chosen below")
     add("--task_info_loss", type=str2bool, default=True, help="MLP input: per-position loss")
