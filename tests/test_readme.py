@@ -160,7 +160,13 @@ def check_python_c(code, where):
     return "python -c"
 
 
+def read(path):
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
 def check_pytest(argv, where):
+    """The test files exist, and every name in a `-k` expression occurs in them."""
     words = list(argv)
     selected = None
     if "-k" in words:
@@ -169,8 +175,9 @@ def check_pytest(argv, where):
     for path in paths:
         assert os.path.exists(os.path.join(REPO, path.split("::")[0])), f"{where}: no {path}"
     if selected is not None:
-        texts = "".join(open(os.path.join(REPO, p.split("::")[0])).read() for p in paths) if paths else \
-            "".join(open(p).read() for p in glob.glob(os.path.join(REPO, "tests", "test_*.py")))
+        files = [os.path.join(REPO, p.split("::")[0]) for p in paths] or \
+            glob.glob(os.path.join(REPO, "tests", "test_*.py"))
+        texts = "".join(read(file) for file in files)
         for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", selected):
             assert word in ("and", "or", "not") or word in texts, f"{where}: -k {word!r} selects nothing"
     return "pytest"
