@@ -276,7 +276,7 @@ def test_unreadable_checkpoints_and_exports_are_one_line_errors(tmp_path, conten
     args = options.parse_args(["--mode=ml-100k", f"--pretrain_log_dir={tmp_path}", "--load_pretrained=True"])
     os.replace(path, tmp_path / f"{args.model}_{args.mode}_pretrained.pt")
     with pytest.raises(options.MeloError) as export_error:
-        main.load_pretrained(args, SimpleNamespace(backbone=model_factory(args, 10)))
+        main.load_pretrained(args, SimpleNamespace(backbone=model_factory(args, 10)), "0")
     assert "pretrained" in str(export_error.value) and len(str(export_error.value).splitlines()) == 1
 
 
