@@ -156,8 +156,7 @@ class MetaTrainer:
             "data_fingerprint": self.fingerprint,
             "shape_options": self.shape,
             "training_options": {key: getattr(self.args, key) for key in TRAINING_OPTIONS},
-            # interrupted between this step's update and the end of its validation: a resume validates it
-            "pending_validation": self.is_log_step(self.iteration) and self.validated != self.iteration,
+            "pending_validation": self.validation_pending(),
             "recent_losses": list(self.recent),
             "meta_state": {k: v.detach().cpu().clone() for k, v in self.learner.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
@@ -226,8 +225,12 @@ class MetaTrainer:
         return metrics.report_from_sums(sums)
 
     # ------------------------------------------------------------------ training
-    def is_log_step(self, iteration):
-        return iteration % self.args.log_interval == 0 or iteration == self.args.num_train_iterations
+    def validation_pending(self):
+        """Stopped between a log step's update and the end of its validation (or at a resumed step whose
+        validation was stopped): the saved step is marked, and a resume validates it first."""
+        args, step = self.args, self.iteration
+        return self.validated != step and (self.validated is None or step % args.log_interval == 0
+                                           or step == args.num_train_iterations)
 
     def step_weights(self):
         args = self.args
@@ -290,7 +293,7 @@ class MetaTrainer:
         bar = tqdm(range(self.iteration, args.num_train_iterations), initial=self.iteration,
                    total=args.num_train_iterations, disable=not self.dist.is_main, dynamic_ncols=True)
         try:
-            if self.validated != self.iteration:  # resumed at a step whose validation was interrupted
+            if self.validation_pending():  # resumed at a step whose validation was interrupted
                 self.validate_and_save(val_tasks, writer)
             for _ in bar:
                 loss = self.train_step()
@@ -300,13 +303,13 @@ class MetaTrainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if writer is not None:
                     writer.add_scalar("train/outer_loss", loss, self.iteration)
-                if self.is_log_step(self.iteration):
+                if self.validation_pending():
                     self.validate_and_save(val_tasks, writer)
         except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (runtime.sigterm_as_interrupt)
             what, status = interruption(error)
             path = self.save()
             pending = (" before its validation finished (the resumed run validates it first)"
-                       if self.is_log_step(self.iteration) and self.validated != self.iteration else "")
+                       if self.validation_pending() else "")
             print(f"\n{what}: saved step {self.iteration} to {path}{pending}; resume with "
                   f"--checkpoint_step={self.iteration}", file=sys.stderr)
             raise SystemExit(status)
@@ -439,7 +442,7 @@ def main(args):
             checkpointing.claim_run(dist, lock, {"--checkpoint_dir": args.checkpoint_dir, "--log_dir": args.log_dir})
             if args.checkpoint_step >= 0:
                 trainer.load(args.checkpoint_step, restore_training=True)
-                if trainer.validated == trainer.iteration:  # else its validation is left to do
+                if not trainer.validation_pending():  # else its validation is left to do
                     checkpointing.check_left_to_train(trainer.iteration, args.num_train_iterations, "step",
                                                       "--num_train_iterations")
             else:

@@ -252,6 +252,14 @@ def test_command_line_errors_are_one_line_without_traceback(ratings_file, tmp_pa
     (["--bert_dropout=1"], "--bert_dropout must be in [0, 1), got 1.0"),
     (["--model=bert"], "invalid choice: 'bert'"),
     (["--num_train_iteration=5"], "unrecognized arguments: --num_train_iteration=5"),  # no abbreviations
+    # values that would fail deep inside a run, or silently do nothing
+    (["--outer_lr=1e300"], "argument --outer_lr: must be a finite number"),
+    (["--lstm_lr=nan"], "argument --lstm_lr: must be a finite number"),
+    (["--inner_lr=inf"], "argument --inner_lr: must be a finite number"),
+    (["--default_rating=-inf"], "argument --default_rating: must be a finite number"),
+    (["--checkpoint_step=-5"], "--checkpoint_step must be a saved step (>= 0) or -1 (none), got -5"),
+    (["--num_train_iterations=0"], "argument --num_train_iterations: must be >= 1, got 0"),
+    (["--csv_columns=user,item,rating"], "--csv_columns must name user, item, rating, timestamp once each"),
 ])
 def test_flag_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

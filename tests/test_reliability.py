@@ -18,7 +18,7 @@ import main
 import metrics
 import options
 import train_original
-from runtime import Distributed
+from runtime import Distributed, Terminated
 
 import synthetic as sy
 from test_main import REPO, flags, run
@@ -230,6 +230,8 @@ def test_sigterm_and_ctrl_c_save_the_latest_state_and_a_resume_equals_an_uninter
         assert saved["step"] == step and saved["pending_validation"] == (where == "validation")
         if where == "validation":
             assert "before its validation finished" in err and saved["best_step"] == 2
+            run(argv + [f"--checkpoint_dir={folder}", "--checkpoint_step=4", "--test"])
+            assert "saved before its own validation finished" in capsys.readouterr().err
         resumed = run(argv + [f"--checkpoint_dir={folder}", f"--log_dir={folder}/runs", f"--checkpoint_step={step}"])
         assert resumed.best["step"] == uninterrupted.best["step"] and resumed.best["rmse"] == uninterrupted.best["rmse"]
         for key, value in uninterrupted.learner.state_dict().items():
@@ -237,6 +239,22 @@ def test_sigterm_and_ctrl_c_save_the_latest_state_and_a_resume_equals_an_uninter
         # the first "train loss" after the resume averages the same iterations as without the stop
         line = next(line for line in printed.splitlines() if line.startswith("step 4: train loss"))
         assert line.split(" | ")[0] in capsys.readouterr().out
+
+
+def test_sigterm_stops_train_original_at_the_last_finished_epoch(ratings_file, tmp_path, monkeypatch, capsys):
+    original = train_original.BaselineTrainer.train_epoch
+
+    def terminated_in_epoch_2(self, bar):
+        if self.epoch == 1:
+            raise Terminated()  # what runtime.sigterm_as_interrupt raises on SIGTERM
+        return original(self, bar)
+
+    monkeypatch.setattr(train_original.BaselineTrainer, "train_epoch", terminated_in_epoch_2)
+    with pytest.raises(SystemExit) as exit_info:
+        train_original.main(options.parse_args(gru4rec(ratings_file, tmp_path, f"--pretrain_log_dir={tmp_path}/pre")))
+    assert exit_info.value.code == 143
+    assert "terminated (SIGTERM) in epoch 2; resume with --checkpoint_step=1" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "pre")) == ["gru4rec_ml-100k_basic_step1.pt"]
 
 
 # ============================================================================ data fingerprints
@@ -305,23 +323,6 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_saved(ratings_file, tmp_path
     assert last.startswith(f"error: could not write {ckpt}/{PREFIX}_step4.pt") and "file-size limit" in last, done.stderr
     assert "Traceback" not in done.stderr
     assert sorted(os.listdir(ckpt)) == [f"{PREFIX}_step2.pt"] and (ckpt / f"{PREFIX}_step2.pt").read_bytes() == before
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--outer_lr=1e300"], "argument --outer_lr: must be a finite number"),
-    (["--lstm_lr=nan"], "argument --lstm_lr: must be a finite number"),
-    (["--inner_lr=inf"], "argument --inner_lr: must be a finite number"),
-    (["--default_rating=-inf"], "argument --default_rating: must be a finite number"),
-    (["--checkpoint_step=-5"], "--checkpoint_step must be a saved step (>= 0) or -1 (none), got -5"),
-    (["--num_train_iterations=0"], "argument --num_train_iterations: must be >= 1, got 0"),
-    (["--csv_columns=user,item,rating"], "--csv_columns must name user, item, rating, timestamp once each"),
-])
-def test_flag_values_that_would_fail_later_are_refused(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        options.parse_args(argv)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], lines
 
 
 ROWS = "".join(f"u{i},i{i % 3},4.0,{1400000000 + i}\n" for i in range(12))
