@@ -3,6 +3,7 @@
 A checkpoint holds tensors and plain Python values only, so it loads with `weights_only=True`.
 It is written to a temporary file in the same folder and renamed, so a crash never leaves a broken one.
 """
+import contextlib
 import fcntl
 import os
 import pickle
@@ -86,6 +87,10 @@ class RunLock:
                 handle.close()
                 raise MeloError(f"another {self.prefix} run is writing to {self.directory} (it holds "
                                 f"{self.path}): wait until it has finished, or use another {self.flag}") from None
+            except OSError as error:  # a file system without locks
+                handle.close()
+                raise MeloError(f"cannot lock {self.path} ({error.strerror or error}): use a {self.flag} on a "
+                                "local file system") from None
             try:  # the holder may have released and removed the file between our open and flock
                 current = os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path))
             except FileNotFoundError:
@@ -102,7 +107,8 @@ class RunLock:
 
     def release(self):
         if self.handle is not None:
-            os.remove(self.path)  # while still holding it: a run that opens it now locks a file of its own
+            with contextlib.suppress(FileNotFoundError):  # while still holding it: a run that opens
+                os.remove(self.path)                       # it now locks a file of its own
             self.handle.close()
             self.handle = None
 

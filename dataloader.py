@@ -463,11 +463,11 @@ def _read_csv_ratings(path, mode, columns=""):
     fields = next(csv.reader([first]))
     if len(fields) != 4:
         raise _fail(path, number, fmt.field_count_problem(fields, first))
-    has_header = not _is_number(fields[2])
-    fmt.header = has_header or None
     if columns:
         fmt.order = _column_order(columns)
-    elif has_header:
+    has_header = not _is_number(fields[fmt.order[2]])  # a header names the rating column, data rate there
+    fmt.header = has_header or None
+    if has_header and not columns:
         fmt.order = _header_order(fields)
         if fmt.order is None:  # guessing would swap users and items without a word
             understood = "; ".join(f"{role}: {', '.join(names)}" for role, names in HEADER_NAMES.items())

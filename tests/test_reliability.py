@@ -369,3 +369,8 @@ def test_csv_columns_reads_a_header_it_does_not_know(tmp_path):
     data = dl.load_data(sy.make_args("amazon", str(path), tmp_path, min_item=1, min_sequence=2,
                                      csv_columns="item,user,rating,timestamp"))
     assert list(data.user_ids) == ["u0", "u1"] and data.num_items == 12 and data.item_ids[0] == "i0"
+    # without a header, with the rating last (dates in the third column)
+    path.write_text("".join(f"i{i},u{i % 2},2014-01-{1 + i:02d},{1 + i % 5}.0\n" for i in range(12)))
+    data = dl.load_data(sy.make_args("amazon", str(path), tmp_path, min_item=1, min_sequence=2,
+                                     csv_columns="item,user,timestamp,rating"))
+    assert list(data.user_ids) == ["u0", "u1"] and sorted(set(data.ratings.tolist())) == [1, 2, 3, 4, 5]
