@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from options import MeloError
 from runtime import write_atomic
 
 SUM_FIELDS = ("count", "squared_error", "absolute_error", "prediction")
@@ -70,12 +71,34 @@ def format_report(report, title):
 
 def publish(report, title, path):
     """Write the report as JSON to `path` and print it (rank 0's job). Written first: a closed output
-    (`| head`) must not lose it."""
-    write_json_atomic(report, path)
+    (`| head`) must not lose it; when it cannot be written, the numbers are printed before the error.
+    Non-finite numbers (diverged weights) are written as null, and the run then fails."""
+    try:
+        write_json_atomic(report, path)
+    except OSError as error:
+        print(format_report(report, title))
+        raise MeloError(f"the report could not be written to {path} ({error.strerror or error}): the numbers "
+                        "above are all there is") from None
     print(format_report(report, title))
     print(f"report written to {path}")
+    if finite_or_null(report) != report:  # a nan or inf became None
+        raise MeloError(f"the report holds non-finite numbers (written as null to {path}): these weights "
+                        "predict nan or inf; test another step")
+
+
+def finite_or_null(value):
+    """`value` with every non-finite float replaced by None, so that the JSON holds null (not NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def write_json_atomic(data, path):
-    """Write JSON all at once (`runtime.write_atomic`): never a half-written report."""
-    write_atomic(path, lambda out: json.dump(data, out, indent=2, sort_keys=True), binary=False)
+    """Write JSON all at once (`runtime.write_atomic`): never a half-written report, and never a NaN token
+    (standard JSON has none)."""
+    write_atomic(path, lambda out: json.dump(finite_or_null(data), out, indent=2, sort_keys=True, allow_nan=False),
+                 binary=False)

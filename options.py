@@ -7,11 +7,17 @@ Flag names, meanings and defaults follow the original MELO project. Booleans are
 `--flag=True` / `--flag=False`.
 """
 import argparse
+import math
 import os
 import sys
 
 MODES = ("ml-1m", "ml-10m", "ml-100k", "amazon", "yelp")
 MODELS = ("bert4rec", "sasrec", "gru4rec", "narm")
+
+# The four columns of a ratings file, in the order MELO reads them (--csv_columns names them in file order).
+COLUMN_ROLES = ("user", "item", "rating", "timestamp")
+# Float flags become float32 tensors (learning rates in Adam, ratings): larger values overflow there.
+FLOAT32_MAX = 3.4028234663852886e38
 
 # Where each mode's ratings live when --data_path is not given (MovieLens is downloaded there).
 DEFAULT_DATA_PATHS = {
@@ -34,14 +40,17 @@ def str2bool(text):
 
 
 def _checked(kind, minimum, what):
-    """An argparse type that converts with `kind` and rejects values below `minimum`."""
+    """An argparse type that converts with `kind` and rejects values below `minimum` (`None`: no bound);
+    floats must be finite within float32's range (nan, inf or 1e300 would fail deep inside training)."""
 
     def convert(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if value < minimum:
+        if kind is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise argparse.ArgumentTypeError(f"must be a finite number of at most {FLOAT32_MAX:.3g}, got {text}")
+        if minimum is not None and value < minimum:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
 
@@ -51,6 +60,7 @@ def _checked(kind, minimum, what):
 non_negative_int = _checked(int, 0, ">= 0")
 positive_int = _checked(int, 1, ">= 1")
 non_negative_float = _checked(float, 0.0, ">= 0")
+finite_float = _checked(float, None, "")
 
 
 class CommandLineParser(argparse.ArgumentParser):
@@ -105,7 +115,14 @@ def build_parser():
         help="seeds the user split, every task, dropout and the training order")
     add("--use_random_sequence_length", type=str2bool, default=False,
         help="training tasks use a random window length instead of max_seq_len")
-    add("--default_rating", type=float, default=0,
+    add("--keep_duplicates", type=str2bool, default=False,
+        help="keep every rating of a (user, item) pair; by default only the latest one (by time, then file "
+             "order) is kept, so that a repeated rating cannot put a test target into the support set")
+    add("--csv_columns", default="",
+        help="Amazon / Yelp CSV: what the file's four columns hold, in file order, e.g. "
+             "item,user,rating,timestamp (overrides the header names; needed for a header MELO does not "
+             "know; empty = from the header, or user,item,rating,timestamp without one)")
+    add("--default_rating", type=finite_float, default=0,
         help="rating value written at padded positions (masks come from item id 0)")
 
     # ---------------------------------------------------------------- model
@@ -128,7 +145,7 @@ def build_parser():
     # ---------------------------------------------------------------- meta-learning
     meta = parser.add_argument_group("meta-training (main.py)")
     add = meta.add_argument
-    add("--num_train_iterations", type=non_negative_int, default=2000, help="outer iterations")
+    add("--num_train_iterations", type=positive_int, default=2000, help="outer iterations")
     add("--num_inner_steps", type=positive_int, default=3, help="inner-loop gradient steps per task")
     add("--inner_lr", type=non_negative_float, default=1e-3,
         help="initial value of every learned inner learning rate")
@@ -256,6 +273,11 @@ def validate(parser, args):
     if args.bert_hidden_units % args.bert_num_heads:
         parser.error(f"--bert_hidden_units ({args.bert_hidden_units}) must be divisible by "
                      f"--bert_num_heads ({args.bert_num_heads})")
+    if args.checkpoint_step < -1:
+        parser.error(f"--checkpoint_step must be a saved step (>= 0) or -1 (none), got {args.checkpoint_step}")
+    if args.csv_columns and sorted(args.csv_columns.split(",")) != sorted(COLUMN_ROLES):
+        parser.error(f"--csv_columns must name {', '.join(COLUMN_ROLES)} once each, in the file's column "
+                     f"order, got {args.csv_columns!r}")
     if args.test and args.checkpoint_step < 0 and not args.test_baseline:
         parser.error("--test needs --checkpoint_step=N (the step to evaluate)")
 
