@@ -349,16 +349,21 @@ def make_args(mode, data_path, tmp_path, **flags):
     return parse_args(argv)
 
 
-def main(argv=None):
-    """`python tests/synthetic.py u.data`: a calibrated, GroupLens-format u.data for studies."""
+def build_parser():
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write a generated ratings file in MovieLens' format.")
+    parser = argparse.ArgumentParser(description="Write a generated ratings file in MovieLens' format.",
+                                     allow_abbrev=False)
     parser.add_argument("path", help="file to write, e.g. u.data")
     parser.add_argument("--format", default="ml-100k", choices=("ml-100k", "ml-1m"), help="file format")
     parser.add_argument("--profile", default="ml-100k", choices=sorted(PROFILES), help="generator setting")
     parser.add_argument("--seed", type=int, default=100, help="generator seed")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    """`python tests/synthetic.py u.data`: a calibrated, GroupLens-format u.data for studies."""
+    args = build_parser().parse_args(argv)
     sizes = PROFILES[args.profile]
     frame = write_movielens(args.path, fmt=args.format, num_users=sizes["num_users"],
                             num_items=sizes["num_items"], seed=args.seed, profile=args.profile)
