@@ -3,28 +3,13 @@ reuse of finished runs, pretraining once per seed, refusals."""
 import json
 
 import pytest
-import torch
 
 import ablation
 import compare
 from options import MeloError
 
-from test_compare import in_process, no_runs  # noqa: F401 (the in-process stand-in for subprocesses)
-from synthetic import write_movielens
-
-
-@pytest.fixture(scope="module")
-def ratings_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "u.data"
-    write_movielens(str(path), fmt="ml-100k", num_users=120, num_items=80, seed=3)
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+# the same generated file and thread-count guard as compare.py's tests, and its in-process stand-in
+from test_compare import in_process, keep_thread_count, no_runs, ratings_file  # noqa: F401
 
 
 def argv(ratings_file, tmp_path, *extra):
