@@ -1,15 +1,27 @@
-"""Rating-prediction reports in stars: RMSE, MAE, and the same per rating value.
+"""Rating-prediction reports in stars: RMSE, MAE, and the same per rating value, per query window and
+per user; the per-target predictions as CSV; the paired bootstrap that compares two methods.
 
 Errors are first accumulated as sums per half-star bucket (count, squared error, absolute error,
 prediction), so batches, and processes under torchrun, can be added up before the report is made.
 The per-rating table is the point of MELO: a user's rare ratings are where plain MAML fails.
+
+A report's top-level figures count every query window (a test user's --num_query_set windows all end on
+the same target item, so each target counts that many times); `report["per_user"]` holds the same figures
+with each user's windows averaged first (squared error, absolute error and prediction), so that every
+user counts once.
 """
 import json
 import math
+import os
 
+import numpy as np
+import pandas as pd
 import torch
 
 from runtime import write_atomic
+
+# Columns of the per-target CSV written beside every test report (see prediction_frame).
+PREDICTION_COLUMNS = ("user", "window", "item", "rating", "window_length", "prediction")
 
 SUM_FIELDS = ("count", "squared_error", "absolute_error", "prediction")
 
@@ -22,11 +34,41 @@ def error_sums(predicted_stars, target_stars, mask, max_rating):
     """Sums per half-star target bucket: float64 tensor [buckets, 4] in SUM_FIELDS order."""
     predicted = predicted_stars[mask].double()
     target = target_stars[mask].double()
-    buckets = torch.round(target * 2).long().clamp(0, num_buckets(max_rating) - 1)
     values = torch.stack([torch.ones_like(target), (predicted - target) ** 2,
                           (predicted - target).abs(), predicted], dim=1)
+    return bucket_sums(target, values, max_rating)
+
+
+def bucket_sums(target, values, max_rating):
+    """Rows of `values` [N, 4] added up by the half-star bucket of `target` [N]."""
+    buckets = torch.round(target * 2).long().clamp(0, num_buckets(max_rating) - 1)
     sums = torch.zeros(num_buckets(max_rating), len(SUM_FIELDS), dtype=torch.float64, device=values.device)
     return sums.index_add_(0, buckets, values).cpu()
+
+
+def per_user_sums(predicted_stars, target_stars, mask, max_rating):
+    """Like error_sums, but each task (user) [T, Q] counts once: its real windows' squared error,
+    absolute error and prediction are averaged first (all of a user's windows share one target)."""
+    predicted, target, real = predicted_stars.double(), target_stars.double(), mask.double()
+    windows = real.sum(1)
+    scored = windows > 0
+
+    def mean(values):
+        return (values * real).sum(1)[scored] / windows[scored]
+
+    first = target[scored].gather(1, mask[scored].long().argmax(1, keepdim=True)).squeeze(1)
+    values = torch.stack([torch.ones_like(first), mean((predicted - target) ** 2),
+                          mean((predicted - target).abs()), mean(predicted)], dim=1)
+    return bucket_sums(first, values, max_rating)
+
+
+def task_report(predicted_stars, tasks, max_rating):
+    """The report of predictions [T, Q] (stars) of the last position of `tasks`' query windows: per
+    window at the top level, per user under "per_user"."""
+    target, mask = tasks.query_ratings[:, :, -1], tasks.query_mask
+    report = report_from_sums(error_sums(predicted_stars, target, mask, max_rating))
+    report["per_user"] = report_from_sums(per_user_sums(predicted_stars, target, mask, max_rating))
+    return report
 
 
 def report_from_sums(sums):
@@ -62,15 +104,82 @@ def format_report(report, title):
     for rating, row in report["per_rating"].items():
         lines.append(f"  {rating:>6} {row['count']:>7d} {row['rmse']:>7.4f} {row['mae']:>7.4f} "
                      f"{row['mean_prediction']:>9.4f}")
+    if "per_user" in report:
+        user = report["per_user"]
+        lines[0] = lines[0].replace("targets)", "query windows; per window)")
+        lines.append(f"  per user (each user's windows averaged first): RMSE {user['rmse']:.4f}  "
+                     f"MAE {user['mae']:.4f}  mean per-rating RMSE {user['mean_per_rating_rmse']:.4f}  "
+                     f"({user['count']} users)")
     return "\n".join(lines)
 
 
-def publish(report, title, path):
-    """Write the report as JSON to `path` and print it (rank 0's job). Written first: a closed output
-    (`| head`) must not lose it."""
+def prediction_frame(tasks, predicted_stars, data):
+    """One row per real query window of `tasks`: original user id, window index, original target item id,
+    true rating, window length (real positions) and prediction, all in stars."""
+    mask = tasks.query_mask.numpy()
+    task, window = np.nonzero(mask)
+    items = tasks.query_items.numpy()
+    return pd.DataFrame({
+        "user": data.user_ids[tasks.users.numpy()[task]],
+        "window": window,
+        "item": data.item_ids[items[task, window, -1] - 1],
+        "rating": tasks.query_ratings[:, :, -1].numpy()[task, window].astype(np.float64),
+        "window_length": (items[task, window] != 0).sum(-1),
+        "prediction": predicted_stars.detach().cpu().double().numpy()[task, window],
+    }, columns=list(PREDICTION_COLUMNS))
+
+
+def predictions_path(report_path):
+    """The per-target CSV beside a JSON report: `<name>.json` -> `<name>.csv`."""
+    return os.path.splitext(report_path)[0] + ".csv"
+
+
+def publish(report, title, path, predictions=None):
+    """Write the report as JSON to `path` (and the `predictions` frame as CSV beside it) and print it
+    (rank 0's job). Written first: a closed output (`| head`) must not lose them."""
     write_json_atomic(report, path)
+    if predictions is not None:
+        write_atomic(predictions_path(path), lambda out: predictions.to_csv(out, index=False), binary=False)
     print(format_report(report, title))
-    print(f"report written to {path}")
+    print(f"report written to {path}" + (f", predictions to {predictions_path(path)}"
+                                         if predictions is not None else ""))
+
+
+# ============================================================================ paired comparison
+def per_user_errors(frame):
+    """Per user of a prediction CSV: the mean squared error over its windows and its target rating,
+    as a DataFrame indexed by user."""
+    errors = frame.assign(squared_error=(frame["prediction"] - frame["rating"]) ** 2)
+    return errors.groupby("user", sort=True).agg(squared_error=("squared_error", "mean"), rating=("rating", "first"))
+
+
+def _scores(weights, squared_error, onehot):
+    """RMSE and mean per-rating RMSE [B] of users weighted by `weights` [B, U] (0 = left out)."""
+    rmse = np.sqrt(weights @ squared_error / weights.sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_rating = np.sqrt((weights @ (onehot * squared_error[:, None])) / (weights @ onehot))
+    return rmse, np.nanmean(per_rating, axis=1)  # a rating no resampled user has is left out
+
+
+def paired_bootstrap(errors_a, errors_b, ratings, resamples=1000, seed=0, level=0.95):
+    """The difference A - B of per-user RMSE and of mean per-rating RMSE, with a percentile bootstrap
+    interval: the same users (drawn with replacement, `resamples` times, from numpy's generator of `seed`)
+    score both methods, so the interval is paired. `errors_a`, `errors_b`: per-user mean squared errors
+    on the same users; `ratings`: their target ratings (the per-rating buckets)."""
+    errors_a, errors_b = np.asarray(errors_a, np.float64), np.asarray(errors_b, np.float64)
+    buckets = np.round(2 * np.asarray(ratings, np.float64)).astype(np.int64)
+    onehot = (buckets[:, None] == np.unique(buckets)[None, :]).astype(np.float64)
+    users = len(errors_a)
+    rng = np.random.default_rng(seed)
+    weights = np.stack([np.bincount(rng.integers(0, users, users), minlength=users) for _ in range(resamples)])
+    weights = weights.astype(np.float64)
+    everyone = np.ones((1, users))
+    resampled = [a - b for a, b in zip(_scores(weights, errors_a, onehot), _scores(weights, errors_b, onehot))]
+    observed = [a - b for a, b in zip(_scores(everyone, errors_a, onehot), _scores(everyone, errors_b, onehot))]
+    tail = 100 * (1 - level) / 2
+    return {key: {"difference": float(point[0]), "low": float(np.percentile(spread, tail)),
+                  "high": float(np.percentile(spread, 100 - tail))}
+            for key, point, spread in zip(("rmse", "mean_per_rating_rmse"), observed, resampled)}
 
 
 def write_json_atomic(data, path):

@@ -171,7 +171,7 @@ def test_task_chunks_give_the_same_update(ratings_file, tmp_path):
 
 def test_mean_rating_baseline_reports_on_the_same_targets(ratings_file, tmp_path):
     argv = flags(ratings_file, tmp_path)
-    report = run(argv + ["--test_baseline"])
+    report = run(argv + ["--test_baseline", "--baseline=mean-rating"])["mean-rating"]
     assert report["count"] == 20 * 2
     assert all(row["mean_prediction"] == pytest.approx(report["prediction"]) for row in report["per_rating"].values())
     assert os.path.exists(tmp_path / "ckpt" / "mean-rating_ml-100k.test.json")
