@@ -392,7 +392,7 @@ def paired_difference(melo, other, resamples, seed):
                         "data flags? Use another --results_dir")
     a = metrics.per_user_errors(joined[keys + ["rating", "prediction"]])
     b = metrics.per_user_errors(joined[keys + ["rating"]].assign(prediction=joined["prediction_other"]))
-    return metrics.paired_bootstrap(a["squared_error"], b["squared_error"], a["rating"], resamples, seed)
+    return metrics.paired_bootstrap(a["squared_error"], b["squared_error"], a["windows"], a["rating"], resamples, seed)
 
 
 def mean_std(values):

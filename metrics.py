@@ -7,8 +7,8 @@ The per-rating table is the point of MELO: a user's rare ratings are where plain
 
 A report's top-level figures count every query window (a test user's --num_query_set windows all end on
 the same target item, so each target counts that many times); `report["per_user"]` holds the same figures
-with each user's windows averaged first (squared error, absolute error and prediction), so that every
-user counts once.
+with each user scored once: its windows' predictions are averaged into one prediction of its target.
+(Averaging the squared errors instead would change nothing: every user has the same number of windows.)
 """
 import json
 import math
@@ -47,19 +47,16 @@ def bucket_sums(target, values, max_rating):
 
 
 def per_user_sums(predicted_stars, target_stars, mask, max_rating):
-    """Like error_sums, but each task (user) [T, Q] counts once: its real windows' squared error,
-    absolute error and prediction are averaged first (all of a user's windows share one target)."""
-    predicted, target, real = predicted_stars.double(), target_stars.double(), mask.double()
+    """Like error_sums, but each task (user) of [T, Q] counts once, with the mean of its real windows'
+    predictions as its one prediction (all of a user's windows share one target)."""
+    real = mask.double()
     windows = real.sum(1)
     scored = windows > 0
-
-    def mean(values):
-        return (values * real).sum(1)[scored] / windows[scored]
-
-    first = target[scored].gather(1, mask[scored].long().argmax(1, keepdim=True)).squeeze(1)
-    values = torch.stack([torch.ones_like(first), mean((predicted - target) ** 2),
-                          mean((predicted - target).abs()), mean(predicted)], dim=1)
-    return bucket_sums(first, values, max_rating)
+    prediction = (predicted_stars.double() * real).sum(1)[scored] / windows[scored]
+    target = target_stars.double()[scored].gather(1, mask[scored].long().argmax(1, keepdim=True)).squeeze(1)
+    values = torch.stack([torch.ones_like(target), (prediction - target) ** 2, (prediction - target).abs(),
+                          prediction], dim=1)
+    return bucket_sums(target, values, max_rating)
 
 
 def task_report(predicted_stars, tasks, max_rating):
@@ -107,7 +104,7 @@ def format_report(report, title):
     if "per_user" in report:
         user = report["per_user"]
         lines[0] = lines[0].replace("targets)", "query windows; per window)")
-        lines.append(f"  per user (each user's windows averaged first): RMSE {user['rmse']:.4f}  "
+        lines.append(f"  per user (its windows' mean prediction, scored once): RMSE {user['rmse']:.4f}  "
                      f"MAE {user['mae']:.4f}  mean per-rating RMSE {user['mean_per_rating_rmse']:.4f}  "
                      f"({user['count']} users)")
     return "\n".join(lines)
@@ -147,39 +144,46 @@ def publish(report, title, path, predictions=None):
 
 # ============================================================================ paired comparison
 def per_user_errors(frame):
-    """Per user of a prediction CSV: the mean squared error over its windows and its target rating,
-    as a DataFrame indexed by user."""
+    """Per user of a prediction CSV (indexed by user): the sum of its windows' squared errors, their
+    number, and its target rating."""
     errors = frame.assign(squared_error=(frame["prediction"] - frame["rating"]) ** 2)
-    return errors.groupby("user", sort=True).agg(squared_error=("squared_error", "mean"), rating=("rating", "first"))
+    return errors.groupby("user", sort=True).agg(squared_error=("squared_error", "sum"),
+                                                 windows=("squared_error", "size"), rating=("rating", "first"))
 
 
-def _scores(weights, squared_error, onehot):
-    """RMSE and mean per-rating RMSE [B] of users weighted by `weights` [B, U] (0 = left out)."""
-    rmse = np.sqrt(weights @ squared_error / weights.sum(1))
+def _scores(weights, squared_error, windows, onehot):
+    """Per-window RMSE and mean per-rating RMSE [B] of the users weighted by `weights` [B, U] (how often
+    each user was drawn; all of its windows come with it)."""
+    rmse = np.sqrt(weights @ squared_error / (weights @ windows))
     with np.errstate(invalid="ignore", divide="ignore"):
-        per_rating = np.sqrt((weights @ (onehot * squared_error[:, None])) / (weights @ onehot))
-    return rmse, np.nanmean(per_rating, axis=1)  # a rating no resampled user has is left out
+        per_rating = np.sqrt((weights @ (onehot * squared_error[:, None])) / (weights @ (onehot * windows[:, None])))
+    return rmse, np.nanmean(per_rating, axis=1)  # a rating no drawn user has is left out
 
 
-def paired_bootstrap(errors_a, errors_b, ratings, resamples=1000, seed=0, level=0.95):
-    """The difference A - B of per-user RMSE and of mean per-rating RMSE, with a percentile bootstrap
-    interval: the same users (drawn with replacement, `resamples` times, from numpy's generator of `seed`)
-    score both methods, so the interval is paired. `errors_a`, `errors_b`: per-user mean squared errors
-    on the same users; `ratings`: their target ratings (the per-rating buckets)."""
-    errors_a, errors_b = np.asarray(errors_a, np.float64), np.asarray(errors_b, np.float64)
+def paired_bootstrap(squared_a, squared_b, windows, ratings, resamples=1000, seed=0, level=0.95):
+    """The difference A - B of the per-window RMSE and mean per-rating RMSE, with a percentile bootstrap
+    interval over users: whole users (all of their windows, which are not independent of each other) are
+    drawn with replacement, `resamples` times, from numpy's generator of `seed`, and the same draw scores
+    both methods, so the interval is paired. Per user, on the same users: `squared_a`, `squared_b` the sums
+    of its windows' squared errors, `windows` their number, `ratings` its target rating."""
+    squared_a, squared_b = np.asarray(squared_a, np.float64), np.asarray(squared_b, np.float64)
+    windows = np.asarray(windows, np.float64)
     buckets = np.round(2 * np.asarray(ratings, np.float64)).astype(np.int64)
     onehot = (buckets[:, None] == np.unique(buckets)[None, :]).astype(np.float64)
-    users = len(errors_a)
+    users = len(squared_a)
     rng = np.random.default_rng(seed)
     weights = np.stack([np.bincount(rng.integers(0, users, users), minlength=users) for _ in range(resamples)])
     weights = weights.astype(np.float64)
     everyone = np.ones((1, users))
-    resampled = [a - b for a, b in zip(_scores(weights, errors_a, onehot), _scores(weights, errors_b, onehot))]
-    observed = [a - b for a, b in zip(_scores(everyone, errors_a, onehot), _scores(everyone, errors_b, onehot))]
+
+    def difference(draws):
+        return [a - b for a, b in zip(_scores(draws, squared_a, windows, onehot),
+                                      _scores(draws, squared_b, windows, onehot))]
+
     tail = 100 * (1 - level) / 2
     return {key: {"difference": float(point[0]), "low": float(np.percentile(spread, tail)),
                   "high": float(np.percentile(spread, 100 - tail))}
-            for key, point, spread in zip(("rmse", "mean_per_rating_rmse"), observed, resampled)}
+            for key, point, spread in zip(("rmse", "mean_per_rating_rmse"), difference(everyone), difference(weights))}
 
 
 def write_json_atomic(data, path):

@@ -88,9 +88,10 @@ def assert_predictions_match_report(report_path, report):
         row = report["per_rating"][f"{rating:g}"]
         assert row["count"] == len(rows)
         assert math.sqrt(((rows["prediction"] - rows["rating"]) ** 2).mean()) == pytest.approx(row["rmse"], rel=1e-9)
-    per_user = frame.assign(se=error ** 2).groupby("user")["se"].mean()
+    per_user = frame.groupby("user")[["prediction", "rating"]].mean()  # one prediction per user: its windows' mean
     assert report["per_user"]["count"] == len(per_user)
-    assert math.sqrt(per_user.mean()) == pytest.approx(report["per_user"]["rmse"], rel=1e-9)
+    assert math.sqrt(((per_user["prediction"] - per_user["rating"]) ** 2).mean()) == \
+        pytest.approx(report["per_user"]["rmse"], rel=1e-9)
     assert (frame["window_length"] >= 2).all() and frame["window_length"].max() <= 10
 
 
@@ -158,7 +159,8 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
         paired = section_rows(text, "## Paired differences per user")
         for other in ("maml", "finetune", "basic"):
             base = metrics.per_user_errors(pd.read_csv(metrics.predictions_path(str(reports[(other, model)]))))
-            expected = metrics.paired_bootstrap(melo["squared_error"], base["squared_error"], melo["rating"], 200, 0)
+            expected = metrics.paired_bootstrap(melo["squared_error"], base["squared_error"], melo["windows"],
+                                                melo["rating"], 200, 0)
             for offset, key in enumerate(("rmse", "mean_per_rating_rmse")):
                 r = expected[key]
                 assert paired[f"MELO − {compare.METHOD_NAMES[other]}"][1 + 2 * column + offset] == \
@@ -166,8 +168,9 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
                 assert r["low"] <= r["difference"] <= r["high"]
                 assert r["difference"] == pytest.approx(
                     summary["paired"][model][f"melo_minus_{other}"][key]["mean"])
-            assert expected["rmse"]["difference"] == pytest.approx(
-                loaded[("melo", model)]["per_user"]["rmse"] - loaded[(other, model)]["per_user"]["rmse"])
+            for key in ("rmse", "mean_per_rating_rmse"):  # the point estimate: the per-window difference
+                assert expected[key]["difference"] == pytest.approx(loaded[("melo", model)][key] -
+                                                                    loaded[(other, model)][key])
     for section in text.split("\n## ")[1:]:
         assert "–" not in section.split("\n", 1)[1].replace("MELO − ", ""), section  # every cell filled
     assert (root / "comparison.json").exists() and (root / "settings.json").exists()
@@ -311,3 +314,34 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path):
     (folder / "gru4rec_ml-100k_maml_step3.pt").write_bytes(b"")  # another run's file
     assert compare.training_step("main.py", ["--x"], str(folder), "gru4rec_ml-100k_melo", 4) == \
         ("train", "main.py", ["--x", "--checkpoint_step=2"])
+
+
+def test_paired_bootstrap_covers_a_known_gap_and_is_reproducible():
+    """Errors of A and B drawn with standard deviations 1.0 and 1.2 on every rating: the true difference of
+    both the RMSE and the mean per-rating RMSE is -0.2. Over many data sets the 95% interval covers it
+    about 95% of the time (and excludes 0); one data set's interval is a pure function of its seed."""
+
+    def sample(seed, users=300, windows=3):
+        rng = np.random.default_rng(seed)
+        ratings = rng.choice([1.0, 2.0, 3.0, 4.0, 5.0], users, p=[0.1, 0.1, 0.2, 0.35, 0.25])
+        a = (rng.normal(0, 1.0, (users, windows)) ** 2).sum(1)
+        b = (rng.normal(0, 1.2, (users, windows)) ** 2).sum(1)
+        return a, b, np.full(users, windows), ratings
+
+    covered = {"rmse": 0, "mean_per_rating_rmse": 0}
+    repetitions = 60
+    for seed in range(repetitions):
+        result = metrics.paired_bootstrap(*sample(seed), resamples=400, seed=seed)
+        for key in covered:
+            covered[key] += result[key]["low"] <= -0.2 <= result[key]["high"]
+            assert result[key]["high"] < 0, (seed, key)  # a gap of 0.2 is far outside the noise here
+    for key, count in covered.items():
+        assert 0.85 * repetitions <= count, (key, count)
+    data = sample(123)
+    first = metrics.paired_bootstrap(*data, resamples=300, seed=7)
+    assert metrics.paired_bootstrap(*data, resamples=300, seed=7) == first
+    assert metrics.paired_bootstrap(*data, resamples=300, seed=8)["rmse"]["low"] != first["rmse"]["low"]
+    # the point estimate is the plain difference of the two per-window RMSEs
+    a, b, windows, _ = data
+    assert first["rmse"]["difference"] == pytest.approx(math.sqrt(a.sum() / windows.sum()) -
+                                                        math.sqrt(b.sum() / windows.sum()))
