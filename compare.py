@@ -88,9 +88,9 @@ def build_parser():
     add("--model_init_seed", type=int, default=0, help="first (or only) --model_init_seed")
     add("--num_train_iterations", type=options.positive_int, default=2000, help="main.py outer iterations")
     add("--pretrain_epochs", type=options.positive_int, default=100, help="train_original.py epochs")
-    add("--finetune_steps_grid", type=options.comma_list(options.non_negative_int), default=[1, 2, 5, 10],
+    add("--finetune_steps_grid", type=options.comma_list(options.non_negative_int), default="1,2,5,10",
         help="Fine-tune row: SGD step counts chosen from on the validation users (empty = no Fine-tune row)")
-    add("--finetune_lr_grid", type=options.comma_list(options.non_negative_float), default=[0.01, 0.03, 0.1, 0.3],
+    add("--finetune_lr_grid", type=options.comma_list(options.non_negative_float), default="0.01,0.03,0.1,0.3",
         help="Fine-tune row: SGD learning rates chosen from on the validation users")
     add("--pretrained", type=options.str2bool, default=False,
         help="the original recipe: Basic exports its weights and MAML / MELO start from its item embedding")

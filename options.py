@@ -239,10 +239,10 @@ def build_parser():
              "predicting (the fine-tuning baseline between no adaptation and MAML; 0 = none)")
     add("--finetune_lr", type=non_negative_float, default=0.1,
         help="SGD learning rate of --finetune_steps (on the masked mean squared error of ratings / 5)")
-    add("--finetune_steps_grid", type=comma_list(non_negative_int), default=[],
+    add("--finetune_steps_grid", type=comma_list(non_negative_int), default="",
         help="train_original.py --test: comma-separated step counts; with --finetune_lr_grid, the "
              "(lr, steps) pair with the best validation --select_by is used (replaces --finetune_steps)")
-    add("--finetune_lr_grid", type=comma_list(non_negative_float), default=[],
+    add("--finetune_lr_grid", type=comma_list(non_negative_float), default="",
         help="comma-separated fine-tuning learning rates chosen from on validation (replaces --finetune_lr)")
     add("--save_pretrained", type=str2bool, default=False,
         help="export the item embedding and the whole model for main.py")
