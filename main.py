@@ -24,7 +24,8 @@ import checkpointing
 import figures
 import metrics
 from dataloader import SPLIT_OPTIONS, MetaDataset, load_data
-from meta_learner import build_meta_learner, last_step_weights, multi_step_loss_weights
+from meta_learner import (build_meta_learner, last_step_weights, mean_weight_by_rating, multi_step_loss_weights,
+                          weight_sums_by_rating)
 from options import MeloError, run_cli
 from runtime import Distributed, configure_cpu, seed_everything
 
@@ -37,7 +38,7 @@ SHAPE_OPTIONS = (
     "narm_embedding_dim", "narm_hidden_size", "narm_n_layers",
     "lstm_input_size", "lstm_hidden", "lstm_num_layers", "use_mlp", "use_mlp_mean", "use_step_loss",
     "loss_num_layers", "task_info_loss", "task_info_rating_mean", "task_info_rating_std",
-    "task_info_labels", "task_info_predictions",
+    "task_info_labels", "task_info_predictions", "adaptive_weights", "task_state",
     "select_by",  # the meaning of the best weights a checkpoint keeps
 )
 
@@ -47,7 +48,7 @@ TRAINING_OPTIONS = (
     "num_train_iterations", "batch_size", "outer_lr", "min_outer_lr", "learn_lr", "lstm_lr", "min_lstm_lr",
     "task_info_lr", "loss_lr", "loss_weight_decay", "grad_clip", "use_multi_step",
     "multi_step_loss_num_epochs", "first_order_iterations", "num_samples", "num_query_set",
-    "use_random_sequence_length", "bert_dropout", "val_size",
+    "use_random_sequence_length", "bert_dropout", "val_size", "query_loss",
 )
 
 
@@ -146,6 +147,7 @@ class MetaTrainer:
             "best_rmse": self.best["rmse"],
             "best_step": self.best["step"],
             "best_meta_state": self.best["state"],
+            "best_report": self.best.get("report"),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -166,7 +168,7 @@ class MetaTrainer:
         self.iteration = checkpoint["step"]
         self.log_folder = checkpoint.get("log_folder")
         self.best = {"rmse": checkpoint["best_rmse"], "step": checkpoint["best_step"],
-                     "state": checkpoint["best_meta_state"]}
+                     "state": checkpoint["best_meta_state"], "report": checkpoint.get("best_report")}
         if restore_training:
             saved = checkpoint.get("training_options", {})
             differing = checkpointing.option_differences(saved, vars(self.args), TRAINING_OPTIONS)
@@ -185,22 +187,38 @@ class MetaTrainer:
         return checkpoint
 
     # ------------------------------------------------------------------ evaluation
-    def predictions(self, tasks):
-        """Predicted stars [T, Q] (CPU) of a fixed task set's query targets; the tasks are sharded over
-        ranks and each rank's rows added into zeros, so every rank gets all of them."""
+    def predictions(self, tasks, with_weights=False):
+        """Predicted stars [T, Q] (CPU) of a fixed task set's query targets, and with `with_weights` the
+        adaptive loss's weight sums per rating value on the tasks' support sets (None for MAML++). The
+        tasks are sharded over ranks and each rank's rows added into zeros, so every rank gets all of them."""
         self.learner.eval()
         part = self.dist.shard(len(tasks))
         mine = tasks.select(part)
         predicted = torch.zeros(tasks.query_mask.shape, dtype=torch.float64, device=self.device)
+        weight_sums = None
         for start in range(0, len(mine), self.args.batch_size):
             chunk = mine.select(slice(start, start + self.args.batch_size)).to(self.device)
             predicted[part.start + start:part.start + start + len(chunk)] = self.learner.predict(chunk).double()
+            if with_weights and self.learner.inner_loss.has_weights:
+                found = weight_sums_by_rating(*self.learner.support_weights(chunk), self.data.max_rating)
+                weight_sums = found if weight_sums is None else weight_sums + found
         self.learner.train()
-        return self.dist.sum_(predicted).cpu()
+        if weight_sums is not None:
+            weight_sums = self.dist.sum_(weight_sums.to(self.device)).cpu()
+        return self.dist.sum_(predicted).cpu(), weight_sums
 
-    def evaluate(self, tasks):
-        """Report over a fixed task set (per window, and per user under "per_user")."""
-        return metrics.task_report(self.predictions(tasks), tasks, self.data.max_rating)
+    def report(self, tasks, predicted, weight_sums=None):
+        """The report of predictions(tasks): per window, per user under "per_user", and the adaptive
+        loss's mean weight per rating value when `weight_sums` are given."""
+        report = metrics.task_report(predicted, tasks, self.data.max_rating)
+        if weight_sums is not None:
+            report["adaptive_weight_by_rating"], report["adaptive_weight_by_rating_per_step"] = \
+                mean_weight_by_rating(weight_sums)
+        return report
+
+    def evaluate(self, tasks, with_weights=False):
+        """Report over a fixed task set (see report())."""
+        return self.report(tasks, *self.predictions(tasks, with_weights))
 
     # ------------------------------------------------------------------ training
     def step_weights(self):
@@ -288,7 +306,7 @@ class MetaTrainer:
         report = self.evaluate(val_tasks)
         # best["rmse"] holds the best validation --select_by (RMSE by default; the name is the checkpoint's)
         if report[self.args.select_by] < self.best["rmse"]:
-            self.best = {"rmse": report[self.args.select_by], "step": self.iteration,
+            self.best = {"rmse": report[self.args.select_by], "step": self.iteration, "report": report,
                          "state": {k: v.detach().cpu().clone() for k, v in self.learner.state_dict().items()}}
         path = self.save()
         if self.dist.is_main:
@@ -317,15 +335,19 @@ class MetaTrainer:
         writer.flush()
 
     def log_adaptive_weights(self, writer, step):
-        """Mean weight the learned loss gives to each rating value on a fixed training meta-batch."""
-        with torch.no_grad():
-            found = self.learner.support_weights(self.dataset.train_batch(0).to(self.device))
-        if found is None:
+        """Mean weight the learned loss gives to each rating value on a fixed training meta-batch, over the
+        inner steps and at each step (the weights vary by step with --task_state=per_step)."""
+        if not self.learner.inner_loss.has_weights:
             return
-        weights, stars, mask = found
-        for value in torch.unique(stars[mask]).tolist():
-            selected = mask & (stars == value)
-            writer.add_scalar(f"adaptive_weight/rating_{value:g}", weights[selected].mean().item(), step)
+        self.learner.eval()
+        found = self.learner.support_weights(self.dataset.train_batch(0).to(self.device))
+        self.learner.train()
+        overall, per_step = mean_weight_by_rating(weight_sums_by_rating(*found, self.data.max_rating))
+        for rating, weight in overall.items():
+            writer.add_scalar(f"adaptive_weight/rating_{rating}", weight, step)
+        for k, weights in enumerate(per_step):
+            for rating, weight in weights.items():
+                writer.add_scalar(f"adaptive_weight_step{k}/rating_{rating}", weight, step)
 
 
 def open_writer(args, prefix, log_folder=None, step=0):
@@ -364,11 +386,14 @@ def test(trainer):
     if best is not None:
         trainer.learner.load_state_dict(best)
     tasks = trainer.dataset.test_tasks()
-    predicted = trainer.predictions(tasks)
-    report = metrics.task_report(predicted, tasks, trainer.data.max_rating)
+    predicted, weight_sums = trainer.predictions(tasks, with_weights=True)
+    report = trainer.report(tasks, predicted, weight_sums)
     report.update(method=trainer.prefix.rsplit("_", 1)[1], model=args.model, mode=args.mode,
                   checkpoint_step=args.checkpoint_step, weights=which, random_seed=args.random_seed,
                   model_init_seed=args.model_init_seed, select_by=args.select_by)
+    if checkpoint.get("best_report") is not None and best is not None:  # what chose these weights
+        report["validation"] = {key: checkpoint["best_report"][key] for key in ("rmse", "mae", "mean_per_rating_rmse")}
+        report["validation"]["step"] = checkpoint["best_step"]
     if trainer.dist.is_main:
         metrics.publish(report, f"test {trainer.prefix}, {which}",
                         report_path(args, trainer.prefix, args.checkpoint_step),

@@ -71,11 +71,13 @@ def local_item_tables(item_windows):
 class MetaLearner(nn.Module):
     """Everything that is meta-learned: the backbone θ, the inner learning rates α, the inner loss φ."""
 
-    def __init__(self, backbone, inner_loss, num_inner_steps, inner_lr, learnable_lrs, max_rating):
+    def __init__(self, backbone, inner_loss, num_inner_steps, inner_lr, learnable_lrs, max_rating,
+                 query_loss="all"):
         super().__init__()
         self.backbone = backbone
         self.inner_loss = inner_loss
         self.num_inner_steps = num_inner_steps
+        self.query_loss = query_loss
         self.max_rating = float(max_rating)
         names = [name for name, _ in backbone.named_parameters()]
         if EMBEDDING not in names:
@@ -110,7 +112,10 @@ class MetaLearner(nn.Module):
         query_losses, query_predictions = [], None
 
         def score(predictions):
-            query_losses.append(masked_mean((predictions - query_labels) ** 2, query_mask))
+            if self.query_loss == "target":  # the held-out last position of each query window only
+                query_losses.append(masked_mean((predictions[:, -1] - query_labels[:, -1]) ** 2, query_mask[:, -1]))
+            else:
+                query_losses.append(masked_mean((predictions - query_labels) ** 2, query_mask))
             return predictions
 
         merge = merge_query and not first_order  # first order: the support gradient is at a detached copy
@@ -136,10 +141,15 @@ class MetaLearner(nn.Module):
 
     def run_tasks(self, batch, scored_steps, first_order=False, fast=True):
         """Query losses [T, len(scored_steps)] and last-position predictions [T, Q] (normalised)."""
-        support, context, query = self._prepare(batch)
         if not fast:
-            return self._run_tasks_one_by_one(support, context, query, scored_steps, first_order)
-        num_tasks, num_support = support[0].shape[:2]
+            return self._run_tasks_one_by_one(*self._prepare(batch), scored_steps, first_order)
+        return self._vmap_tasks(batch, lambda params, support, context, query: self._adapt_task(
+            params, support, context, query, scored_steps, first_order))
+
+    def _vmap_tasks(self, batch, task_function):
+        """`task_function(params, support, context, query)` of every task of `batch`, vmapped, each task
+        on a small item table that holds only its own items (ids remapped into it)."""
+        support, context, query = self._prepare(batch)
         windows = torch.cat([support[0].flatten(1), query[0].flatten(1)], dim=1)
         local_ids, remapped = local_item_tables(windows)
         split = support[0][0].numel()
@@ -149,8 +159,7 @@ class MetaLearner(nn.Module):
         tables = self.backbone.item_embedding.weight[local_ids]  # [T, K, H]; gradient flows to the table
 
         def one_task(table, task_support, task_context, task_query):
-            return self._adapt_task({**shared, EMBEDDING: table}, task_support, task_context, task_query,
-                                    scored_steps, first_order)
+            return task_function({**shared, EMBEDDING: table}, task_support, task_context, task_query)
 
         return vmap(one_task, randomness="different")(tables, support, context, query)
 
@@ -180,10 +189,47 @@ class MetaLearner(nn.Module):
         return predictions * self.max_rating
 
     def support_weights(self, batch):
-        """The adaptive loss's weight per support position (None for losses without one), for logging."""
-        support, context, _ = self._prepare(batch)
-        weights = context.get("weights")
-        return None if weights is None else (weights.detach(), support[1] * self.max_rating, support[2])
+        """The adaptive loss's weight of every support position at every inner step, as the inner loop
+        computes them on `batch`: (weights [T, K, S, L], support ratings in stars [T, S, L], mask), or None
+        for a loss without weights (MAML++). For logging and reports; no graph is kept."""
+        if not self.inner_loss.has_weights:
+            return None
+
+        def weights_of_task(params, support, context, query):
+            items, labels, mask = support
+            weights = []
+            for step in range(self.num_inner_steps):
+                predictions = functional_call(self.backbone, params, (items,))
+                weights.append(self.inner_loss.position_weights(predictions, labels, mask, context, step))
+                grads = grad(lambda current: self.inner_loss(
+                    functional_call(self.backbone, current, (items,)), labels, mask, context, step))(params)
+                params = self.lslr.update(params, grads, step)
+            return torch.stack(weights)
+
+        with torch.no_grad():
+            weights = self._vmap_tasks(batch, weights_of_task)
+        return weights, batch.support_ratings, batch.support_items != 0
+
+
+def weight_sums_by_rating(weights, stars, mask, max_rating):
+    """Per inner step and half-star rating bucket, the sum and the count of the weights of real positions:
+    float64 [K, buckets, 2], to be added up over batches (and ranks) before `mean_weight_by_rating`."""
+    buckets = torch.round(stars[mask] * 2).long()
+    per_step = weights.transpose(0, 1)[:, mask].double()  # [K, positions]
+    sums = torch.zeros(per_step.shape[0], int(round(2 * max_rating)) + 1, 2, dtype=torch.float64,
+                       device=per_step.device)
+    sums[..., 0].index_add_(1, buckets, per_step)
+    sums[..., 1].index_add_(1, buckets, torch.ones_like(per_step))
+    return sums.cpu()
+
+
+def mean_weight_by_rating(sums):
+    """({rating: mean weight over the inner steps}, [{rating: mean weight} per step]) from
+    `weight_sums_by_rating`; ratings named as in the reports' per_rating ('4', '3.5')."""
+    def means(table):
+        return {f"{bucket / 2:g}": (row[0] / row[1]).item() for bucket, row in enumerate(table) if row[1] > 0}
+
+    return means(sums.sum(0)), [means(step) for step in sums]
 
 
 def build_meta_learner(args, num_items, max_rating):
@@ -198,4 +244,4 @@ def build_meta_learner(args, num_items, max_rating):
         torch.default_generator.manual_seed(args.model_init_seed + 1)
         inner_loss = build_inner_loss(args, max_rating)
     return MetaLearner(backbone, inner_loss, args.num_inner_steps, args.inner_lr,
-                       args.use_learnable_params, max_rating)
+                       args.use_learnable_params, max_rating, args.query_loss)

@@ -107,6 +107,9 @@ def format_report(report, title):
         lines.append(f"  per user (its windows' mean prediction, scored once): RMSE {user['rmse']:.4f}  "
                      f"MAE {user['mae']:.4f}  mean per-rating RMSE {user['mean_per_rating_rmse']:.4f}  "
                      f"({user['count']} users)")
+    if "adaptive_weight_by_rating" in report:
+        lines.append("  adaptive loss weight by support rating (mean over inner steps): " + ", ".join(
+            f"{rating}: {weight:.3f}" for rating, weight in report["adaptive_weight_by_rating"].items()))
     return "\n".join(lines)
 
 

@@ -157,6 +157,10 @@ def build_parser():
     add("--first_order_iterations", type=non_negative_int, default=0,
         help="first K iterations are first-order for the backbone and learning rates "
              "(the learned loss still gets its second-order meta-gradient)")
+    add("--query_loss", default="all", choices=("all", "target"),
+        help="outer loss over every real position of the query windows (all, the original), or over the "
+             "held-out target, their last position, only (target: most other query positions are items "
+             "the support windows also hold)")
     add("--task_chunk", type=non_negative_int, default=0,
         help="process the meta-batch in chunks of this many tasks, accumulating gradients "
              "(bounded memory; 0 = all at once)")
@@ -186,6 +190,15 @@ def build_parser():
     add("--loss_num_layers", type=positive_int, default=2, help="layers of the loss MLP")
     add("--loss_lr", type=non_negative_float, default=1e-3, help="Adam lr of the loss MLP")
     add("--loss_weight_decay", type=non_negative_float, default=0.0, help="weight decay of the loss MLP")
+    add("--adaptive_weights", default="normalised", choices=("normalised", "bounded", "unbounded"),
+        help="how the weight network's output z becomes a position's weight: normalised = 2·sigmoid(z) "
+             "divided by its mean over the task's support positions (the loss moves weight between "
+             "positions, the inner rates own the step size); bounded = 2·sigmoid(z) in (0, 2); unbounded = "
+             "|1 + z| (the original MELO's |Linear(LSTM state)|)")
+    add("--task_state", default="static", choices=("static", "per_step"),
+        help="what the weight network reads: static = the user's rating sequence, once per task; per_step "
+             "= METAL-style, recomputed at every inner step from that sequence's state plus each position's "
+             "current prediction, error and the step")
     add("--use_softmax", type=str2bool, default=False,
         help="normalise weights with a masked softmax over positions")
     add("--use_focal_loss", type=str2bool, default=False,

@@ -13,14 +13,32 @@ how many windows a user has.
 import torch
 from torch import nn
 
-# The adaptive weight is 2 * sigmoid(z), in (0, 2); its last layer starts at zero so every weight starts
-# at exactly 1 and MELO starts as plain MAML++, then learns to move weight between positions.
-WEIGHT_SCALE = 2.0
+# How a position's logit z becomes its weight (--adaptive_weights). The weight network's last layer starts
+# at zero, so every form starts with every weight exactly 1: MELO starts as plain MAML++.
+#   normalised: 2·sigmoid(z) divided by its mean over the task's real support positions (mean exactly 1).
+#       Learned inner rates already own the step size; unnormalised weights beside them are not
+#       identifiable, and on real data all drifted to their ceiling (a constant step multiplier).
+#   bounded:    2·sigmoid(z), in (0, 2), per position (this project's earlier form).
+#   unbounded:  |1 + z|, the original MELO's |Linear(LSTM state)|, shifted to start at 1.
+WEIGHT_FORMS = ("normalised", "bounded", "unbounded")
+# What the weight network reads (--task_state): `static` (the rating sequence only, once per task, before
+# the inner loop) or `per_step` (METAL-style: recomputed at every inner step from the rating-sequence
+# state and, per position, the current prediction, its error and the step).
+TASK_STATES = ("static", "per_step")
 
 
 def masked_mean(values, mask):
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def normalise_over_task(raw, mask):
+    """`raw` [.., S, L] divided by its mean over the real positions of the last two dims (one task's
+    support set): mean exactly 1 over them, whatever the task's size."""
+    mask = mask.to(raw.dtype)
+    dims = (raw.dim() - 2, raw.dim() - 1)
+    mean = (raw * mask).sum(dims, keepdim=True) / mask.sum(dims, keepdim=True).clamp_min(1.0)
+    return raw / mean.clamp_min(torch.finfo(raw.dtype).tiny)
 
 
 def rating_bucket_ids(labels, mask, max_rating):
@@ -49,8 +67,13 @@ def _mlp(sizes, zero_last=True):
 class MSEInnerLoss(nn.Module):
     """Plain MAML++: the masked mean squared error."""
 
+    has_weights = False
+
     def prepare(self, support_labels, support_mask):
         return {}
+
+    def position_weights(self, predictions, labels, mask, context, step):
+        return None
 
     def forward(self, predictions, labels, mask, context, step):
         return masked_mean((predictions - labels) ** 2, mask)
@@ -60,22 +83,24 @@ class RatingSequenceEncoder(nn.Module):
     """MELO's task-state encoder: an LSTM reads the rating sequence of each support window.
 
     The task state is the mean of the windows' final states; each position's weight comes from the task
-    state, the LSTM state at that position and the position's own rating, so the weight of a rating can
-    depend on how common that rating is for this user. Reads labels only, so it runs outside the inner
-    loop and `nn.LSTM` (cuDNN included) is fine here.
+    state, the LSTM state at that position and the position's own rating (and, with `extra_inputs`, what
+    the caller appends per position: the current prediction, error and step), so the weight of a rating
+    can depend on how common that rating is for this user. The LSTM reads labels only, so it runs outside
+    the inner loop and `nn.LSTM` (cuDNN included) is fine here.
     """
 
-    def __init__(self, max_rating, input_size, hidden_size, num_layers):
+    def __init__(self, max_rating, input_size, hidden_size, num_layers, extra_inputs=0):
         super().__init__()
         self.max_rating = max_rating
         self.rating_embedding = nn.Embedding(num_rating_buckets(max_rating), input_size, padding_idx=0)
         self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)
         self.initial_hidden = nn.Parameter(torch.zeros(num_layers, 1, hidden_size))
         self.initial_cell = nn.Parameter(torch.zeros(num_layers, 1, hidden_size))
-        self.head = _mlp([2 * hidden_size + input_size, hidden_size, 1])
+        self.head = _mlp([2 * hidden_size + input_size + extra_inputs, hidden_size, 1])
 
-    def forward(self, labels, mask):
-        """labels, mask: [T, S, L] -> per-position logits [T, S, L]."""
+    def features(self, labels, mask):
+        """labels, mask: [T, S, L] -> per-position features [T, S, L, 2H + E] (task state, LSTM state at
+        the position, rating embedding)."""
         num_tasks, num_windows, length = labels.shape
         ids = rating_bucket_ids(labels, mask, self.max_rating)
         embedded = self.rating_embedding(ids).flatten(0, 1)  # [T*S, L, E]
@@ -87,12 +112,15 @@ class RatingSequenceEncoder(nn.Module):
         window_state = hidden[-1].view(num_tasks, num_windows, hidden_size)
         real_window = mask.any(dim=2, keepdim=True).to(window_state.dtype)  # [T, S, 1]
         task_state = (window_state * real_window).sum(1) / real_window.sum(1).clamp_min(1.0)  # [T, H]
-        features = torch.cat([
+        return torch.cat([
             task_state[:, None, None, :].expand(-1, num_windows, length, -1),
             outputs.view(num_tasks, num_windows, length, hidden_size),
             embedded.view(num_tasks, num_windows, length, embedded.shape[-1]),
         ], dim=-1)
-        return self.head(features).squeeze(-1)
+
+    def forward(self, labels, mask):
+        """labels, mask: [T, S, L] -> per-position logits [T, S, L]."""
+        return self.head(self.features(labels, mask)).squeeze(-1)
 
 
 class TaskStatisticsWeightNet(nn.Module):
@@ -118,21 +146,31 @@ class AdaptiveInnerLoss(nn.Module):
 
     Options (all trained by the outer loop whenever used):
       weights from the rating-sequence LSTM (default) or from task statistics (`--use_mlp`);
+      `--task_state=per_step`: the LSTM's features plus each position's current prediction, error and the
+      step, recomputed at every inner step (METAL-style), instead of once per task;
+      `--adaptive_weights`: how logits become weights (WEIGHT_FORMS above);
       `--use_softmax`: weights are a masked softmax over the task's positions (times their count);
       `--use_focal_loss`: each error is scaled by its size relative to the task's mean error;
       `--use_mlp_mean`: a (per-step with `--use_step_loss`) MLP reshapes each weighted error,
       e + MLP(e), METAL-style, before the masked mean.
     """
 
+    has_weights = True
+
     def __init__(self, args, max_rating):
         super().__init__()
         self.use_softmax = args.use_softmax
         self.use_focal_loss = args.use_focal_loss
+        self.weight_form = args.adaptive_weights
+        self.num_steps = args.num_inner_steps
+        self.per_step = args.task_state == "per_step"
         if args.use_mlp:
             self.encoder, self.weight_net = None, TaskStatisticsWeightNet(args)
         else:
+            # per step, the head also reads the prediction, its signed error and a one-hot of the step
+            extra = 2 + self.num_steps if self.per_step else 0
             self.encoder = RatingSequenceEncoder(max_rating, args.lstm_input_size, args.lstm_hidden,
-                                                 args.lstm_num_layers)
+                                                 args.lstm_num_layers, extra)
             self.weight_net = None
         self.loss_mlps = None
         if args.use_mlp_mean:
@@ -143,8 +181,10 @@ class AdaptiveInnerLoss(nn.Module):
     def prepare(self, support_labels, support_mask):
         context = {}
         if self.encoder is not None:
-            logits = self.encoder(support_labels, support_mask)
-            context["weights"] = self._weights(logits, support_mask)
+            if self.per_step:
+                context["features"] = self.encoder.features(support_labels, support_mask)
+            else:
+                context["weights"] = self._weights(self.encoder(support_labels, support_mask), support_mask)
         else:
             mask = support_mask.to(support_labels.dtype)
             count = mask.sum((1, 2)).clamp_min(1.0)
@@ -154,22 +194,36 @@ class AdaptiveInnerLoss(nn.Module):
         return context
 
     def _weights(self, logits, mask):
+        """Weights of one task's positions (the last two dims) from their logits."""
         if self.use_softmax:
             # Softmax over the real positions of one task (the last two dims), scaled so the mean is 1.
             dims = tuple(range(logits.dim() - 2, logits.dim()))
             masked = torch.where(mask, logits, torch.full_like(logits, torch.finfo(logits.dtype).min))
             flat = masked.flatten(-2).softmax(-1).view_as(logits)
             return flat * mask.sum(dims, keepdim=True).to(logits.dtype)
-        return WEIGHT_SCALE * torch.sigmoid(logits)
+        if self.weight_form == "unbounded":
+            return (1.0 + logits).abs()
+        weights = 2.0 * torch.sigmoid(logits)
+        return normalise_over_task(weights, mask) if self.weight_form == "normalised" else weights
+
+    def position_weights(self, predictions, labels, mask, context, step):
+        """The weight of each position of one task's support set [S, L] at inner step `step`."""
+        if "weights" in context:
+            return context["weights"]
+        if self.encoder is not None:
+            features = context["features"]
+            step_code = torch.eye(self.num_steps, dtype=features.dtype, device=features.device)[step]
+            inputs = torch.cat([features, predictions[..., None], (predictions - labels)[..., None],
+                                step_code.expand(*predictions.shape, -1)], dim=-1)
+            logits = self.encoder.head(inputs).squeeze(-1)
+        else:
+            errors = (predictions - labels) ** 2
+            logits = self.weight_net(errors, labels, predictions, context["rating_mean"], context["rating_std"])
+        return self._weights(logits, mask)
 
     def forward(self, predictions, labels, mask, context, step):
         errors = (predictions - labels) ** 2
-        if self.encoder is not None:
-            weights = context["weights"]
-        else:
-            logits = self.weight_net(errors, labels, predictions, context["rating_mean"], context["rating_std"])
-            weights = self._weights(logits, mask)
-        weighted = weights * errors
+        weighted = self.position_weights(predictions, labels, mask, context, step) * errors
         if self.use_focal_loss:
             weighted = weighted * errors / masked_mean(errors, mask).clamp_min(1e-12)
         if self.loss_mlps is not None:

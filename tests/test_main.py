@@ -354,3 +354,34 @@ def test_select_by_picks_the_best_weights_and_tensorboard_gets_the_per_rating_fi
     # A checkpoint keeps the weights best by its --select_by: testing it under another one is refused.
     with pytest.raises(options.MeloError, match=r"select_by='mean_per_rating_rmse' \(now 'rmse'\)"):
         run(flags(ratings_file, tmp_path, "--model=gru4rec", "--checkpoint_step=4", "--test"))
+
+
+def test_normalised_melo_with_a_frozen_loss_network_trains_exactly_as_maml(ratings_file, tmp_path):
+    """Every normalised weight is 1 while the loss network cannot move (--lstm_lr=0): MELO is MAML++."""
+    states = {}
+    for adaptive in ("True", "False"):
+        argv = flags(ratings_file, tmp_path / adaptive, "--model=gru4rec", f"--use_adaptive_loss={adaptive}",
+                     "--lstm_lr=0", "--min_lstm_lr=0", "--adaptive_weights=normalised", "--outer_lr=0.01")
+        states[adaptive] = run(argv).learner.state_dict()
+    backbone = [k for k in states["False"] if k.startswith(("backbone.", "lslr."))]
+    assert backbone and all(torch.equal(states["True"][k], states["False"][k]) for k in backbone)
+    moved = run(flags(ratings_file, tmp_path / "moving", "--model=gru4rec", "--outer_lr=0.01")).learner.state_dict()
+    assert not all(torch.equal(moved[k], states["False"][k]) for k in backbone)
+
+
+def test_melo_reports_its_weight_per_rating_and_maml_does_not(ratings_file, tmp_path, capsys):
+    for adaptive in ("True", "False"):
+        argv = flags(ratings_file, tmp_path, "--model=gru4rec", f"--use_adaptive_loss={adaptive}",
+                     "--task_state=per_step")
+        run(argv)
+        report = run(argv + ["--checkpoint_step=4", "--test"])
+        printed = capsys.readouterr().out
+        if adaptive == "False":
+            assert "adaptive_weight_by_rating" not in report and "adaptive loss weight" not in printed
+            continue
+        weights = report["adaptive_weight_by_rating"]
+        assert set(weights) <= set(report["per_rating"]) | {f"{v / 2:g}" for v in range(1, 11)}
+        assert all(w > 0 for w in weights.values()) and "adaptive loss weight by support rating" in printed
+        assert len(report["adaptive_weight_by_rating_per_step"]) == 3
+        saved = json.loads((tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step4.test_best.json").read_text())
+        assert saved["adaptive_weight_by_rating"] == pytest.approx(weights)

@@ -194,3 +194,79 @@ def test_building_a_learner_depends_only_on_the_init_seed_and_leaves_the_random_
     other = build(6)
     for part in ("backbone.", "inner_loss."):
         assert any(not torch.equal(first[k], other[k]) for k in first if k.startswith(part))
+
+
+# ---------------------------------------------------------------------------- MELO's weights (issue 13)
+def perturbed(learner, seed=0):
+    """The learner with its loss network moved off the neutral start, as after some outer steps."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in learner.inner_loss.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    return learner
+
+
+@pytest.mark.parametrize("flags", [[], ["--task_state=per_step"], ["--use_mlp=True"]])
+def test_normalised_weights_have_mean_one_over_each_tasks_real_positions(flags):
+    learner = perturbed(make_learner("gru4rec", "--adaptive_weights=normalised", *flags))
+    batch = random_batch(num_tasks=4)
+    weights, _, mask = learner.support_weights(batch)  # [T, K, S, L]
+    assert weights.shape[:2] == (4, learner.num_inner_steps)
+    real = mask[:, None].expand_as(weights).to(weights.dtype)
+    means = (weights * real).sum((2, 3)) / real.sum((2, 3))
+    assert torch.allclose(means, torch.ones_like(means), atol=1e-5)
+    assert weights[mask[:, None].expand_as(weights)].std() > 0.01  # they redistribute, not all 1
+    if "--task_state=per_step" in flags:  # recomputed from the current predictions at every step
+        assert not torch.allclose(weights[:, 0], weights[:, -1])
+
+
+def test_weight_forms_at_the_neutral_start_and_off_it():
+    batch = random_batch()
+    logits = torch.tensor([[-3.0, 0.0, 3.0]])
+    mask = torch.tensor([[True, True, False]])
+    bounded = make_learner("gru4rec", "--adaptive_weights=bounded").inner_loss
+    unbounded = make_learner("gru4rec", "--adaptive_weights=unbounded").inner_loss
+    normalised = make_learner("gru4rec", "--adaptive_weights=normalised").inner_loss
+    assert torch.allclose(bounded._weights(logits, mask), 2 * torch.sigmoid(logits))
+    assert torch.allclose(unbounded._weights(logits, mask), torch.tensor([[2.0, 1.0, 4.0]]))
+    expected = 2 * torch.sigmoid(logits) / (2 * torch.sigmoid(logits[:, :2])).mean()
+    assert torch.allclose(normalised._weights(logits, mask), expected)
+    for form in ("bounded", "unbounded", "normalised"):  # every form starts with every weight 1
+        weights, _, _ = make_learner("sasrec", f"--adaptive_weights={form}").support_weights(batch)
+        assert torch.equal(weights, torch.ones_like(weights)), form
+
+
+@pytest.mark.parametrize("task_state", ["static", "per_step"])
+def test_weight_network_meta_gradient_matches_finite_differences(float64, task_state):
+    learner = perturbed(make_learner("gru4rec", "--num_inner_steps=2", f"--task_state={task_state}")).to(DEVICE)
+    batch = on_device(random_batch(num_tasks=2))
+    weights = last_step_weights(2)
+    learner.zero_grad()
+    learner.task_losses(batch, weights).sum().backward()
+    head = learner.inner_loss.encoder.head
+    for parameter in (head[0].weight, head[-1].weight, learner.inner_loss.encoder.lstm.weight_hh_l0):
+        analytic = parameter.grad.view(-1)[0].item()
+        assert analytic != 0.0
+        with torch.no_grad():
+            parameter.view(-1)[0] += 1e-6
+            plus = learner.task_losses(batch, weights).sum().item()
+            parameter.view(-1)[0] -= 2e-6
+            minus = learner.task_losses(batch, weights).sum().item()
+            parameter.view(-1)[0] += 1e-6
+        assert analytic == pytest.approx((plus - minus) / 2e-6, rel=1e-5, abs=1e-10)
+
+
+def test_query_loss_target_scores_only_the_last_position():
+    batch = random_batch()
+    weights = last_step_weights(3)
+    changed = types.SimpleNamespace(**vars(batch))
+    changed.query_ratings = batch.query_ratings.clone()
+    changed.query_ratings[..., :-1] = torch.where(batch.query_items[..., :-1] > 0, 0.5, 0.0)  # not the target
+    target = make_learner("bert4rec", "--query_loss=target")
+    every = make_learner("bert4rec", "--query_loss=all")
+    assert torch.equal(target.task_losses(batch, weights), target.task_losses(changed, weights))
+    assert not torch.allclose(every.task_losses(batch, weights), every.task_losses(changed, weights))
+    # by hand: after adaptation, the squared error of each window's last prediction, in rating units / 5
+    _, predictions = target.run_tasks(batch, (2,))
+    expected = ((predictions - batch.query_ratings[..., -1] / 5) ** 2).mean(1)
+    assert torch.allclose(target.task_losses(batch, weights), expected, atol=1e-6)

@@ -1,0 +1,256 @@
+"""The ablation table in one command: variants of MELO and MAML++ on the same data, seeds and budget.
+
+    python ablation.py --mode=ml-100k --data_path=u.data --model=gru4rec --seeds=3 --num_test_data=150 \\
+        --variants=maml,melo,melo-bounded,melo-unbounded,melo-per-step
+    python ablation.py ... --define "melo-lr0.01=--use_adaptive_loss=True --lstm_lr=0.01"  # your own variant
+    python ablation.py ... --dry_run                     # print the commands, run nothing
+
+Every variant is `main.py` with the shared flags plus its own, trained for `--num_train_iterations` and
+tested at that last checkpoint with its best-by-validation weights, for each seed (`--random_seed`,
+`--random_seed + 1`, ...; with `--vary_init=True` also `--model_init_seed`). A variant that loads
+pretrained weights gets them from `train_original.py --save_pretrained=True` (`--pretrain_epochs`), run
+once per seed. Runs live under `<results_dir>/<mode>/<model>/seed<s>/<variant>/`; a run whose report
+exists is reused, so an interrupted or extended ablation redoes nothing. The table (validation and test
+RMSE, mean per-rating RMSE, the learned loss's mean weight per support rating; mean ± standard deviation
+over seeds) is printed and written to `<results_dir>/<mode>/<model>/ablation.md`.
+"""
+import argparse
+import json
+import os
+import shlex
+import sys
+
+import checkpointing
+import compare
+import main as meta_main
+import metrics
+import options
+import train_original
+from options import MeloError
+
+# name: (what it is, its flags). Every variant gets the shared flags first, so its own flags win.
+VARIANTS = {
+    "maml": ("MAML++ (MSE inner loss)", ["--use_adaptive_loss=False"]),
+    "maml-query-all": ("MAML++, outer loss over every query position", ["--use_adaptive_loss=False",
+                                                                        "--query_loss=all"]),
+    "maml-query-target": ("MAML++, outer loss on the held-out target only", ["--use_adaptive_loss=False",
+                                                                             "--query_loss=target"]),
+    "maml-pretrained": ("MAML++ from Basic's item embedding", ["--use_adaptive_loss=False",
+                                                                "--load_pretrained_embedding=True"]),
+    "melo": ("MELO at the current defaults", ["--use_adaptive_loss=True"]),
+    "melo-normalised": ("weights 2σ(z) / task mean", ["--use_adaptive_loss=True", "--adaptive_weights=normalised"]),
+    "melo-bounded": ("weights 2σ(z), unnormalised", ["--use_adaptive_loss=True", "--adaptive_weights=bounded"]),
+    "melo-unbounded": ("weights |1 + z| (the original)", ["--use_adaptive_loss=True",
+                                                          "--adaptive_weights=unbounded"]),
+    "melo-softmax": ("weights softmax(z) × count", ["--use_adaptive_loss=True", "--use_softmax=True"]),
+    "melo-static": ("weights from the rating sequence, once per task", ["--use_adaptive_loss=True",
+                                                                        "--task_state=static"]),
+    "melo-per-step": ("weights per inner step (METAL-style task state)", ["--use_adaptive_loss=True",
+                                                                          "--task_state=per_step"]),
+    "melo-query-all": ("MELO, outer loss over every query position", ["--use_adaptive_loss=True",
+                                                                      "--query_loss=all"]),
+    "melo-query-target": ("MELO, outer loss on the held-out target only", ["--use_adaptive_loss=True",
+                                                                           "--query_loss=target"]),
+    "melo-pretrained": ("MELO from Basic's item embedding", ["--use_adaptive_loss=True",
+                                                             "--load_pretrained_embedding=True"]),
+}
+# Set by this script for each run; not allowed among the shared flags.
+CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "log_dir",
+              "pretrain_log_dir", "test", "test_best", "test_baseline", "checkpoint_step",
+              "num_train_iterations", "pretrain_epochs", "save_pretrained")
+PRETRAINED_FLAGS = ("load_pretrained_embedding", "load_pretrained")
+
+
+def build_parser():
+    parser = options.CommandLineParser(
+        description="Train and test variants of MELO / MAML++ on the same data, seeds and budget, and print "
+                    "the ablation table. Flags not listed here are main.py's and go to every run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--mode", default="ml-1m", choices=options.MODES, help="data set")
+    add("--data_path", default=None, help="ratings file (default: the mode's default location)")
+    add("--model", default="bert4rec", choices=options.MODELS, help="backbone of every variant")
+    add("--variants", default="maml,melo-bounded,melo-unbounded,melo-normalised,melo-per-step",
+        help="comma-separated variants, in table order; known: " + ", ".join(VARIANTS))
+    add("--define", action="append", default=[], metavar="NAME=FLAGS",
+        help="a variant of your own: its name (use it in --variants, or it is appended), '=', and its "
+             "main.py flags in one quoted argument; repeatable")
+    add("--seeds", type=options.positive_int, default=1, help="number of seeds from --random_seed")
+    add("--random_seed", type=int, default=222, help="first seed")
+    add("--vary_init", type=options.str2bool, default=False,
+        help="seed s also sets --model_init_seed=s (else every seed starts from the same weights)")
+    add("--num_train_iterations", type=options.positive_int, default=300, help="main.py outer iterations")
+    add("--pretrain_epochs", type=options.positive_int, default=20,
+        help="train_original.py epochs, for variants that load pretrained weights")
+    add("--results_dir", default="./results/ablation", help="root of every run's files and of the table")
+    add("--dry_run", action="store_true", help="print the commands that would run, run nothing")
+    add("--verbose", action="store_true", help="show the runs' output instead of writing it to logs")
+    return parser
+
+
+def parse(argv):
+    known, extra = build_parser().parse_known_args(argv)
+    controlled = sorted(set(compare.given_flags(extra)) & set(CONTROLLED + (("model_init_seed",) if known.vary_init
+                                                                             else ())))
+    if controlled:
+        raise MeloError(f"ablation.py sets {', '.join('--' + c for c in controlled)} for each run itself; "
+                        "leave them out (its own flags: python ablation.py --help)")
+    variants = dict(VARIANTS)
+    names = [v.strip() for v in known.variants.split(",") if v.strip()]
+    for definition in known.define:
+        name, _, flags = definition.partition("=")
+        if not name.strip() or not flags.strip():
+            raise MeloError(f"--define {definition!r}: expected NAME=FLAGS, e.g. --define 'melo-lr=--lstm_lr=0.01'")
+        name = name.strip()
+        variants[name] = ("defined on the command line", shlex.split(flags))
+        if name not in names:
+            names.append(name)
+    unknown = [n for n in names if n not in variants]
+    if unknown or not names:
+        raise MeloError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(variants)} "
+                        "(or --define NAME FLAGS)")
+    for name in names:  # every run's flags parse before anything starts
+        options.parse_args([f"--mode={known.mode}", *extra, *variants[name][1]])
+    return known, extra, [(name, *variants[name]) for name in dict.fromkeys(names)]
+
+
+def seed_folder(known, seed):
+    return os.path.join(known.results_dir, known.mode, known.model, f"seed{seed}")
+
+
+def shared_flags(known, extra, seed):
+    flags = [f"--mode={known.mode}", f"--model={known.model}", f"--random_seed={seed}"]
+    if known.data_path is not None:
+        flags.append(f"--data_path={known.data_path}")
+    if known.vary_init:
+        flags.append(f"--model_init_seed={seed}")
+    return flags + [f"--pretrain_log_dir={os.path.join(seed_folder(known, seed), 'pretrained')}", *extra]
+
+
+def plan(known, extra, variants):
+    """[(seed, variant name, report path, [(label, script, argv), ...] still to run)]."""
+    runs = []
+    for seed in [known.random_seed + k for k in range(known.seeds)]:
+        shared = shared_flags(known, extra, seed)
+        pretrain_steps = []
+        if any(any(flag.split("=")[0].lstrip("-") in PRETRAINED_FLAGS and flag.endswith("=True")
+                   for flag in flags) for _, _, flags in variants):
+            pretrain_steps = pretraining_steps(known, shared, seed)
+        for name, _, own in variants:
+            folder = os.path.join(seed_folder(known, seed), name)
+            flags = shared + [f"--checkpoint_dir={os.path.join(folder, 'checkpoints')}",
+                              f"--log_dir={os.path.join(folder, 'runs')}", *own,
+                              f"--num_train_iterations={known.num_train_iterations}"]
+            args = options.parse_args(flags)
+            prefix = meta_main.run_prefix(args)
+            report = meta_main.report_path(args, prefix, known.num_train_iterations)
+            steps = []
+            if not os.path.exists(report):
+                if not os.path.exists(checkpointing.checkpoint_path(args.checkpoint_dir, prefix,
+                                                                    known.num_train_iterations)):
+                    if args.load_pretrained or args.load_pretrained_embedding:
+                        steps += pretrain_steps
+                        pretrain_steps = []  # once per seed
+                    steps.append(compare.training_step("main.py", flags, args.checkpoint_dir, prefix,
+                                                       known.num_train_iterations))
+                steps.append(("test", "main.py", flags + [f"--checkpoint_step={known.num_train_iterations}",
+                                                         "--test"]))
+            runs.append((seed, name, report, steps))
+    return runs
+
+
+def pretraining_steps(known, shared, seed):
+    """train_original.py --save_pretrained=True for this seed, unless its export exists."""
+    folder = seed_folder(known, seed)
+    flags = shared + [f"--pretrain_epochs={known.pretrain_epochs}", "--save_pretrained=True",
+                      f"--log_dir={os.path.join(folder, 'pretrained', 'runs')}"]
+    args = options.parse_args(flags)
+    if os.path.exists(train_original.pretrained_path(args)):
+        return []
+    return [("pretrain", "train_original.py", flags)]
+
+
+def execute(known, runs):
+    todo = [(seed, name, step) for seed, name, _, steps in runs for step in steps]
+    for number, (seed, name, (label, script, argv)) in enumerate(todo, 1):
+        what = f"[{number}/{len(todo)}] seed {seed} {name}: {label}"
+        log_path = os.path.join(seed_folder(known, seed), "logs", f"{name}_{label}.log")
+        if known.dry_run:
+            print(f"{what}\n    python {script} {' '.join(argv)}")
+            continue
+        print(f"{what} ..." + ("" if known.verbose else f" (log: {log_path})"), flush=True)
+        status = compare.run_script(script, argv, log_path, known.verbose)
+        if status != 0:
+            detail = "" if known.verbose else f": {compare.last_line(log_path)} (full log: {log_path})"
+            raise MeloError(f"seed {seed} {name} ({label}: python {script}) failed with exit status {status}{detail}")
+
+
+def build_table(known, variants, runs, argv):
+    """Markdown text and a JSON-ready summary from the runs' test reports."""
+    reports = {}
+    for seed, name, path, _ in runs:
+        with open(path) as handle:
+            reports.setdefault(name, []).append(json.load(handle))
+    ratings = sorted({r for rs in reports.values() for report in rs
+                      for r in report.get("adaptive_weight_by_rating", {})}, key=float)
+    header = ("| variant | what | val RMSE | test RMSE | test MAE | test mean per-rating RMSE | "
+              + " | ".join(f"weight {r}★" for r in ratings) + (" |" if ratings else "|"))
+    lines = [header, "|---|---|" + "---:|" * (4 + len(ratings))]
+    summary = {}
+    for name, description, _ in variants:
+        found = reports[name]
+        values = {"val_rmse": [r.get("validation", {}).get("rmse") for r in found],
+                  "rmse": [r["rmse"] for r in found], "mae": [r["mae"] for r in found],
+                  "mean_per_rating_rmse": [r["mean_per_rating_rmse"] for r in found]}
+        for rating in ratings:
+            values[f"weight_{rating}"] = [r.get("adaptive_weight_by_rating", {}).get(rating) for r in found]
+        summary[name] = {key: {"per_seed": vals, "mean": compare.mean_std(vals)[0], "std": compare.mean_std(vals)[1]}
+                         for key, vals in values.items()}
+        lines.append(f"| {name} | {description} | " + " | ".join(compare.cell(v) for v in values.values()) + " |")
+    seeds = ", ".join(str(known.random_seed + k) for k in range(known.seeds))
+    counts = sorted({r["count"] for rs in reports.values() for r in rs})
+    intro = [f"# Ablation: {known.model} on {known.mode}", "",
+             f"Seeds {seeds}{' (mean ± standard deviation over seeds)' if known.seeds > 1 else ''}"
+             f"{', initial weights seeded per seed' if known.vary_init else ''}; {known.num_train_iterations} "
+             f"iterations, tested at the last checkpoint with the best-by-validation weights; "
+             f"{'/'.join(map(str, counts))} test targets (query windows) per seed, in stars. Weight r★: the "
+             "learned loss's mean weight on the test users' support positions rated r (over the inner steps; "
+             "– for MAML++).", "", f"Command: `python ablation.py {' '.join(argv)}`", ""]
+    return "\n".join(intro + lines) + "\n", summary
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known, extra, variants = parse(argv)
+    runs = plan(known, extra, variants)
+    try:
+        execute(known, runs)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are kept and reused by the next ablation.py", file=sys.stderr)
+        raise SystemExit(130)
+    if known.dry_run:
+        return None
+    text, summary = build_table(known, variants, runs, argv)
+    print()
+    print(text)
+    folder = os.path.join(known.results_dir, known.mode, known.model)
+    path = os.path.join(folder, "ablation.md")
+    os.makedirs(folder, exist_ok=True)
+    with open(path + ".tmp", "w") as handle:
+        handle.write(text)
+    os.replace(path + ".tmp", path)
+    metrics.write_json_atomic({"argv": argv, "variants": summary}, os.path.join(folder, "ablation.json"))
+    print(f"table written to {path}")
+    return text, summary
+
+
+def cli(argv=None):
+    try:
+        main(argv)
+    except MeloError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,78 @@
+"""ablation.py: every variant trained and tested on the same data and seeds, the table from its reports,
+reuse of finished runs, pretraining once per seed, refusals."""
+import json
+
+import pytest
+import torch
+
+import ablation
+import compare
+from options import MeloError
+
+from test_compare import in_process, no_runs  # noqa: F401 (the in-process stand-in for subprocesses)
+from synthetic import write_movielens
+
+
+@pytest.fixture(scope="module")
+def ratings_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "u.data"
+    write_movielens(str(path), fmt="ml-100k", num_users=120, num_items=80, seed=3)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def argv(ratings_file, tmp_path, *extra):
+    return ["--mode=ml-100k", f"--data_path={ratings_file}", f"--results_dir={tmp_path}/results",
+            "--model=gru4rec", "--num_train_iterations=2", "--pretrain_epochs=1",
+            f"--data_dir={tmp_path}/Data", "--min_item=1", "--num_test_data=20", "--val_size=10",
+            "--batch_size=4", "--num_samples=5", "--num_query_set=2", "--max_seq_len=10",
+            "--gru4rec_hidden_size=16", "--log_interval=1", "--pretraining_batch_size=64", "--num_threads=1",
+            *extra]
+
+
+def test_ablation_trains_every_variant_and_tabulates_its_reports(ratings_file, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(compare, "run_script", in_process(calls))
+    flags = argv(ratings_file, tmp_path, "--variants=maml,melo-bounded,melo-pretrained,maml-pretrained",
+                 "--define", "melo-step=--use_adaptive_loss=True --task_state=per_step --query_loss=target")
+    text, summary = ablation.main(flags)
+    scripts = [script for script, _ in calls]
+    assert scripts.count("train_original.py") == 1  # the pretrained export, once for the seed
+    assert scripts.count("main.py") == 2 * 5       # train and test of each variant
+    assert list(summary) == ["maml", "melo-bounded", "melo-pretrained", "maml-pretrained", "melo-step"]
+    for name, cells in summary.items():
+        report_path = next(path for _, n, path, _ in ablation.plan(*ablation.parse(flags)) if n == name)
+        report = json.loads(open(report_path).read())
+        assert cells["rmse"]["mean"] == pytest.approx(report["rmse"])
+        assert cells["mean_per_rating_rmse"]["mean"] == pytest.approx(report["mean_per_rating_rmse"])
+        assert cells["val_rmse"]["mean"] == pytest.approx(report["validation"]["rmse"])
+        weights = [k for k in cells if k.startswith("weight_")]
+        assert weights, name
+        if name.startswith("maml"):
+            assert all(cells[k]["mean"] is None for k in weights)
+        else:
+            assert all(cells[k]["mean"] == pytest.approx(report["adaptive_weight_by_rating"][k[7:]]) for k in weights)
+    assert "| melo-step | defined on the command line |" in text
+    assert (tmp_path / "results" / "ml-100k" / "gru4rec" / "ablation.md").read_text() == text
+    # a second call finds every report and runs nothing
+    monkeypatch.setattr(compare, "run_script", no_runs)
+    assert ablation.main(flags)[1] == summary
+
+
+def test_ablation_refuses_unknown_variants_and_flags_it_sets(ratings_file, tmp_path):
+    with pytest.raises(MeloError, match="unknown melo-typo"):
+        ablation.parse(argv(ratings_file, tmp_path, "--variants=melo,melo-typo"))
+    with pytest.raises(MeloError, match="sets --model_init_seed"):
+        ablation.parse(argv(ratings_file, tmp_path, "--vary_init=True", "--model_init_seed=4"))
+    with pytest.raises(MeloError, match="sets --checkpoint_dir"):
+        ablation.parse(argv(ratings_file, tmp_path, "--checkpoint_dir=here"))
+    with pytest.raises(MeloError, match="NAME=FLAGS"):
+        ablation.parse(argv(ratings_file, tmp_path, "--define", "nothing"))
+    with pytest.raises(SystemExit):  # a variant's flag that main.py does not know fails before any run
+        ablation.parse(argv(ratings_file, tmp_path, "--define", "bad=--adaptive_weights=huge"))
