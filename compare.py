@@ -458,16 +458,22 @@ def method_label(config, method):
     return METHOD_NAMES[method]
 
 
-def figure_reports(config, reports):
-    """{backbone: {method label: report-like dict}} with each rating's RMSE and mean prediction averaged
-    over the seeds that have that rating."""
-    def averaged(picked):
-        ratings = sorted({k for r in picked for k in r["per_rating"]}, key=rating_key)
-        return {"per_rating": {k: {field: mean_std([r["per_rating"][k][field] for r in picked if k in r["per_rating"]])[0]
-                                   for field in ("rmse", "mean_prediction")} for k in ratings}}
+def reports_of(reports, model, method):
+    """The reports (one per seed) of a backbone's method; a baseline's are the same for every backbone."""
+    return reports[(None if method in baselines.BASELINES else model, method)]
 
-    return {DISPLAY[model]: {method_label(config, method): averaged(reports[(None, method)] if method in
-                                                                     baselines.BASELINES else reports[(model, method)])
+
+def figure_reports(config, reports):
+    """{backbone: {method label: report-like dict}}: each rating's RMSE and mean prediction averaged over
+    the seeds whose test users have that rating."""
+    def averaged(picked):
+        per_rating = {}
+        for rating in sorted({k for r in picked for k in r["per_rating"]}, key=rating_key):
+            rows = [r["per_rating"][rating] for r in picked if rating in r["per_rating"]]
+            per_rating[rating] = {key: mean_std([row[key] for row in rows])[0] for key in ("rmse", "mean_prediction")}
+        return {"per_rating": per_rating}
+
+    return {DISPLAY[model]: {method_label(config, method): averaged(reports_of(reports, model, method))
                              for method in list(baselines.BASELINES) + methods(config)}
             for model in config.models}
 
@@ -479,7 +485,7 @@ def build_tables(config, reports, predictions=None):
     rows_methods = list(baselines.BASELINES) + methods(config)
 
     def values(model, method, key, per_user=False):
-        picked = reports[(None if method in baselines.BASELINES else model, method)]
+        picked = reports_of(reports, model, method)
         # a report from before per-user metrics has none: its cell shows –
         return [(r.get("per_user", {}) if per_user else r).get(key) for r in picked]
 
