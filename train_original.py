@@ -4,6 +4,8 @@
     python train_original.py --model=bert4rec --checkpoint_step=N  # resume after epoch N
     python train_original.py --model=bert4rec --checkpoint_step=N --test                     # no adaptation
     python train_original.py --model=bert4rec --checkpoint_step=N --test --finetune_steps=5  # fine-tuning
+    python train_original.py --model=bert4rec --checkpoint_step=N --test \\
+        --finetune_lr_grid=0.01,0.1 --finetune_steps_grid=1,5            # lr and steps chosen on validation
     python train_original.py --save_pretrained=True && python main.py --load_pretrained_embedding=True
     torchrun --standalone --nproc_per_node=K train_original.py ...   # DistributedDataParallel, K processes
 
