@@ -578,7 +578,8 @@ def build_tables(config, reports, predictions=None):
         "",
     ]
     text = intro + metric_table(False) + [
-        "", "## RMSE and MAE per user", "", "Each user's query windows are averaged first: every user counts once.",
+        "", "## RMSE and MAE per user", "",
+        "Each user is scored once, on the mean of its query windows' predictions.",
         "", *metric_table(True), "", "## RMSE per rating value (per query window)", "", *per_rating]
     if paired:
         text += ["", "## Paired differences per user, 95% bootstrap intervals", "",
@@ -619,7 +620,8 @@ def main(argv=None):
     os.makedirs(config.root, exist_ok=True)
     path = os.path.join(config.root, "comparison.md")
     write_text_atomic(text, path)
-    figure = figures.comparison_figure(figure_reports(config, reports), os.path.join(config.root, "comparison.png"))
+    figure = figures.comparison_figure(figure_reports(config, reports), os.path.join(config.root, "comparison.png"),
+                                       dashed=[METHOD_NAMES[name] for name in baselines.BASELINES])
     metrics.write_json_atomic({"settings": settings, "seeds": [vars(seed) for seed in config.seeds],
                                "models": config.models, "iterations": config.iterations, "epochs": config.epochs,
                                "finetune_steps_grid": config.finetune_steps_grid,

@@ -128,7 +128,12 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
         assert_predictions_match_report(path, loaded[key])
     tuned = loaded[("finetune", "gru4rec")]
     assert len(tuned["finetune_selection"]["validation_scores"]) == 4
-    assert (tuned["finetune_lr"], tuned["finetune_steps"]) in [(lr, k) for lr in (0.1, 0.5) for k in (0, 2)]
+    scores = tuned["finetune_selection"]["validation_scores"]
+    assert {(row["lr"], row["steps"]) for row in scores} == {(lr, k) for lr in (0.1, 0.5) for k in (0, 2)}
+    best = min(scores, key=lambda row: row["score"])
+    assert (tuned["finetune_lr"], tuned["finetune_steps"]) == (best["lr"], best["steps"])
+    # 0 steps is the Basic model itself, whatever the lr
+    assert len({round(row["score"], 9) for row in scores if row["steps"] == 0}) == 1
 
     # Every number in the tables is the JSON report's, rounded to 4 places; the JSON summary holds them exactly.
     window_table, user_table = (section_rows(text, title) for title in ("## RMSE and MAE per query window",
