@@ -73,8 +73,8 @@ def build_parser():
     add("--variants", default="maml,melo-bounded,melo-unbounded,melo-normalised,melo-per-step",
         help="comma-separated variants, in table order; known: " + ", ".join(VARIANTS))
     add("--define", action="append", default=[], metavar="NAME=FLAGS",
-        help="a variant of your own: its name (use it in --variants, or it is appended), '=', and its "
-             "main.py flags in one quoted argument; repeatable")
+        help="a variant of your own, run when --variants names it: its name, '=', and its main.py flags in "
+             "one quoted argument; repeatable")
     add("--seeds", type=options.positive_int, default=1, help="number of seeds from --random_seed")
     add("--random_seed", type=int, default=222, help="first seed")
     add("--vary_init", type=options.str2bool, default=False,
@@ -101,14 +101,11 @@ def parse(argv):
         name, _, flags = definition.partition("=")
         if not name.strip() or not flags.strip():
             raise MeloError(f"--define {definition!r}: expected NAME=FLAGS, e.g. --define 'melo-lr=--lstm_lr=0.01'")
-        name = name.strip()
-        variants[name] = ("defined on the command line", shlex.split(flags))
-        if name not in names:
-            names.append(name)
+        variants[name.strip()] = ("defined on the command line", shlex.split(flags))
     unknown = [n for n in names if n not in variants]
     if unknown or not names:
         raise MeloError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(variants)} "
-                        "(or --define NAME FLAGS)")
+                        "(or --define NAME=FLAGS)")
     for name in names:  # every run's flags parse before anything starts
         options.parse_args([f"--mode={known.mode}", *extra, *variants[name][1]])
     return known, extra, [(name, *variants[name]) for name in dict.fromkeys(names)]
@@ -244,13 +241,5 @@ def main(argv=None):
     return text, summary
 
 
-def cli(argv=None):
-    try:
-        main(argv)
-    except MeloError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli()
+    options.run_cli(main, parse=lambda argv: argv)

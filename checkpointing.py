@@ -3,15 +3,19 @@
 A checkpoint holds tensors and plain Python values only, so it loads with `weights_only=True`.
 It is written to a temporary file in the same folder and renamed, so a crash never leaves a broken one.
 """
+import contextlib
+import fcntl
 import os
 import pickle
 import re
+import sys
+import tempfile
 import warnings
 
 import torch
 
 from options import MeloError
-from runtime import write_atomic
+from runtime import TEMPORARY_PREFIX, write_atomic
 
 
 # The "format" every checkpoint records; a change of layout raises it, so an old file is refused clearly.
@@ -23,14 +27,97 @@ def checkpoint_path(directory, prefix, step):
 
 
 def save_atomic(state, path):
-    write_atomic(path, lambda out: torch.save(state, out))
+    """Write a checkpoint all at once. A failed write (a full disk, a file-size limit: OSError, or torch's
+    RuntimeError from its zip writer) leaves nothing behind and is a one-line MeloError."""
+    try:
+        write_atomic(path, lambda out: torch.save(state, out))
+    except (OSError, RuntimeError) as error:
+        reason = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise MeloError(f"could not write {path} ({reason}): is the disk full, or a file-size limit set? "
+                        "The files saved before are intact") from None
+
+
+def saved_runs(directory):
+    """{run prefix: its saved steps} of the checkpoints in `directory`."""
+    runs = {}
+    if os.path.isdir(directory):
+        for match in map(re.compile(r"(.+)_step(\d+)\.pt$").match, sorted(os.listdir(directory))):
+            if match and not match.group(1).startswith("."):
+                runs.setdefault(match.group(1), []).append(int(match.group(2)))
+    return {prefix: sorted(steps) for prefix, steps in runs.items()}
 
 
 def available_steps(directory, prefix):
-    pattern = re.compile(re.escape(prefix) + r"_step(\d+)\.pt$")
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(m.group(1)) for m in map(pattern.match, os.listdir(directory)) if m)
+    return saved_runs(directory).get(prefix, [])
+
+
+def check_output_folder(path, flag):
+    """Create the folder `path` if needed and make sure a file can be written there: at start-up, not at
+    the first save after an hour of training."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise MeloError(f"{flag}={path} is a file, not a folder: pass a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=TEMPORARY_PREFIX):
+            pass
+    except OSError as error:
+        raise MeloError(f"{flag}={path} is not a folder MELO can write to ({error.strerror or error}): "
+                        "pass another one") from None
+
+
+class RunLock:
+    """An exclusive lock (fcntl.flock) on `<directory>/.<prefix>.lock`, held for a training run's whole
+    life, so that a second run of the same name into the same folder stops at once instead of mixing its
+    step files with the first one's. The kernel releases the lock when the process ends, even on SIGKILL;
+    a normal release also removes the file. Once it is held, the run's leftover temporary files (a
+    SIGKILL during a save) are removed: nobody else writes them."""
+
+    def __init__(self, directory, prefix, flag):
+        self.directory, self.prefix, self.flag = directory, prefix, flag
+        self.path = os.path.join(directory, f".{prefix}.lock")
+        self.handle = None
+
+    def acquire(self):
+        os.makedirs(self.directory, exist_ok=True)
+        while self.handle is None:
+            handle = open(self.path, "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise MeloError(f"another {self.prefix} run is writing to {self.directory} (it holds "
+                                f"{self.path}): wait until it has finished, or use another {self.flag}") from None
+            except OSError as error:  # a file system without locks
+                handle.close()
+                raise MeloError(f"cannot lock {self.path} ({error.strerror or error}): use a {self.flag} on a "
+                                "local file system") from None
+            try:  # the holder may have released and removed the file between our open and flock
+                current = os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                self.handle = handle
+            else:
+                handle.close()
+        stale = f"{TEMPORARY_PREFIX}{self.prefix}_step"
+        for name in os.listdir(self.directory):
+            if name.startswith(stale):
+                os.remove(os.path.join(self.directory, name))
+        return self
+
+    def release(self):
+        if self.handle is not None:
+            with contextlib.suppress(FileNotFoundError):  # while still holding it: a run that opens
+                os.remove(self.path)                       # it now locks a file of its own
+            self.handle.close()
+            self.handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.release()
+        return False
 
 
 def start_fresh(directory, prefix, folder_flag, overwrite):
@@ -58,6 +145,27 @@ def replace_earlier_run(earlier_files, saved_path):
     return []
 
 
+def claim_run(dist, lock, folders):
+    """Before a training run: rank 0 checks its output folders ({flag: path}) and takes the run lock
+    (under torchrun, the other ranks stop with rank 0's error instead of waiting for it)."""
+    def claim():
+        if dist.is_main:
+            for flag, path in folders.items():
+                check_output_folder(path, flag)
+            lock.acquire()
+    dist.main_first(claim)
+
+
+def checked_log_folder(name, path):
+    """The TensorBoard folder a checkpoint records is joined to --log_dir: a plain folder name only, so
+    that a doctored checkpoint cannot make a run write elsewhere ('../..')."""
+    if name is not None and (not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name
+                             or "\\" in name):
+        raise MeloError(f"{path} records the log folder {name!r}, which is not a plain folder name: a damaged "
+                        "or doctored checkpoint; use another step")
+    return name
+
+
 def check_left_to_train(done, total, unit, flag):
     """Resuming at `done` of `total` steps (or epochs) must leave something to train."""
     if done >= total:
@@ -69,15 +177,52 @@ def load_checkpoint(directory, prefix, step):
     """Load `prefix`'s checkpoint of `step`; a missing one is a MeloError listing the steps that exist."""
     path = checkpoint_path(directory, prefix, step)
     if not os.path.exists(path):
-        steps = available_steps(directory, prefix)
-        found = ", ".join(map(str, steps)) if steps else "none"
-        raise MeloError(f"no checkpoint for step {step} at {path}; steps saved for {prefix} in "
-                        f"{directory}: {found}")
+        runs = saved_runs(directory)
+        if prefix in runs:
+            found = f"steps saved for {prefix} in {directory}: {', '.join(map(str, runs[prefix]))}"
+        elif runs:
+            found = (f"{directory} holds no {prefix} run, but " + "; ".join(
+                f"{name} (steps {', '.join(map(str, steps))})" for name, steps in runs.items())
+                + ": pass the --model, --mode and --use_adaptive_loss (or --use_learned_loss_baseline) "
+                  "of the one you mean")
+        else:
+            found = f"{directory} holds no checkpoints"
+        raise MeloError(f"no checkpoint for step {step} at {path}; {found}")
     checkpoint = read_saved_dict(path, "checkpoint")
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise MeloError(f"{path} is not a MELO checkpoint of format {CHECKPOINT_FORMAT} (found format "
                         f"{checkpoint.get('format')!r}): use a checkpoint this version wrote")
     return checkpoint
+
+
+def require_keys(saved, keys, path):
+    """A checkpoint (or export) must hold every one of `keys`; else it is damaged or not MELO's."""
+    missing = [key for key in keys if key not in saved]
+    if missing:
+        raise MeloError(f"{path} lacks {', '.join(missing)}: an incomplete or damaged file; use another step "
+                        "(or retrain)")
+
+
+def load_state(module, state, path, what):
+    """`module.load_state_dict(state)`; keys or shapes that do not fit are a one-line MeloError."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise MeloError(f"the {what} in {path} do not fit this model ({reason}): a damaged checkpoint, or "
+                        "one saved by another version") from None
+
+
+def check_data(saved, current, path, what="checkpoint"):
+    """The data fingerprint `saved` with a checkpoint or export must be the current data's. Files saved
+    before fingerprints were recorded hold none: they are used, with a warning (their shape and split
+    options are still checked)."""
+    if saved is None:
+        print(f"warning: {what} {path} records no data fingerprint (saved by an older MELO): it cannot be "
+              "checked that it was trained on this ratings file", file=sys.stderr)
+    elif saved != current:
+        raise MeloError(f"{what} {path} was trained on other data (data fingerprint {saved}, this data "
+                        f"{current}): use the ratings file and data flags it was trained with")
 
 
 def read_saved_dict(path, what):

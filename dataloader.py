@@ -63,7 +63,8 @@ DOWNLOAD_URLS = {
 ZIP_MEMBERS = {"ml-1m": "ratings.dat", "ml-10m": "ratings.dat", "ml-100k": "u.data"}
 
 MAX_RATING = 5.0            # the rating scale's maximum for every supported data set
-CACHE_VERSION = 1           # bump when the preprocessing or the cache layout changes
+CACHE_VERSION = 2           # bump when the preprocessing or the cache layout changes
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1  # timestamps are int64 unix seconds
 
 STREAM_TRAIN, STREAM_VAL, STREAM_TEST, STREAM_SPLIT, STREAM_WINDOWS = 0, 1, 2, 3, 4
 # The options that decide who the training, validation and test users are: weights trained under other
@@ -89,6 +90,7 @@ class RatingData:
     item_ids: np.ndarray
     num_items: int
     max_rating: float = MAX_RATING
+    duplicates_dropped: int = 0     # repeated (user, item) ratings removed before filtering
 
     def num_users(self):
         return len(self.offsets) - 1
@@ -101,6 +103,16 @@ class RatingData:
         """(items, ratings) of user u in time order (views, not copies)."""
         start, end = self.offsets[u], self.offsets[u + 1]
         return self.items[start:end], self.ratings[start:end]
+
+    def fingerprint(self):
+        """A short hash of the preprocessed arrays: checkpoints and exports record it, so that weights
+        trained on one ratings file are not tested or resumed on another that merely has as many items."""
+        digest = hashlib.sha256()
+        for array in (self.offsets, self.items, self.ratings, self.timestamps, self.user_ids, self.item_ids):
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(array.tobytes())
+        return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -155,12 +167,22 @@ def _text_lines(path):
 
 
 def _csv_rows(path):
-    """(line number, fields) of every non-empty CSV row, as pandas counts rows; error paths only."""
+    """(line number where the row starts, fields) of every non-empty CSV row, as pandas counts rows; error
+    paths only. A quote that is never closed swallows the lines after it into one field: the row is
+    reported at the quote's line (by check_row), or here when the field outgrows csv's limit."""
     with open(path, encoding="utf-8", errors="replace", newline="") as handle:
         reader = csv.reader(handle)
-        for fields in reader:
+        while True:
+            start = reader.line_num + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:
+                raise _fail(path, start, f"a quoted field that starts here is never closed ({error}): "
+                                         "check the quotes on this line") from None
             if fields and any(f.strip() for f in fields):
-                yield reader.line_num, fields
+                yield start, fields
 
 
 def _is_number(text):
@@ -212,6 +234,11 @@ class _Format:
 
     def check_row(self, fields, line_text):
         """The problem of one data row, or None if it is fine."""
+        if "\ufffd" in line_text:  # what the error paths read in place of a byte that is not UTF-8
+            return ("holds a byte that is not UTF-8 (a latin-1 file?): convert the file, e.g. iconv -f "
+                    "latin1 -t utf-8 FILE > FILE.utf8, and pass that as --data_path")
+        if any("\n" in field for field in fields):
+            return "a quoted field that starts on this line is never closed: check the quotes on this line"
         if len(fields) != 4:
             return self.field_count_problem(fields, line_text)
         user, item, rating, stamp = (f.strip() for f in fields)
@@ -231,8 +258,11 @@ class _Format:
             return f"rating {rating} is outside (0, {MAX_RATING:g}]"
         if self.integer_ids and not _is_int(stamp):
             return f"timestamp {stamp!r} is not an integer (unix seconds)"
-        if not self.integer_ids and _to_seconds_scalar(stamp) is None:
+        seconds = int(stamp) if self.integer_ids else _to_seconds_scalar(stamp)
+        if seconds is None:
             return f"timestamp {stamp!r} is neither unix seconds nor a date"
+        if not INT64_MIN <= seconds <= INT64_MAX:
+            return f"timestamp {stamp} is beyond the range of unix seconds that MELO stores (int64)"
         return None
 
 
@@ -285,10 +315,15 @@ def _to_seconds(column, path, fmt, skip_rows):
     """int64 unix seconds from a column of unix seconds (ints or floats) and / or date strings
     (vectorised; date strings without a time zone are taken as UTC)."""
     if pd.api.types.is_integer_dtype(column.dtype):
+        if column.dtype.kind == "u" and len(column) and column.max() > INT64_MAX:  # would wrap to negative
+            raise _diagnose(path, fmt, skip_rows, row=int(np.argmax(column.to_numpy() > INT64_MAX)))
         return column.to_numpy(np.int64)
     numeric = pd.to_numeric(column, errors="coerce").to_numpy(np.float64)
     seconds = np.zeros(len(column), np.int64)
     is_number = np.isfinite(numeric)
+    beyond = is_number & ~((numeric >= INT64_MIN) & (numeric < 2.0 ** 63))
+    if beyond.any():
+        raise _diagnose(path, fmt, skip_rows, row=int(np.argmax(beyond)))
     seconds[is_number] = np.floor(numeric[is_number]).astype(np.int64)
     if is_number.all():
         return seconds
@@ -344,6 +379,26 @@ def _read_pandas(source, path, fmt, skip_lines, header_rows, **kwargs):
         raise _diagnose(path, fmt, header_rows, fallback=message[-1] if message else None) from None
 
 
+# What a compressed file starts with (the ratings are read as plain text).
+COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k FILE"), b"BZh": ("bzip2", "bunzip2 -k FILE"),
+              b"\xfd7zXZ\x00": ("xz", "unxz -k FILE"), b"PK\x03\x04": ("zip", "unzip FILE"),
+              b"\x28\xb5\x2f\xfd": ("zstd", "unzstd FILE")}
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _check_encoding(path):
+    """A compressed file, or one that starts with a byte-order mark, is refused with what to do."""
+    with open(path, "rb") as handle:
+        start = handle.read(8)
+    for magic, (kind, unpack) in COMPRESSED.items():
+        if start.startswith(magic):
+            raise _fail(path, None, f"is {kind}-compressed: unpack it first ({unpack}) and pass the "
+                                    "unpacked ratings file as --data_path")
+    if start.startswith(UTF8_BOM):
+        raise _fail(path, 1, "starts with a UTF-8 byte-order mark (BOM), which is not part of the data: "
+                             "remove it, e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' FILE")
+
+
 def _read_movielens(path, mode):
     if mode == "ml-100k":
         fmt = _Format(mode, "\t", "user<TAB>item<TAB>rating<TAB>timestamp", "tab-separated", True)
@@ -369,8 +424,8 @@ def _read_movielens(path, mode):
     return _validated(frame, path, fmt, 0)
 
 
-# Header names understood in Amazon / Yelp CSV files (lower case); with all four present, the columns may
-# come in any order. Unknown header names: the columns are taken as user, item, rating, timestamp.
+# Header names understood in Amazon / Yelp CSV files (lower case); the four may come in any order. Any
+# other header is refused unless --csv_columns says what the columns hold.
 HEADER_NAMES = {
     "user": ("reviewerid", "user_id", "userid", "user"),
     "item": ("product_id", "asin", "business_id", "item_id", "itemid", "item", "movieid"),
@@ -380,31 +435,46 @@ HEADER_NAMES = {
 
 
 def _header_order(fields):
+    """File column of user, item, rating, timestamp from the header names; None unless each of the four
+    is named exactly once."""
     names = [f.strip().lower() for f in fields]
     positions = []
     for role, aliases in HEADER_NAMES.items():
         found = [i for i, name in enumerate(names) if name in aliases]
         if len(found) != 1:
-            return (0, 1, 2, 3)
+            return None
         positions.append(found[0])
-    return tuple(positions) if len(set(positions)) == 4 else (0, 1, 2, 3)
+    return tuple(positions) if len(set(positions)) == 4 else None
 
 
-def _read_csv_ratings(path, mode):
+def _column_order(columns):
+    """File column of user, item, rating, timestamp from --csv_columns (roles in file order)."""
+    roles = columns.split(",")
+    return tuple(roles.index(role) for role in HEADER_NAMES)
+
+
+def _read_csv_ratings(path, mode, columns=""):
     """Amazon / Yelp CSV: the original project's file with a header, or a headerless ratings-only dump."""
-    layouts = {"amazon": ("reviewerID,product_id,rating,date", "user,item,rating,timestamp"),
-               "yelp": ("user_id,business_id,stars,timestamp", "user_id,business_id,stars,timestamp")}
-    with_header, without_header = layouts[mode]
-    fmt = _Format(mode, ",", f"{with_header} (with that header) or {without_header} (no header)",
-                  "comma-separated", False)
+    layouts = {"amazon": "reviewerID,product_id,rating,date (with that header) or user,item,rating,timestamp "
+                         "(no header)",
+               "yelp": "user_id,business_id,stars,timestamp (with or without that header)"}
+    fmt = _Format(mode, ",", layouts[mode], "comma-separated", False)
     number, first = _first_line(path)
     fields = next(csv.reader([first]))
     if len(fields) != 4:
         raise _fail(path, number, fmt.field_count_problem(fields, first))
-    has_header = not _is_number(fields[2])
+    if columns:
+        fmt.order = _column_order(columns)
+    has_header = not _is_number(fields[fmt.order[2]])  # a header names the rating column, data rate there
     fmt.header = has_header or None
-    if has_header:
+    if has_header and not columns:
         fmt.order = _header_order(fields)
+        if fmt.order is None:  # guessing would swap users and items without a word
+            understood = "; ".join(f"{role}: {', '.join(names)}" for role, names in HEADER_NAMES.items())
+            raise _fail(path, number, f"header {first.strip()!r} does not name the user, item, rating and "
+                                      f"timestamp columns once each; names understood (any case): {understood}; "
+                                      "or say what the columns hold with --csv_columns, e.g. "
+                                      "--csv_columns=item,user,rating,timestamp")
     skip = number if has_header else 0     # raw lines to skip (blank lines before the header included)
     header_rows = 1 if has_header else 0
     user, item = fmt.order[:2]
@@ -428,7 +498,7 @@ def _read_yelp_json(path, chunk_rows=200_000):
                 _check_json_chunk(path, chunk, rows_before)
                 parts.append(chunk[list(YELP_JSON_FIELDS)])
                 rows_before += len(chunk)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:  # TypeError: a line that is an array, a number or null
         raise _json_problem(path, str(error)) from None
     if not parts:
         raise _fail(path, None, "no reviews in the file")
@@ -473,8 +543,10 @@ def _json_problem(path, message):
     return _fail(path, None, f"could not be read as JSON lines ({message})")
 
 
-def read_ratings(path, mode):
-    """Raw (users, items, ratings float32, timestamps int64) of a ratings file, in file order."""
+def read_ratings(path, mode, columns=""):
+    """Raw (users, items, ratings float32, timestamps int64) of a ratings file, in file order. `columns`:
+    --csv_columns, for Amazon / Yelp CSV files."""
+    _check_encoding(path)
     if mode in ("ml-1m", "ml-10m", "ml-100k"):
         return _read_movielens(path, mode)
     _, first = _first_line(path)
@@ -483,7 +555,7 @@ def read_ratings(path, mode):
     if mode == "yelp" and first.lstrip().startswith("{"):
         return _read_yelp_json(path)
     if mode in ("amazon", "yelp"):
-        return _read_csv_ratings(path, mode)
+        return _read_csv_ratings(path, mode, columns)
     raise MeloError(f"unknown --mode {mode!r}")
 
 
@@ -549,6 +621,21 @@ def effective_min_sequence(args):
     return max(args.min_sequence, args.min_sub_window_size + 1)
 
 
+def drop_duplicates(users, items, ratings, timestamps):
+    """Keep one rating per (user, item): the latest by time, and of equal times the last in the file (as
+    RecBole's rm_dup_inter keeps the last). A repeated rating would otherwise let a test target's (item,
+    rating) stand in the support set too. Returns the kept rows, in file order, and how many went."""
+    user_codes, _ = pd.factorize(users)
+    item_codes, item_uniques = pd.factorize(items)
+    pair = user_codes.astype(np.int64) * max(len(item_uniques), 1) + item_codes
+    order = np.lexsort((np.arange(len(pair)), timestamps, pair))  # by pair, then time, then file position
+    last_of_pair = np.ones(len(order), bool)
+    last_of_pair[:-1] = pair[order[1:]] != pair[order[:-1]]
+    keep = np.zeros(len(pair), bool)
+    keep[order[last_of_pair]] = True
+    return (users[keep], items[keep], ratings[keep], timestamps[keep]), int(len(keep) - keep.sum())
+
+
 def preprocess(users, items, ratings, timestamps, min_item, min_sequence):
     """Filter (items, then users; one pass), re-index and sort raw ratings into a RatingData."""
     item_codes, _ = pd.factorize(items)
@@ -592,6 +679,7 @@ def _cache_path(args, min_sequence):
     stat = os.stat(path)
     key = json.dumps({"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                       "mode": args.mode, "min_item": args.min_item, "min_sequence": min_sequence,
+                      "keep_duplicates": args.keep_duplicates, "csv_columns": args.csv_columns,
                       "version": CACHE_VERSION}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     return os.path.join(args.data_dir, "cache", f"{args.mode}-{digest}.npz")
@@ -605,7 +693,8 @@ def _load_cache(path):
             return RatingData(offsets=stored["offsets"], items=stored["items"], ratings=stored["ratings"],
                               timestamps=stored["timestamps"], user_ids=stored["user_ids"],
                               item_ids=stored["item_ids"], num_items=int(stored["num_items"]),
-                              max_rating=float(stored["max_rating"]))
+                              max_rating=float(stored["max_rating"]),
+                              duplicates_dropped=int(stored["duplicates_dropped"]))
     except FileNotFoundError:
         return None
     except Exception as error:     # a corrupt or foreign cache file is rebuilt, never trusted
@@ -618,7 +707,8 @@ def _save_cache(path, data):
         write_atomic(path, lambda out: np.savez(
             out, version=np.int64(CACHE_VERSION), offsets=data.offsets, items=data.items, ratings=data.ratings,
             timestamps=data.timestamps, user_ids=data.user_ids, item_ids=data.item_ids,
-            num_items=np.int64(data.num_items), max_rating=np.float64(data.max_rating)))
+            num_items=np.int64(data.num_items), max_rating=np.float64(data.max_rating),
+            duplicates_dropped=np.int64(data.duplicates_dropped)))
     except OSError as error:      # a read-only data folder only costs the next start its speed
         print(f"warning: could not write the data cache {path}: {error}", file=sys.stderr)
 
@@ -646,11 +736,15 @@ def load_data(args):
     if data is not None:
         log.info("loaded %s from cache %s", path, cache)
         return data
-    users, items, ratings, timestamps = read_ratings(path, mode)
-    data = preprocess(users, items, ratings, timestamps, args.min_item, min_sequence)
+    rows = read_ratings(path, mode, args.csv_columns)
+    dropped = 0
+    if not args.keep_duplicates:
+        rows, dropped = drop_duplicates(*rows)
+    data = preprocess(*rows, args.min_item, min_sequence)
     if data is None:
         raise MeloError(f"no users left in {path} after filtering (min_item={args.min_item}, "
                         f"min_sequence={min_sequence}): lower --min_item or --min_sequence")
+    data.duplicates_dropped = dropped
     _save_cache(cache, data)
     return data
 
@@ -828,6 +922,7 @@ def data_summary(data, max_seq_len):
     balance = float(np.mean(entropy) / np.log(len(values))) if len(values) > 1 else 0.0
     total = len(data.ratings)
     return {
+        "duplicates_dropped": data.duplicates_dropped,
         "users": data.num_users(),
         "items": data.num_items,
         "ratings": total,
@@ -849,6 +944,7 @@ def format_summary(summary, args):
         f"users           {summary['users']}",
         f"items           {summary['items']}",
         f"ratings         {summary['ratings']}",
+        f"duplicates      {duplicates_note(summary['duplicates_dropped'], args)}",
         f"avg seq length  {summary['avg_seq_len']:.1f} (truncated to max_seq_len={summary['max_seq_len']}: "
         f"{summary['avg_seq_len_truncated']:.1f})",
         "rating distribution (value, count, share):",
@@ -863,6 +959,13 @@ def format_summary(summary, args):
         lines.append(f"split (seed {args.random_seed})  train {summary['train_users']}, validation "
                      f"{summary['val_users']}, test {summary['test_users']} users")
     return "\n".join(lines)
+
+
+def duplicates_note(dropped, args):
+    """What happened to repeated (user, item) ratings, for the summary and the start of training."""
+    if args.keep_duplicates:
+        return "kept (--keep_duplicates=True)"
+    return f"{dropped} repeated (user, item) ratings dropped, the latest kept (--keep_duplicates=True keeps them)"
 
 
 def main(args):

@@ -23,11 +23,11 @@ import baselines
 import checkpointing
 import figures
 import metrics
-from dataloader import SPLIT_OPTIONS, MetaDataset, load_data
+from dataloader import SPLIT_OPTIONS, MetaDataset, duplicates_note, load_data
 from meta_learner import (build_meta_learner, last_step_weights, mean_weight_by_rating, multi_step_loss_weights,
                           weight_sums_by_rating)
 from options import MeloError, run_cli
-from runtime import Distributed, configure_cpu, seed_everything
+from runtime import Distributed, configure_cpu, interruption, seed_everything, sigterm_as_interrupt
 
 # Options that change the shape or meaning of what a checkpoint holds; resuming or testing with other
 # values is refused with the names of the ones that differ.
@@ -101,8 +101,22 @@ def build_optimizer(args, learner):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
 
 
-def load_pretrained(args, learner):
-    """Start from train_original.py's exported weights (--load_pretrained[_embedding])."""
+def load_optimizer_state(optimizer, scheduler, checkpoint, path):
+    """Restore Adam's moments and the schedule's position from `checkpoint`, but keep the learning rates,
+    their schedules and the weight decay that the current flags give (load_state_dict would bring back the
+    saved ones): a resumed run trains with the flags it is given, from its step on."""
+    current = [{key: group[key] for key in ("initial_lr", "weight_decay")} for group in optimizer.param_groups]
+    checkpointing.load_state(optimizer, checkpoint["optimizer"], path, "optimizer state")
+    checkpointing.load_state(scheduler, checkpoint["scheduler"], path, "scheduler state")
+    scheduler.base_lrs = [values["initial_lr"] for values in current]
+    for group, values, schedule in zip(optimizer.param_groups, current, scheduler.lr_lambdas):
+        group.update(values, lr=values["initial_lr"] * schedule(scheduler.last_epoch))
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
+def load_pretrained(args, learner, fingerprint):
+    """Start from train_original.py's exported weights (--load_pretrained[_embedding]), which must have
+    been trained on the data of `fingerprint`."""
     from models import load_pretrained_weights
 
     path = os.path.join(args.pretrain_log_dir, f"{args.model}_{args.mode}_pretrained.pt")
@@ -110,6 +124,7 @@ def load_pretrained(args, learner):
         raise MeloError(f"no pretrained weights at {path}: run train_original.py --model={args.model} "
                         f"--mode={args.mode} --save_pretrained=True first")
     exported = checkpointing.read_saved_dict(path, "pretrained export")
+    checkpointing.check_data(exported.get("data_fingerprint"), fingerprint, path, "pretrained export")
     saved = exported.get("shape_options", {})
     differing = checkpointing.option_differences(saved, vars(args), SPLIT_OPTIONS)
     if differing:
@@ -128,7 +143,10 @@ class MetaTrainer:
         self.optimizer, self.scheduler = build_optimizer(args, self.learner)
         self.prefix = run_prefix(args)
         self.shape = shape_options(args, self.data)
+        self.fingerprint = self.data.fingerprint()
         self.iteration = 0
+        self.validated = 0  # the last step whose validation finished (None: the resumed step's did not)
+        self.recent = []  # outer losses since the last validation, for its "train loss"
         self.best = {"rmse": float("inf"), "step": None, "state": None}
         self.earlier_run = []  # an earlier run's files that this one replaces (--overwrite)
         self.log_folder = None  # the run's TensorBoard folder under --log_dir (open_writer)
@@ -139,8 +157,11 @@ class MetaTrainer:
             "format": checkpointing.CHECKPOINT_FORMAT,
             "step": self.iteration,
             "log_folder": self.log_folder,
+            "data_fingerprint": self.fingerprint,
             "shape_options": self.shape,
             "training_options": {key: getattr(self.args, key) for key in TRAINING_OPTIONS},
+            "pending_validation": self.validation_pending(),
+            "recent_losses": list(self.recent),
             "meta_state": {k: v.detach().cpu().clone() for k, v in self.learner.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -163,24 +184,30 @@ class MetaTrainer:
     def load(self, step, restore_training):
         checkpoint = checkpointing.load_checkpoint(self.args.checkpoint_dir, self.prefix, step)
         path = checkpointing.checkpoint_path(self.args.checkpoint_dir, self.prefix, step)
+        checkpointing.require_keys(checkpoint, ("step", "shape_options", "meta_state", "best_rmse", "best_step",
+                                                "best_meta_state"), path)
         checkpointing.check_compatible(checkpoint["shape_options"], self.shape, path)
-        self.learner.load_state_dict(checkpoint["meta_state"])
+        checkpointing.check_data(checkpoint.get("data_fingerprint"), self.fingerprint, path)
+        checkpointing.load_state(self.learner, checkpoint["meta_state"], path, "weights")
         self.iteration = checkpoint["step"]
-        self.log_folder = checkpoint.get("log_folder")
+        self.log_folder = checkpointing.checked_log_folder(checkpoint.get("log_folder"), path)
         self.best = {"rmse": checkpoint["best_rmse"], "step": checkpoint["best_step"],
                      "state": checkpoint["best_meta_state"], "report": checkpoint.get("best_report")}
+        self.validated = None if checkpoint.get("pending_validation") else self.iteration
         if restore_training:
+            checkpointing.require_keys(checkpoint, ("optimizer", "scheduler", "torch_rng", "cuda_rng"), path)
             saved = checkpoint.get("training_options", {})
             differing = checkpointing.option_differences(saved, vars(self.args), TRAINING_OPTIONS)
             if differing and self.dist.is_main:
                 best = ("; the best weights so far were chosen on other validation tasks, and later steps are "
                         "compared with them" if "val_size" in saved and saved["val_size"] != self.args.val_size
                         else "")
-                print(f"warning: resuming {path} with other training options: {', '.join(differing)}; the "
-                      f"run continues from there but will not equal one that was never stopped{best}",
+                print(f"warning: resuming {path} with other training options: {', '.join(differing)}; from "
+                      f"step {self.iteration} on the run trains with the options given now (learning rates "
+                      f"and their schedules included), so it will not equal one that was never stopped{best}",
                       file=sys.stderr)
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            load_optimizer_state(self.optimizer, self.scheduler, checkpoint, path)
+            self.recent = list(checkpoint.get("recent_losses", []))
             torch.set_rng_state(checkpoint["torch_rng"])
             if checkpoint["cuda_rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
@@ -221,6 +248,13 @@ class MetaTrainer:
         return self.report(tasks, *self.predictions(tasks, with_weights))
 
     # ------------------------------------------------------------------ training
+    def validation_pending(self):
+        """Stopped between a log step's update and the end of its validation (or at a resumed step whose
+        validation was stopped): the saved step is marked, and a resume validates it first."""
+        args, step = self.args, self.iteration
+        return self.validated != step and (self.validated is None or step % args.log_interval == 0
+                                           or step == args.num_train_iterations)
+
     def step_weights(self):
         args = self.args
         if args.use_multi_step and self.iteration < args.multi_step_loss_num_epochs:
@@ -277,37 +311,48 @@ class MetaTrainer:
             capped = f" (--val_size={args.val_size} capped)" if validated < args.val_size else ""
             print(f"{args.mode}: {len(dataset.train_users)} training, {len(dataset.val_users)} validation and "
                   f"{len(dataset.test_users)} test users, {self.data.num_items} items; validating on "
-                  f"{validated} users{capped} every {args.log_interval} iterations")
+                  f"{validated} users{capped} every {args.log_interval} iterations; duplicates: "
+                  f"{duplicates_note(self.data.duplicates_dropped, args)}")
         bar = tqdm(range(self.iteration, args.num_train_iterations), initial=self.iteration,
                    total=args.num_train_iterations, disable=not self.dist.is_main, dynamic_ncols=True)
-        recent = []
         try:
+            if self.validation_pending():  # resumed at a step whose validation was interrupted
+                self.validate_and_save(val_tasks, writer)
             for _ in bar:
                 loss = self.train_step()
                 if not math.isfinite(loss):
-                    saved = checkpointing.available_steps(args.checkpoint_dir, self.prefix)
-                    raise MeloError(f"the outer loss became {loss} at iteration {self.iteration + 1}; "
-                                    f"stopped without saving (last good checkpoint: step "
-                                    f"{saved[-1] if saved else 'none'}); try a lower --outer_lr or --lstm_lr")
-                recent.append(loss)
+                    raise self.diverged(f"the outer loss became {loss} at iteration {self.iteration + 1}")
+                self.recent.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if writer is not None:
                     writer.add_scalar("train/outer_loss", loss, self.iteration)
-                if self.iteration % args.log_interval == 0 or self.iteration == args.num_train_iterations:
-                    self.validate_and_save(val_tasks, writer, sum(recent) / len(recent))
-                    recent = []
-        except KeyboardInterrupt:
+                if self.validation_pending():
+                    self.validate_and_save(val_tasks, writer)
+        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (runtime.sigterm_as_interrupt)
+            what, status = interruption(error)
             path = self.save()
-            print(f"\ninterrupted: saved step {self.iteration} to {path}; resume with "
+            pending = (" before its validation finished (the resumed run validates it first)"
+                       if self.validation_pending() else "")
+            print(f"\n{what}: saved step {self.iteration} to {path}{pending}; resume with "
                   f"--checkpoint_step={self.iteration}", file=sys.stderr)
-            raise SystemExit(130)
+            raise SystemExit(status)
 
-    def validate_and_save(self, val_tasks, writer, train_loss):
+    def diverged(self, what):
+        """The error that stops a run whose loss or validation score is no longer finite; nothing is saved."""
+        saved = checkpointing.available_steps(self.args.checkpoint_dir, self.prefix)
+        return MeloError(f"{what}; stopped without saving (last good checkpoint: step "
+                         f"{saved[-1] if saved else 'none'}); try a lower --outer_lr or --lstm_lr")
+
+    def validate_and_save(self, val_tasks, writer):
         report = self.evaluate(val_tasks)
+        if not math.isfinite(report["rmse"]):
+            raise self.diverged(f"the validation RMSE became {report['rmse']} at step {self.iteration}")
+        train_loss = sum(self.recent) / len(self.recent) if self.recent else float("nan")
         # best["rmse"] holds the best validation --select_by (RMSE by default; the name is the checkpoint's)
         if report[self.args.select_by] < self.best["rmse"]:
             self.best = {"rmse": report[self.args.select_by], "step": self.iteration, "report": report,
                          "state": {k: v.detach().cpu().clone() for k, v in self.learner.state_dict().items()}}
+        self.validated, self.recent = self.iteration, []
         path = self.save()
         if self.dist.is_main:
             tqdm.write(f"step {self.iteration}: train loss {train_loss:.4f} | val RMSE {report['rmse']:.4f} "
@@ -382,9 +427,13 @@ def report_path(args, prefix, step):
 def test(trainer):
     args = trainer.args
     checkpoint = trainer.load(args.checkpoint_step, restore_training=False)
+    path = checkpointing.checkpoint_path(args.checkpoint_dir, trainer.prefix, args.checkpoint_step)
+    if checkpoint.get("pending_validation") and args.test_best:
+        print(f"warning: {path} was saved before its own validation finished: its best weights are those "
+              f"of the steps before; resume it once to validate it", file=sys.stderr)
     best, which = checkpointing.tested_weights(checkpoint, args.checkpoint_step, args.test_best, "best_meta_state")
     if best is not None:
-        trainer.learner.load_state_dict(best)
+        checkpointing.load_state(trainer.learner, best, path, "best weights")
     tasks = trainer.dataset.test_tasks()
     predicted, weight_sums = trainer.predictions(tasks, with_weights=True)
     report = trainer.report(tasks, predicted, weight_sums)
@@ -418,23 +467,27 @@ def main(args):
             return test_baseline(trainer)
         if args.test:
             return test(trainer)
-        if args.checkpoint_step >= 0:
-            trainer.load(args.checkpoint_step, restore_training=True)
-            checkpointing.check_left_to_train(trainer.iteration, args.num_train_iterations, "step",
-                                              "--num_train_iterations")
-        else:
-            trainer.earlier_run = checkpointing.start_fresh(args.checkpoint_dir, trainer.prefix, "--checkpoint_dir",
-                                                            args.overwrite)
-            if args.load_pretrained or args.load_pretrained_embedding:
-                load_pretrained(args, trainer.learner)
-        writer = open_writer(args, trainer.prefix, trainer.log_folder, trainer.iteration) if dist.is_main else None
-        try:
-            trainer.train(writer)
-            if writer is not None:
-                log_hparams(writer, args, trainer.best)
-        finally:
-            if writer is not None:
-                writer.close()
+        with checkpointing.RunLock(args.checkpoint_dir, trainer.prefix, "--checkpoint_dir") as lock:
+            checkpointing.claim_run(dist, lock, {"--checkpoint_dir": args.checkpoint_dir, "--log_dir": args.log_dir})
+            if args.checkpoint_step >= 0:
+                trainer.load(args.checkpoint_step, restore_training=True)
+                if not trainer.validation_pending():  # else its validation is left to do
+                    checkpointing.check_left_to_train(trainer.iteration, args.num_train_iterations, "step",
+                                                      "--num_train_iterations")
+            else:
+                trainer.earlier_run = checkpointing.start_fresh(args.checkpoint_dir, trainer.prefix,
+                                                                "--checkpoint_dir", args.overwrite)
+                if args.load_pretrained or args.load_pretrained_embedding:
+                    load_pretrained(args, trainer.learner, trainer.fingerprint)
+            writer = open_writer(args, trainer.prefix, trainer.log_folder, trainer.iteration) if dist.is_main else None
+            try:
+                with sigterm_as_interrupt():
+                    trainer.train(writer)
+                if writer is not None:
+                    log_hparams(writer, args, trainer.best)
+            finally:
+                if writer is not None:
+                    writer.close()
         return trainer
 
 

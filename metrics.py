@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from options import MeloError
 from runtime import write_atomic
 
 # Columns of the per-target CSV written beside every test report (see prediction_frame).
@@ -135,14 +136,35 @@ def predictions_path(report_path):
 
 
 def publish(report, title, path, predictions=None):
-    """Write the report as JSON to `path` (and the `predictions` frame as CSV beside it) and print it
-    (rank 0's job). Written first: a closed output (`| head`) must not lose them."""
-    write_json_atomic(report, path)
-    if predictions is not None:
-        write_atomic(predictions_path(path), lambda out: predictions.to_csv(out, index=False), binary=False)
+    """Write the report as JSON to `path`, and the per-target `predictions` frame (prediction_frame) as
+    CSV beside it, and print it (rank 0's job). Written first: a closed output (`| head`) must not lose
+    them; when they cannot be written, the numbers are printed before the error. Non-finite numbers
+    (diverged weights) are written as null, and the run then fails."""
+    try:
+        write_json_atomic(report, path)
+        if predictions is not None:
+            write_atomic(predictions_path(path), lambda out: predictions.to_csv(out, index=False), binary=False)
+    except OSError as error:
+        print(format_report(report, title))
+        raise MeloError(f"the report could not be written to {path} ({error.strerror or error}): the numbers "
+                        "above are all there is") from None
     print(format_report(report, title))
     print(f"report written to {path}" + (f", predictions to {predictions_path(path)}"
                                          if predictions is not None else ""))
+    if finite_or_null(report) != report:  # a nan or inf became None
+        raise MeloError(f"the report holds non-finite numbers (written as null to {path}): these weights "
+                        "predict nan or inf; test another step")
+
+
+def finite_or_null(value):
+    """`value` with every non-finite float replaced by None, so that the JSON holds null (not NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 # ============================================================================ paired comparison
@@ -190,5 +212,7 @@ def paired_bootstrap(squared_a, squared_b, windows, ratings, resamples=1000, see
 
 
 def write_json_atomic(data, path):
-    """Write JSON all at once (`runtime.write_atomic`): never a half-written report."""
-    write_atomic(path, lambda out: json.dump(data, out, indent=2, sort_keys=True), binary=False)
+    """Write JSON all at once (`runtime.write_atomic`): never a half-written report, and never a NaN token
+    (standard JSON has none)."""
+    write_atomic(path, lambda out: json.dump(finite_or_null(data), out, indent=2, sort_keys=True, allow_nan=False),
+                 binary=False)

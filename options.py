@@ -7,12 +7,18 @@ Flag names, meanings and defaults follow the original MELO project. Booleans are
 `--flag=True` / `--flag=False`.
 """
 import argparse
+import math
 import os
 import sys
 
 MODES = ("ml-1m", "ml-10m", "ml-100k", "amazon", "yelp")
 MODELS = ("bert4rec", "sasrec", "gru4rec", "narm")
 BASELINE_CHOICES = ("mean-rating", "user-mean", "shrunk-user-mean", "user-item-bias", "all")
+
+# The four columns of a ratings file, in the order MELO reads them (--csv_columns names them in file order).
+COLUMN_ROLES = ("user", "item", "rating", "timestamp")
+# Float flags become float32 tensors (learning rates in Adam, ratings): larger values overflow there.
+FLOAT32_MAX = 3.4028234663852886e38
 
 # Where each mode's ratings live when --data_path is not given (MovieLens is downloaded there).
 DEFAULT_DATA_PATHS = {
@@ -35,14 +41,17 @@ def str2bool(text):
 
 
 def _checked(kind, minimum, what):
-    """An argparse type that converts with `kind` and rejects values below `minimum`."""
+    """An argparse type that converts with `kind` and rejects values below `minimum` (`None`: no bound);
+    floats must be finite within float32's range (nan, inf or 1e300 would fail deep inside training)."""
 
     def convert(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if value < minimum:
+        if kind is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise argparse.ArgumentTypeError(f"must be a finite number of at most {FLOAT32_MAX:.3g}, got {text}")
+        if minimum is not None and value < minimum:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
 
@@ -52,6 +61,7 @@ def _checked(kind, minimum, what):
 non_negative_int = _checked(int, 0, ">= 0")
 positive_int = _checked(int, 1, ">= 1")
 non_negative_float = _checked(float, 0.0, ">= 0")
+finite_float = _checked(float, None, "")
 
 
 def comma_list(convert):
@@ -116,7 +126,14 @@ def build_parser():
         help="seeds the user split, every task, dropout and the training order")
     add("--use_random_sequence_length", type=str2bool, default=False,
         help="training tasks use a random window length instead of max_seq_len")
-    add("--default_rating", type=float, default=0,
+    add("--keep_duplicates", type=str2bool, default=False,
+        help="keep every rating of a (user, item) pair; by default only the latest one (by time, then file "
+             "order) is kept, so that a repeated rating cannot put a test target into the support set")
+    add("--csv_columns", default="",
+        help="Amazon / Yelp CSV: what the file's four columns hold, in file order, e.g. "
+             "item,user,rating,timestamp (overrides the header names; needed for a header MELO does not "
+             "know; empty = from the header, or user,item,rating,timestamp without one)")
+    add("--default_rating", type=finite_float, default=0,
         help="rating value written at padded positions (masks come from item id 0)")
 
     # ---------------------------------------------------------------- model
@@ -139,7 +156,7 @@ def build_parser():
     # ---------------------------------------------------------------- meta-learning
     meta = parser.add_argument_group("meta-training (main.py)")
     add = meta.add_argument
-    add("--num_train_iterations", type=non_negative_int, default=2000, help="outer iterations")
+    add("--num_train_iterations", type=positive_int, default=2000, help="outer iterations")
     add("--num_inner_steps", type=positive_int, default=3, help="inner-loop gradient steps per task")
     add("--inner_lr", type=non_negative_float, default=1e-3,
         help="initial value of every learned inner learning rate")
@@ -172,9 +189,10 @@ def build_parser():
     add("--lstm_input_size", type=positive_int, default=16, help="rating-embedding size of the encoder")
     add("--lstm_hidden", type=positive_int, default=32, help="hidden size of the rating-sequence LSTM")
     add("--lstm_num_layers", type=positive_int, default=1, help="layers of the rating-sequence LSTM")
-    add("--lstm_lr", type=non_negative_float, default=0.1,
-        help="Adam lr of the loss networks, cosine-annealed to --min_lstm_lr")
-    add("--min_lstm_lr", type=non_negative_float, default=0.01, help="floor of --lstm_lr")
+    add("--lstm_lr", type=non_negative_float, default=0.01,
+        help="Adam lr of the loss networks, cosine-annealed to --min_lstm_lr (the original's 0.1 drove the "
+             "weights to their extremes within 25 iterations)")
+    add("--min_lstm_lr", type=non_negative_float, default=0.001, help="floor of --lstm_lr")
     add("--use_mlp", type=str2bool, default=False,
         help="weight network: an MLP fed the task statistics chosen below")
     add("--task_info_loss", type=str2bool, default=True, help="MLP input: per-position loss")
@@ -279,6 +297,11 @@ def validate(parser, args):
     if args.bert_hidden_units % args.bert_num_heads:
         parser.error(f"--bert_hidden_units ({args.bert_hidden_units}) must be divisible by "
                      f"--bert_num_heads ({args.bert_num_heads})")
+    if args.checkpoint_step < -1:
+        parser.error(f"--checkpoint_step must be a saved step (>= 0) or -1 (none), got {args.checkpoint_step}")
+    if args.csv_columns and sorted(args.csv_columns.split(",")) != sorted(COLUMN_ROLES):
+        parser.error(f"--csv_columns must name {', '.join(COLUMN_ROLES)} once each, in the file's column "
+                     f"order, got {args.csv_columns!r}")
     if args.test and args.checkpoint_step < 0 and not args.test_baseline:
         parser.error("--test needs --checkpoint_step=N (the step to evaluate)")
 
@@ -298,11 +321,11 @@ class MeloError(Exception):
     """A problem with the user's input or files: reported as one line, without a traceback."""
 
 
-def run_cli(main_function, argv=None):
-    """Run a script's main(args); a MeloError becomes `error: ...` on stderr and exit status 2. Output
-    piped into a reader that stops early (`| head`) ends the run quietly, as other commands do."""
+def run_cli(main_function, argv=None, parse=parse_args):
+    """Run a script's main(parse(argv)); a MeloError becomes `error: ...` on stderr and exit status 2.
+    Output piped into a reader that stops early (`| head`) ends the run quietly, as other commands do."""
     try:
-        main_function(parse_args(argv))
+        main_function(parse(argv))
     except MeloError as error:
         sys.stderr.write(f"error: {error}\n")  # one write: the lines of several ranks do not interleave
         sys.exit(2)

@@ -1,9 +1,12 @@
 """Process set-up shared by the scripts: threads and allocator, device, seeding, torch.distributed
 (torchrun), and writing files all at once."""
+import contextlib
 import ctypes
 import os
 import platform
+import signal
 import tempfile
+import threading
 
 import numpy as np
 import torch
@@ -12,13 +15,18 @@ import torch.distributed as dist
 from options import MeloError
 
 
+TEMPORARY_PREFIX = ".tmp-"
+
+
 def write_atomic(path, write, binary=True):
     """Write `path` all at once or not at all: `write(file)` fills a temporary file in the same folder,
     which is flushed to disk, given mode 0644 (mkstemp's files are private to the owner) and renamed over
     `path`. On any error the temporary file is removed and `path` is left as it was."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    # named after the target, so that a run can tell its own leftovers (a SIGKILL) from other runs' files
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f"{TEMPORARY_PREFIX}{os.path.basename(path)}-",
+                                         suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(handle, "wb" if binary else "w") as out:
             write(out)
@@ -29,6 +37,37 @@ def write_atomic(path, write, binary=True):
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (job schedulers' preemption, `timeout`, Kubernetes), raised where Ctrl-C raises
+    KeyboardInterrupt, so that the code that saves the latest state on Ctrl-C handles both."""
+
+
+def interruption(error):
+    """(what happened, exit status) of a KeyboardInterrupt or Terminated: the shell's 128 + signal."""
+    if isinstance(error, Terminated):
+        return "terminated (SIGTERM)", 128 + signal.SIGTERM
+    return "interrupted", 128 + signal.SIGINT
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises Terminated; a second one, while the first is being handled
+    (saving), is ignored. Python can only install handlers in the main thread: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def configure_cpu(args):

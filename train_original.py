@@ -62,8 +62,8 @@ import metrics
 from dataloader import SPLIT_OPTIONS, STREAM_WINDOWS, MetaDataset, load_data
 from models import export_weights, model_factory
 from models.loss_networks import RatingSequenceEncoder, masked_mean
-from options import MeloError, run_cli
-from runtime import Distributed, configure_cpu, seed_everything
+from options import MeloError, build_parser, run_cli
+from runtime import Distributed, configure_cpu, interruption, seed_everything, sigterm_as_interrupt
 
 # Of main.py's checkpoint-shaping options, those that shape a plain backbone (the rest are meta-learning's).
 BACKBONE_SHAPE_PREFIXES = ("bert_", "gru4rec_", "narm_")
@@ -165,6 +165,7 @@ class BaselineTrainer:
         self.optimizer = torch.optim.Adam(self.window_loss.parameters(), lr=args.pretraining_lr)
         self.prefix = run_prefix(args)
         self.shape = shape_options(args, self.data)
+        self.fingerprint = self.data.fingerprint()
         self.epoch = 0
         self.best = {"rmse": float("inf"), "step": None, "state": None}
         self.earlier_run = []  # an earlier run's files that this one replaces (--overwrite)
@@ -207,6 +208,7 @@ class BaselineTrainer:
             "format": checkpointing.CHECKPOINT_FORMAT,
             "step": self.epoch,
             "log_folder": self.log_folder,
+            "data_fingerprint": self.fingerprint,
             "shape_options": self.shape,
             "model_state": state_copy(self.model),
             "encoder_state": state_copy(self.encoder) if self.encoder is not None else None,
@@ -233,17 +235,21 @@ class BaselineTrainer:
     def load(self, step, restore_training):
         directory = self.args.pretrain_log_dir
         checkpoint = checkpointing.load_checkpoint(directory, self.prefix, step)
-        checkpointing.check_compatible(checkpoint["shape_options"], self.shape,
-                                       checkpointing.checkpoint_path(directory, self.prefix, step))
-        self.model.load_state_dict(checkpoint["model_state"])
+        path = checkpointing.checkpoint_path(directory, self.prefix, step)
+        checkpointing.require_keys(checkpoint, ("step", "shape_options", "model_state", "encoder_state", "best_rmse",
+                                                "best_step", "best_model_state"), path)
+        checkpointing.check_compatible(checkpoint["shape_options"], self.shape, path)
+        checkpointing.check_data(checkpoint.get("data_fingerprint"), self.fingerprint, path)
+        checkpointing.load_state(self.model, checkpoint["model_state"], path, "weights")
         if self.encoder is not None:
-            self.encoder.load_state_dict(checkpoint["encoder_state"])
+            checkpointing.load_state(self.encoder, checkpoint["encoder_state"], path, "encoder weights")
         self.epoch = checkpoint["step"]
-        self.log_folder = checkpoint.get("log_folder")
+        self.log_folder = checkpointing.checked_log_folder(checkpoint.get("log_folder"), path)
         self.best = {"rmse": checkpoint["best_rmse"], "step": checkpoint["best_step"],
                      "state": checkpoint["best_model_state"]}
         if restore_training:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            checkpointing.require_keys(checkpoint, ("optimizer",), path)
+            checkpointing.load_state(self.optimizer, checkpoint["optimizer"], path, "optimizer state")
         return checkpoint
 
     # ------------------------------------------------------------------ evaluation
@@ -367,6 +373,11 @@ class BaselineTrainer:
             for _ in bar:
                 train_loss = self.train_epoch(bar)
                 report = self.evaluate(val_tasks)
+                if not math.isfinite(report["rmse"]):
+                    saved = checkpointing.available_steps(args.pretrain_log_dir, self.prefix)
+                    raise MeloError(f"the validation RMSE became {report['rmse']} after epoch {self.epoch}; stopped "
+                                    f"without saving (last good checkpoint: step {saved[-1] if saved else 'none'}); "
+                                    "try a lower --pretraining_lr")
                 # best["rmse"] holds the best validation --select_by (the checkpoint's name for it)
                 if report[args.select_by] < self.best["rmse"]:
                     self.best = {"rmse": report[args.select_by], "step": self.epoch, "state": state_copy(self.model)}
@@ -384,13 +395,14 @@ class BaselineTrainer:
                     for rating, row in report["per_rating"].items():
                         writer.add_scalar(f"val_rmse_per_rating/{rating}", row["rmse"], self.epoch)
                     writer.flush()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (runtime.sigterm_as_interrupt)
             # Mid-epoch state cannot be resumed exactly: the last finished epoch's checkpoint stands.
+            what, status = interruption(error)
             saved = checkpointing.available_steps(args.pretrain_log_dir, self.prefix)
             if self.dist.is_main:
-                print(f"\ninterrupted in epoch {self.epoch + 1}; resume with --checkpoint_step="
+                print(f"\n{what} in epoch {self.epoch + 1}; resume with --checkpoint_step="
                       f"{saved[-1] if saved else 'none (nothing saved yet)'}", file=sys.stderr)
-            raise SystemExit(130)
+            raise SystemExit(status)
 
     def best_weights(self):
         return self.best["state"] if self.best["state"] is not None else state_copy(self.model)
@@ -402,11 +414,13 @@ class BaselineTrainer:
         exported = export_weights(model)
         # Extra context for people reading the file; main.py checks the model name and every shape.
         exported.update(mode=self.args.mode, shape_options=self.shape, best_step=self.best["step"],
-                        random_seed=self.args.random_seed)
+                        random_seed=self.args.random_seed, data_fingerprint=self.fingerprint)
         path = pretrained_path(self.args)
         checkpointing.save_atomic(exported, path)
+        folder = ("" if self.args.pretrain_log_dir == build_parser().get_default("pretrain_log_dir")
+                  else f" --pretrain_log_dir={self.args.pretrain_log_dir}")
         print(f"pretrained weights (best epoch {self.best['step']}) saved to {path}: use them with python "
-              f"main.py --model={self.args.model} --mode={self.args.mode} --load_pretrained_embedding=True "
+              f"main.py --model={self.args.model} --mode={self.args.mode}{folder} --load_pretrained_embedding=True "
               f"(or --load_pretrained=True), with the same data and size flags")
         return path
 
@@ -416,7 +430,8 @@ def test(trainer):
     checkpoint = trainer.load(args.checkpoint_step, restore_training=False)
     best, which = checkpointing.tested_weights(checkpoint, args.checkpoint_step, args.test_best, "best_model_state")
     if best is not None:
-        trainer.model.load_state_dict(best)
+        checkpointing.load_state(trainer.model, best, checkpointing.checkpoint_path(
+            args.pretrain_log_dir, trainer.prefix, args.checkpoint_step), "best weights")
     lr, steps, selection = args.finetune_lr, args.finetune_steps, None
     if tuned_finetuning(args):
         lr, steps, selection = trainer.choose_finetuning(trainer.dataset.val_tasks())
@@ -449,21 +464,25 @@ def main(args):
         trainer = BaselineTrainer(args, dist)
         if args.test:
             return test(trainer)
-        if args.checkpoint_step >= 0:
-            trainer.load(args.checkpoint_step, restore_training=True)
-            checkpointing.check_left_to_train(trainer.epoch, args.pretrain_epochs, "epoch", "--pretrain_epochs")
-        else:
-            trainer.earlier_run = checkpointing.start_fresh(args.pretrain_log_dir, trainer.prefix,
-                                                            "--pretrain_log_dir", args.overwrite)
-        writer = (meta_main.open_writer(args, trainer.prefix, trainer.log_folder, trainer.epoch)
-                  if dist.is_main else None)
-        try:
-            trainer.train(writer)
-        finally:
-            if writer is not None:
-                writer.close()
-        if args.save_pretrained and dist.is_main:
-            trainer.export()
+        with checkpointing.RunLock(args.pretrain_log_dir, trainer.prefix, "--pretrain_log_dir") as lock:
+            checkpointing.claim_run(dist, lock, {"--pretrain_log_dir": args.pretrain_log_dir,
+                                                 "--log_dir": args.log_dir})
+            if args.checkpoint_step >= 0:
+                trainer.load(args.checkpoint_step, restore_training=True)
+                checkpointing.check_left_to_train(trainer.epoch, args.pretrain_epochs, "epoch", "--pretrain_epochs")
+            else:
+                trainer.earlier_run = checkpointing.start_fresh(args.pretrain_log_dir, trainer.prefix,
+                                                                "--pretrain_log_dir", args.overwrite)
+            writer = (meta_main.open_writer(args, trainer.prefix, trainer.log_folder, trainer.epoch)
+                      if dist.is_main else None)
+            try:
+                with sigterm_as_interrupt():
+                    trainer.train(writer)
+            finally:
+                if writer is not None:
+                    writer.close()
+            if args.save_pretrained and dist.is_main:
+                trainer.export()
         return trainer
 
 

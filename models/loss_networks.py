@@ -15,12 +15,15 @@ from torch import nn
 
 # How a position's logit z becomes its weight (--adaptive_weights). The weight network's last layer starts
 # at zero, so every form starts with every weight exactly 1: MELO starts as plain MAML++.
-#   normalised: 2·sigmoid(z) divided by its mean over the task's real support positions (mean exactly 1).
-#       Learned inner rates already own the step size; unnormalised weights beside them are not
-#       identifiable, and on real data all drifted to their ceiling (a constant step multiplier).
+#   normalised: WEIGHT_FLOOR + 2·sigmoid(z), divided by its mean over the task's real support positions
+#       (mean exactly 1). Learned inner rates already own the step size; unnormalised weights beside them
+#       are not identifiable, and on real data all drifted to their ceiling (a constant step multiplier).
+#       The floor bounds the ratio of two weights (at most 21): without it, the outer loop piled a task's
+#       whole weight onto a handful of positions within 25 iterations (one weight > 300) and diverged.
 #   bounded:    2·sigmoid(z), in (0, 2), per position (this project's earlier form).
 #   unbounded:  |1 + z|, the original MELO's |Linear(LSTM state)|, shifted to start at 1.
 WEIGHT_FORMS = ("normalised", "bounded", "unbounded")
+WEIGHT_FLOOR = 0.1
 # What the weight network reads (--task_state): `static` (the rating sequence only, once per task, before
 # the inner loop) or `per_step` (METAL-style: recomputed at every inner step from the rating-sequence
 # state and, per position, the current prediction, its error and the step).
@@ -203,8 +206,9 @@ class AdaptiveInnerLoss(nn.Module):
             return flat * mask.sum(dims, keepdim=True).to(logits.dtype)
         if self.weight_form == "unbounded":
             return (1.0 + logits).abs()
-        weights = 2.0 * torch.sigmoid(logits)
-        return normalise_over_task(weights, mask) if self.weight_form == "normalised" else weights
+        if self.weight_form == "normalised":
+            return normalise_over_task(WEIGHT_FLOOR + 2.0 * torch.sigmoid(logits), mask)
+        return 2.0 * torch.sigmoid(logits)
 
     def position_weights(self, predictions, labels, mask, context, step):
         """The weight of each position of one task's support set [S, L] at inner step `step`."""

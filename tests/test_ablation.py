@@ -39,7 +39,7 @@ def argv(ratings_file, tmp_path, *extra):
 def test_ablation_trains_every_variant_and_tabulates_its_reports(ratings_file, tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(compare, "run_script", in_process(calls))
-    flags = argv(ratings_file, tmp_path, "--variants=maml,melo-bounded,melo-pretrained,maml-pretrained",
+    flags = argv(ratings_file, tmp_path, "--variants=maml,melo-bounded,melo-pretrained,maml-pretrained,melo-step",
                  "--define", "melo-step=--use_adaptive_loss=True --task_state=per_step --query_loss=target")
     text, summary = ablation.main(flags)
     scripts = [script for script, _ in calls]
@@ -75,4 +75,4 @@ def test_ablation_refuses_unknown_variants_and_flags_it_sets(ratings_file, tmp_p
     with pytest.raises(MeloError, match="NAME=FLAGS"):
         ablation.parse(argv(ratings_file, tmp_path, "--define", "nothing"))
     with pytest.raises(SystemExit):  # a variant's flag that main.py does not know fails before any run
-        ablation.parse(argv(ratings_file, tmp_path, "--define", "bad=--adaptive_weights=huge"))
+        ablation.parse(argv(ratings_file, tmp_path, "--variants=bad", "--define", "bad=--adaptive_weights=huge"))

@@ -252,6 +252,14 @@ def test_command_line_errors_are_one_line_without_traceback(ratings_file, tmp_pa
     (["--bert_dropout=1"], "--bert_dropout must be in [0, 1), got 1.0"),
     (["--model=bert"], "invalid choice: 'bert'"),
     (["--num_train_iteration=5"], "unrecognized arguments: --num_train_iteration=5"),  # no abbreviations
+    # values that would fail deep inside a run, or silently do nothing
+    (["--outer_lr=1e300"], "argument --outer_lr: must be a finite number"),
+    (["--lstm_lr=nan"], "argument --lstm_lr: must be a finite number"),
+    (["--inner_lr=inf"], "argument --inner_lr: must be a finite number"),
+    (["--default_rating=-inf"], "argument --default_rating: must be a finite number"),
+    (["--checkpoint_step=-5"], "--checkpoint_step must be a saved step (>= 0) or -1 (none), got -5"),
+    (["--num_train_iterations=0"], "argument --num_train_iterations: must be >= 1, got 0"),
+    (["--csv_columns=user,item,rating"], "--csv_columns must name user, item, rating, timestamp once each"),
 ])
 def test_flag_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -276,7 +284,7 @@ def test_unreadable_checkpoints_and_exports_are_one_line_errors(tmp_path, conten
     args = options.parse_args(["--mode=ml-100k", f"--pretrain_log_dir={tmp_path}", "--load_pretrained=True"])
     os.replace(path, tmp_path / f"{args.model}_{args.mode}_pretrained.pt")
     with pytest.raises(options.MeloError) as export_error:
-        main.load_pretrained(args, SimpleNamespace(backbone=model_factory(args, 10)))
+        main.load_pretrained(args, SimpleNamespace(backbone=model_factory(args, 10)), "0")
     assert "pretrained" in str(export_error.value) and len(str(export_error.value).splitlines()) == 1
 
 

@@ -229,7 +229,8 @@ def test_weight_forms_at_the_neutral_start_and_off_it():
     normalised = make_learner("gru4rec", "--adaptive_weights=normalised").inner_loss
     assert torch.allclose(bounded._weights(logits, mask), 2 * torch.sigmoid(logits))
     assert torch.allclose(unbounded._weights(logits, mask), torch.tensor([[2.0, 1.0, 4.0]]))
-    expected = 2 * torch.sigmoid(logits) / (2 * torch.sigmoid(logits[:, :2])).mean()
+    raw = 0.1 + 2 * torch.sigmoid(logits)
+    expected = raw / raw[:, :2].mean()
     assert torch.allclose(normalised._weights(logits, mask), expected)
     for form in ("bounded", "unbounded", "normalised"):  # every form starts with every weight 1
         weights, _, _ = make_learner("sasrec", f"--adaptive_weights={form}").support_weights(batch)

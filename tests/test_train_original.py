@@ -198,6 +198,8 @@ def test_pretrained_hand_off_into_main(ratings_file, tmp_path, capsys):
     trainer = run(argv + ["--save_pretrained=True"])
     path = tmp_path / "pre" / "bert4rec_ml-100k_pretrained.pt"
     assert path.exists()
+    # the advice names the non-default folder that main.py must look in
+    assert f"python main.py --model=bert4rec --mode=ml-100k --pretrain_log_dir={tmp_path}/pre " in capsys.readouterr().out
     exported = torch.load(path, weights_only=True)
     assert torch.equal(exported["item_embedding"], trainer.best["state"]["item_embedding.weight"])
 
@@ -205,26 +207,27 @@ def test_pretrained_hand_off_into_main(ratings_file, tmp_path, capsys):
     meta_args = options.parse_args(argv + ["--load_pretrained_embedding=True", "--num_train_iterations=1",
                                            "--log_interval=1"])
     meta = main.MetaTrainer(meta_args, Distributed("cpu"))
-    main.load_pretrained(meta_args, meta.learner)
+    main.load_pretrained(meta_args, meta.learner, meta.fingerprint)
     assert torch.equal(meta.learner.backbone.item_embedding.weight, exported["item_embedding"])
     assert main.main(meta_args).iteration == 1
     whole = options.parse_args(argv + ["--load_pretrained=True"])
     meta = main.MetaTrainer(whole, Distributed("cpu"))
-    main.load_pretrained(whole, meta.learner)
+    main.load_pretrained(whole, meta.learner, meta.fingerprint)
     for name, value in meta.learner.backbone.state_dict().items():
         assert torch.equal(value, trainer.best["state"][name]), name
 
-    # Other sizes, another data set (other item count): one line, no traceback.
+    # Other sizes, another data set: one line, no traceback.
     other_data = tmp_path / "other.data"
     write_movielens(str(other_data), fmt="ml-100k", num_users=120, num_items=60, seed=4)
     capsys.readouterr()
     argv = argv + [f"--checkpoint_dir={tmp_path}/fresh"]  # the runs above left checkpoints in ckpt/
-    for mismatch in (["--bert_hidden_units=8", "--bert_num_heads=2"], [f"--data_path={other_data}"]):
+    for mismatch, message in ((["--bert_hidden_units=8", "--bert_num_heads=2"], "error: pretrained item embedding in "),
+                              ([f"--data_path={other_data}"], f"error: pretrained export {path} was trained on other data")):
         with pytest.raises(SystemExit) as exit_info:
             options.run_cli(main.main, argv + ["--load_pretrained_embedding=True", *mismatch])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: pretrained item embedding in ") and "shape" in err[0]
+        assert len(err) == 1 and err[0].startswith(message), err
     # Pretrained under another user split: its training users may be main.py's test users.
     with pytest.raises(SystemExit):
         options.run_cli(main.main, argv + ["--load_pretrained_embedding=True", "--num_test_data=19"])
