@@ -90,6 +90,9 @@ def build_parser():
     add("--pretrain_epochs", type=options.positive_int, default=100, help="train_original.py epochs")
     add("--finetune_steps_grid", type=options.comma_list(options.non_negative_int), default="1,2,5,10",
         help="Fine-tune row: SGD step counts chosen from on the validation users (empty = no Fine-tune row)")
+    add("--finetune_steps", type=options.non_negative_int, default=None,
+        help="the older form of --finetune_steps_grid=K (K steps, lr still chosen on validation); "
+             "0 = no Fine-tune row")
     add("--finetune_lr_grid", type=options.comma_list(options.non_negative_float), default="0.01,0.03,0.1,0.3",
         help="Fine-tune row: SGD learning rates chosen from on the validation users")
     add("--pretrained", type=options.str2bool, default=False,
@@ -169,6 +172,8 @@ def parse(argv=None):
     defaults = options.parse_args([f"--mode={known.mode}", *extra])
     data_path = known.data_path if known.data_path is not None else defaults.data_path
     split_varies, init_varies = known.vary in ("random_seed", "both"), known.vary in ("model_init_seed", "both")
+    if known.finetune_steps is not None:  # commands written before the grids keep working
+        known.finetune_steps_grid = [known.finetune_steps] if known.finetune_steps else []
     seeds = [Seed(known.random_seed + (k if split_varies else 0), known.model_init_seed + (k if init_varies else 0),
                   init_varies) for k in range(known.seeds)]
     return Config(mode=known.mode, data_path=data_path, models=list(dict.fromkeys(models)), seeds=seeds,
