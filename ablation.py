@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import sys
+from collections import namedtuple
 
 import checkpointing
 import compare
@@ -30,35 +31,41 @@ from options import MeloError
 
 # name: (what it is, its flags). Every variant gets the shared flags first, so its own flags win.
 VARIANTS = {
-    "maml": ("MAML++ (MSE inner loss)", ["--use_adaptive_loss=False"]),
-    "maml-query-all": ("MAML++, outer loss over every query position", ["--use_adaptive_loss=False",
-                                                                        "--query_loss=all"]),
-    "maml-query-target": ("MAML++, outer loss on the held-out target only", ["--use_adaptive_loss=False",
-                                                                             "--query_loss=target"]),
-    "maml-pretrained": ("MAML++ from Basic's item embedding", ["--use_adaptive_loss=False",
-                                                                "--load_pretrained_embedding=True"]),
+    "maml": ("MAML++ at the current defaults", ["--use_adaptive_loss=False"]),
+    "maml-query-all": ("MAML++, outer loss over every query position",
+                       ["--use_adaptive_loss=False", "--query_loss=all"]),
+    "maml-query-target": ("MAML++, outer loss on the held-out target only",
+                          ["--use_adaptive_loss=False", "--query_loss=target"]),
+    "maml-pretrained": ("MAML++ from Basic's item embedding",
+                        ["--use_adaptive_loss=False", "--load_pretrained_embedding=True"]),
     "melo": ("MELO at the current defaults", ["--use_adaptive_loss=True"]),
-    "melo-normalised": ("weights 2σ(z) / task mean", ["--use_adaptive_loss=True", "--adaptive_weights=normalised"]),
-    "melo-bounded": ("weights 2σ(z), unnormalised", ["--use_adaptive_loss=True", "--adaptive_weights=bounded"]),
-    "melo-unbounded": ("weights |1 + z| (the original)", ["--use_adaptive_loss=True",
-                                                          "--adaptive_weights=unbounded"]),
-    "melo-softmax": ("weights softmax(z) × count", ["--use_adaptive_loss=True", "--use_softmax=True"]),
-    "melo-static": ("weights from the rating sequence, once per task", ["--use_adaptive_loss=True",
-                                                                        "--task_state=static"]),
-    "melo-per-step": ("weights per inner step (METAL-style task state)", ["--use_adaptive_loss=True",
-                                                                          "--task_state=per_step"]),
-    "melo-query-all": ("MELO, outer loss over every query position", ["--use_adaptive_loss=True",
-                                                                      "--query_loss=all"]),
-    "melo-query-target": ("MELO, outer loss on the held-out target only", ["--use_adaptive_loss=True",
-                                                                           "--query_loss=target"]),
-    "melo-pretrained": ("MELO from Basic's item embedding", ["--use_adaptive_loss=True",
-                                                             "--load_pretrained_embedding=True"]),
+    "melo-normalised": ("weights 0.1 + 2σ(z), / task mean; query all",
+                        ["--use_adaptive_loss=True", "--adaptive_weights=normalised", "--task_state=static",
+                         "--query_loss=all"]),
+    "melo-bounded": ("weights 2σ(z), unnormalised; query all",
+                     ["--use_adaptive_loss=True", "--adaptive_weights=bounded", "--task_state=static",
+                      "--query_loss=all"]),
+    "melo-unbounded": ("weights |1 + z| (the original); query all",
+                       ["--use_adaptive_loss=True", "--adaptive_weights=unbounded", "--task_state=static",
+                        "--query_loss=all"]),
+    "melo-softmax": ("weights softmax(z) × count; query all",
+                     ["--use_adaptive_loss=True", "--use_softmax=True", "--task_state=static", "--query_loss=all"]),
+    "melo-query-target": ("normalised weights; query target only",
+                          ["--use_adaptive_loss=True", "--adaptive_weights=normalised", "--task_state=static",
+                           "--query_loss=target"]),
+    "melo-per-step": ("normalised weights per inner step (METAL-style); query all",
+                      ["--use_adaptive_loss=True", "--adaptive_weights=normalised", "--task_state=per_step",
+                       "--query_loss=all"]),
+    "melo-pretrained": ("MELO from Basic's item embedding",
+                        ["--use_adaptive_loss=True", "--load_pretrained_embedding=True"]),
 }
 # Set by this script for each run; not allowed among the shared flags.
 CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "log_dir",
               "pretrain_log_dir", "test", "test_best", "test_baseline", "checkpoint_step",
               "num_train_iterations", "pretrain_epochs", "save_pretrained")
 PRETRAINED_FLAGS = ("load_pretrained_embedding", "load_pretrained")
+# One variant of one seed: its test report, the runs it still needs, its folder and resolved settings.
+Run = namedtuple("Run", "seed name report steps folder settings")
 
 
 def build_parser():
@@ -125,7 +132,7 @@ def shared_flags(known, extra, seed):
 
 
 def plan(known, extra, variants):
-    """[(seed, variant name, report path, [(label, script, argv), ...] still to run)]."""
+    """A Run per seed and variant, with the (label, script, argv) steps it still needs."""
     runs = []
     for seed in [known.random_seed + k for k in range(known.seeds)]:
         shared = shared_flags(known, extra, seed)
@@ -139,6 +146,7 @@ def plan(known, extra, variants):
                               f"--log_dir={os.path.join(folder, 'runs')}", *own,
                               f"--num_train_iterations={known.num_train_iterations}"]
             args = options.parse_args(flags)
+            check_settings(folder, name, args)
             prefix = meta_main.run_prefix(args)
             report = meta_main.report_path(args, prefix, known.num_train_iterations)
             steps = []
@@ -152,8 +160,33 @@ def plan(known, extra, variants):
                                                        known.num_train_iterations))
                 steps.append(("test", "main.py", flags + [f"--checkpoint_step={known.num_train_iterations}",
                                                          "--test"]))
-            runs.append((seed, name, report, steps))
+            runs.append(Run(seed, name, report, steps, folder, resolved_settings(args)))
     return runs
+
+
+def resolved_settings(args):
+    """Every option of a run that can change its numbers (main.py's defaults filled in)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in compare.NOT_SETTINGS + ("test", "test_best")}
+
+
+def check_settings(folder, name, args):
+    """A variant's folder is reused only for the settings it was made with (a default that changed since
+    would silently relabel its results): the first plan records them, later plans compare."""
+    path = os.path.join(folder, "settings.json")
+    current = resolved_settings(args)
+    if os.path.exists(path):
+        with open(path) as handle:
+            saved = json.load(handle)
+        differing = checkpointing.option_differences(saved, current, sorted(set(saved) & set(current)))
+        if differing:
+            raise MeloError(f"variant {name} in {folder} was run with other settings: {', '.join(differing)}; "
+                            f"use another --results_dir or remove {folder}")
+
+
+def record_settings(run):
+    path = os.path.join(run.folder, "settings.json")
+    if not os.path.exists(path):
+        metrics.write_json_atomic(run.settings, path)
 
 
 def pretraining_steps(known, shared, seed):
@@ -168,14 +201,16 @@ def pretraining_steps(known, shared, seed):
 
 
 def execute(known, runs):
-    todo = [(seed, name, step) for seed, name, _, steps in runs for step in steps]
-    for number, (seed, name, (label, script, argv)) in enumerate(todo, 1):
+    todo = [(run, step) for run in runs for step in run.steps]
+    for number, (run, (label, script, argv)) in enumerate(todo, 1):
+        seed, name = run.seed, run.name
         what = f"[{number}/{len(todo)}] seed {seed} {name}: {label}"
         log_path = os.path.join(seed_folder(known, seed), "logs", f"{name}_{label}.log")
         if known.dry_run:
             print(f"{what}\n    python {script} {' '.join(argv)}")
             continue
         print(f"{what} ..." + ("" if known.verbose else f" (log: {log_path})"), flush=True)
+        record_settings(run)  # before its first run: from now on the folder holds results of these settings
         status = compare.run_script(script, argv, log_path, known.verbose)
         if status != 0:
             detail = "" if known.verbose else f": {compare.last_line(log_path)} (full log: {log_path})"
@@ -185,9 +220,9 @@ def execute(known, runs):
 def build_table(known, variants, runs, argv):
     """Markdown text and a JSON-ready summary from the runs' test reports."""
     reports = {}
-    for seed, name, path, _ in runs:
-        with open(path) as handle:
-            reports.setdefault(name, []).append(json.load(handle))
+    for run in runs:
+        with open(run.report) as handle:
+            reports.setdefault(run.name, []).append(json.load(handle))
     ratings = sorted({r for rs in reports.values() for report in rs
                       for r in report.get("adaptive_weight_by_rating", {})}, key=float)
     header = ("| variant | what | val RMSE | test RMSE | test MAE | test mean per-rating RMSE | "

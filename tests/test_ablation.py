@@ -3,28 +3,13 @@ reuse of finished runs, pretraining once per seed, refusals."""
 import json
 
 import pytest
-import torch
 
 import ablation
 import compare
 from options import MeloError
 
-from test_compare import in_process, no_runs  # noqa: F401 (the in-process stand-in for subprocesses)
-from synthetic import write_movielens
-
-
-@pytest.fixture(scope="module")
-def ratings_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "u.data"
-    write_movielens(str(path), fmt="ml-100k", num_users=120, num_items=80, seed=3)
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+# the same generated file and thread-count guard as compare.py's tests, and its in-process stand-in
+from test_compare import in_process, keep_thread_count, no_runs, ratings_file  # noqa: F401
 
 
 def argv(ratings_file, tmp_path, *extra):
@@ -47,7 +32,7 @@ def test_ablation_trains_every_variant_and_tabulates_its_reports(ratings_file, t
     assert scripts.count("main.py") == 2 * 5       # train and test of each variant
     assert list(summary) == ["maml", "melo-bounded", "melo-pretrained", "maml-pretrained", "melo-step"]
     for name, cells in summary.items():
-        report_path = next(path for _, n, path, _ in ablation.plan(*ablation.parse(flags)) if n == name)
+        report_path = next(run.report for run in ablation.plan(*ablation.parse(flags)) if run.name == name)
         report = json.loads(open(report_path).read())
         assert cells["rmse"]["mean"] == pytest.approx(report["rmse"])
         assert cells["mean_per_rating_rmse"]["mean"] == pytest.approx(report["mean_per_rating_rmse"])
@@ -63,6 +48,9 @@ def test_ablation_trains_every_variant_and_tabulates_its_reports(ratings_file, t
     # a second call finds every report and runs nothing
     monkeypatch.setattr(compare, "run_script", no_runs)
     assert ablation.main(flags)[1] == summary
+    # results made with other settings are refused, not relabelled
+    with pytest.raises(MeloError, match=r"variant maml in .* other settings: lstm_lr=0.01 \(now 0.5\)"):
+        ablation.main(flags + ["--lstm_lr=0.5"])
 
 
 def test_ablation_refuses_unknown_variants_and_flags_it_sets(ratings_file, tmp_path):

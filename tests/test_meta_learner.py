@@ -127,6 +127,17 @@ def test_fast_path_equals_the_per_task_path_in_float64(float64, model, adaptive)
     assert any(g.abs().sum() > 0 for n, g in ref_grads.items() if n.startswith("lslr."))
 
 
+def central_difference(learner, batch, weights, parameter, eps=1e-6):
+    """d(sum of the outer losses) / d(parameter's first entry), by a central finite difference."""
+    with torch.no_grad():
+        parameter.view(-1)[0] += eps
+        plus = learner.task_losses(batch, weights).sum().item()
+        parameter.view(-1)[0] -= 2 * eps
+        minus = learner.task_losses(batch, weights).sum().item()
+        parameter.view(-1)[0] += eps
+    return (plus - minus) / (2 * eps)
+
+
 def test_second_order_meta_gradient_matches_finite_differences(float64):
     learner = make_learner("sasrec", "--use_adaptive_loss=False", "--num_inner_steps=2").to(DEVICE)
     batch = on_device(random_batch(num_tasks=2))
@@ -134,14 +145,8 @@ def test_second_order_meta_gradient_matches_finite_differences(float64):
     learner.zero_grad()
     learner.task_losses(batch, weights).sum().backward()
     for parameter in (learner.backbone.head.weight, next(iter(learner.lslr.parameters()))):
-        analytic = parameter.grad.view(-1)[0].item()
-        with torch.no_grad():
-            parameter.view(-1)[0] += 1e-6
-            plus = learner.task_losses(batch, weights).sum().item()
-            parameter.view(-1)[0] -= 2e-6
-            minus = learner.task_losses(batch, weights).sum().item()
-            parameter.view(-1)[0] += 1e-6
-        assert analytic == pytest.approx((plus - minus) / 2e-6, rel=1e-5, abs=1e-10)
+        assert parameter.grad.view(-1)[0].item() == pytest.approx(
+            central_difference(learner, batch, weights, parameter), rel=1e-5, abs=1e-10)
 
 
 @pytest.mark.parametrize("flags", [[], ["--use_mlp=True"], ["--use_mlp_mean=True", "--use_step_loss=True"],
@@ -248,13 +253,7 @@ def test_weight_network_meta_gradient_matches_finite_differences(float64, task_s
     for parameter in (head[0].weight, head[-1].weight, learner.inner_loss.encoder.lstm.weight_hh_l0):
         analytic = parameter.grad.view(-1)[0].item()
         assert analytic != 0.0
-        with torch.no_grad():
-            parameter.view(-1)[0] += 1e-6
-            plus = learner.task_losses(batch, weights).sum().item()
-            parameter.view(-1)[0] -= 2e-6
-            minus = learner.task_losses(batch, weights).sum().item()
-            parameter.view(-1)[0] += 1e-6
-        assert analytic == pytest.approx((plus - minus) / 2e-6, rel=1e-5, abs=1e-10)
+        assert analytic == pytest.approx(central_difference(learner, batch, weights, parameter), rel=1e-5, abs=1e-10)
 
 
 def test_query_loss_target_scores_only_the_last_position():

@@ -27,6 +27,7 @@ import shlex
 import pytest
 import torch
 
+import ablation
 import benchmark
 import compare
 import options
@@ -141,6 +142,12 @@ def parse_script(script, argv, where):
         for piece in compare.plan(config):
             for _, _, run_argv in piece.steps:
                 options.parse_args(run_argv)
+    elif name == "ablation.py":
+        for run in ablation.plan(*ablation.parse(argv)):
+            for _, _, run_argv in run.steps:
+                options.parse_args(run_argv)
+    elif name == "synthetic.py":
+        synthetic.build_parser().parse_args(argv)
     else:
         pytest.fail(f"{where}: {script} is not a MELO script this test knows how to check")
     return name
