@@ -1,4 +1,5 @@
-"""The comparison table in one command: Basic, MAML and MELO per backbone, plus the mean rating.
+"""The comparison table in one command: Basic, Fine-tune, MAML and MELO per backbone, plus the baselines
+without a network, per query window and per user, with paired bootstrap intervals of MELO's differences.
 
     python compare.py --mode=ml-100k --data_path=./Data/ml-100k/u.data --models=bert4rec,sasrec,gru4rec,narm
     python compare.py --mode=ml-100k --num_train_iterations=200 --pretrain_epochs=10 --seeds=3 \\
@@ -8,18 +9,24 @@ For each seed and backbone it runs, each in a fresh process (`python main.py ...
 `python train_original.py ...`), with the same data flags and seed:
 
 * Basic: `train_original.py` for `--pretrain_epochs` epochs, then `--checkpoint_step=<epochs> --test`;
-* Fine-tune (only with `--finetune_steps=K`): the Basic checkpoint tested with K SGD steps per test user;
+* Fine-tune (unless `--finetune_steps_grid=`): the Basic checkpoint tested with SGD steps per test user,
+  lr and steps chosen on the validation users from `--finetune_lr_grid` x `--finetune_steps_grid`;
 * MAML (`--use_adaptive_loss=False`) and MELO: `main.py` for `--num_train_iterations` iterations, then
   `--checkpoint_step=<iterations> --test` (the last checkpoint, holding the best-by-validation weights);
-* once per seed, the training users' mean rating (`main.py --test_baseline`).
+  with `--pretrained=True` they start from the Basic model's exported item embedding (the original recipe);
+* once per seed, each baseline of baselines.py (`main.py --test_baseline --baseline=<name>`).
 
-Every run of seed s lives in `<results_dir>/<mode>/seed<s>/` (checkpoints/, pretrained/, runs/, logs/),
-and every number comes from the JSON reports there: a run whose report exists is not repeated, a
-finished training run is only tested. The settings shared by all runs are recorded in
-`<results_dir>/<mode>/settings.json`; results made with other settings are refused rather than mixed in
-(use another `--results_dir`). The tables (RMSE and MAE per backbone x method, MELO's error reduction
-over Basic and over MAML, per-rating RMSE; mean +- standard deviation over seeds when `--seeds` > 1) are
-printed and saved as `<results_dir>/<mode>/comparison.md` (and `comparison.json`).
+`--vary` says what a seed changes: `random_seed` (the user split, the tasks, the training order: run k
+uses --random_seed + k), `model_init_seed` (only the initial weights: --model_init_seed + k) or `both`.
+Every run of a seed lives in `<results_dir>/<mode>/seed<s>/` (`seed<s>_init<i>` when the initial weights
+vary; checkpoints/, pretrained/, runs/, logs/), and every number comes from the JSON reports and the
+per-target CSVs there: a run whose report exists is not repeated, a finished training run is only tested.
+The settings shared by all runs are recorded in `<results_dir>/<mode>/settings.json`; results made with
+other settings are refused rather than mixed in (use another `--results_dir`). The tables (RMSE and MAE
+per backbone x method per query window and per user, MELO's error reduction over Basic and over MAML,
+per-rating RMSE, and the paired bootstrap intervals over test users of MELO − MAML, MELO − Fine-tune and
+MELO − Basic; mean +- standard deviation over seeds when `--seeds` > 1) are printed and saved as
+`<results_dir>/<mode>/comparison.md` (and `comparison.json`), the per-rating figure as `comparison.png`.
 """
 import argparse
 import json
@@ -30,7 +37,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+import pandas as pd
+
+import baselines
 import checkpointing
+import figures
 import main as meta_main
 from dataloader import MetaDataset, load_data
 import metrics
@@ -40,17 +52,21 @@ from options import MeloError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DISPLAY = {"bert4rec": "BERT4Rec", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "narm": "NARM"}
-METHOD_NAMES = {"mean": "Mean rating", "basic": "Basic", "finetune": "Fine-tune", "maml": "MAML", "melo": "MELO"}
+METHOD_NAMES = {"mean-rating": "Mean rating", "user-mean": "User mean", "shrunk-user-mean": "Shrunk user mean",
+                "user-item-bias": "User + item bias", "basic": "Basic", "finetune": "Fine-tune", "maml": "MAML",
+                "melo": "MELO"}
+PAIRED = ("maml", "finetune", "basic")  # MELO − each of them, paired on the same test users
 # Flags compare.py sets for each run itself: not allowed among the passed-through flags.
 CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "pretrain_log_dir", "log_dir",
               "test", "test_best", "test_baseline", "checkpoint_step", "use_adaptive_loss",
               "num_train_iterations", "pretrain_epochs", "finetune_steps", "save_pretrained",
-              "load_pretrained", "load_pretrained_embedding")
+              "load_pretrained", "load_pretrained_embedding", "model_init_seed", "baseline",
+              "finetune_steps_grid", "finetune_lr_grid", "finetune_lr")
 # Options that do not change any result, or that name the result files themselves: left out of the
 # settings record, so changing them never makes old results look foreign. (Not --task_chunk: with
 # dropout, chunks draw the masks in another order.)
 NOT_SETTINGS = CONTROLLED + ("data_path_given", "data_dir", "device", "num_threads", "keep_freed_memory",
-                             "finetune_lr", "overwrite")
+                             "overwrite")
 
 
 def build_parser():
@@ -64,12 +80,26 @@ def build_parser():
     add("--data_path", default=None, help="ratings file (default: the mode's default location)")
     add("--models", default=",".join(options.MODELS), help="comma-separated backbones")
     add("--seeds", type=options.positive_int, default=1,
-        help="number of seeds: --random_seed, --random_seed + 1, ...; >1 reports mean +- std")
-    add("--random_seed", type=int, default=222, help="first seed")
+        help="number of seeds (see --vary); >1 reports mean +- std and in how many seeds MELO wins")
+    add("--vary", default="random_seed", choices=("random_seed", "model_init_seed", "both"),
+        help="what seed k changes: --random_seed + k (split, tasks, training order), --model_init_seed + k "
+             "(initial weights only), or both")
+    add("--random_seed", type=int, default=222, help="first (or only) --random_seed")
+    add("--model_init_seed", type=int, default=0, help="first (or only) --model_init_seed")
     add("--num_train_iterations", type=options.positive_int, default=2000, help="main.py outer iterations")
     add("--pretrain_epochs", type=options.positive_int, default=100, help="train_original.py epochs")
-    add("--finetune_steps", type=options.non_negative_int, default=0,
-        help="also report the Basic model fine-tuned with this many SGD steps per test user (0 = no row)")
+    add("--finetune_steps_grid", type=options.comma_list(options.non_negative_int), default="1,2,5,10",
+        help="Fine-tune row: SGD step counts chosen from on the validation users (empty = no Fine-tune row)")
+    add("--finetune_steps", type=options.non_negative_int, default=None,
+        help="the older form of --finetune_steps_grid=K (K steps, lr still chosen on validation); "
+             "0 = no Fine-tune row")
+    add("--finetune_lr_grid", type=options.comma_list(options.non_negative_float), default="0.01,0.03,0.1,0.3",
+        help="Fine-tune row: SGD learning rates chosen from on the validation users")
+    add("--pretrained", type=options.str2bool, default=False,
+        help="the original recipe: Basic exports its weights and MAML / MELO start from its item embedding")
+    add("--bootstrap", type=options.positive_int, default=2000,
+        help="resamples of the test users for the paired 95%% intervals")
+    add("--bootstrap_seed", type=int, default=0, help="seed of the bootstrap resampling")
     add("--results_dir", default="./results", help="root of every run's files and of the table")
     add("--dry_run", action="store_true", help="print the commands that would run, run nothing")
     add("--verbose", action="store_true", help="show the runs' output instead of writing it to logs/")
@@ -77,17 +107,41 @@ def build_parser():
 
 
 # ============================================================================ configuration
+@dataclass(frozen=True)
+class Seed:
+    """What one seed of the comparison sets: the --random_seed and --model_init_seed of its runs."""
+    random_seed: int
+    model_init_seed: int
+    init_varies: bool       # name its folder and its pieces by the init seed too
+
+    @property
+    def folder(self):
+        return f"seed{self.random_seed}" + (f"_init{self.model_init_seed}" if self.init_varies else "")
+
+    @property
+    def label(self):
+        return f"{self.random_seed}" + (f" init {self.model_init_seed}" if self.init_varies else "")
+
+    def __str__(self):
+        return f"seed {self.label}"
+
+
 @dataclass
 class Config:
     mode: str
     data_path: str
     models: list
-    seeds: list
+    seeds: list             # Seed per seed, in order
     iterations: int
     epochs: int
-    finetune_steps: int
+    finetune_steps_grid: list
+    finetune_lr_grid: list
     root: str               # <results_dir>/<mode>
     extra: list             # passed-through main.py flags
+    pretrained: bool = False
+    vary: str = "random_seed"
+    bootstrap: int = 2000
+    bootstrap_seed: int = 0
     dry_run: bool = False
     verbose: bool = False
     learned_loss_baseline: bool = False
@@ -117,23 +171,29 @@ def parse(argv=None):
                         f"{', '.join(options.MODELS)}")
     defaults = options.parse_args([f"--mode={known.mode}", *extra])
     data_path = known.data_path if known.data_path is not None else defaults.data_path
-    return Config(mode=known.mode, data_path=data_path, models=list(dict.fromkeys(models)),
-                  seeds=[known.random_seed + k for k in range(known.seeds)],
+    split_varies, init_varies = known.vary in ("random_seed", "both"), known.vary in ("model_init_seed", "both")
+    if known.finetune_steps is not None:  # commands written before the grids keep working
+        known.finetune_steps_grid = [known.finetune_steps] if known.finetune_steps else []
+    seeds = [Seed(known.random_seed + (k if split_varies else 0), known.model_init_seed + (k if init_varies else 0),
+                  init_varies) for k in range(known.seeds)]
+    return Config(mode=known.mode, data_path=data_path, models=list(dict.fromkeys(models)), seeds=seeds,
                   iterations=known.num_train_iterations, epochs=known.pretrain_epochs,
-                  finetune_steps=known.finetune_steps, root=os.path.join(known.results_dir, known.mode),
-                  extra=extra, dry_run=known.dry_run, verbose=known.verbose, argv=argv,
+                  finetune_steps_grid=known.finetune_steps_grid, finetune_lr_grid=known.finetune_lr_grid,
+                  root=os.path.join(known.results_dir, known.mode), extra=extra, pretrained=known.pretrained,
+                  vary=known.vary, bootstrap=known.bootstrap, bootstrap_seed=known.bootstrap_seed,
+                  dry_run=known.dry_run, verbose=known.verbose, argv=argv,
                   learned_loss_baseline=defaults.use_learned_loss_baseline)
 
 
 def seed_dir(config, seed):
-    return os.path.join(config.root, f"seed{seed}")
+    return os.path.join(config.root, seed.folder)
 
 
 def run_flags(config, seed):
-    """The flags every run of `seed` shares (data, seed, folders, passed-through flags)."""
+    """The flags every run of `seed` shares (data, seeds, folders, passed-through flags)."""
     folder = seed_dir(config, seed)
-    return [f"--mode={config.mode}", f"--data_path={config.data_path}", f"--random_seed={seed}",
-            f"--checkpoint_dir={os.path.join(folder, 'checkpoints')}",
+    return [f"--mode={config.mode}", f"--data_path={config.data_path}", f"--random_seed={seed.random_seed}",
+            f"--model_init_seed={seed.model_init_seed}", f"--checkpoint_dir={os.path.join(folder, 'checkpoints')}",
             f"--pretrain_log_dir={os.path.join(folder, 'pretrained')}",
             f"--log_dir={os.path.join(folder, 'runs')}", *config.extra]
 
@@ -143,6 +203,10 @@ def settings_of(config):
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
     settings["data_path"] = os.path.abspath(config.data_path)
     settings["mode"] = config.mode
+    # compare.py's own choices that change results (an old settings.json without them is not compared)
+    settings.update(finetune_steps_grid=config.finetune_steps_grid, finetune_lr_grid=config.finetune_lr_grid,
+                    pretrained=config.pretrained, vary=config.vary,
+                    model_init_seed=config.seeds[0].model_init_seed)
     return settings
 
 
@@ -184,16 +248,16 @@ def check_data(config):
 @dataclass
 class Piece:
     """One cell source: a method of a backbone (or the mean rating) for one seed, and how to make it."""
-    seed: int
-    model: str              # None for the mean rating
-    method: str             # mean, basic, finetune, maml, melo
-    report: str             # the JSON report it reads
+    seed: Seed
+    model: str              # None for a baseline without a network
+    method: str             # a key of METHOD_NAMES
+    report: str             # the JSON report it reads (the per-target CSV lies beside it)
     steps: list             # (label, script, argv) still to run, in order
 
     @property
     def name(self):
-        what = f"{self.model} {METHOD_NAMES[self.method]}" if self.model else "mean rating"
-        return f"seed {self.seed} {what}"
+        what = f"{self.model} {METHOD_NAMES[self.method]}" if self.model else METHOD_NAMES[self.method].lower()
+        return f"{self.seed} {what}"
 
 
 def plan(config):
@@ -202,12 +266,13 @@ def plan(config):
     for seed in config.seeds:
         shared = run_flags(config, seed)
         args = options.parse_args(shared)
-        mean_report = os.path.join(args.checkpoint_dir, f"mean-rating_{config.mode}.test.json")
-        pieces.append(Piece(seed, None, "mean", mean_report, [("test", "main.py", shared + ["--test_baseline"])]))
+        for name in baselines.BASELINES:
+            pieces.append(Piece(seed, None, name, baselines.report_path(args, name),
+                                [("test", "main.py", shared + ["--test_baseline", f"--baseline={name}"])]))
         for model in config.models:
-            pieces += [basic_piece(config, seed, shared, model, 0)]
-            if config.finetune_steps:
-                pieces.append(basic_piece(config, seed, shared, model, config.finetune_steps))
+            pieces += [basic_piece(config, seed, shared, model, finetune=False)]
+            if config.finetune_steps_grid:
+                pieces.append(basic_piece(config, seed, shared, model, finetune=True))
             for method, adaptive in (("maml", "False"), ("melo", "True")):
                 pieces.append(meta_piece(config, seed, shared, model, method, adaptive))
     for piece in pieces:
@@ -216,19 +281,23 @@ def plan(config):
     return pieces
 
 
-def basic_piece(config, seed, shared, model, finetune_steps):
-    """Basic (finetune_steps=0: trains if its last checkpoint is missing, then tests) or Fine-tune (tests
-    the Basic checkpoint, which the Basic piece before it trains)."""
+def basic_piece(config, seed, shared, model, finetune):
+    """Basic (trains if its last checkpoint is missing, exporting its weights with --pretrained, then
+    tests) or Fine-tune (tests the Basic checkpoint, which the Basic piece before it trains, with lr and
+    steps chosen on validation)."""
     flags = shared + [f"--model={model}", f"--pretrain_epochs={config.epochs}"]
-    args = options.parse_args(flags + [f"--finetune_steps={finetune_steps}"])
-    steps = [("test", "train_original.py",
-              flags + [f"--checkpoint_step={config.epochs}", "--test", f"--finetune_steps={finetune_steps}"])]
+    tuning = [f"--finetune_steps_grid={','.join(map(str, config.finetune_steps_grid))}",
+              f"--finetune_lr_grid={','.join(f'{lr:g}' for lr in config.finetune_lr_grid)}"] if finetune else []
+    args = options.parse_args(flags + tuning)
+    steps = [("test", "train_original.py", flags + [f"--checkpoint_step={config.epochs}", "--test"] + tuning)]
     prefix = train_original.run_prefix(args)
     checkpoint = checkpointing.checkpoint_path(args.pretrain_log_dir, prefix, config.epochs)
-    if not finetune_steps and not os.path.exists(checkpoint):
-        steps.insert(0, training_step("train_original.py", flags, args.pretrain_log_dir, prefix, config.epochs))
-    method = "finetune" if finetune_steps else "basic"
-    return Piece(seed, model, method, train_original.report_path(args, config.epochs), steps)
+    if not finetune and not os.path.exists(checkpoint):
+        export = ["--save_pretrained=True"] if config.pretrained else []
+        steps.insert(0, training_step("train_original.py", flags + export, args.pretrain_log_dir, prefix,
+                                      config.epochs))
+    return Piece(seed, model, "finetune" if finetune else "basic", train_original.report_path(args, config.epochs),
+                 steps)
 
 
 def meta_piece(config, seed, shared, model, method, adaptive):
@@ -238,7 +307,8 @@ def meta_piece(config, seed, shared, model, method, adaptive):
     prefix = meta_main.run_prefix(args)
     steps = [("test", "main.py", flags + [f"--checkpoint_step={config.iterations}", "--test"])]
     if not os.path.exists(checkpointing.checkpoint_path(args.checkpoint_dir, prefix, config.iterations)):
-        steps.insert(0, training_step("main.py", flags, args.checkpoint_dir, prefix, config.iterations))
+        start = ["--load_pretrained_embedding=True"] if config.pretrained else []
+        steps.insert(0, training_step("main.py", flags + start, args.checkpoint_dir, prefix, config.iterations))
     return Piece(seed, model, method, meta_main.report_path(args, prefix, config.iterations), steps)
 
 
@@ -276,7 +346,7 @@ def execute(config, pieces):
     for number, (piece, (label, script, argv)) in enumerate(todo, 1):
         what = f"[{number}/{len(todo)}] {piece.name}: {label}"
         log_path = os.path.join(seed_dir(config, piece.seed), "logs",
-                                f"{piece.model}_{piece.method}_{label}.log" if piece.model else "mean-rating.log")
+                                f"{piece.model}_{piece.method}_{label}.log" if piece.model else f"{piece.method}.log")
         if config.dry_run:
             print(f"{what}\n    python {script} {' '.join(argv)}")
             continue
@@ -304,6 +374,32 @@ def read_reports(pieces):
     return found
 
 
+def read_predictions(pieces):
+    """{(model, method): [per-target DataFrame per seed]} of the methods MELO is paired with."""
+    found = {}
+    for piece in pieces:
+        if piece.method in ("melo",) + PAIRED:
+            path = metrics.predictions_path(piece.report)
+            if not os.path.exists(path):
+                raise MeloError(f"{path} is missing (a report from before per-target predictions): remove "
+                                f"{piece.report} so that compare.py tests it again")
+            found.setdefault((piece.model, piece.method), []).append(pd.read_csv(path))
+    return found
+
+
+def paired_difference(melo, other, resamples, seed):
+    """metrics.paired_bootstrap of MELO − other on the same test targets (matched by user and window)."""
+    keys = ["user", "window"]
+    joined = melo.merge(other, on=keys, suffixes=("", "_other"), validate="one_to_one")
+    if len(joined) != len(melo) or len(joined) != len(other) or not (
+            (joined["item"] == joined["item_other"]).all() and (joined["rating"] == joined["rating_other"]).all()):
+        raise MeloError("two methods' predictions are not on the same test targets: were they run with other "
+                        "data flags? Use another --results_dir")
+    a = metrics.per_user_errors(joined[keys + ["rating", "prediction"]])
+    b = metrics.per_user_errors(joined[keys + ["rating"]].assign(prediction=joined["prediction_other"]))
+    return metrics.paired_bootstrap(a["squared_error"], b["squared_error"], a["windows"], a["rating"], resamples, seed)
+
+
 def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -328,9 +424,27 @@ def cell(values, percent=False, seeds=None):
     return text
 
 
+def paired_cell(results):
+    """One seed: `difference [low, high]`; several: mean ± std of the differences, in how many seeds MELO
+    is lower, and in how many its interval lies below 0."""
+    differences = [r["difference"] for r in results]
+    if len(results) == 1:
+        r = results[0]
+        return f"{r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
+    mean, std = mean_std(differences)
+    below = sum(r["high"] < 0 for r in results)
+    return (f"{mean:+.4f} ± {std:.4f}; lower in {sum(d < 0 for d in differences)}/{len(results)}, "
+            f"interval below 0 in {below}/{len(results)}")
+
+
+def summary_of(values):
+    mean, std = mean_std(values)
+    return {"per_seed": values, "mean": mean, "std": std}
+
+
 def reduction(better, baseline):
     """Per seed, how much lower `better`'s error is than `baseline`'s, in percent of the baseline's."""
-    return [100.0 * (b - a) / b if b else None for a, b in zip(better, baseline)]
+    return [100.0 * (b - a) / b if a is not None and b else None for a, b in zip(better, baseline)]
 
 
 def rating_key(text):
@@ -338,45 +452,73 @@ def rating_key(text):
 
 
 def methods(config):
-    return ["basic"] + (["finetune"] if config.finetune_steps else []) + ["maml", "melo"]
+    return ["basic"] + (["finetune"] if config.finetune_steps_grid else []) + ["maml", "melo"]
 
 
 def method_label(config, method):
     if method == "finetune":
-        return f"Fine-tune ({config.finetune_steps} steps)"
+        return "Fine-tune (tuned)"
     if method == "basic" and config.learned_loss_baseline:
         return "Basic (learned loss)"
     return METHOD_NAMES[method]
 
 
-def build_tables(config, reports):
-    """The markdown text and a JSON-ready summary of every cell (per-seed values and their mean / std)."""
+def reports_of(reports, model, method):
+    """The reports (one per seed) of a backbone's method; a baseline's are the same for every backbone."""
+    return reports[(None if method in baselines.BASELINES else model, method)]
+
+
+def figure_reports(config, reports):
+    """{backbone: {method label: report-like dict}}: each rating's RMSE and mean prediction averaged over
+    the seeds whose test users have that rating."""
+    def averaged(picked):
+        per_rating = {}
+        for rating in sorted({k for r in picked for k in r["per_rating"]}, key=rating_key):
+            rows = [r["per_rating"][rating] for r in picked if rating in r["per_rating"]]
+            per_rating[rating] = {key: mean_std([row[key] for row in rows])[0] for key in ("rmse", "mean_prediction")}
+        return {"per_rating": per_rating}
+
+    return {DISPLAY[model]: {method_label(config, method): averaged(reports_of(reports, model, method))
+                             for method in list(baselines.BASELINES) + methods(config)}
+            for model in config.models}
+
+
+def build_tables(config, reports, predictions=None):
+    """The markdown text and a JSON-ready summary of every cell (per-seed values and their mean / std).
+    `predictions` (read_predictions) adds the paired bootstrap table."""
     models = config.models
+    rows_methods = list(baselines.BASELINES) + methods(config)
 
-    def values(model, method, key):
-        return [r[key] for r in reports[(None if method == "mean" else model, method)]]
+    def values(model, method, key, per_user=False):
+        picked = reports_of(reports, model, method)
+        # a report from before per-user metrics has none: its cell shows –
+        return [(r.get("per_user", {}) if per_user else r).get(key) for r in picked]
 
-    header = "| Method | " + " | ".join(f"{DISPLAY[m]} RMSE | {DISPLAY[m]} MAE" for m in models) + " |"
-    lines = [header, "|---|" + "---:|---:|" * len(models)]
-    summary = {"rmse_mae": {}, "per_rating_rmse": {}, "improvement_percent": {}}
-    for method in ["mean"] + methods(config):
-        row = [method_label(config, method)]
-        for model in models:
-            for key in ("rmse", "mae"):
-                vals = values(model, method, key)
-                row.append(cell(vals))
-                summary["rmse_mae"].setdefault(model, {}).setdefault(method, {})[key] = {
-                    "per_seed": vals, "mean": mean_std(vals)[0], "std": mean_std(vals)[1]}
-        lines.append("| " + " | ".join(row) + " |")
-    for other in ("basic", "maml"):
-        row = [f"MELO vs {METHOD_NAMES[other]} (error reduction)"]
-        for model in models:
-            for key in ("rmse", "mae"):
-                vals = reduction(values(model, "melo", key), values(model, other, key))
-                row.append(cell(vals, percent=True))
-                summary["improvement_percent"].setdefault(model, {}).setdefault(f"vs_{other}", {})[key] = {
-                    "per_seed": vals, "mean": mean_std(vals)[0], "std": mean_std(vals)[1]}
-        lines.append("| " + " | ".join(row) + " |")
+    summary = {"rmse_mae": {}, "per_user": {}, "per_rating_rmse": {}, "improvement_percent": {}, "paired": {}}
+
+    def metric_table(per_user):
+        store = summary["per_user" if per_user else "rmse_mae"]
+        header = "| Method | " + " | ".join(f"{DISPLAY[m]} RMSE | {DISPLAY[m]} MAE" for m in models) + " |"
+        lines = [header, "|---|" + "---:|---:|" * len(models)]
+        for method in rows_methods:
+            row = [method_label(config, method)]
+            for model in models:
+                for key in ("rmse", "mae"):
+                    vals = values(model, method, key, per_user)
+                    row.append(cell(vals))
+                    store.setdefault(model, {}).setdefault(method, {})[key] = summary_of(vals)
+            lines.append("| " + " | ".join(row) + " |")
+        for other in ("basic", "maml"):
+            row = [f"MELO vs {METHOD_NAMES[other]} (error reduction)"]
+            for model in models:
+                for key in ("rmse", "mae"):
+                    vals = reduction(values(model, "melo", key, per_user), values(model, other, key, per_user))
+                    row.append(cell(vals, percent=True))
+                    if not per_user:
+                        summary["improvement_percent"].setdefault(model, {}).setdefault(f"vs_{other}", {})[key] = \
+                            summary_of(vals)
+            lines.append("| " + " | ".join(row) + " |")
+        return lines
 
     ratings = sorted({k for rs in reports.values() for r in rs for k in r["per_rating"]}, key=rating_key)
     per_rating = ["| Backbone | Method | " + " | ".join(f"{r} ★" for r in ratings) + " | mean of per-rating |",
@@ -388,37 +530,73 @@ def build_tables(config, reports):
         for rating in ratings:
             vals = [r["per_rating"][rating]["rmse"] for r in picked if rating in r["per_rating"]]
             row.append(cell(vals, seeds=len(picked)))
-            summary["per_rating_rmse"].setdefault(model or "all", {}).setdefault(method, {})[rating] = {
-                "per_seed": vals, "mean": mean_std(vals)[0], "std": mean_std(vals)[1]}
+            summary["per_rating_rmse"].setdefault(model or "all", {}).setdefault(method, {})[rating] = summary_of(vals)
         vals = [r["mean_per_rating_rmse"] for r in picked]
         row.append(cell(vals))
-        summary["per_rating_rmse"][model or "all"][method]["mean_per_rating_rmse"] = {
-            "per_seed": vals, "mean": mean_std(vals)[0], "std": mean_std(vals)[1]}
+        summary["per_rating_rmse"][model or "all"][method]["mean_per_rating_rmse"] = summary_of(vals)
         per_rating.append("| " + " | ".join(row) + " |")
 
-    per_rating_row("all", None, "mean")
+    for method in baselines.BASELINES:
+        per_rating_row("all", None, method)
     for model in models:
         for method in methods(config):
             per_rating_row(DISPLAY[model], model, method)
 
+    paired = []
+    if predictions is not None:
+        paired = ["| Difference | " + " | ".join(f"{DISPLAY[m]} RMSE | {DISPLAY[m]} mean per-rating RMSE"
+                                                 for m in models) + " |", "|---|" + "---:|---:|" * len(models)]
+        for other in [m for m in PAIRED if m in methods(config)]:
+            row = [f"MELO − {METHOD_NAMES[other]}"]
+            for model in models:
+                results = [paired_difference(melo, base, config.bootstrap, config.bootstrap_seed)
+                           for melo, base in zip(predictions[(model, "melo")], predictions[(model, other)])]
+                for key in ("rmse", "mean_per_rating_rmse"):
+                    per_seed = [r[key] for r in results]
+                    row.append(paired_cell(per_seed))
+                    differences = [r["difference"] for r in per_seed]
+                    summary["paired"].setdefault(model, {}).setdefault(f"melo_minus_{other}", {})[key] = {
+                        **summary_of(differences), "intervals": per_seed,
+                        "melo_lower": sum(d < 0 for d in differences)}
+            paired.append("| " + " | ".join(row) + " |")
+
     counts = sorted({r["count"] for rs in reports.values() for r in rs})
-    seeds = ", ".join(map(str, config.seeds))
+    users = sorted({r["per_user"]["count"] for rs in reports.values() for r in rs if "per_user" in r})
+    seeds = ("seeds " if len(config.seeds) > 1 else "seed ") + ", ".join(seed.label for seed in config.seeds)
     spread = " (mean ± standard deviation over seeds)" if len(config.seeds) > 1 else ""
+    select_by = options.parse_args(run_flags(config, config.seeds[0])).select_by
     intro = [
         f"# Comparison on {config.mode}",
         "",
-        f"Data `{config.data_path}`; seeds {seeds}{spread}; MAML / MELO: {config.iterations} iterations, "
-        f"tested at the last checkpoint with the best-by-validation weights; Basic: {config.epochs} epochs, "
-        f"best-by-validation weights; {'/'.join(map(str, counts))} test targets per seed, in stars. "
-        "Error reduction: (other − MELO) / other, positive when MELO's error is lower.",
+        f"Data `{config.data_path}`; {seeds}{spread}; MAML / MELO: {config.iterations} iterations"
+        f"{', starting from the Basic item embedding' if config.pretrained else ''}, tested at the last "
+        f"checkpoint with the best-by-validation weights; Basic: {config.epochs} epochs, best-by-validation "
+        f"weights (validation {select_by}); {'/'.join(map(str, counts))} test query windows "
+        f"({'/'.join(map(str, users)) or '?'} test users) per seed, in stars. Error reduction: "
+        "(other − MELO) / other, positive when MELO's error is lower.",
         "",
         f"Command: `python compare.py {' '.join(config.argv)}`",
         "",
-        "## RMSE and MAE",
+        "## RMSE and MAE per query window",
+        "",
+        "Every query window counts; a test user's windows all end on the same target item.",
         "",
     ]
-    text = "\n".join(intro + lines + ["", "## RMSE per rating value", ""] + per_rating) + "\n"
-    return text, summary
+    text = intro + metric_table(False) + [
+        "", "## RMSE and MAE per user", "",
+        "Each user is scored once, on the mean of its query windows' predictions.",
+        "", *metric_table(True), "", "## RMSE per rating value (per query window)", "", *per_rating]
+    if paired:
+        text += ["", "## Paired differences per user, 95% bootstrap intervals", "",
+                 f"MELO − other on the same test users (negative: MELO's error is lower); percentile interval of "
+                 f"{config.bootstrap} resamples of the test users (seed {config.bootstrap_seed}).", "", *paired]
+    return "\n".join(text) + "\n", summary
+
+
+def write_text_atomic(text, path):
+    with open(path + ".tmp", "w") as handle:
+        handle.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -441,20 +619,21 @@ def main(argv=None):
     if config.dry_run:
         return None
     reports = read_reports(pieces)
-    text, summary = build_tables(config, reports)
+    text, summary = build_tables(config, reports, read_predictions(pieces))
     print()
     print(text)
-    path = os.path.join(config.root, "comparison.md")
     os.makedirs(config.root, exist_ok=True)
-    with open(path + ".tmp", "w") as handle:
-        handle.write(text)
-    os.replace(path + ".tmp", path)
-    metrics.write_json_atomic({"settings": settings, "seeds": config.seeds, "models": config.models,
-                               "iterations": config.iterations, "epochs": config.epochs,
-                               "finetune_steps": config.finetune_steps,
+    path = os.path.join(config.root, "comparison.md")
+    write_text_atomic(text, path)
+    figure = figures.comparison_figure(figure_reports(config, reports), os.path.join(config.root, "comparison.png"),
+                                       dashed=[METHOD_NAMES[name] for name in baselines.BASELINES])
+    metrics.write_json_atomic({"settings": settings, "seeds": [vars(seed) for seed in config.seeds],
+                               "models": config.models, "iterations": config.iterations, "epochs": config.epochs,
+                               "finetune_steps_grid": config.finetune_steps_grid,
+                               "finetune_lr_grid": config.finetune_lr_grid, "pretrained": config.pretrained,
                                "reports": {p.name: p.report for p in pieces}, "cells": summary},
                               os.path.join(config.root, "comparison.json"))
-    print(f"table written to {path}")
+    print(f"table written to {path}, figure to {figure}")
     return text, summary
 
 

@@ -786,11 +786,13 @@ class MetaDataset:
         rest = num_users - args.num_test_data
         num_val = min(max(1, int(round(args.val_fraction * rest))), rest - 1) if rest > 1 else max(rest, 0)
         if rest - num_val < 1:
+            works = (f"--num_test_data={num_users - 2} at most works here, e.g. "
+                     f"--num_test_data={max(1, num_users // 10)}" if num_users >= 3 else "no --num_test_data works")
             raise MeloError(
                 f"data set has {num_users} users after filtering (min_item={args.min_item}, "
                 f"min_sequence={effective_min_sequence(args)}); --num_test_data={args.num_test_data} leaves "
                 f"{'no' if rest <= 0 else 'too few'} training/validation users (needs at least 2 more): "
-                f"lower --num_test_data (e.g. --num_test_data={max(1, num_users // 10)}) or the filters")
+                f"lower --num_test_data ({works}) or the filters")
         self.test_users = permutation[:args.num_test_data]
         self.val_users = permutation[args.num_test_data:args.num_test_data + num_val]
         self.train_users = permutation[args.num_test_data + num_val:]
@@ -895,40 +897,43 @@ class MetaDataset:
         return torch.from_numpy(np.concatenate(items)), torch.from_numpy(np.concatenate(ratings))
 
     def summary(self):
-        """Numbers about the filtered data and the split.
+        """Numbers about the filtered data (data_summary) and the split."""
+        return {**data_summary(self.data, self.L), "train_users": len(self.train_users),
+                "val_users": len(self.val_users), "test_users": len(self.test_users)}
 
-        ``balance`` is the mean over users of the normalised entropy of the user's rating-value
-        distribution: for user u with shares p_v of each rating value v, H_u = -sum_v p_v log p_v, divided
-        by log K where K is the number of distinct rating values in the whole data set. 1 means every
-        user rates evenly across all values, 0 that every user always gives one value (0 when K = 1).
-        """
-        data, lengths = self.data, self.lengths
-        values, codes = np.unique(data.ratings, return_inverse=True)
-        counts = np.bincount(codes, minlength=len(values))
-        user_of = np.repeat(np.arange(data.num_users()), lengths)
-        per_user = np.bincount(user_of * len(values) + codes,
-                               minlength=data.num_users() * len(values)).reshape(-1, len(values))
-        shares = per_user / lengths[:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            entropy = -np.where(shares > 0, shares * np.log(shares), 0.0).sum(axis=1)
-        balance = float(np.mean(entropy) / np.log(len(values))) if len(values) > 1 else 0.0
-        total = len(data.ratings)
-        return {
-            "duplicates_dropped": data.duplicates_dropped,
-            "users": data.num_users(),
-            "items": data.num_items,
-            "ratings": total,
-            "avg_seq_len": float(lengths.mean()),
-            "avg_seq_len_truncated": float(np.minimum(lengths, self.L).mean()),
-            "max_seq_len": self.L,
-            "max_rating": data.max_rating,
-            "rating_counts": {float(v): int(c) for v, c in zip(values, counts)},
-            "rating_shares": {float(v): float(c) / total for v, c in zip(values, counts)},
-            "balance": balance,
-            "train_users": len(self.train_users),
-            "val_users": len(self.val_users),
-            "test_users": len(self.test_users),
-        }
+
+def data_summary(data, max_seq_len):
+    """Numbers about the filtered data, before any split.
+
+    ``balance`` is the mean over users of the normalised entropy of the user's rating-value
+    distribution: for user u with shares p_v of each rating value v, H_u = -sum_v p_v log p_v, divided
+    by log K where K is the number of distinct rating values in the whole data set. 1 means every
+    user rates evenly across all values, 0 that every user always gives one value (0 when K = 1).
+    """
+    lengths = data.sequence_lengths()
+    values, codes = np.unique(data.ratings, return_inverse=True)
+    counts = np.bincount(codes, minlength=len(values))
+    user_of = np.repeat(np.arange(data.num_users()), lengths)
+    per_user = np.bincount(user_of * len(values) + codes,
+                           minlength=data.num_users() * len(values)).reshape(-1, len(values))
+    shares = per_user / lengths[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(shares > 0, shares * np.log(shares), 0.0).sum(axis=1)
+    balance = float(np.mean(entropy) / np.log(len(values))) if len(values) > 1 else 0.0
+    total = len(data.ratings)
+    return {
+        "duplicates_dropped": data.duplicates_dropped,
+        "users": data.num_users(),
+        "items": data.num_items,
+        "ratings": total,
+        "avg_seq_len": float(lengths.mean()),
+        "avg_seq_len_truncated": float(np.minimum(lengths, max_seq_len).mean()),
+        "max_seq_len": max_seq_len,
+        "max_rating": data.max_rating,
+        "rating_counts": {float(v): int(c) for v, c in zip(values, counts)},
+        "rating_shares": {float(v): float(c) / total for v, c in zip(values, counts)},
+        "balance": balance,
+    }
 
 
 # ============================================================================ command line
@@ -949,9 +954,10 @@ def format_summary(summary, args):
     lines += [
         f"balance score   {summary['balance']:.3f} (mean normalised entropy of each user's rating values: "
         "1 = even, 0 = always one value)",
-        f"split (seed {args.random_seed})  train {summary['train_users']}, validation {summary['val_users']}, "
-        f"test {summary['test_users']} users",
     ]
+    if "test_users" in summary:
+        lines.append(f"split (seed {args.random_seed})  train {summary['train_users']}, validation "
+                     f"{summary['val_users']}, test {summary['test_users']} users")
     return "\n".join(lines)
 
 
@@ -964,7 +970,12 @@ def duplicates_note(dropped, args):
 
 def main(args):
     data = load_data(args)
-    print(format_summary(MetaDataset(data, args).summary(), args))
+    try:
+        dataset = MetaDataset(data, args)
+    except MeloError:  # no split with these flags: every figure of the data itself, then the reason
+        print(format_summary(data_summary(data, args.max_seq_len), args), flush=True)
+        raise
+    print(format_summary(dataset.summary(), args))
 
 
 if __name__ == "__main__":

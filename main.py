@@ -4,7 +4,7 @@
     python main.py --use_adaptive_loss=False         # plain MAML++
     python main.py --checkpoint_step=N --test        # score step N on the cold-start test users
     python main.py --checkpoint_step=N               # resume training at step N
-    python main.py --test_baseline                   # the training users' mean rating, same targets
+    python main.py --test_baseline                   # the baselines without a network, same targets
     torchrun --standalone --nproc_per_node=K main.py ...   # K processes, one meta-batch shared
 
 Every `--log_interval` iterations the fixed validation tasks are scored, TensorBoard is written under
@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import baselines
 import checkpointing
+import figures
 import metrics
 from dataloader import SPLIT_OPTIONS, MetaDataset, duplicates_note, load_data
 from meta_learner import (build_meta_learner, last_step_weights, mean_weight_by_rating, multi_step_loss_weights,
@@ -37,6 +39,7 @@ SHAPE_OPTIONS = (
     "lstm_input_size", "lstm_hidden", "lstm_num_layers", "use_mlp", "use_mlp_mean", "use_step_loss",
     "loss_num_layers", "task_info_loss", "task_info_rating_mean", "task_info_rating_std",
     "task_info_labels", "task_info_predictions", "adaptive_weights", "task_state",
+    "select_by",  # the meaning of the best weights a checkpoint keeps
 )
 
 # Options that shape the training trajectory but not the checkpoint: resuming with other values works
@@ -211,32 +214,38 @@ class MetaTrainer:
         return checkpoint
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, tasks, with_weights=False):
-        """Report over a fixed task set; tasks are sharded over ranks and the error sums added up.
-        `with_weights`: the report adds the adaptive loss's mean weight per rating value on the tasks'
-        support sets (none for MAML++)."""
+    def predictions(self, tasks, with_weights=False):
+        """Predicted stars [T, Q] (CPU) of a fixed task set's query targets, and with `with_weights` the
+        adaptive loss's weight sums per rating value on the tasks' support sets (None for MAML++). The
+        tasks are sharded over ranks and each rank's rows added into zeros, so every rank gets all of them."""
         self.learner.eval()
-        mine = tasks.select(self.dist.shard(len(tasks)))
-        sums = torch.zeros(metrics.num_buckets(self.data.max_rating), len(metrics.SUM_FIELDS), dtype=torch.float64)
+        part = self.dist.shard(len(tasks))
+        mine = tasks.select(part)
+        predicted = torch.zeros(tasks.query_mask.shape, dtype=torch.float64, device=self.device)
         weight_sums = None
         for start in range(0, len(mine), self.args.batch_size):
             chunk = mine.select(slice(start, start + self.args.batch_size)).to(self.device)
-            predicted = self.learner.predict(chunk)
-            sums += metrics.error_sums(predicted, chunk.query_ratings[:, :, -1], chunk.query_mask,
-                                       self.data.max_rating)
+            predicted[part.start + start:part.start + start + len(chunk)] = self.learner.predict(chunk).double()
             if with_weights and self.learner.inner_loss.has_weights:
                 found = weight_sums_by_rating(*self.learner.support_weights(chunk), self.data.max_rating)
                 weight_sums = found if weight_sums is None else weight_sums + found
         self.learner.train()
-        if self.dist.enabled:
-            sums = self.dist.sum_(sums.to(self.device)).cpu()
-            if weight_sums is not None:
-                weight_sums = self.dist.sum_(weight_sums.to(self.device)).cpu()
-        report = metrics.report_from_sums(sums)
+        if weight_sums is not None:
+            weight_sums = self.dist.sum_(weight_sums.to(self.device)).cpu()
+        return self.dist.sum_(predicted).cpu(), weight_sums
+
+    def report(self, tasks, predicted, weight_sums=None):
+        """The report of predictions(tasks): per window, per user under "per_user", and the adaptive
+        loss's mean weight per rating value when `weight_sums` are given."""
+        report = metrics.task_report(predicted, tasks, self.data.max_rating)
         if weight_sums is not None:
             report["adaptive_weight_by_rating"], report["adaptive_weight_by_rating_per_step"] = \
                 mean_weight_by_rating(weight_sums)
         return report
+
+    def evaluate(self, tasks, with_weights=False):
+        """Report over a fixed task set (see report())."""
+        return self.report(tasks, *self.predictions(tasks, with_weights))
 
     # ------------------------------------------------------------------ training
     def validation_pending(self):
@@ -339,15 +348,17 @@ class MetaTrainer:
         if not math.isfinite(report["rmse"]):
             raise self.diverged(f"the validation RMSE became {report['rmse']} at step {self.iteration}")
         train_loss = sum(self.recent) / len(self.recent) if self.recent else float("nan")
-        if report["rmse"] < self.best["rmse"]:
-            self.best = {"rmse": report["rmse"], "step": self.iteration, "report": report,
+        # best["rmse"] holds the best validation --select_by (RMSE by default; the name is the checkpoint's)
+        if report[self.args.select_by] < self.best["rmse"]:
+            self.best = {"rmse": report[self.args.select_by], "step": self.iteration, "report": report,
                          "state": {k: v.detach().cpu().clone() for k, v in self.learner.state_dict().items()}}
         self.validated, self.recent = self.iteration, []
         path = self.save()
         if self.dist.is_main:
             tqdm.write(f"step {self.iteration}: train loss {train_loss:.4f} | val RMSE {report['rmse']:.4f} "
                        f"MAE {report['mae']:.4f} mean per-rating RMSE {report['mean_per_rating_rmse']:.4f} | "
-                       f"best RMSE {self.best['rmse']:.4f} at step {self.best['step']} | saved {path}")
+                       f"best {self.args.select_by} {self.best['rmse']:.4f} at step {self.best['step']} | "
+                       f"saved {path}")
         if writer is not None:
             self.log_to_tensorboard(writer, report)
 
@@ -357,6 +368,7 @@ class MetaTrainer:
             writer.add_scalar(f"val/{key}", report[key], step)
         for rating, row in report["per_rating"].items():
             writer.add_scalar(f"val_rmse_per_rating/{rating}", row["rmse"], step)
+        writer.add_figure("val/per_rating", figures.report_figure(report), step)
         for name, rates in self.learner.lslr.rates_by_parameter().items():
             for k, rate in enumerate(rates):
                 writer.add_scalar(f"inner_lr/step{k}/{name}", rate, step)
@@ -422,32 +434,28 @@ def test(trainer):
     best, which = checkpointing.tested_weights(checkpoint, args.checkpoint_step, args.test_best, "best_meta_state")
     if best is not None:
         checkpointing.load_state(trainer.learner, best, path, "best weights")
-    report = trainer.evaluate(trainer.dataset.test_tasks(), with_weights=True)
+    tasks = trainer.dataset.test_tasks()
+    predicted, weight_sums = trainer.predictions(tasks, with_weights=True)
+    report = trainer.report(tasks, predicted, weight_sums)
     report.update(method=trainer.prefix.rsplit("_", 1)[1], model=args.model, mode=args.mode,
-                  checkpoint_step=args.checkpoint_step, weights=which, random_seed=args.random_seed)
+                  checkpoint_step=args.checkpoint_step, weights=which, random_seed=args.random_seed,
+                  model_init_seed=args.model_init_seed, select_by=args.select_by)
     if checkpoint.get("best_report") is not None and best is not None:  # what chose these weights
         report["validation"] = {key: checkpoint["best_report"][key] for key in ("rmse", "mae", "mean_per_rating_rmse")}
         report["validation"]["step"] = checkpoint["best_step"]
     if trainer.dist.is_main:
         metrics.publish(report, f"test {trainer.prefix}, {which}",
-                        report_path(args, trainer.prefix, args.checkpoint_step))
+                        report_path(args, trainer.prefix, args.checkpoint_step),
+                        metrics.prediction_frame(tasks, predicted, trainer.data))
     return report
 
 
 def test_baseline(trainer):
-    """Predict the training users' global mean rating for every test target."""
-    args, data, dataset = trainer.args, trainer.data, trainer.dataset
-    train_ratings = torch.cat([torch.from_numpy(data.sequence(u)[1]) for u in dataset.train_users])
-    mean = train_ratings.double().mean().item()
-    tasks = dataset.test_tasks()
-    targets = tasks.query_ratings[:, :, -1]
-    sums = metrics.error_sums(torch.full_like(targets, mean), targets, tasks.query_mask, data.max_rating)
-    report = metrics.report_from_sums(sums)
-    report.update(method="mean_rating", mode=args.mode, prediction=mean, random_seed=args.random_seed)
-    if trainer.dist.is_main:
-        metrics.publish(report, f"test mean-rating baseline ({mean:.4f} stars) on {args.mode}",
-                        os.path.join(args.checkpoint_dir, f"mean-rating_{args.mode}.test.json"))
-    return report
+    """The baselines of --baseline (baselines.py) on the test targets: {name: report}."""
+    args = trainer.args
+    names = baselines.BASELINES if args.baseline == "all" else (args.baseline,)
+    return {name: baselines.test(args, trainer.data, trainer.dataset, name, publish=trainer.dist.is_main)
+            for name in names}
 
 
 def main(args):

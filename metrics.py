@@ -1,16 +1,28 @@
-"""Rating-prediction reports in stars: RMSE, MAE, and the same per rating value.
+"""Rating-prediction reports in stars: RMSE, MAE, and the same per rating value, per query window and
+per user; the per-target predictions as CSV; the paired bootstrap that compares two methods.
 
 Errors are first accumulated as sums per half-star bucket (count, squared error, absolute error,
 prediction), so batches, and processes under torchrun, can be added up before the report is made.
 The per-rating table is the point of MELO: a user's rare ratings are where plain MAML fails.
+
+A report's top-level figures count every query window (a test user's --num_query_set windows all end on
+the same target item, so each target counts that many times); `report["per_user"]` holds the same figures
+with each user scored once: its windows' predictions are averaged into one prediction of its target.
+(Averaging the squared errors instead would change nothing: every user has the same number of windows.)
 """
 import json
 import math
+import os
 
+import numpy as np
+import pandas as pd
 import torch
 
 from options import MeloError
 from runtime import write_atomic
+
+# Columns of the per-target CSV written beside every test report (see prediction_frame).
+PREDICTION_COLUMNS = ("user", "window", "item", "rating", "window_length", "prediction")
 
 SUM_FIELDS = ("count", "squared_error", "absolute_error", "prediction")
 
@@ -23,11 +35,38 @@ def error_sums(predicted_stars, target_stars, mask, max_rating):
     """Sums per half-star target bucket: float64 tensor [buckets, 4] in SUM_FIELDS order."""
     predicted = predicted_stars[mask].double()
     target = target_stars[mask].double()
-    buckets = torch.round(target * 2).long().clamp(0, num_buckets(max_rating) - 1)
     values = torch.stack([torch.ones_like(target), (predicted - target) ** 2,
                           (predicted - target).abs(), predicted], dim=1)
+    return bucket_sums(target, values, max_rating)
+
+
+def bucket_sums(target, values, max_rating):
+    """Rows of `values` [N, 4] added up by the half-star bucket of `target` [N]."""
+    buckets = torch.round(target * 2).long().clamp(0, num_buckets(max_rating) - 1)
     sums = torch.zeros(num_buckets(max_rating), len(SUM_FIELDS), dtype=torch.float64, device=values.device)
     return sums.index_add_(0, buckets, values).cpu()
+
+
+def per_user_sums(predicted_stars, target_stars, mask, max_rating):
+    """Like error_sums, but each task (user) of [T, Q] counts once, with the mean of its real windows'
+    predictions as its one prediction (all of a user's windows share one target)."""
+    real = mask.double()
+    windows = real.sum(1)
+    scored = windows > 0
+    prediction = (predicted_stars.double() * real).sum(1)[scored] / windows[scored]
+    target = target_stars.double()[scored].gather(1, mask[scored].long().argmax(1, keepdim=True)).squeeze(1)
+    values = torch.stack([torch.ones_like(target), (prediction - target) ** 2, (prediction - target).abs(),
+                          prediction], dim=1)
+    return bucket_sums(target, values, max_rating)
+
+
+def task_report(predicted_stars, tasks, max_rating):
+    """The report of predictions [T, Q] (stars) of the last position of `tasks`' query windows: per
+    window at the top level, per user under "per_user"."""
+    target, mask = tasks.query_ratings[:, :, -1], tasks.query_mask
+    report = report_from_sums(error_sums(predicted_stars, target, mask, max_rating))
+    report["per_user"] = report_from_sums(per_user_sums(predicted_stars, target, mask, max_rating))
+    return report
 
 
 def report_from_sums(sums):
@@ -63,24 +102,55 @@ def format_report(report, title):
     for rating, row in report["per_rating"].items():
         lines.append(f"  {rating:>6} {row['count']:>7d} {row['rmse']:>7.4f} {row['mae']:>7.4f} "
                      f"{row['mean_prediction']:>9.4f}")
+    if "per_user" in report:
+        user = report["per_user"]
+        lines[0] = lines[0].replace("targets)", "query windows; per window)")
+        lines.append(f"  per user (its windows' mean prediction, scored once): RMSE {user['rmse']:.4f}  "
+                     f"MAE {user['mae']:.4f}  mean per-rating RMSE {user['mean_per_rating_rmse']:.4f}  "
+                     f"({user['count']} users)")
     if "adaptive_weight_by_rating" in report:
         lines.append("  adaptive loss weight by support rating (mean over inner steps): " + ", ".join(
             f"{rating}: {weight:.3f}" for rating, weight in report["adaptive_weight_by_rating"].items()))
     return "\n".join(lines)
 
 
-def publish(report, title, path):
-    """Write the report as JSON to `path` and print it (rank 0's job). Written first: a closed output
-    (`| head`) must not lose it; when it cannot be written, the numbers are printed before the error.
-    Non-finite numbers (diverged weights) are written as null, and the run then fails."""
+def prediction_frame(tasks, predicted_stars, data):
+    """One row per real query window of `tasks`: original user id, window index, original target item id,
+    true rating, window length (real positions) and prediction, all in stars."""
+    mask = tasks.query_mask.numpy()
+    task, window = np.nonzero(mask)
+    items = tasks.query_items.numpy()
+    return pd.DataFrame({
+        "user": data.user_ids[tasks.users.numpy()[task]],
+        "window": window,
+        "item": data.item_ids[items[task, window, -1] - 1],
+        "rating": tasks.query_ratings[:, :, -1].numpy()[task, window].astype(np.float64),
+        "window_length": (items[task, window] != 0).sum(-1),
+        "prediction": predicted_stars.detach().cpu().double().numpy()[task, window],
+    }, columns=list(PREDICTION_COLUMNS))
+
+
+def predictions_path(report_path):
+    """The per-target CSV beside a JSON report: `<name>.json` -> `<name>.csv`."""
+    return os.path.splitext(report_path)[0] + ".csv"
+
+
+def publish(report, title, path, predictions=None):
+    """Write the report as JSON to `path`, and the per-target `predictions` frame (prediction_frame) as
+    CSV beside it, and print it (rank 0's job). Written first: a closed output (`| head`) must not lose
+    them; when they cannot be written, the numbers are printed before the error. Non-finite numbers
+    (diverged weights) are written as null, and the run then fails."""
     try:
         write_json_atomic(report, path)
+        if predictions is not None:
+            write_atomic(predictions_path(path), lambda out: predictions.to_csv(out, index=False), binary=False)
     except OSError as error:
         print(format_report(report, title))
         raise MeloError(f"the report could not be written to {path} ({error.strerror or error}): the numbers "
                         "above are all there is") from None
     print(format_report(report, title))
-    print(f"report written to {path}")
+    print(f"report written to {path}" + (f", predictions to {predictions_path(path)}"
+                                         if predictions is not None else ""))
     if finite_or_null(report) != report:  # a nan or inf became None
         raise MeloError(f"the report holds non-finite numbers (written as null to {path}): these weights "
                         "predict nan or inf; test another step")
@@ -95,6 +165,50 @@ def finite_or_null(value):
     if isinstance(value, (list, tuple)):
         return [finite_or_null(v) for v in value]
     return value
+
+
+# ============================================================================ paired comparison
+def per_user_errors(frame):
+    """Per user of a prediction CSV (indexed by user): the sum of its windows' squared errors, their
+    number, and its target rating."""
+    errors = frame.assign(squared_error=(frame["prediction"] - frame["rating"]) ** 2)
+    return errors.groupby("user", sort=True).agg(squared_error=("squared_error", "sum"),
+                                                 windows=("squared_error", "size"), rating=("rating", "first"))
+
+
+def _scores(weights, squared_error, windows, onehot):
+    """Per-window RMSE and mean per-rating RMSE [B] of the users weighted by `weights` [B, U] (how often
+    each user was drawn; all of its windows come with it)."""
+    rmse = np.sqrt(weights @ squared_error / (weights @ windows))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_rating = np.sqrt((weights @ (onehot * squared_error[:, None])) / (weights @ (onehot * windows[:, None])))
+    return rmse, np.nanmean(per_rating, axis=1)  # a rating no drawn user has is left out
+
+
+def paired_bootstrap(squared_a, squared_b, windows, ratings, resamples=1000, seed=0, level=0.95):
+    """The difference A - B of the per-window RMSE and mean per-rating RMSE, with a percentile bootstrap
+    interval over users: whole users (all of their windows, which are not independent of each other) are
+    drawn with replacement, `resamples` times, from numpy's generator of `seed`, and the same draw scores
+    both methods, so the interval is paired. Per user, on the same users: `squared_a`, `squared_b` the sums
+    of its windows' squared errors, `windows` their number, `ratings` its target rating."""
+    squared_a, squared_b = np.asarray(squared_a, np.float64), np.asarray(squared_b, np.float64)
+    windows = np.asarray(windows, np.float64)
+    buckets = np.round(2 * np.asarray(ratings, np.float64)).astype(np.int64)
+    onehot = (buckets[:, None] == np.unique(buckets)[None, :]).astype(np.float64)
+    users = len(squared_a)
+    rng = np.random.default_rng(seed)
+    weights = np.stack([np.bincount(rng.integers(0, users, users), minlength=users) for _ in range(resamples)])
+    weights = weights.astype(np.float64)
+    everyone = np.ones((1, users))
+
+    def difference(draws):
+        return [a - b for a, b in zip(_scores(draws, squared_a, windows, onehot),
+                                      _scores(draws, squared_b, windows, onehot))]
+
+    tail = 100 * (1 - level) / 2
+    return {key: {"difference": float(point[0]), "low": float(np.percentile(spread, tail)),
+                  "high": float(np.percentile(spread, 100 - tail))}
+            for key, point, spread in zip(("rmse", "mean_per_rating_rmse"), difference(everyone), difference(weights))}
 
 
 def write_json_atomic(data, path):

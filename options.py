@@ -13,6 +13,7 @@ import sys
 
 MODES = ("ml-1m", "ml-10m", "ml-100k", "amazon", "yelp")
 MODELS = ("bert4rec", "sasrec", "gru4rec", "narm")
+BASELINE_CHOICES = ("mean-rating", "user-mean", "shrunk-user-mean", "user-item-bias", "all")
 
 # The four columns of a ratings file, in the order MELO reads them (--csv_columns names them in file order).
 COLUMN_ROLES = ("user", "item", "rating", "timestamp")
@@ -61,6 +62,16 @@ non_negative_int = _checked(int, 0, ">= 0")
 positive_int = _checked(int, 1, ">= 1")
 non_negative_float = _checked(float, 0.0, ">= 0")
 finite_float = _checked(float, None, "")
+
+
+def comma_list(convert):
+    """An argparse type for a comma-separated list of values, each converted (and checked) by `convert`;
+    the empty string is the empty list."""
+
+    def parse(text):
+        return [convert(part.strip()) for part in str(text).split(",") if part.strip()]
+
+    return parse
 
 
 class CommandLineParser(argparse.ArgumentParser):
@@ -219,7 +230,15 @@ def build_parser():
         help="with --test: use the best-by-validation weights saved with that step "
              "(False: the weights of exactly that step)")
     add("--test_baseline", action="store_true",
-        help="score the training users' global mean rating on the test targets")
+        help="score the baselines without a network (--baseline) on the test targets")
+    add("--baseline", default="all", choices=BASELINE_CHOICES,
+        help="with --test_baseline: mean-rating (the training users' global mean), user-mean (the mean of "
+             "the user's support items), shrunk-user-mean (pulled toward the global mean, strength chosen "
+             "on validation), user-item-bias (item biases from training users, the user's bias from the "
+             "support set, regularisation chosen on validation), or all; see baselines.py")
+    add("--select_by", default="rmse", choices=("rmse", "mean_per_rating_rmse"),
+        help="validation metric that picks the best weights (main.py, train_original.py) and the "
+             "baselines' and fine-tuning's settings")
     add("--checkpoint_step", type=int, default=-1,
         help="step to resume from (training) or to evaluate (--test); -1 = none")
     add("--checkpoint_dir", default="./checkpoints", help="where main.py keeps its checkpoints")
@@ -251,6 +270,11 @@ def build_parser():
              "predicting (the fine-tuning baseline between no adaptation and MAML; 0 = none)")
     add("--finetune_lr", type=non_negative_float, default=0.1,
         help="SGD learning rate of --finetune_steps (on the masked mean squared error of ratings / 5)")
+    add("--finetune_steps_grid", type=comma_list(non_negative_int), default="",
+        help="train_original.py --test: comma-separated step counts; with --finetune_lr_grid, the "
+             "(lr, steps) pair with the best validation --select_by is used (replaces --finetune_steps)")
+    add("--finetune_lr_grid", type=comma_list(non_negative_float), default="",
+        help="comma-separated fine-tuning learning rates chosen from on validation (replaces --finetune_lr)")
     add("--save_pretrained", type=str2bool, default=False,
         help="export the item embedding and the whole model for main.py")
     add("--load_pretrained_embedding", type=str2bool, default=False,

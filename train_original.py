@@ -4,6 +4,8 @@
     python train_original.py --model=bert4rec --checkpoint_step=N  # resume after epoch N
     python train_original.py --model=bert4rec --checkpoint_step=N --test                     # no adaptation
     python train_original.py --model=bert4rec --checkpoint_step=N --test --finetune_steps=5  # fine-tuning
+    python train_original.py --model=bert4rec --checkpoint_step=N --test \\
+        --finetune_lr_grid=0.01,0.1 --finetune_steps_grid=1,5            # lr and steps chosen on validation
     python train_original.py --save_pretrained=True && python main.py --load_pretrained_embedding=True
     torchrun --standalone --nproc_per_node=K train_original.py ...   # DistributedDataParallel, K processes
 
@@ -31,7 +33,9 @@ targets and writes the report as JSON beside the checkpoint.
 `--finetune_steps=K` (with `--test`): for each test user, a copy of the weights takes K plain SGD steps
 (`--finetune_lr`, on the MSE of that user's support windows, dropout off) before its query windows are
 predicted: the fine-tuning baseline between "no adaptation" and MAML. The copies are batched with
-`torch.func.vmap`, `--batch_size` users at a time.
+`torch.func.vmap`, `--batch_size` users at a time. With `--finetune_lr_grid` and / or
+`--finetune_steps_grid` the (lr, K) pair is chosen on the validation tasks by `--select_by` (one pass of
+max K steps per lr scores every K), and the report records the choice and every pair's score.
 
 `--use_learned_loss_baseline=True` weights each position's squared error with MELO's rating-sequence
 encoder (`models.loss_networks.RatingSequenceEncoder`, each window read as a task of one window), trained
@@ -81,17 +85,25 @@ def pretrained_path(args):
 
 
 def report_path(args, step):
-    """JSON report of `--test` beside the checkpoint; fine-tuning runs are named by their K and lr."""
-    finetune = f".finetune{args.finetune_steps}_lr{args.finetune_lr:g}" if args.finetune_steps else ""
+    """JSON report of `--test` beside the checkpoint; fine-tuning runs are named by their K and lr, or
+    `finetune-tuned` when they are chosen on validation (--finetune_lr_grid / --finetune_steps_grid)."""
+    if tuned_finetuning(args):
+        finetune = ".finetune-tuned"
+    else:
+        finetune = f".finetune{args.finetune_steps}_lr{args.finetune_lr:g}" if args.finetune_steps else ""
     kind = "best" if args.test_best else "step"
     return os.path.join(args.pretrain_log_dir, f"{run_prefix(args)}_step{step}{finetune}.test_{kind}.json")
+
+
+def tuned_finetuning(args):
+    return bool(args.finetune_steps_grid or args.finetune_lr_grid)
 
 
 def shape_options(args, data):
     """The options a baseline checkpoint depends on: main.py's shape options that concern the backbone,
     the learned-loss encoder's sizes when it is used, and the options of the user split."""
     everything = meta_main.shape_options(args, data)
-    keys = ["model", "mode", "max_seq_len", "num_items", "max_rating", *SPLIT_OPTIONS]
+    keys = ["model", "mode", "max_seq_len", "num_items", "max_rating", "select_by", *SPLIT_OPTIONS]
     keys += [k for k in meta_main.SHAPE_OPTIONS if k.startswith(BACKBONE_SHAPE_PREFIXES)]
     if args.use_learned_loss_baseline:
         keys += LEARNED_LOSS_OPTIONS
@@ -241,55 +253,84 @@ class BaselineTrainer:
         return checkpoint
 
     # ------------------------------------------------------------------ evaluation
-    def predict(self, tasks):
-        """Predicted stars [T, Q] for the last position of every query window: the backbone as it is, or,
-        with --finetune_steps, a copy of it adapted to each task's support windows."""
+    def predict(self, tasks, lr=None, record=None):
+        """Predicted stars [R, T, Q] for the last position of every query window, after each of the R
+        fine-tuning step counts in `record` (default: --finetune_steps; 0 = the backbone as it is) with
+        SGD learning rate `lr` (default --finetune_lr), a copy of the weights per task."""
+        lr = self.args.finetune_lr if lr is None else lr
+        record = (self.args.finetune_steps,) if record is None else tuple(record)
         self.model.eval()
         predictions = []
-        if self.args.finetune_steps:
+        if max(record):
             for start in range(0, len(tasks), self.args.batch_size):
                 chunk = tasks.select(slice(start, start + self.args.batch_size)).to(self.device)
-                predictions.append(self.finetuned_predictions(chunk).cpu())
+                predictions.append(self.finetuned_predictions(chunk, lr, record).cpu())
         else:
             per_chunk = max(1, self.args.pretraining_batch_size // max(1, tasks.query_items.shape[1]))
             with torch.no_grad():
                 for start in range(0, len(tasks), per_chunk):
                     items = tasks.query_items[start:start + per_chunk].to(self.device)
                     predicted = self.model(items.flatten(0, 1)).view(items.shape)[..., -1]
-                    predictions.append((predicted * self.max_rating).cpu())
+                    predictions.append((predicted * self.max_rating).cpu().expand(len(record), *predicted.shape))
         self.model.train()
         if not predictions:
-            return torch.zeros(tasks.query_mask.shape)
-        return torch.cat(predictions)
+            return torch.zeros(len(record), *tasks.query_mask.shape)
+        return torch.cat(predictions, dim=1)
 
-    def finetuned_predictions(self, tasks):
-        """K SGD steps per task on its own copy of the weights (vmapped over tasks), then predict."""
+    def finetuned_predictions(self, tasks, lr=None, record=None):
+        """SGD steps per task on its own copy of the weights (vmapped over tasks); the predictions [R, T, Q]
+        after each step count of `record` (default (--finetune_steps,)), with learning rate `lr`."""
+        lr = self.args.finetune_lr if lr is None else lr
+        record = (self.args.finetune_steps,) if record is None else tuple(record)
         params = {name: p.detach() for name, p in self.model.named_parameters()}
         buffers = {name: b.detach() for name, b in self.model.named_buffers()}
-        model, steps, lr = self.model, self.args.finetune_steps, self.args.finetune_lr
+        model = self.model
 
         def support_loss(current, items, labels):
             predicted = functional_call(model, {**current, **buffers}, (items,))
             return masked_mean((predicted - labels) ** 2, items != 0)
 
         def one_task(items, labels, query_items):
-            current = params
-            for _ in range(steps):
-                grads = grad(support_loss)(current, items, labels)
-                current = {name: value - lr * grads[name] for name, value in current.items()}
-            return functional_call(model, {**current, **buffers}, (query_items,))[:, -1]
+            current, recorded = params, {}
+            for step in range(max(record) + 1):
+                if step in record:
+                    recorded[step] = functional_call(model, {**current, **buffers}, (query_items,))[:, -1]
+                if step < max(record):
+                    grads = grad(support_loss)(current, items, labels)
+                    current = {name: value - lr * grads[name] for name, value in current.items()}
+            return torch.stack([recorded[step] for step in record])
 
         labels = tasks.support_ratings / self.max_rating
-        predicted = vmap(one_task, randomness="different")(tasks.support_items, labels, tasks.query_items)
+        predicted = vmap(one_task, randomness="different", out_dims=1)(tasks.support_items, labels,
+                                                                       tasks.query_items)
         return predicted.detach() * self.max_rating
 
+    def predictions(self, tasks, lr=None, record=None):
+        """predict() of a whole fixed task set: under torchrun the tasks are sharded and each rank's rows
+        added into zeros, so every rank gets all of them (and the report equals a single process's)."""
+        part = self.dist.shard(len(tasks))
+        mine = self.predict(tasks.select(part), lr, record)
+        full = torch.zeros(mine.shape[0], *tasks.query_mask.shape, dtype=torch.float64, device=self.device)
+        full[:, part] = mine.double().to(self.device)
+        return self.dist.sum_(full).cpu()
+
     def evaluate(self, tasks):
-        """Report over a fixed task set; under torchrun the tasks are sharded and the error sums added up,
-        so the report equals a single process's."""
-        mine = tasks.select(self.dist.shard(len(tasks)))
-        sums = metrics.error_sums(self.predict(mine), mine.query_ratings[:, :, -1], mine.query_mask,
-                                  self.max_rating)
-        return metrics.report_from_sums(self.dist.sum_(sums.to(self.device)).cpu())
+        """Report over a fixed task set (per window, and per user under "per_user")."""
+        return metrics.task_report(self.predictions(tasks)[0], tasks, self.max_rating)
+
+    def choose_finetuning(self, tasks):
+        """The (lr, steps) of --finetune_lr_grid x --finetune_steps_grid (an empty grid: the single
+        --finetune_lr / --finetune_steps) with the lowest --select_by on `tasks`, and every pair's score."""
+        args = self.args
+        lrs = args.finetune_lr_grid or [args.finetune_lr]
+        steps = sorted(set(args.finetune_steps_grid or [args.finetune_steps]))
+        scored = []
+        for lr in lrs:
+            for count, predicted in zip(steps, self.predictions(tasks, lr, steps)):
+                report = metrics.task_report(predicted, tasks, self.max_rating)
+                scored.append({"lr": lr, "steps": count, "score": report[args.select_by]})
+        best = min(scored, key=lambda row: row["score"])
+        return best["lr"], best["steps"], {"select_by": args.select_by, "validation_scores": scored}
 
     # ------------------------------------------------------------------ training
     def train_epoch(self, bar):
@@ -337,13 +378,15 @@ class BaselineTrainer:
                     raise MeloError(f"the validation RMSE became {report['rmse']} after epoch {self.epoch}; stopped "
                                     f"without saving (last good checkpoint: step {saved[-1] if saved else 'none'}); "
                                     "try a lower --pretraining_lr")
-                if report["rmse"] < self.best["rmse"]:
-                    self.best = {"rmse": report["rmse"], "step": self.epoch, "state": state_copy(self.model)}
+                # best["rmse"] holds the best validation --select_by (the checkpoint's name for it)
+                if report[args.select_by] < self.best["rmse"]:
+                    self.best = {"rmse": report[args.select_by], "step": self.epoch, "state": state_copy(self.model)}
                 path = self.save()
                 if self.dist.is_main:
                     tqdm.write(f"epoch {self.epoch}: train loss {train_loss:.4f} | val RMSE {report['rmse']:.4f} "
                                f"MAE {report['mae']:.4f} mean per-rating RMSE "
-                               f"{report['mean_per_rating_rmse']:.4f} | best RMSE {self.best['rmse']:.4f} at "
+                               f"{report['mean_per_rating_rmse']:.4f} | best {args.select_by} "
+                               f"{self.best['rmse']:.4f} at "
                                f"epoch {self.best['step']} | saved {path}")
                 if writer is not None:
                     writer.add_scalar("train/loss", train_loss, self.epoch)
@@ -389,15 +432,23 @@ def test(trainer):
     if best is not None:
         checkpointing.load_state(trainer.model, best, checkpointing.checkpoint_path(
             args.pretrain_log_dir, trainer.prefix, args.checkpoint_step), "best weights")
-    if args.finetune_steps:
-        which += f", fine-tuned {args.finetune_steps} SGD steps (lr {args.finetune_lr:g}) per user"
-    report = trainer.evaluate(trainer.dataset.test_tasks())
-    report.update(method="finetune" if args.finetune_steps else method_name(args), model=args.model,
+    lr, steps, selection = args.finetune_lr, args.finetune_steps, None
+    if tuned_finetuning(args):
+        lr, steps, selection = trainer.choose_finetuning(trainer.dataset.val_tasks())
+    if steps:
+        which += f", fine-tuned {steps} SGD steps (lr {lr:g}{', chosen on validation' if selection else ''}) per user"
+    tasks = trainer.dataset.test_tasks()
+    predicted = trainer.predictions(tasks, lr, (steps,))[0]
+    report = metrics.task_report(predicted, tasks, trainer.max_rating)
+    report.update(method="finetune" if steps or selection else method_name(args), model=args.model,
                   mode=args.mode, checkpoint_step=args.checkpoint_step, weights=which,
-                  random_seed=args.random_seed, finetune_steps=args.finetune_steps,
-                  finetune_lr=args.finetune_lr)
+                  random_seed=args.random_seed, model_init_seed=args.model_init_seed, select_by=args.select_by,
+                  finetune_steps=steps, finetune_lr=lr)
+    if selection is not None:
+        report["finetune_selection"] = selection
     if trainer.dist.is_main:
-        metrics.publish(report, f"test {trainer.prefix}, {which}", report_path(args, args.checkpoint_step))
+        metrics.publish(report, f"test {trainer.prefix}, {which}", report_path(args, args.checkpoint_step),
+                        metrics.prediction_frame(tasks, predicted, trainer.data))
     return report
 
 

@@ -4,6 +4,7 @@ import functools
 import hashlib
 import http.server
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -637,3 +638,19 @@ def test_cli_prints_the_summary(tmp_path):
     for word in ("users", "items", "ratings", "avg seq length", "rating distribution", "4.5",
                  "balance score", "train", "validation", "test 30 users"):
         assert word in out.stdout
+
+
+def test_cli_with_too_many_test_users_prints_the_summary_then_what_works(tmp_path):
+    mode, path, _ = write(tmp_path, "ml-10m")
+    out = run_cli(f"--mode={mode}", f"--data_path={path}", "--num_test_data=100000", "--min_item=10",
+                  f"--data_dir={tmp_path / 'Data'}", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    for word in ("users", "items", "ratings", "avg seq length", "rating distribution", "balance score"):
+        assert word in out.stdout
+    assert "split" not in out.stdout
+    users = int(re.search(r"^users\s+(\d+)", out.stdout, re.M).group(1))
+    error, = out.stderr.strip().splitlines()
+    assert f"--num_test_data={users - 2} at most works here" in error
+    works = run_cli(f"--mode={mode}", f"--data_path={path}", f"--num_test_data={users - 2}", "--min_item=10",
+                    f"--data_dir={tmp_path / 'Data'}", cwd=tmp_path)
+    assert works.returncode == 0 and "validation 1, test" in works.stdout, works.stderr

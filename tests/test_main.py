@@ -171,7 +171,7 @@ def test_task_chunks_give_the_same_update(ratings_file, tmp_path):
 
 def test_mean_rating_baseline_reports_on_the_same_targets(ratings_file, tmp_path):
     argv = flags(ratings_file, tmp_path)
-    report = run(argv + ["--test_baseline"])
+    report = run(argv + ["--test_baseline", "--baseline=mean-rating"])["mean-rating"]
     assert report["count"] == 20 * 2
     assert all(row["mean_prediction"] == pytest.approx(report["prediction"]) for row in report["per_rating"].values())
     assert os.path.exists(tmp_path / "ckpt" / "mean-rating_ml-100k.test.json")
@@ -336,6 +336,32 @@ def test_a_closed_output_pipe_ends_the_run_quietly_after_the_report_is_written(t
     script = "import options\ndef main(args):\n    raise BrokenPipeError(32, 'Broken pipe')\noptions.run_cli(main, [])\n"
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr == ""
+
+
+def scalars_and_images(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(folder, size_guidance={"images": 0, "scalars": 0}).Reload()
+    return ({tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]},
+            {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]})
+
+
+def test_select_by_picks_the_best_weights_and_tensorboard_gets_the_per_rating_figure(ratings_file, tmp_path):
+    import train_original
+
+    argv = flags(ratings_file, tmp_path, "--model=gru4rec", "--select_by=mean_per_rating_rmse", "--log_interval=1",
+                 f"--pretrain_log_dir={tmp_path}/pre", "--pretrain_epochs=3")
+    trainer = run(argv)
+    scalars, images = scalars_and_images(str(tmp_path / "runs" / trainer.log_folder))
+    assert images["val/per_rating"] == [1, 2, 3, 4]
+    chosen = scalars["val/mean_per_rating_rmse"]
+    assert trainer.best["rmse"] == pytest.approx(min(chosen)) and trainer.best["step"] == 1 + chosen.index(min(chosen))
+    baseline = train_original.main(options.parse_args(argv))
+    chosen = scalars_and_images(str(tmp_path / "runs" / baseline.log_folder))[0]["val/mean_per_rating_rmse"]
+    assert baseline.best["rmse"] == pytest.approx(min(chosen)) and baseline.best["step"] == 1 + chosen.index(min(chosen))
+    # A checkpoint keeps the weights best by its --select_by: testing it under another one is refused.
+    with pytest.raises(options.MeloError, match=r"select_by='mean_per_rating_rmse' \(now 'rmse'\)"):
+        run(flags(ratings_file, tmp_path, "--model=gru4rec", "--checkpoint_step=4", "--test"))
 
 
 def test_normalised_melo_with_a_frozen_loss_network_trains_exactly_as_maml(ratings_file, tmp_path):

@@ -178,7 +178,7 @@ def test_finetuning_adapts_each_user_on_its_support_set(ratings_file, tmp_path):
     trainer.load(1, restore_training=False)
     tasks = trainer.dataset.test_tasks().select(slice(0, 3))
     trainer.model.eval()
-    batched = trainer.finetuned_predictions(tasks)
+    batched = trainer.finetuned_predictions(tasks)[0]
     for t in range(3):
         model = copy.deepcopy(trainer.model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -1,0 +1,135 @@
+"""baselines.py against hand computations: the pure functions on numbers worked out by hand, and each
+baseline's test predictions (read back from its CSV) against plain-Python loops over a generated data set."""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import baselines
+import main
+import metrics
+import options
+from dataloader import MetaDataset, load_data
+
+from synthetic import write_movielens
+
+
+def test_pure_functions_equal_hand_computations():
+    # one task: windows [0, 7, 3] and [7, 9] (item 7 twice, padding 0), a third window that is not real
+    items = np.array([[[0, 7, 3], [0, 7, 9], [5, 5, 5]]])
+    ratings = np.array([[[0, 4, 2], [0, 4, 5], [1, 1, 1]]], dtype=np.float32)
+    mask = np.array([[True, True, False]])
+    (distinct, values), = baselines.support_sets(items, ratings, mask)
+    assert distinct.tolist() == [3, 7, 9] and values.tolist() == [2.0, 4.0, 5.0]
+    sets = [(distinct, values), (np.array([], np.int64), np.array([]))]
+    assert baselines.user_mean(sets, fallback=3.5).tolist() == pytest.approx([11 / 3, 3.5])
+    # (n·ū + k·μ) / (n + k) with n = 3, ū = 11/3, μ = 3, k = 2: (11 + 6) / 5
+    assert baselines.shrunk_user_mean(sets, 3.0, 2.0).tolist() == pytest.approx([17 / 5, 3.0])
+    # item biases: item 3 rated 4 and 2 (mean 3), item 7 rated 5; μ = 3, reg 1: b3 = 0 / 3, b7 = 2 / 2
+    biases = baselines.item_biases(np.array([3, 3, 7]), np.array([4.0, 2.0, 5.0]), 3.0, 1.0, num_items=9)
+    assert biases.tolist() == pytest.approx([0, 0, 0, 0, 0, 0, 0, 1.0, 0, 0])
+    # b_u = ((2 − 3 − 0) + (4 − 3 − 1) + (5 − 3 − 0)) / (3 + 1) = 1 / 4; target 7: 3 + 0.25 + 1
+    predicted = baselines.user_item_bias(sets[:1], np.array([[7, 3]]), 3.0, biases, 1.0, low=1.0, high=5.0)
+    assert predicted.shape == (1, 2) and predicted[0].tolist() == pytest.approx([4.25, 3.25])
+    # clipped to the training range: 3 + 0.25 + 1 = 4.25 > 4
+    assert baselines.user_item_bias(sets[:1], np.array([[7]]), 3.0, biases, 1.0, 1.0, 4.0).tolist() == [[4.0]]
+
+
+@pytest.fixture(scope="module")
+def run_all(tmp_path_factory):
+    """`main.py --test_baseline` (all baselines) on a small generated file; the data and split it used."""
+    folder = tmp_path_factory.mktemp("baselines")
+    path = folder / "u.data"
+    write_movielens(str(path), fmt="ml-100k", num_users=90, num_items=60, seed=5)
+    argv = ["--mode=ml-100k", f"--data_path={path}", f"--data_dir={folder}/Data", "--min_item=1",
+            "--num_test_data=15", "--val_size=12", "--num_samples=4", "--num_query_set=3", "--max_seq_len=8",
+            f"--checkpoint_dir={folder}/ckpt", "--test_baseline"]
+    args = options.parse_args(argv)
+    reports = main.main(args)
+    data = load_data(args)
+    return args, data, MetaDataset(data, args), reports
+
+
+def by_hand(data, dataset, users, tasks):
+    """Per task: the user's original id, {item: rating} of the distinct support items (from the user's own
+    history, not the windows' ratings), and the target item."""
+    rows = []
+    for t, u in enumerate(users):
+        items, ratings = data.sequence(u)
+        rating_of = dict(zip(items.tolist(), ratings.tolist()))
+        support = {}
+        for s in range(tasks.support_items.shape[1]):
+            if tasks.support_mask[t, s]:
+                for item in tasks.support_items[t, s].tolist():
+                    if item:
+                        support[item] = rating_of[item]
+        rows.append((data.user_ids[u], support, int(tasks.query_items[t, 0, -1]), float(tasks.query_ratings[t, 0, -1])))
+    return rows
+
+
+def predictions(args, name):
+    frame = pd.read_csv(metrics.predictions_path(baselines.report_path(args, name)))
+    return frame.groupby("user")["prediction"].agg(["min", "max"])
+
+
+def rmse(pairs):
+    return math.sqrt(sum((p - r) ** 2 for p, r in pairs) / len(pairs))
+
+
+def test_user_mean_and_global_mean_equal_hand_computations(run_all):
+    args, data, dataset, reports = run_all
+    train = [r for u in dataset.train_users for r in data.sequence(u)[1].tolist()]
+    mu = sum(train) / len(train)
+    assert reports["mean-rating"]["prediction"] == pytest.approx(mu)
+    rows = by_hand(data, dataset, dataset.test_users, dataset.test_tasks())
+    user_mean = predictions(args, "user-mean")
+    for user, support, _, _ in rows:
+        expected = sum(support.values()) / len(support)
+        assert user_mean.loc[user, "min"] == pytest.approx(expected) == user_mean.loc[user, "max"]
+    assert json.load(open(baselines.report_path(args, "user-mean")))["count"] == 15 * 3
+
+
+def test_shrunk_user_mean_chooses_k_on_validation(run_all):
+    args, data, dataset, reports = run_all
+    train = [r for u in dataset.train_users for r in data.sequence(u)[1].tolist()]
+    mu = sum(train) / len(train)
+
+    def shrunk(support, k):
+        return (sum(support.values()) + k * mu) / (len(support) + k)
+
+    val = by_hand(data, dataset, dataset.val_users[:args.val_size], dataset.val_tasks())
+    scores = [rmse([(shrunk(s, k), r) for _, s, _, r in val]) for k in baselines.SHRINKAGE_GRID]
+    k = baselines.SHRINKAGE_GRID[int(np.argmin(scores))]
+    report = reports["shrunk-user-mean"]
+    assert report["shrinkage"] == k and report["selection"]["validation_scores"] == pytest.approx(scores)
+    table = predictions(args, "shrunk-user-mean")
+    for user, support, _, _ in by_hand(data, dataset, dataset.test_users, dataset.test_tasks()):
+        assert table.loc[user, "min"] == pytest.approx(shrunk(support, k))
+
+
+def test_user_item_bias_fold_in_equals_hand_computation(run_all):
+    args, data, dataset, reports = run_all
+    train = [(i, r) for u in dataset.train_users for i, r in zip(*(a.tolist() for a in data.sequence(u)))]
+    mu = sum(r for _, r in train) / len(train)
+    low, high = min(r for _, r in train), max(r for _, r in train)
+
+    def predict(support, target, item_reg, user_reg):
+        bias = {}
+        for item in set(support) | {target}:
+            rated = [r - mu for i, r in train if i == item]
+            bias[item] = sum(rated) / (len(rated) + item_reg) if len(rated) + item_reg else 0.0
+        user = sum(r - mu - bias[i] for i, r in support.items()) / (len(support) + user_reg)
+        return min(max(mu + user + bias[target], low), high)
+
+    report = reports["user-item-bias"]
+    item_reg, user_reg = report["item_reg"], report["user_reg"]
+    val = by_hand(data, dataset, dataset.val_users[:args.val_size], dataset.val_tasks())
+    chosen = rmse([(predict(s, t, item_reg, user_reg), r) for _, s, t, r in val])
+    assert chosen == pytest.approx(min(report["selection"]["validation_scores"]))
+    other = rmse([(predict(s, t, 25.0, 10.0), r) for _, s, t, r in val])  # a grid point: never better
+    assert chosen <= other + 1e-12
+    table = predictions(args, "user-item-bias")
+    for user, support, target, _ in by_hand(data, dataset, dataset.test_users, dataset.test_tasks()):
+        assert table.loc[user, "min"] == pytest.approx(predict(support, target, item_reg, user_reg))
