@@ -207,7 +207,10 @@ class AdaptiveInnerLoss(nn.Module):
         if self.weight_form == "unbounded":
             return (1.0 + logits).abs()
         if self.weight_form == "normalised":
-            return normalise_over_task(WEIGHT_FLOOR + 2.0 * torch.sigmoid(logits), mask)
+            # scaled so that the neutral start is exactly 1 before the mean (x / x == 1 in floating point):
+            # then every weight starts at exactly 1 and MELO's first steps are MAML++'s to the bit
+            raw = (WEIGHT_FLOOR + 2.0 * torch.sigmoid(logits)) / (WEIGHT_FLOOR + 1.0)
+            return normalise_over_task(raw, mask)
         return 2.0 * torch.sigmoid(logits)
 
     def position_weights(self, predictions, labels, mask, context, step):

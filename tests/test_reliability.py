@@ -82,7 +82,7 @@ def test_a_resumed_run_trains_with_the_learning_rates_it_is_given(ratings_file, 
     capsys.readouterr()
     resumed = run(changed)
     err = capsys.readouterr().err
-    assert "outer_lr=0.001 (now 0.0005)" in err and "lstm_lr=0.1 (now 0.05)" in err
+    assert "outer_lr=0.001 (now 0.0005)" in err and "lstm_lr=0.01 (now 0.05)" in err
     assert "will not equal one that was never stopped" in err
     # at the end of the schedule: the new floors, recorded as such
     assert [g["lr"] for g in resumed.optimizer.param_groups][0:3:2] == pytest.approx([2e-4, 0.02])
