@@ -28,6 +28,7 @@ import metrics
 import options
 import train_original
 from options import MeloError
+from runtime import write_atomic
 
 # name: (what it is, its flags). Every variant gets the shared flags first, so its own flags win.
 VARIANTS = {
@@ -277,9 +278,7 @@ def main(argv=None):
     folder = os.path.join(known.results_dir, known.mode, known.model)
     path = os.path.join(folder, "ablation.md")
     os.makedirs(folder, exist_ok=True)
-    with open(path + ".tmp", "w") as handle:
-        handle.write(text)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda out: out.write(text), binary=False)
     metrics.write_json_atomic({"argv": argv, "variants": summary}, os.path.join(folder, "ablation.json"))
     print(f"table written to {path}")
     return text, summary
