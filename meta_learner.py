@@ -197,12 +197,16 @@ class MetaLearner(nn.Module):
 
         def weights_of_task(params, support, context, query):
             items, labels, mask = support
+
+            def loss_and_weights(current, step):  # one forward gives the step's loss and its weights
+                predictions = functional_call(self.backbone, current, (items,))
+                return (self.inner_loss(predictions, labels, mask, context, step),
+                        self.inner_loss.position_weights(predictions, labels, mask, context, step))
+
             weights = []
             for step in range(self.num_inner_steps):
-                predictions = functional_call(self.backbone, params, (items,))
-                weights.append(self.inner_loss.position_weights(predictions, labels, mask, context, step))
-                grads = grad(lambda current: self.inner_loss(
-                    functional_call(self.backbone, current, (items,)), labels, mask, context, step))(params)
+                grads, step_weights = grad(loss_and_weights, has_aux=True)(params, step)
+                weights.append(step_weights)
                 params = self.lslr.update(params, grads, step)
             return torch.stack(weights)
 

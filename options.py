@@ -209,7 +209,7 @@ def build_parser():
     add("--loss_lr", type=non_negative_float, default=1e-3, help="Adam lr of the loss MLP")
     add("--loss_weight_decay", type=non_negative_float, default=0.0, help="weight decay of the loss MLP")
     add("--adaptive_weights", default="normalised", choices=("normalised", "bounded", "unbounded"),
-        help="how the weight network's output z becomes a position's weight: normalised = 2·sigmoid(z) "
+        help="how the weight network's output z becomes a position's weight: normalised = 0.1 + 2·sigmoid(z) "
              "divided by its mean over the task's support positions (the loss moves weight between "
              "positions, the inner rates own the step size); bounded = 2·sigmoid(z) in (0, 2); unbounded = "
              "|1 + z| (the original MELO's |Linear(LSTM state)|)")

@@ -22,12 +22,7 @@ from torch import nn
 #       whole weight onto a handful of positions within 25 iterations (one weight > 300) and diverged.
 #   bounded:    2·sigmoid(z), in (0, 2), per position (this project's earlier form).
 #   unbounded:  |1 + z|, the original MELO's |Linear(LSTM state)|, shifted to start at 1.
-WEIGHT_FORMS = ("normalised", "bounded", "unbounded")
 WEIGHT_FLOOR = 0.1
-# What the weight network reads (--task_state): `static` (the rating sequence only, once per task, before
-# the inner loop) or `per_step` (METAL-style: recomputed at every inner step from the rating-sequence
-# state and, per position, the current prediction, its error and the step).
-TASK_STATES = ("static", "per_step")
 
 
 def masked_mean(values, mask):
@@ -74,9 +69,6 @@ class MSEInnerLoss(nn.Module):
 
     def prepare(self, support_labels, support_mask):
         return {}
-
-    def position_weights(self, predictions, labels, mask, context, step):
-        return None
 
     def forward(self, predictions, labels, mask, context, step):
         return masked_mean((predictions - labels) ** 2, mask)
@@ -151,7 +143,7 @@ class AdaptiveInnerLoss(nn.Module):
       weights from the rating-sequence LSTM (default) or from task statistics (`--use_mlp`);
       `--task_state=per_step`: the LSTM's features plus each position's current prediction, error and the
       step, recomputed at every inner step (METAL-style), instead of once per task;
-      `--adaptive_weights`: how logits become weights (WEIGHT_FORMS above);
+      `--adaptive_weights`: how logits become weights (the forms above);
       `--use_softmax`: weights are a masked softmax over the task's positions (times their count);
       `--use_focal_loss`: each error is scaled by its size relative to the task's mean error;
       `--use_mlp_mean`: a (per-step with `--use_step_loss`) MLP reshapes each weighted error,
