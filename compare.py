@@ -12,8 +12,9 @@ For each seed and backbone it runs, each in a fresh process (`python main.py ...
 * Fine-tune (unless `--finetune_steps_grid=`): the Basic checkpoint tested with SGD steps per test user,
   lr and steps chosen on the validation users from `--finetune_lr_grid` x `--finetune_steps_grid`;
 * MAML (`--use_adaptive_loss=False`) and MELO: `main.py` for `--num_train_iterations` iterations, then
-  `--checkpoint_step=<iterations> --test` (the last checkpoint, holding the best-by-validation weights);
-  with `--pretrained=True` they start from the Basic model's exported item embedding (the original recipe);
+  `--checkpoint_step=<iterations> --test` (the last checkpoint, holding the best-by-validation weights),
+  both started as `--start` says (START_FLAGS): by default from the whole trained Basic model, which then
+  exports its weights;
 * once per seed, each baseline of baselines.py (`main.py --test_baseline --baseline=<name>`).
 
 `--vary` says what a seed changes: `random_seed` (the user split, the tasks, the training order: run k
@@ -56,6 +57,15 @@ METHOD_NAMES = {"mean-rating": "Mean rating", "user-mean": "User mean", "shrunk-
                 "user-item-bias": "User + item bias", "basic": "Basic", "finetune": "Fine-tune", "maml": "MAML",
                 "melo": "MELO"}
 PAIRED = ("maml", "finetune", "basic")  # MELO − each of them, paired on the same test users
+# How MAML and MELO start (--start), as main.py flags given to both, before the passed-through flags (which
+# win). `basic` is the recipe the ablation chose (docs/comparison.md): meta-learn from the fine-tuning
+# baseline's own start, the whole Basic model, with its inner lr (0.1) and, since that model already fits
+# the support items, the outer loss on the held-out target only. `embedding` is the original's recipe.
+START_FLAGS = {"basic": ("--load_pretrained=True", "--inner_lr=0.1", "--query_loss=target"),
+               "embedding": ("--load_pretrained_embedding=True",),
+               "random": ()}
+START_DESCRIPTIONS = {"basic": "the whole Basic model (inner lr 0.1, outer loss on the query target)",
+                      "embedding": "the Basic item embedding", "random": "random weights"}
 # Flags compare.py sets for each run itself: not allowed among the passed-through flags.
 CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "pretrain_log_dir", "log_dir",
               "test", "test_best", "test_baseline", "checkpoint_step", "use_adaptive_loss",
@@ -95,8 +105,10 @@ def build_parser():
              "0 = no Fine-tune row")
     add("--finetune_lr_grid", type=options.comma_list(options.non_negative_float), default="0.01,0.03,0.1,0.3",
         help="Fine-tune row: SGD learning rates chosen from on the validation users")
-    add("--pretrained", type=options.str2bool, default=False,
-        help="the original recipe: Basic exports its weights and MAML / MELO start from its item embedding")
+    add("--start", default="basic", choices=tuple(START_FLAGS),
+        help="how MAML and MELO start: basic = from the whole Basic model, inner lr 0.1, outer loss on the "
+             "query target (--load_pretrained=True --inner_lr=0.1 --query_loss=target); embedding = from "
+             "Basic's item embedding (the original recipe); random = from random weights at main.py's defaults")
     add("--bootstrap", type=options.positive_int, default=2000,
         help="resamples of the test users for the paired 95%% intervals")
     add("--bootstrap_seed", type=int, default=0, help="seed of the bootstrap resampling")
@@ -138,7 +150,7 @@ class Config:
     finetune_lr_grid: list
     root: str               # <results_dir>/<mode>
     extra: list             # passed-through main.py flags
-    pretrained: bool = False
+    start: str = "random"   # a key of START_FLAGS
     vary: str = "random_seed"
     bootstrap: int = 2000
     bootstrap_seed: int = 0
@@ -179,7 +191,7 @@ def parse(argv=None):
     return Config(mode=known.mode, data_path=data_path, models=list(dict.fromkeys(models)), seeds=seeds,
                   iterations=known.num_train_iterations, epochs=known.pretrain_epochs,
                   finetune_steps_grid=known.finetune_steps_grid, finetune_lr_grid=known.finetune_lr_grid,
-                  root=os.path.join(known.results_dir, known.mode), extra=extra, pretrained=known.pretrained,
+                  root=os.path.join(known.results_dir, known.mode), extra=extra, start=known.start,
                   vary=known.vary, bootstrap=known.bootstrap, bootstrap_seed=known.bootstrap_seed,
                   dry_run=known.dry_run, verbose=known.verbose, argv=argv,
                   learned_loss_baseline=defaults.use_learned_loss_baseline)
@@ -189,23 +201,25 @@ def seed_dir(config, seed):
     return os.path.join(config.root, seed.folder)
 
 
-def run_flags(config, seed):
-    """The flags every run of `seed` shares (data, seeds, folders, passed-through flags)."""
+def run_flags(config, seed, own=()):
+    """The flags every run of `seed` shares (data, seeds, folders, passed-through flags), with a run's
+    `own` flags before the passed-through ones, so that those win."""
     folder = seed_dir(config, seed)
     return [f"--mode={config.mode}", f"--data_path={config.data_path}", f"--random_seed={seed.random_seed}",
             f"--model_init_seed={seed.model_init_seed}", f"--checkpoint_dir={os.path.join(folder, 'checkpoints')}",
             f"--pretrain_log_dir={os.path.join(folder, 'pretrained')}",
-            f"--log_dir={os.path.join(folder, 'runs')}", *config.extra]
+            f"--log_dir={os.path.join(folder, 'runs')}", *own, *config.extra]
 
 
 def settings_of(config):
-    args = options.parse_args(run_flags(config, config.seeds[0]))
+    # as the meta-learners resolve them (Basic and the baselines read none of the START_FLAGS)
+    args = options.parse_args(run_flags(config, config.seeds[0], START_FLAGS[config.start]))
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
     settings["data_path"] = os.path.abspath(config.data_path)
     settings["mode"] = config.mode
     # compare.py's own choices that change results (an old settings.json without them is not compared)
     settings.update(finetune_steps_grid=config.finetune_steps_grid, finetune_lr_grid=config.finetune_lr_grid,
-                    pretrained=config.pretrained, vary=config.vary,
+                    start=config.start, vary=config.vary,
                     model_init_seed=config.seeds[0].model_init_seed)
     return settings
 
@@ -217,6 +231,8 @@ def check_settings(config):
     if os.path.exists(path):
         with open(path) as handle:
             saved = json.load(handle)
+        if "start" not in saved and "pretrained" in saved:  # a folder from before --start
+            saved["start"] = "embedding" if saved.pop("pretrained") else "random"
         # Flags only one side knows (the code gained or lost one since) are not compared.
         differing = checkpointing.option_differences(saved, current, sorted(set(saved) & set(current)))
         if differing:
@@ -274,7 +290,7 @@ def plan(config):
             if config.finetune_steps_grid:
                 pieces.append(basic_piece(config, seed, shared, model, finetune=True))
             for method, adaptive in (("maml", "False"), ("melo", "True")):
-                pieces.append(meta_piece(config, seed, shared, model, method, adaptive))
+                pieces.append(meta_piece(config, seed, model, method, adaptive))
     for piece in pieces:
         if os.path.exists(piece.report):
             piece.steps = []
@@ -282,7 +298,7 @@ def plan(config):
 
 
 def basic_piece(config, seed, shared, model, finetune):
-    """Basic (trains if its last checkpoint is missing, exporting its weights with --pretrained, then
+    """Basic (trains if its last checkpoint is missing, exporting its weights unless --start=random, then
     tests) or Fine-tune (tests the Basic checkpoint, which the Basic piece before it trains, with lr and
     steps chosen on validation)."""
     flags = shared + [f"--model={model}", f"--pretrain_epochs={config.epochs}"]
@@ -293,22 +309,23 @@ def basic_piece(config, seed, shared, model, finetune):
     prefix = train_original.run_prefix(args)
     checkpoint = checkpointing.checkpoint_path(args.pretrain_log_dir, prefix, config.epochs)
     if not finetune and not os.path.exists(checkpoint):
-        export = ["--save_pretrained=True"] if config.pretrained else []
+        export = ["--save_pretrained=True"] if START_FLAGS[config.start] else []
         steps.insert(0, training_step("train_original.py", flags + export, args.pretrain_log_dir, prefix,
                                       config.epochs))
     return Piece(seed, model, "finetune" if finetune else "basic", train_original.report_path(args, config.epochs),
                  steps)
 
 
-def meta_piece(config, seed, shared, model, method, adaptive):
-    flags = shared + [f"--model={model}", f"--use_adaptive_loss={adaptive}",
-                      f"--num_train_iterations={config.iterations}"]
+def meta_piece(config, seed, model, method, adaptive):
+    """MAML or MELO, started as --start says (its flags go to the test too: main.py --test reads none of
+    them, but its report then records the run's own settings)."""
+    flags = run_flags(config, seed, START_FLAGS[config.start]) + [
+        f"--model={model}", f"--use_adaptive_loss={adaptive}", f"--num_train_iterations={config.iterations}"]
     args = options.parse_args(flags)
     prefix = meta_main.run_prefix(args)
     steps = [("test", "main.py", flags + [f"--checkpoint_step={config.iterations}", "--test"])]
     if not os.path.exists(checkpointing.checkpoint_path(args.checkpoint_dir, prefix, config.iterations)):
-        start = ["--load_pretrained_embedding=True"] if config.pretrained else []
-        steps.insert(0, training_step("main.py", flags + start, args.checkpoint_dir, prefix, config.iterations))
+        steps.insert(0, training_step("main.py", flags, args.checkpoint_dir, prefix, config.iterations))
     return Piece(seed, model, method, meta_main.report_path(args, prefix, config.iterations), steps)
 
 
@@ -569,7 +586,7 @@ def build_tables(config, reports, predictions=None):
         f"# Comparison on {config.mode}",
         "",
         f"Data `{config.data_path}`; {seeds}{spread}; MAML / MELO: {config.iterations} iterations"
-        f"{', starting from the Basic item embedding' if config.pretrained else ''}, tested at the last "
+        f" from {START_DESCRIPTIONS[config.start]}, tested at the last "
         f"checkpoint with the best-by-validation weights; Basic: {config.epochs} epochs, best-by-validation "
         f"weights (validation {select_by}); {'/'.join(map(str, counts))} test query windows "
         f"({'/'.join(map(str, users)) or '?'} test users) per seed, in stars. Error reduction: "
@@ -630,7 +647,7 @@ def main(argv=None):
     metrics.write_json_atomic({"settings": settings, "seeds": [vars(seed) for seed in config.seeds],
                                "models": config.models, "iterations": config.iterations, "epochs": config.epochs,
                                "finetune_steps_grid": config.finetune_steps_grid,
-                               "finetune_lr_grid": config.finetune_lr_grid, "pretrained": config.pretrained,
+                               "finetune_lr_grid": config.finetune_lr_grid, "start": config.start,
                                "reports": {p.name: p.report for p in pieces}, "cells": summary},
                               os.path.join(config.root, "comparison.json"))
     print(f"table written to {path}, figure to {figure}")

@@ -99,18 +99,20 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
     calls = []
     monkeypatch.setattr(compare, "run_script", in_process(calls))
     command = argv(ratings_file, tmp_path, "--models=gru4rec,narm", "--finetune_steps_grid=0,2",
-                   "--finetune_lr_grid=0.1,0.5", "--pretrained=True", "--select_by=mean_per_rating_rmse",
-                   "--bootstrap=200")
+                   "--finetune_lr_grid=0.1,0.5", "--select_by=mean_per_rating_rmse", "--bootstrap=200")
     text, summary = compare.main(command)
     scripts = [(script, "--test" in a or "--test_baseline" in a) for script, a in calls]
     assert scripts == [("main.py", True)] * 4 + [("train_original.py", False), ("train_original.py", True),
                                                  ("train_original.py", True), ("main.py", False), ("main.py", True),
                                                  ("main.py", False), ("main.py", True)] * 2
     assert all("--random_seed=222" in a and "--select_by=mean_per_rating_rmse" in a for _, a in calls)
-    # --pretrained: Basic exports its weights, MAML and MELO start from its item embedding
+    # --start=basic (the default): Basic exports its weights, MAML and MELO start from the whole model with
+    # the recipe's inner lr and outer loss, at training and in their tests' records alike
     trainings = [a for script, a in calls if "--test" not in a and "--test_baseline" not in a]
     assert ["--save_pretrained=True" in a for a in trainings] == [True, False, False] * 2
-    assert ["--load_pretrained_embedding=True" in a for a in trainings] == [False, True, True] * 2
+    meta_runs = [options.parse_args(a) for script, a in calls if script == "main.py" and "--test_baseline" not in a]
+    assert len(meta_runs) == 8 and all(args.load_pretrained and not args.load_pretrained_embedding and
+                                       args.inner_lr == 0.1 and args.query_loss == "target" for args in meta_runs)
 
     root = tmp_path / "results" / "ml-100k"
     assert (root / "comparison.md").read_text() == text
@@ -240,6 +242,36 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
         assert rmse["per_seed"] == pytest.approx([-gap * scale] * 2) and rmse["melo_lower"] == 2
     assert section_rows(text, "## Paired differences")["MELO − MAML"][1].startswith(
         f"{-0.1 * scale:+.4f} ± 0.0000; lower in 2/2, interval below 0 in ")
+
+
+def test_start_chooses_the_meta_learners_first_weights(ratings_file, tmp_path):
+    def meta_training_args(*extra):
+        config = compare.parse(argv(ratings_file, tmp_path, "--models=gru4rec", *extra))
+        pieces = {piece.method: piece for piece in compare.plan(config)}
+        (_, _, basic_argv), _ = pieces["basic"].steps
+        (_, _, maml_argv), _ = pieces["maml"].steps
+        return options.parse_args(basic_argv), options.parse_args(maml_argv)
+
+    basic, maml = meta_training_args("--start=embedding")
+    assert basic.save_pretrained and maml.load_pretrained_embedding and not maml.load_pretrained
+    assert (maml.inner_lr, maml.query_loss) == (1e-3, "all")  # main.py's defaults
+    basic, maml = meta_training_args("--start=random")
+    assert not (basic.save_pretrained or maml.load_pretrained or maml.load_pretrained_embedding)
+    # the passed-through flags win over the recipe's
+    _, maml = meta_training_args("--inner_lr=0.05")
+    assert maml.load_pretrained and (maml.inner_lr, maml.query_loss) == (0.05, "target")
+
+
+def test_a_folder_from_before_start_keeps_its_recipe(ratings_file, tmp_path):
+    """settings.json written before --start recorded `pretrained`: it reads as start=random (or embedding)
+    and is refused under another start rather than mixed with it."""
+    config = compare.parse(argv(ratings_file, tmp_path, "--start=random"))
+    settings = compare.check_settings(config)
+    settings.pop("start")
+    compare.record_settings(config, {**settings, "pretrained": False})
+    compare.check_settings(config)  # the same recipe: accepted
+    with pytest.raises(options.MeloError, match=r"other settings: .*start='random' \(now 'basic'\)"):
+        compare.check_settings(compare.parse(argv(ratings_file, tmp_path)))
 
 
 def test_seeds_can_vary_the_initial_weights_only(ratings_file, tmp_path):
