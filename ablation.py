@@ -59,15 +59,13 @@ VARIANTS = {
                        "--query_loss=all"]),
     "melo-pretrained": ("MELO from Basic's item embedding",
                         ["--use_adaptive_loss=True", "--load_pretrained_embedding=True"]),
-    # The recipe of the fine-tuning baseline, meta-learned: start from the whole trained Basic model, inner
-    # rates from Fine-tune's lr, and (since the backbone already fits the support items) the outer loss
-    # on the held-out target only.
+    # The recipe of the fine-tuning baseline, meta-learned (compare.py's default --start=basic): start from
+    # the whole trained Basic model, inner rates from Fine-tune's lr, and (since the backbone already fits
+    # the support items) the outer loss on the held-out target only.
     "maml-ft-start": ("MAML++ from the whole Basic model, inner lr 0.1, query target",
-                      ["--use_adaptive_loss=False", "--query_loss=target", "--load_pretrained=True",
-                       "--inner_lr=0.1"]),
+                      ["--use_adaptive_loss=False", *compare.START_FLAGS["basic"]]),
     "melo-ft-start": ("MELO from the whole Basic model, inner lr 0.1, query target",
-                      ["--use_adaptive_loss=True", "--query_loss=target", "--load_pretrained=True",
-                       "--inner_lr=0.1"]),
+                      ["--use_adaptive_loss=True", *compare.START_FLAGS["basic"]]),
 }
 # Set by this script for each run; not allowed among the shared flags.
 CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "log_dir",
