@@ -72,9 +72,9 @@ CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "pr
               "num_train_iterations", "pretrain_epochs", "finetune_steps", "save_pretrained",
               "load_pretrained", "load_pretrained_embedding", "model_init_seed", "baseline",
               "finetune_steps_grid", "finetune_lr_grid", "finetune_lr")
-# Options that name the result files themselves, change nothing, or change the numbers only at rounding
-# level (the thread count and the device reorder float sums): left out of the settings record, so that a
-# results folder can be finished on another machine. (Not --task_chunk: with dropout, chunks draw the
+# Options that name the result files themselves, change nothing, or change only the order of float sums
+# (the thread count, the device: rounding that training can grow into small differences): left out of
+# the settings record, so that a results folder can be finished on another machine. (Not --task_chunk: with dropout, chunks draw the
 # masks in another order.)
 NOT_SETTINGS = CONTROLLED + ("data_path_given", "data_dir", "device", "num_threads", "keep_freed_memory",
                              "overwrite")
