@@ -64,8 +64,8 @@ PAIRED = ("maml", "finetune", "basic")  # MELO − each of them, paired on the s
 START_FLAGS = {"basic": ("--load_pretrained=True", "--inner_lr=0.1", "--query_loss=target"),
                "embedding": ("--load_pretrained_embedding=True",),
                "random": ()}
-START_DESCRIPTIONS = {"basic": "the whole Basic model (inner lr 0.1, outer loss on the query target)",
-                      "embedding": "the Basic item embedding", "random": "random weights"}
+START_DESCRIPTIONS = {"basic": "the whole Basic model", "embedding": "the Basic item embedding",
+                      "random": "random weights"}
 # Flags compare.py sets for each run itself: not allowed among the passed-through flags.
 CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "pretrain_log_dir", "log_dir",
               "test", "test_best", "test_baseline", "checkpoint_step", "use_adaptive_loss",
@@ -583,11 +583,14 @@ def build_tables(config, reports, predictions=None):
     seeds = ("seeds " if len(config.seeds) > 1 else "seed ") + ", ".join(seed.label for seed in config.seeds)
     spread = " (mean ± standard deviation over seeds)" if len(config.seeds) > 1 else ""
     select_by = options.parse_args(run_flags(config, config.seeds[0])).select_by
+    meta_args = options.parse_args(run_flags(config, config.seeds[0], START_FLAGS[config.start]))
+    outer_loss = "the query target" if meta_args.query_loss == "target" else "every query position"
     intro = [
         f"# Comparison on {config.mode}",
         "",
         f"Data `{config.data_path}`; {seeds}{spread}; MAML / MELO: {config.iterations} iterations"
-        f" from {START_DESCRIPTIONS[config.start]}, tested at the last "
+        f" from {START_DESCRIPTIONS[config.start]} (inner lr {meta_args.inner_lr:g}, outer loss on {outer_loss}), "
+        "tested at the last "
         f"checkpoint with the best-by-validation weights; Basic: {config.epochs} epochs, best-by-validation "
         f"weights (validation {select_by}); {'/'.join(map(str, counts))} test query windows "
         f"({'/'.join(map(str, users)) or '?'} test users) per seed, in stars. Error reduction: "
