@@ -443,16 +443,16 @@ def cell(values, percent=False, seeds=None):
 
 
 def paired_cell(results):
-    """One seed: `difference [low, high]`; several: mean ± std of the differences, in how many seeds MELO
-    is lower, and in how many its interval lies below 0."""
+    """One seed: `difference [low, high]`; several: the mean of the differences with its 95% t interval
+    over the seeds, in how many seeds MELO is lower, and in how many its own interval lies below 0."""
     differences = [r["difference"] for r in results]
     if len(results) == 1:
         r = results[0]
         return f"{r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
-    mean, std = mean_std(differences)
+    mean, low, high = metrics.seed_interval(differences)
     below = sum(r["high"] < 0 for r in results)
-    return (f"{mean:+.4f} ± {std:.4f}; lower in {sum(d < 0 for d in differences)}/{len(results)}, "
-            f"interval below 0 in {below}/{len(results)}")
+    return (f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] over seeds; lower in {sum(d < 0 for d in differences)}/"
+            f"{len(results)}, interval below 0 in {below}/{len(results)}")
 
 
 def summary_of(values):
@@ -573,8 +573,10 @@ def build_tables(config, reports, predictions=None):
                     per_seed = [r[key] for r in results]
                     row.append(paired_cell(per_seed))
                     differences = [r["difference"] for r in per_seed]
+                    over_seeds = metrics.seed_interval(differences)
                     summary["paired"].setdefault(model, {}).setdefault(f"melo_minus_{other}", {})[key] = {
                         **summary_of(differences), "intervals": per_seed,
+                        "seed_interval": None if over_seeds is None else list(over_seeds[1:]),
                         "melo_lower": sum(d < 0 for d in differences)}
             paired.append("| " + " | ".join(row) + " |")
 

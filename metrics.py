@@ -211,6 +211,31 @@ def paired_bootstrap(squared_a, squared_b, windows, ratings, resamples=1000, see
             for key, point, spread in zip(("rmse", "mean_per_rating_rmse"), difference(everyone), difference(weights))}
 
 
+# Student's t 97.5% quantiles for 1..30 degrees of freedom (numpy has no t distribution, and scipy is not
+# a dependency); beyond 30 the Cornish-Fisher expansion z + (z^3 + z) / (4 df) is within 0.004 of them.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_quantile_975(degrees_of_freedom):
+    if degrees_of_freedom <= len(T_975):
+        return T_975[degrees_of_freedom - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * degrees_of_freedom)
+
+
+def seed_interval(values):
+    """The mean of per-seed values (differences of two methods, say) with its 95% t interval, which
+    treats the seeds as independent draws: (mean, low, high); None for fewer than two values."""
+    values = np.asarray(values, np.float64)
+    if len(values) < 2:
+        return None
+    mean = float(values.mean())
+    half = t_quantile_975(len(values) - 1) * float(values.std(ddof=1)) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
 def write_json_atomic(data, path):
     """Write JSON all at once (`runtime.write_atomic`): never a half-written report, and never a NaN token
     (standard JSON has none)."""

@@ -241,8 +241,10 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
     for other, gap in (("maml", 0.1), ("basic", 0.2)):
         rmse = paired[f"melo_minus_{other}"]["rmse"]
         assert rmse["per_seed"] == pytest.approx([-gap * scale] * 2) and rmse["melo_lower"] == 2
+    gap = -0.1 * scale  # the same in both seeds: the interval over seeds has no width
     assert section_rows(text, "## Paired differences")["MELO − MAML"][1].startswith(
-        f"{-0.1 * scale:+.4f} ± 0.0000; lower in 2/2, interval below 0 in ")
+        f"{gap:+.4f} [{gap:+.4f}, {gap:+.4f}] over seeds; lower in 2/2, interval below 0 in ")
+    assert paired["melo_minus_maml"]["rmse"]["seed_interval"] == pytest.approx([gap, gap])
 
 
 def test_start_chooses_the_meta_learners_first_weights(ratings_file, tmp_path):
@@ -383,3 +385,18 @@ def test_paired_bootstrap_covers_a_known_gap_and_is_reproducible():
     a, b, windows, _ = data
     assert first["rmse"]["difference"] == pytest.approx(math.sqrt(a.sum() / windows.sum()) -
                                                         math.sqrt(b.sum() / windows.sum()))
+
+
+def test_the_interval_over_seeds_is_students_t():
+    """Five values 1..5: mean 3, standard deviation sqrt(2.5), t(4) = 2.776. Over many sets of five normal
+    draws the interval covers the true mean about 95% of the time (the normal quantile 1.96 instead of t's
+    would cover about 88%)."""
+    mean, low, high = metrics.seed_interval([1, 2, 3, 4, 5])
+    half = 2.776 * math.sqrt(2.5) / math.sqrt(5)
+    assert (mean, low, high) == pytest.approx((3, 3 - half, 3 + half))
+    assert metrics.seed_interval([0.5]) is None
+    assert metrics.t_quantile_975(60) == pytest.approx(2.000, abs=0.002)  # the expansion beyond the table
+    rng = np.random.default_rng(0)
+    covered = [low <= 0.3 <= high for _, low, high in
+               (metrics.seed_interval(rng.normal(0.3, 2.0, 5)) for _ in range(4000))]
+    assert 0.935 < np.mean(covered) < 0.965
