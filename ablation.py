@@ -246,7 +246,9 @@ def build_table(known, variants, runs, argv):
             values[f"weight_{rating}"] = [r.get("adaptive_weight_by_rating", {}).get(rating) for r in found]
         summary[name] = {key: {"per_seed": vals, "mean": compare.mean_std(vals)[0], "std": compare.mean_std(vals)[1]}
                          for key, vals in values.items()}
-        lines.append(f"| {name} | {description} | " + " | ".join(compare.cell(v) for v in values.values()) + " |")
+        # a | inside a cell (the unbounded form's |1 + z|, a --define's flags) would end it
+        cells = [name.replace("|", "\\|"), description.replace("|", "\\|")] + [compare.cell(v) for v in values.values()]
+        lines.append("| " + " | ".join(cells) + " |")
     seeds = ", ".join(str(known.random_seed + k) for k in range(known.seeds))
     counts = sorted({r["count"] for rs in reports.values() for r in rs})
     intro = [f"# Ablation: {known.model} on {known.mode}", "",

@@ -1,6 +1,7 @@
 """ablation.py: every variant trained and tested on the same data and seeds, the table from its reports,
 reuse of finished runs, pretraining once per seed, refusals."""
 import json
+import re
 
 import pytest
 
@@ -24,13 +25,15 @@ def argv(ratings_file, tmp_path, *extra):
 def test_ablation_trains_every_variant_and_tabulates_its_reports(ratings_file, tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(compare, "run_script", in_process(calls))
-    flags = argv(ratings_file, tmp_path, "--variants=maml,melo-bounded,melo-pretrained,maml-pretrained,melo-step",
+    flags = argv(ratings_file, tmp_path,
+                 "--variants=maml,melo-bounded,melo-unbounded,melo-pretrained,maml-pretrained,melo-step",
                  "--define", "melo-step=--use_adaptive_loss=True --task_state=per_step --query_loss=target")
     text, summary = ablation.main(flags)
     scripts = [script for script, _ in calls]
     assert scripts.count("train_original.py") == 1  # the pretrained export, once for the seed
-    assert scripts.count("main.py") == 2 * 5       # train and test of each variant
-    assert list(summary) == ["maml", "melo-bounded", "melo-pretrained", "maml-pretrained", "melo-step"]
+    assert scripts.count("main.py") == 2 * 6       # train and test of each variant
+    assert list(summary) == ["maml", "melo-bounded", "melo-unbounded", "melo-pretrained", "maml-pretrained",
+                             "melo-step"]
     for name, cells in summary.items():
         report_path = next(run.report for run in ablation.plan(*ablation.parse(flags)) if run.name == name)
         report = json.loads(open(report_path).read())
@@ -44,6 +47,9 @@ def test_ablation_trains_every_variant_and_tabulates_its_reports(ratings_file, t
         else:
             assert all(cells[k]["mean"] == pytest.approx(report["adaptive_weight_by_rating"][k[7:]]) for k in weights)
     assert "| melo-step | defined on the command line |" in text
+    # every row has the header's cells: the unbounded form's "|1 + z|" is escaped, not a cell border
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len({len(re.findall(r"(?<!\\)\|", line)) for line in rows}) == 1 and len(rows) == 1 + 6
     assert (tmp_path / "results" / "ml-100k" / "gru4rec" / "ablation.md").read_text() == text
     # a second call finds every report and runs nothing
     monkeypatch.setattr(compare, "run_script", no_runs)
