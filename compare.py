@@ -74,8 +74,8 @@ CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "pr
               "finetune_steps_grid", "finetune_lr_grid", "finetune_lr")
 # Options that name the result files themselves, change nothing, or change only the order of float sums
 # (the thread count, the device: rounding that training can grow into small differences): left out of
-# the settings record, so that a results folder can be finished on another machine. (Not --task_chunk: with dropout, chunks draw the
-# masks in another order.)
+# the settings record, so that a results folder can be finished on another machine. (Not --task_chunk:
+# with dropout, chunks draw the masks in another order.)
 NOT_SETTINGS = CONTROLLED + ("data_path_given", "data_dir", "device", "num_threads", "keep_freed_memory",
                              "overwrite")
 
@@ -151,7 +151,7 @@ class Config:
     finetune_lr_grid: list
     root: str               # <results_dir>/<mode>
     extra: list             # passed-through main.py flags
-    start: str = "random"   # a key of START_FLAGS
+    start: str = "basic"    # a key of START_FLAGS
     vary: str = "random_seed"
     bootstrap: int = 2000
     bootstrap_seed: int = 0
@@ -318,8 +318,8 @@ def basic_piece(config, seed, shared, model, finetune):
 
 
 def meta_piece(config, seed, model, method, adaptive):
-    """MAML or MELO, started as --start says (its flags go to the test too: main.py --test reads none of
-    them, but its report then records the run's own settings)."""
+    """MAML or MELO, started as --start says (the test gets the same flags, which it does not read, so
+    that each test command is its training command plus --checkpoint_step and --test)."""
     flags = run_flags(config, seed, START_FLAGS[config.start]) + [
         f"--model={model}", f"--use_adaptive_loss={adaptive}", f"--num_train_iterations={config.iterations}"]
     args = options.parse_args(flags)
