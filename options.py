@@ -208,10 +208,11 @@ def build_parser():
     add("--loss_num_layers", type=positive_int, default=2, help="layers of the loss MLP")
     add("--loss_lr", type=non_negative_float, default=1e-3, help="Adam lr of the loss MLP")
     add("--loss_weight_decay", type=non_negative_float, default=0.0, help="weight decay of the loss MLP")
-    add("--adaptive_weights", default="normalised", choices=("normalised", "bounded", "unbounded"),
+    add("--adaptive_weights", default="normalised", choices=("normalised", "centred", "bounded", "unbounded"),
         help="how the weight network's output z becomes a position's weight: normalised = 0.1 + 2·sigmoid(z) "
              "divided by its mean over the task's support positions (the loss moves weight between "
-             "positions, the inner rates own the step size); bounded = 2·sigmoid(z) in (0, 2); unbounded = "
+             "positions, the inner rates own the step size); centred = the same of z minus its task mean "
+             "(the logits cannot all saturate together); bounded = 2·sigmoid(z) in (0, 2); unbounded = "
              "|1 + z| (the original MELO's |Linear(LSTM state)|)")
     add("--task_state", default="static", choices=("static", "per_step"),
         help="what the weight network reads: static = the user's rating sequence, once per task; per_step "

@@ -20,6 +20,10 @@ from torch import nn
 #       are not identifiable, and on real data all drifted to their ceiling (a constant step multiplier).
 #       The floor bounds the ratio of two weights (at most 21): without it, the outer loop piled a task's
 #       whole weight onto a handful of positions within 25 iterations (one weight > 300) and diverged.
+#   centred:    normalised, from z minus its task mean. After the normalisation only differences between
+#       a task's logits matter, but their common part can still drift: in one amazon-like GRU4Rec seed every
+#       logit fell below -14, every sigmoid saturated at the floor, the weights locked at exactly 1 and the
+#       gradient vanished (a dead loss network). Centring removes that common part.
 #   bounded:    2·sigmoid(z), in (0, 2), per position (this project's earlier form).
 #   unbounded:  |1 + z|, the original MELO's |Linear(LSTM state)|, shifted to start at 1.
 WEIGHT_FLOOR = 0.1
@@ -30,13 +34,18 @@ def masked_mean(values, mask):
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def task_mean(values, mask):
+    """The mean of `values` [.., S, L] over the real positions of the last two dims (one task's support
+    set), shaped [.., 1, 1]."""
+    mask = mask.to(values.dtype)
+    dims = (values.dim() - 2, values.dim() - 1)
+    return (values * mask).sum(dims, keepdim=True) / mask.sum(dims, keepdim=True).clamp_min(1.0)
+
+
 def normalise_over_task(raw, mask):
-    """`raw` [.., S, L] divided by its mean over the real positions of the last two dims (one task's
-    support set): mean exactly 1 over them, whatever the task's size."""
-    mask = mask.to(raw.dtype)
-    dims = (raw.dim() - 2, raw.dim() - 1)
-    mean = (raw * mask).sum(dims, keepdim=True) / mask.sum(dims, keepdim=True).clamp_min(1.0)
-    return raw / mean.clamp_min(torch.finfo(raw.dtype).tiny)
+    """`raw` [.., S, L] divided by its mean over the task's real positions: mean exactly 1 over them,
+    whatever the task's size."""
+    return raw / task_mean(raw, mask).clamp_min(torch.finfo(raw.dtype).tiny)
 
 
 def rating_bucket_ids(labels, mask, max_rating):
@@ -198,7 +207,9 @@ class AdaptiveInnerLoss(nn.Module):
             return flat * mask.sum(dims, keepdim=True).to(logits.dtype)
         if self.weight_form == "unbounded":
             return (1.0 + logits).abs()
-        if self.weight_form == "normalised":
+        if self.weight_form in ("normalised", "centred"):
+            if self.weight_form == "centred":
+                logits = logits - task_mean(logits, mask)
             # scaled so that the neutral start is exactly 1 before the mean (x / x == 1 in floating point):
             # then every weight starts at exactly 1 and MELO's first steps are MAML++'s to the bit
             raw = (WEIGHT_FLOOR + 2.0 * torch.sigmoid(logits)) / (WEIGHT_FLOOR + 1.0)

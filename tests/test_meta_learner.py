@@ -211,7 +211,7 @@ def perturbed(learner, seed=0):
     return learner
 
 
-@pytest.mark.parametrize("flags", [[], ["--task_state=per_step"], ["--use_mlp=True"]])
+@pytest.mark.parametrize("flags", [[], ["--task_state=per_step"], ["--use_mlp=True"], ["--adaptive_weights=centred"]])
 def test_normalised_weights_have_mean_one_over_each_tasks_real_positions(flags):
     learner = perturbed(make_learner("gru4rec", "--adaptive_weights=normalised", *flags))
     batch = random_batch(num_tasks=4)
@@ -237,7 +237,16 @@ def test_weight_forms_at_the_neutral_start_and_off_it():
     raw = 0.1 + 2 * torch.sigmoid(logits)
     expected = raw / raw[:, :2].mean()
     assert torch.allclose(normalised._weights(logits, mask), expected)
-    for form in ("bounded", "unbounded", "normalised"):  # every form starts with every weight 1
+    # centred: only differences between a task's logits count, so a common shift (even one that saturates
+    # every sigmoid, where normalised weights all become 1) changes nothing
+    centred = make_learner("gru4rec", "--adaptive_weights=centred").inner_loss
+    raw = 0.1 + 2 * torch.sigmoid(torch.tensor([[-1.5, 1.5]]))  # -3 and 0, centred on the real positions
+    for shift in (0.0, -30.0, 30.0):
+        found = centred._weights(logits + shift, mask)
+        assert torch.allclose(found[:, :2], raw / raw.mean(), atol=1e-6), shift
+    assert torch.allclose(normalised._weights(logits - 30.0, mask)[:, :2], torch.ones(1, 2))  # saturated
+    assert not torch.allclose(centred._weights(logits - 1.5, mask), normalised._weights(logits - 1.5, mask))
+    for form in ("bounded", "unbounded", "normalised", "centred"):  # every form starts with every weight 1
         weights, _, _ = make_learner("sasrec", f"--adaptive_weights={form}").support_weights(batch)
         assert torch.equal(weights, torch.ones_like(weights)), form
 
