@@ -50,6 +50,7 @@ import metrics
 import options
 import train_original
 from options import MeloError
+from runtime import write_atomic
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DISPLAY = {"bert4rec": "BERT4Rec", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "narm": "NARM"}
@@ -584,8 +585,8 @@ def build_tables(config, reports, predictions=None):
     users = sorted({r["per_user"]["count"] for rs in reports.values() for r in rs if "per_user" in r})
     seeds = ("seeds " if len(config.seeds) > 1 else "seed ") + ", ".join(seed.label for seed in config.seeds)
     spread = " (mean ± standard deviation over seeds)" if len(config.seeds) > 1 else ""
-    select_by = options.parse_args(run_flags(config, config.seeds[0])).select_by
     meta_args = options.parse_args(run_flags(config, config.seeds[0], START_FLAGS[config.start]))
+    select_by = meta_args.select_by  # shared by every run: the START_FLAGS do not set it
     outer_loss = "the query target" if meta_args.query_loss == "target" else "every query position"
     intro = [
         f"# Comparison on {config.mode}",
@@ -616,12 +617,6 @@ def build_tables(config, reports, predictions=None):
     return "\n".join(text) + "\n", summary
 
 
-def write_text_atomic(text, path):
-    with open(path + ".tmp", "w") as handle:
-        handle.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None):
     config = parse(argv)
     pieces = plan(config)
@@ -647,7 +642,7 @@ def main(argv=None):
     print(text)
     os.makedirs(config.root, exist_ok=True)
     path = os.path.join(config.root, "comparison.md")
-    write_text_atomic(text, path)
+    write_atomic(path, lambda out: out.write(text), binary=False)
     figure = figures.comparison_figure(figure_reports(config, reports), os.path.join(config.root, "comparison.png"),
                                        dashed=[METHOD_NAMES[name] for name in baselines.BASELINES])
     metrics.write_json_atomic({"settings": settings, "seeds": [vars(seed) for seed in config.seeds],
