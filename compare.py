@@ -592,8 +592,8 @@ def build_tables(config, reports, predictions=None):
         f"# Comparison on {config.mode}",
         "",
         f"Data `{config.data_path}`; {seeds}{spread}; MAML / MELO: {config.iterations} iterations"
-        f" from {START_DESCRIPTIONS[config.start]} (inner lr {meta_args.inner_lr:g}, outer loss on {outer_loss}), "
-        "tested at the last "
+        f" from {START_DESCRIPTIONS[config.start]} (inner lr {meta_args.inner_lr:g}, outer loss on {outer_loss}; "
+        f"MELO's weights {meta_args.adaptive_weights}, task state {meta_args.task_state}), tested at the last "
         f"checkpoint with the best-by-validation weights; Basic: {config.epochs} epochs, best-by-validation "
         f"weights (validation {select_by}); {'/'.join(map(str, counts))} test query windows "
         f"({'/'.join(map(str, users)) or '?'} test users) per seed, in stars. Error reduction: "

@@ -111,7 +111,8 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
     trainings = [a for script, a in calls if "--test" not in a and "--test_baseline" not in a]
     assert ["--save_pretrained=True" in a for a in trainings] == [True, False, False] * 2
     meta_runs = [options.parse_args(a) for script, a in calls if script == "main.py" and "--test_baseline" not in a]
-    assert "from the whole Basic model (inner lr 0.1, outer loss on the query target)" in text
+    assert ("from the whole Basic model (inner lr 0.1, outer loss on the query target; MELO's weights "
+            f"{options.parse_args([]).adaptive_weights}, task state static)") in text
     assert len(meta_runs) == 8 and all(args.load_pretrained and not args.load_pretrained_embedding and
                                        args.inner_lr == 0.1 and args.query_loss == "target" for args in meta_runs)
 
