@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from inner_loop_optimizers import LSLRGradientDescent
-from models.loss_networks import masked_mean
+from models.loss_networks import POSITION_FACTOR, masked_mean, task_mean
 
 EMBEDDING = "item_embedding.weight"
 
@@ -146,10 +146,12 @@ class MetaLearner(nn.Module):
         return self._vmap_tasks(batch, lambda params, support, context, query: self._adapt_task(
             params, support, context, query, scored_steps, first_order))
 
-    def _vmap_tasks(self, batch, task_function):
+    def _vmap_tasks(self, batch, task_function, extra_context=None):
         """`task_function(params, support, context, query)` of every task of `batch`, vmapped, each task
-        on a small item table that holds only its own items (ids remapped into it)."""
+        on a small item table that holds only its own items (ids remapped into it); `extra_context`:
+        more per-task tensors [T, ...] for the inner loss."""
         support, context, query = self._prepare(batch)
+        context = {**context, **(extra_context or {})}
         windows = torch.cat([support[0].flatten(1), query[0].flatten(1)], dim=1)
         local_ids, remapped = local_item_tables(windows)
         split = support[0][0].numel()
@@ -213,6 +215,54 @@ class MetaLearner(nn.Module):
         with torch.no_grad():
             weights = self._vmap_tasks(batch, weights_of_task)
         return weights, batch.support_ratings, batch.support_items != 0
+
+
+    def query_gradient_of_weights(self, batch):
+        """What re-weighting the outer loss would reward, for MAML++ as for MELO: per support position, the
+        derivative of the task's outer loss (its query loss after the last inner step, in stars²) with
+        respect to a factor on that position's weight, at 1, centred over the task's real positions
+        (only a redistribution, the mean weight kept, can change anything that the learned inner rates
+        do not). [T, S, L], zero at padding; second order through the inner loop, no parameter
+        gradient is kept. Negative where more weight on that position would lower the query loss."""
+        mask = batch.support_items != 0
+        factor = torch.ones(mask.shape, dtype=self.backbone.item_embedding.weight.dtype, device=mask.device,
+                            requires_grad=True)
+        last = (self.num_inner_steps - 1,)
+        with torch.enable_grad():
+            losses, _ = self._vmap_tasks(batch, lambda params, support, context, query: self._adapt_task(
+                params, support, context, query, last, first_order=False), {POSITION_FACTOR: factor})
+            gradient, = torch.autograd.grad(losses.sum() * self.max_rating ** 2, factor)
+        return torch.where(mask, gradient - task_mean(gradient, mask), torch.zeros_like(gradient))
+
+
+def query_gradient_by_rating(gradients, stars, mask, max_rating):
+    """Per task and half-star rating bucket, the query gradient of moving weight onto that rating's
+    support positions (the sum of their centred gradients: the derivative of the task's query loss when
+    each of them gains weight ε and the others lose it evenly) and whether the task has the rating:
+    float64 [T, buckets, 2], to be put together over batches (and ranks) before `summarise_query_gradients`."""
+    buckets = torch.round(stars * 2).long()
+    found = torch.zeros(gradients.shape[0], int(round(2 * max_rating)) + 1, 2, dtype=torch.float64,
+                        device=gradients.device)
+    found[..., 0].scatter_add_(1, buckets.flatten(1), (gradients * mask).flatten(1).double())
+    found[..., 1].scatter_add_(1, buckets.flatten(1), mask.flatten(1).double())
+    found[..., 1] = (found[..., 1] > 0).double()
+    return found
+
+
+def summarise_query_gradients(found):
+    """{rating: {mean, t, helped, users}} over the tasks that have the rating: the mean derivative, its
+    t statistic (mean / standard error over tasks) and the share of tasks where more weight on the rating
+    lowers the query loss; from `query_gradient_by_rating` of every task."""
+    summary = {}
+    for bucket in range(found.shape[1]):
+        values = found[found[:, bucket, 1] > 0, bucket, 0]
+        if len(values) == 0:
+            continue
+        error = values.std().item() / len(values) ** 0.5 if len(values) > 1 else 0.0
+        mean = values.mean().item()
+        summary[f"{bucket / 2:g}"] = {"mean": mean, "t": mean / error if error > 0 else None,  # JSON: no nan
+                                      "helped": (values < 0).double().mean().item(), "users": len(values)}
+    return summary
 
 
 def weight_sums_by_rating(weights, stars, mask, max_rating):

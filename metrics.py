@@ -111,6 +111,11 @@ def format_report(report, title):
     if "adaptive_weight_by_rating" in report:
         lines.append("  adaptive loss weight by support rating (mean over inner steps): " + ", ".join(
             f"{rating}: {weight:.3f}" for rating, weight in report["adaptive_weight_by_rating"].items()))
+    if "query_gradient_by_rating" in report:
+        lines.append("  query-loss gradient of more weight on a support rating, t over users (share of users it "
+                     "helps): " + ", ".join(
+                         f"{rating}: {'–' if row['t'] is None else format(row['t'], '+.1f')} ({row['helped']:.0%})"
+                         for rating, row in report["query_gradient_by_rating"].items()))
     return "\n".join(lines)
 
 

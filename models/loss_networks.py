@@ -27,6 +27,9 @@ from torch import nn
 #   bounded:    2·sigmoid(z), in (0, 2), per position (this project's earlier form).
 #   unbounded:  |1 + z|, the original MELO's |Linear(LSTM state)|, shifted to start at 1.
 WEIGHT_FLOOR = 0.1
+# A context entry [S, L] that multiplies each position's (weighted) error, only ever 1: it exists so that
+# the query loss can be differentiated with respect to it (MetaLearner.query_gradient_of_weights).
+POSITION_FACTOR = "position_factor"
 
 
 def masked_mean(values, mask):
@@ -80,7 +83,8 @@ class MSEInnerLoss(nn.Module):
         return {}
 
     def forward(self, predictions, labels, mask, context, step):
-        return masked_mean((predictions - labels) ** 2, mask)
+        errors = (predictions - labels) ** 2
+        return masked_mean(errors * context[POSITION_FACTOR] if POSITION_FACTOR in context else errors, mask)
 
 
 class RatingSequenceEncoder(nn.Module):
@@ -234,6 +238,8 @@ class AdaptiveInnerLoss(nn.Module):
     def forward(self, predictions, labels, mask, context, step):
         errors = (predictions - labels) ** 2
         weighted = self.position_weights(predictions, labels, mask, context, step) * errors
+        if POSITION_FACTOR in context:
+            weighted = weighted * context[POSITION_FACTOR]
         if self.use_focal_loss:
             weighted = weighted * errors / masked_mean(errors, mask).clamp_min(1e-12)
         if self.loss_mlps is not None:

@@ -387,6 +387,11 @@ def test_melo_reports_its_weight_per_rating_and_maml_does_not(ratings_file, tmp_
         run(argv)
         report = run(argv + ["--checkpoint_step=4", "--test"])
         printed = capsys.readouterr().out
+        # both meta-learners: which support ratings the query loss would weight up (t over the test users)
+        gradients = report["query_gradient_by_rating"]
+        assert set(gradients) <= set(report["per_rating"]) | {f"{v / 2:g}" for v in range(1, 11)}
+        assert all(0 <= row["helped"] <= 1 and row["users"] >= 1 for row in gradients.values())
+        assert any(row["mean"] != 0 for row in gradients.values()) and "query-loss gradient" in printed
         if adaptive == "False":
             assert "adaptive_weight_by_rating" not in report and "adaptive loss weight" not in printed
             continue

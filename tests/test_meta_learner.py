@@ -8,8 +8,9 @@ import torch
 
 import options
 from inner_loop_optimizers import LSLRGradientDescent
-from meta_learner import build_meta_learner, last_step_weights, local_item_tables, multi_step_loss_weights
-from models.loss_networks import AdaptiveInnerLoss, MSEInnerLoss
+from meta_learner import (build_meta_learner, last_step_weights, local_item_tables, multi_step_loss_weights,
+                          query_gradient_by_rating, summarise_query_gradients)
+from models.loss_networks import POSITION_FACTOR, AdaptiveInnerLoss, MSEInnerLoss
 
 NUM_ITEMS = 40
 BACKBONES = ["bert4rec", "sasrec", "gru4rec", "narm"]
@@ -279,3 +280,48 @@ def test_query_loss_target_scores_only_the_last_position():
     _, predictions = target.run_tasks(batch, (2,))
     expected = ((predictions - batch.query_ratings[..., -1] / 5) ** 2).mean(1)
     assert torch.allclose(target.task_losses(batch, weights), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("adaptive", ["False", "True"])
+def test_query_gradient_of_weights_matches_finite_differences(float64, adaptive):
+    """The report's query_gradient_by_rating: the derivative of a task's query loss (stars²) when its
+    positions of one rating gain weight and all lose it evenly, second order through the inner loop."""
+    learner = make_learner("gru4rec", "--num_inner_steps=2", f"--use_adaptive_loss={adaptive}").to(DEVICE)
+    if adaptive == "True":
+        perturbed(learner)
+    batch = on_device(random_batch(num_tasks=2))
+    mask = batch.support_items != 0
+    gradients = learner.query_gradient_of_weights(batch)
+    assert torch.all(gradients[~mask] == 0)
+    assert torch.allclose(gradients.sum((1, 2)), torch.zeros(2, dtype=gradients.dtype, device=DEVICE), atol=1e-12)
+    found = query_gradient_by_rating(gradients, batch.support_ratings, mask, 5.0)
+
+    def query_losses(factor):
+        losses, _ = learner._vmap_tasks(batch, lambda params, support, context, query: learner._adapt_task(
+            params, support, context, query, (1,), first_order=False), {POSITION_FACTOR: factor})
+        return losses.squeeze(1) * 25.0
+
+    stars = batch.support_ratings[0][mask[0]]
+    rating = stars.mode().values.item()  # task 0's most common rating
+    direction = torch.zeros_like(gradients)
+    on_rating = mask[0] & (batch.support_ratings[0] == rating)
+    direction[0] = on_rating.double() - mask[0].double() * on_rating.sum() / mask[0].sum()
+    eps = 1e-5
+    with torch.no_grad():
+        changed = (query_losses(1 + eps * direction) - query_losses(1 - eps * direction)) / (2 * eps)
+    assert changed[1].item() == 0.0  # task 1's loss does not see task 0's weights
+    bucket = int(round(rating * 2))
+    assert found[0, bucket, 0].item() != 0.0 and found[0, bucket, 1].item() == 1.0
+    assert found[0, bucket, 0].item() == pytest.approx(changed[0].item(), rel=1e-5, abs=1e-10)
+
+
+def test_query_gradient_summary_per_rating():
+    found = torch.zeros(4, 11, 2, dtype=torch.float64)
+    found[:, 2] = torch.tensor([[-1.0, 1], [-3.0, 1], [2.0, 1], [0.0, 0]])  # 1★: 3 users have it
+    found[0, 10] = torch.tensor([0.5, 1])  # 5★: one user
+    summary = summarise_query_gradients(found)
+    assert set(summary) == {"1", "5"}
+    assert summary["1"]["mean"] == pytest.approx(-2 / 3) and summary["1"]["users"] == 3
+    assert summary["1"]["t"] == pytest.approx((-2 / 3) / (torch.tensor([-1.0, -3, 2]).std().item() / 3 ** 0.5))
+    assert summary["1"]["helped"] == pytest.approx(2 / 3)
+    assert summary["5"]["t"] is None and summary["5"]["helped"] == 0.0  # one user: no spread

@@ -157,8 +157,10 @@ def test_test_report_scores_exactly_main_test_targets(ratings_file, tmp_path, mo
     assert saved == json.loads(json.dumps(baseline))
     assert saved["method"] == "basic" and saved["model"] == "gru4rec"
     meta_saved = json.loads((tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step2.test_best.json").read_text())
-    # what only a meta-learner's report holds: MELO's weights per rating, the validation of the tested step
-    meta_only = {"adaptive_weight_by_rating", "adaptive_weight_by_rating_per_step", "validation"}
+    # what only a meta-learner's report holds: MELO's weights per rating, the validation of the tested step,
+    # the query loss's gradient per support rating
+    meta_only = {"adaptive_weight_by_rating", "adaptive_weight_by_rating_per_step", "validation",
+                 "query_gradient_by_rating"}
     assert set(saved) >= set(meta_saved) - meta_only
     # Deterministic: the same command gives the same numbers.
     assert run(argv + ["--checkpoint_step=2", "--test"]) == baseline
