@@ -466,6 +466,12 @@ def reduction(better, baseline):
     return [100.0 * (b - a) / b if a is not None and b else None for a, b in zip(better, baseline)]
 
 
+def query_gradient_t(report):
+    """{rating: t} of a report's query_gradient_by_rating (None where a rating had one user)."""
+    found = report.get("query_gradient_by_rating")
+    return None if found is None else {rating: row["t"] for rating, row in found.items()}
+
+
 def rating_key(text):
     return float(text)
 
@@ -513,7 +519,8 @@ def build_tables(config, reports, predictions=None):
         # a report from before per-user metrics has none: its cell shows –
         return [(r.get("per_user", {}) if per_user else r).get(key) for r in picked]
 
-    summary = {"rmse_mae": {}, "per_user": {}, "per_rating_rmse": {}, "improvement_percent": {}, "paired": {}}
+    summary = {"rmse_mae": {}, "per_user": {}, "per_rating_rmse": {}, "improvement_percent": {}, "paired": {},
+               "by_support_rating": {}}
 
     def metric_table(per_user):
         store = summary["per_user" if per_user else "rmse_mae"]
@@ -560,6 +567,28 @@ def build_tables(config, reports, predictions=None):
     for model in models:
         for method in methods(config):
             per_rating_row(DISPLAY[model], model, method)
+
+    # what the meta-learners do with each support rating: MELO's learned weight, and the t statistic of the
+    # query loss's gradient of more weight on it (|t| well below 2: no re-weighting by rating to learn)
+    by_support = []
+    readers = (("melo", "weight", "MELO's weight", lambda r: r.get("adaptive_weight_by_rating")),
+               ("maml", "query_gradient_t", "MAML query-gradient t", query_gradient_t),
+               ("melo", "query_gradient_t", "MELO query-gradient t", query_gradient_t))
+    for model in models:
+        for method, key, label, read in readers:
+            picked = [read(r) for r in reports[(model, method)]]
+            if not any(picked):  # reports from before this field
+                continue
+            row = [DISPLAY[model], label]
+            for rating in ratings:
+                vals = [found.get(rating) for found in picked if found]
+                row.append(cell(vals, seeds=len(picked)))
+                summary["by_support_rating"].setdefault(model, {}).setdefault(method, {}).setdefault(
+                    key, {})[rating] = summary_of(vals)
+            by_support.append("| " + " | ".join(row) + " |")
+    if by_support:
+        by_support = ["| Backbone | Per support rating | " + " | ".join(f"{r} ★" for r in ratings) + " |",
+                      "|---|---|" + "---:|" * len(ratings)] + by_support
 
     paired = []
     if predictions is not None:
@@ -610,6 +639,12 @@ def build_tables(config, reports, predictions=None):
         "", "## RMSE and MAE per user", "",
         "Each user is scored once, on the mean of its query windows' predictions.",
         "", *metric_table(True), "", "## RMSE per rating value (per query window)", "", *per_rating]
+    if by_support:
+        text += ["", "## Per support rating: MELO's weight, the query loss's gradient", "",
+                 "MELO's mean weight on the test users' support positions of each rating; for both meta-learners "
+                 "the t statistic over the test users of the derivative of their query loss when that rating's "
+                 "support positions gain weight (negative: more weight would lower it; |t| well below 2: no "
+                 "consistent re-weighting by rating to learn). Mean ± std over seeds.", "", *by_support]
     if paired:
         text += ["", "## Paired differences per user, 95% bootstrap intervals", "",
                  f"MELO − other on the same test users (negative: MELO's error is lower); percentile interval of "

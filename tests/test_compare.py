@@ -159,6 +159,17 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
             for rating in report["per_rating"]:
                 assert per_rating[columns.index(f"{rating} ★")] == f"{report['per_rating'][rating]['rmse']:.4f}"
             assert per_rating[-1] == f"{report['mean_per_rating_rmse']:.4f}"
+        # per support rating: MELO's weight and both meta-learners' query-gradient t, from their reports
+        for method, key, label in (("melo", "weight", "MELO's weight"), ("maml", "query_gradient_t",
+                                                                          "MAML query-gradient t")):
+            report = loaded[(method, model)]
+            found = (report["adaptive_weight_by_rating"] if key == "weight" else
+                     {rating: row["t"] for rating, row in report["query_gradient_by_rating"].items()})
+            cells = summary["by_support_rating"][model][method][key]
+            shown = [rating for rating in cells if found.get(rating) is not None]
+            assert shown and all(cells[rating]["mean"] == found[rating] for rating in shown)
+            row = rows[(compare.DISPLAY[model], label)]
+            assert all(row[columns.index(f"{rating} ★")] == f"{found[rating]:.4f}" for rating in shown)
         for other, row in (("basic", "MELO vs Basic (error reduction)"),
                            ("maml", "MELO vs MAML (error reduction)")):
             melo, base = loaded[("melo", model)]["rmse"], loaded[(other, model)]["rmse"]
