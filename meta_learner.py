@@ -216,7 +216,6 @@ class MetaLearner(nn.Module):
             weights = self._vmap_tasks(batch, weights_of_task)
         return weights, batch.support_ratings, batch.support_items != 0
 
-
     def query_gradient_of_weights(self, batch):
         """What re-weighting the outer loss would reward, for MAML++ as for MELO: per support position, the
         derivative of the task's outer loss (its query loss after the last inner step, in stars²) with
