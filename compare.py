@@ -571,6 +571,9 @@ def build_tables(config, reports, predictions=None):
     # what the meta-learners do with each support rating: MELO's learned weight, and the t statistic of the
     # query loss's gradient of more weight on it (|t| well below 2: no re-weighting by rating to learn)
     by_support = []
+    support_ratings = sorted({k for rs in reports.values() for r in rs for k in
+                              [*r.get("adaptive_weight_by_rating", {}), *r.get("query_gradient_by_rating", {})]},
+                             key=rating_key)  # a support rating need not be any query target's
     readers = (("melo", "weight", "MELO's weight", lambda r: r.get("adaptive_weight_by_rating")),
                ("maml", "query_gradient_t", "MAML query-gradient t", query_gradient_t),
                ("melo", "query_gradient_t", "MELO query-gradient t", query_gradient_t))
@@ -580,15 +583,15 @@ def build_tables(config, reports, predictions=None):
             if not any(picked):  # reports from before this field
                 continue
             row = [DISPLAY[model], label]
-            for rating in ratings:
+            for rating in support_ratings:
                 vals = [found.get(rating) for found in picked if found]
                 row.append(cell(vals, seeds=len(picked)))
                 summary["by_support_rating"].setdefault(model, {}).setdefault(method, {}).setdefault(
                     key, {})[rating] = summary_of(vals)
             by_support.append("| " + " | ".join(row) + " |")
     if by_support:
-        by_support = ["| Backbone | Per support rating | " + " | ".join(f"{r} ★" for r in ratings) + " |",
-                      "|---|---|" + "---:|" * len(ratings)] + by_support
+        by_support = ["| Backbone | Per support rating | " + " | ".join(f"{r} ★" for r in support_ratings) + " |",
+                      "|---|---|" + "---:|" * len(support_ratings)] + by_support
 
     paired = []
     if predictions is not None:

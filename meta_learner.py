@@ -237,30 +237,38 @@ class MetaLearner(nn.Module):
 def query_gradient_by_rating(gradients, stars, mask, max_rating):
     """Per task and half-star rating bucket, the query gradient of moving weight onto that rating's
     support positions (the sum of their centred gradients: the derivative of the task's query loss when
-    each of them gains weight ε and the others lose it evenly) and whether the task has the rating:
-    float64 [T, buckets, 2], to be put together over batches (and ranks) before `summarise_query_gradients`."""
-    buckets = torch.round(stars * 2).long()
+    each of their factors gains ε and every position's loses it evenly) and whether it counts: float64
+    [T, buckets, 2], to be put together over batches (and ranks) before `summarise_query_gradients`.
+    A rating counts for a task that has it beside other ratings: where it fills the whole support set,
+    no weight can move and its derivative is 0 up to round-off."""
+    buckets = torch.where(mask, torch.round(stars * 2).long(), 0).flatten(1)  # padding (any --default_rating): 0
     found = torch.zeros(gradients.shape[0], int(round(2 * max_rating)) + 1, 2, dtype=torch.float64,
                         device=gradients.device)
-    found[..., 0].scatter_add_(1, buckets.flatten(1), (gradients * mask).flatten(1).double())
-    found[..., 1].scatter_add_(1, buckets.flatten(1), mask.flatten(1).double())
-    found[..., 1] = (found[..., 1] > 0).double()
+    found[..., 0].scatter_add_(1, buckets, (gradients * mask).flatten(1).double())
+    found[..., 1].scatter_add_(1, buckets, mask.flatten(1).double())
+    total = mask.flatten(1).sum(1, keepdim=True).double()
+    found[..., 1] = ((found[..., 1] > 0) & (found[..., 1] < total)).double()
+    found[:, 0, 1] = 0.0  # the padding bucket
     return found
 
 
 def summarise_query_gradients(found):
-    """{rating: {mean, t, helped, users}} over the tasks that have the rating: the mean derivative, its
-    t statistic (mean / standard error over tasks) and the share of tasks where more weight on the rating
-    lowers the query loss; from `query_gradient_by_rating` of every task."""
+    """{rating: {mean, t, helped, users, non_finite}} over the tasks where the rating counts: the mean
+    derivative, its t statistic (mean / standard error over tasks), the share of tasks where more weight
+    on the rating lowers the query loss, and how many tasks were left out for a non-finite derivative
+    (a second-order overflow must not void the test report); from `query_gradient_by_rating`."""
     summary = {}
     for bucket in range(found.shape[1]):
         values = found[found[:, bucket, 1] > 0, bucket, 0]
+        finite = torch.isfinite(values)
+        non_finite, values = int((~finite).sum()), values[finite]
         if len(values) == 0:
             continue
         error = values.std().item() / len(values) ** 0.5 if len(values) > 1 else 0.0
         mean = values.mean().item()
         summary[f"{bucket / 2:g}"] = {"mean": mean, "t": mean / error if error > 0 else None,  # JSON: no nan
-                                      "helped": (values < 0).double().mean().item(), "users": len(values)}
+                                      "helped": (values < 0).double().mean().item(), "users": len(values),
+                                      "non_finite": non_finite}
     return summary
 
 

@@ -27,8 +27,8 @@ from torch import nn
 #   bounded:    2·sigmoid(z), in (0, 2), per position (this project's earlier form).
 #   unbounded:  |1 + z|, the original MELO's |Linear(LSTM state)|, shifted to start at 1.
 WEIGHT_FLOOR = 0.1
-# A context entry [S, L] that multiplies each position's (weighted) error, only ever 1: it exists so that
-# the query loss can be differentiated with respect to it (MetaLearner.query_gradient_of_weights).
+# A context entry [S, L] that multiplies each position's whole term of the inner loss, only ever 1: it exists
+# so that the query loss can be differentiated with respect to it (MetaLearner.query_gradient_of_weights).
 POSITION_FACTOR = "position_factor"
 
 
@@ -238,13 +238,13 @@ class AdaptiveInnerLoss(nn.Module):
     def forward(self, predictions, labels, mask, context, step):
         errors = (predictions - labels) ** 2
         weighted = self.position_weights(predictions, labels, mask, context, step) * errors
-        if POSITION_FACTOR in context:
-            weighted = weighted * context[POSITION_FACTOR]
         if self.use_focal_loss:
             weighted = weighted * errors / masked_mean(errors, mask).clamp_min(1e-12)
         if self.loss_mlps is not None:
             mlp = self.loss_mlps[step if len(self.loss_mlps) > 1 else 0]
             weighted = weighted + mlp(weighted.unsqueeze(-1)).squeeze(-1)
+        if POSITION_FACTOR in context:  # last: it scales the position's whole term
+            weighted = weighted * context[POSITION_FACTOR]
         return masked_mean(weighted, mask)
 
 

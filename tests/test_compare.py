@@ -168,8 +168,14 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
             cells = summary["by_support_rating"][model][method][key]
             shown = [rating for rating in cells if found.get(rating) is not None]
             assert shown and all(cells[rating]["mean"] == found[rating] for rating in shown)
+            section = text.split("## Per support rating", 1)[1].split("\n## ", 1)[0]
+            header = [line for line in section.splitlines() if line.startswith("| Backbone")][0]
+            support_columns = [c.strip() for c in header.strip("|").split("|")]
             row = rows[(compare.DISPLAY[model], label)]
-            assert all(row[columns.index(f"{rating} ★")] == f"{found[rating]:.4f}" for rating in shown)
+            assert all(row[support_columns.index(f"{rating} ★")] == f"{found[rating]:.4f}" for rating in shown)
+            assert {c[:-2] for c in support_columns[2:]} == {  # every support rating of any report, in its columns
+                k for (m, _), r in loaded.items() if m in ("maml", "melo")
+                for k in [*r.get("adaptive_weight_by_rating", {}), *r["query_gradient_by_rating"]]}
         for other, row in (("basic", "MELO vs Basic (error reduction)"),
                            ("maml", "MELO vs MAML (error reduction)")):
             melo, base = loaded[("melo", model)]["rmse"], loaded[(other, model)]["rmse"]

@@ -10,7 +10,7 @@ import options
 from inner_loop_optimizers import LSLRGradientDescent
 from meta_learner import (build_meta_learner, last_step_weights, local_item_tables, multi_step_loss_weights,
                           query_gradient_by_rating, summarise_query_gradients)
-from models.loss_networks import POSITION_FACTOR, AdaptiveInnerLoss, MSEInnerLoss
+from models.loss_networks import POSITION_FACTOR, AdaptiveInnerLoss, MSEInnerLoss, masked_mean
 
 NUM_ITEMS = 40
 BACKBONES = ["bert4rec", "sasrec", "gru4rec", "narm"]
@@ -282,46 +282,77 @@ def test_query_loss_target_scores_only_the_last_position():
     assert torch.allclose(target.task_losses(batch, weights), expected, atol=1e-6)
 
 
+class ReweightedLoss(torch.nn.Module):
+    """An independent re-weighting of a learner's plain inner loss (MSE, or MELO's weights times the squared
+    error): each position's term times `factor` [S, L] at every inner step, for a batch of one task."""
+
+    def __init__(self, loss, factor):
+        super().__init__()
+        self.loss, self.factor = loss, factor
+        self.has_weights = loss.has_weights
+
+    def prepare(self, labels, mask):
+        return self.loss.prepare(labels, mask)
+
+    def forward(self, predictions, labels, mask, context, step):
+        weights = self.loss.position_weights(predictions, labels, mask, context, step) if self.has_weights else 1.0
+        return masked_mean(weights * self.factor * (predictions - labels) ** 2, mask)
+
+
 @pytest.mark.parametrize("adaptive", ["False", "True"])
 def test_query_gradient_of_weights_matches_finite_differences(float64, adaptive):
     """The report's query_gradient_by_rating: the derivative of a task's query loss (stars²) when its
-    positions of one rating gain weight and all lose it evenly, second order through the inner loop."""
+    positions of one rating gain weight and all lose it evenly, second order through the inner loop;
+    checked against a plain per-task run with independently re-weighted inner losses."""
     learner = make_learner("gru4rec", "--num_inner_steps=2", f"--use_adaptive_loss={adaptive}").to(DEVICE)
     if adaptive == "True":
         perturbed(learner)
-    batch = on_device(random_batch(num_tasks=2))
+    batch = on_device(random_batch(num_tasks=3))
     mask = batch.support_items != 0
+    batch.support_ratings = torch.where(mask, batch.support_ratings, -1.0)  # padding: --default_rating=-1
+    batch.support_ratings[2] = torch.where(mask[2], 3.0, -1.0)  # task 2 rates everything 3 stars
+    plain_losses, _ = learner.run_tasks(batch, (1,))
     gradients = learner.query_gradient_of_weights(batch)
     assert torch.all(gradients[~mask] == 0)
-    assert torch.allclose(gradients.sum((1, 2)), torch.zeros(2, dtype=gradients.dtype, device=DEVICE), atol=1e-12)
+    assert torch.allclose(gradients.sum((1, 2)), torch.zeros(3, dtype=gradients.dtype, device=DEVICE), atol=1e-12)
     found = query_gradient_by_rating(gradients, batch.support_ratings, mask, 5.0)
-
-    def query_losses(factor):
-        losses, _ = learner._vmap_tasks(batch, lambda params, support, context, query: learner._adapt_task(
-            params, support, context, query, (1,), first_order=False), {POSITION_FACTOR: factor})
-        return losses.squeeze(1) * 25.0
+    assert found[2, :, 1].sum() == 0 and found[:, 0, 1].sum() == 0  # one rating only; padding never counts
+    # a factor of ones changes nothing
+    ones, _ = learner._vmap_tasks(batch, lambda params, support, context, query: learner._adapt_task(
+        params, support, context, query, (1,), first_order=False), {POSITION_FACTOR: torch.ones_like(gradients)})
+    assert torch.equal(ones, plain_losses)
 
     stars = batch.support_ratings[0][mask[0]]
     rating = stars.mode().values.item()  # task 0's most common rating
-    direction = torch.zeros_like(gradients)
     on_rating = mask[0] & (batch.support_ratings[0] == rating)
-    direction[0] = on_rating.double() - mask[0].double() * on_rating.sum() / mask[0].sum()
+    direction = on_rating.double() - mask[0].double() * on_rating.sum() / mask[0].sum()
+    first = types.SimpleNamespace(**{name: value[:1] for name, value in vars(batch).items()})
+    plain_loss = learner.inner_loss
+
+    def query_loss(factor):
+        learner.inner_loss = ReweightedLoss(plain_loss, factor)
+        try:
+            losses, _ = learner.run_tasks(first, (1,), fast=False)
+        finally:
+            learner.inner_loss = plain_loss
+        return losses[0, 0].item() * 25.0
+
     eps = 1e-5
     with torch.no_grad():
-        changed = (query_losses(1 + eps * direction) - query_losses(1 - eps * direction)) / (2 * eps)
-    assert changed[1].item() == 0.0  # task 1's loss does not see task 0's weights
+        changed = (query_loss(1 + eps * direction) - query_loss(1 - eps * direction)) / (2 * eps)
     bucket = int(round(rating * 2))
     assert found[0, bucket, 0].item() != 0.0 and found[0, bucket, 1].item() == 1.0
-    assert found[0, bucket, 0].item() == pytest.approx(changed[0].item(), rel=1e-5, abs=1e-10)
+    assert found[0, bucket, 0].item() == pytest.approx(changed, rel=1e-5, abs=1e-10)
 
 
 def test_query_gradient_summary_per_rating():
-    found = torch.zeros(4, 11, 2, dtype=torch.float64)
-    found[:, 2] = torch.tensor([[-1.0, 1], [-3.0, 1], [2.0, 1], [0.0, 0]])  # 1★: 3 users have it
+    found = torch.zeros(5, 11, 2, dtype=torch.float64)
+    found[:, 2] = torch.tensor([[-1.0, 1], [-3.0, 1], [2.0, 1], [0.0, 0], [float("nan"), 1]])  # 1★
     found[0, 10] = torch.tensor([0.5, 1])  # 5★: one user
     summary = summarise_query_gradients(found)
     assert set(summary) == {"1", "5"}
     assert summary["1"]["mean"] == pytest.approx(-2 / 3) and summary["1"]["users"] == 3
+    assert summary["1"]["non_finite"] == 1  # left out, not a nan report
     assert summary["1"]["t"] == pytest.approx((-2 / 3) / (torch.tensor([-1.0, -3, 2]).std().item() / 3 ** 0.5))
     assert summary["1"]["helped"] == pytest.approx(2 / 3)
     assert summary["5"]["t"] is None and summary["5"]["helped"] == 0.0  # one user: no spread
