@@ -569,7 +569,7 @@ def build_tables(config, reports, predictions=None):
             per_rating_row(DISPLAY[model], model, method)
 
     # what the meta-learners do with each support rating: MELO's learned weight, and the t statistic of the
-    # query loss's gradient of more weight on it (|t| well below 2: no re-weighting by rating to learn)
+    # query loss's gradient of more weight on it (|t| well below 2: no re-weighting by rating value to learn)
     by_support = []
     support_ratings = sorted({k for rs in reports.values() for r in rs for k in
                               [*r.get("adaptive_weight_by_rating", {}), *r.get("query_gradient_by_rating", {})]},
@@ -647,7 +647,7 @@ def build_tables(config, reports, predictions=None):
                  "MELO's mean weight on the test users' support positions of each rating; for both meta-learners "
                  "the t statistic over the test users of the derivative of their query loss when that rating's "
                  "support positions gain weight (negative: more weight would lower it; |t| well below 2: no "
-                 "consistent re-weighting by rating to learn). Mean ± std over seeds.", "", *by_support]
+                 "consistent re-weighting by rating value to learn). Mean ± std over seeds.", "", *by_support]
     if paired:
         text += ["", "## Paired differences per user, 95% bootstrap intervals", "",
                  f"MELO − other on the same test users (negative: MELO's error is lower); percentile interval of "
