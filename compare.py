@@ -46,6 +46,7 @@ import checkpointing
 import figures
 import main as meta_main
 from dataloader import MetaDataset, load_data
+from meta_learner import SHARE_NAMES
 import metrics
 import options
 import train_original
@@ -466,10 +467,10 @@ def reduction(better, baseline):
     return [100.0 * (b - a) / b if a is not None and b else None for a, b in zip(better, baseline)]
 
 
-def query_gradient_t(report):
-    """{rating: t} of a report's query_gradient_by_rating (None where a rating had one user)."""
-    found = report.get("query_gradient_by_rating")
-    return None if found is None else {rating: row["t"] for rating, row in found.items()}
+def query_gradient_t(report, key="query_gradient_by_rating"):
+    """{rating (or share bin): t} of a report's query gradient summary (None where one user had it)."""
+    found = report.get(key)
+    return None if found is None else {name: row["t"] for name, row in found.items()}
 
 
 def rating_key(text):
@@ -520,7 +521,7 @@ def build_tables(config, reports, predictions=None):
         return [(r.get("per_user", {}) if per_user else r).get(key) for r in picked]
 
     summary = {"rmse_mae": {}, "per_user": {}, "per_rating_rmse": {}, "improvement_percent": {}, "paired": {},
-               "by_support_rating": {}}
+               "by_support_rating": {}, "by_support_share": {}}
 
     def metric_table(per_user):
         store = summary["per_user" if per_user else "rmse_mae"]
@@ -592,6 +593,22 @@ def build_tables(config, reports, predictions=None):
     if by_support:
         by_support = ["| Backbone | Per support rating | " + " | ".join(f"{r} ★" for r in support_ratings) + " |",
                       "|---|---|" + "---:|" * len(support_ratings)] + by_support
+    # the same t, with each user's support positions grouped by their rating's share of that user's ratings
+    by_share = []
+    for model in models:
+        for method in ("maml", "melo"):
+            picked = [query_gradient_t(r, "query_gradient_by_share") for r in reports[(model, method)]]
+            if not any(picked):
+                continue
+            row = [DISPLAY[model], f"{METHOD_NAMES[method]} query-gradient t by share"]
+            for name in SHARE_NAMES:
+                vals = [found.get(name) for found in picked if found]
+                row.append(cell(vals, seeds=len(picked)))
+                summary["by_support_share"].setdefault(model, {}).setdefault(method, {})[name] = summary_of(vals)
+            by_share.append("| " + " | ".join(row) + " |")
+    if by_share:
+        by_share = ["| Backbone | Share of the user's support set | " + " | ".join(SHARE_NAMES) + " |",
+                    "|---|---|" + "---:|" * len(SHARE_NAMES)] + by_share
 
     paired = []
     if predictions is not None:
@@ -648,6 +665,10 @@ def build_tables(config, reports, predictions=None):
                  "the t statistic over the test users of the derivative of their query loss when that rating's "
                  "support positions gain weight (negative: more weight would lower it; |t| well below 2: no "
                  "consistent re-weighting by rating value to learn). Mean ± std over seeds.", "", *by_support]
+        if by_share:  # (the share came with a later version of the reports)
+            text += ["", "The same t with each user's support positions grouped by how common their rating is "
+                     "among that user's support ratings (negative under <10%: more weight on each user's rare "
+                     "ratings would help).", "", *by_share]
     if paired:
         text += ["", "## Paired differences per user, 95% bootstrap intervals", "",
                  f"MELO − other on the same test users (negative: MELO's error is lower); percentile interval of "

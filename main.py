@@ -25,7 +25,8 @@ import figures
 import metrics
 from dataloader import SPLIT_OPTIONS, MetaDataset, duplicates_note, load_data
 from meta_learner import (build_meta_learner, last_step_weights, mean_weight_by_rating, multi_step_loss_weights,
-                          query_gradient_by_rating, summarise_query_gradients, weight_sums_by_rating)
+                          SHARE_NAMES, query_gradient_by_rating, query_gradient_by_share, summarise_query_gradients,
+                          weight_sums_by_rating)
 from options import MeloError, run_cli
 from runtime import Distributed, configure_cpu, interruption, seed_everything, sigterm_as_interrupt
 
@@ -235,22 +236,26 @@ class MetaTrainer:
         return self.dist.sum_(predicted).cpu(), weight_sums
 
     def query_gradients(self, tasks):
-        """summarise_query_gradients of a fixed task set: which support ratings the outer loss would have
-        weighted up or down (sharded over ranks like predictions; chunks of --task_chunk or --batch_size
-        tasks, since it is a training step's second-order pass)."""
+        """summarise_query_gradients of a fixed task set, by support rating value and by the rating's
+        share of each user's support set: which ratings the outer loss would have weighted up or down
+        (sharded over ranks like predictions; chunks of --task_chunk or --batch_size tasks, since it is a
+        training step's second-order pass)."""
         self.learner.eval()  # no dropout: the gradient of the model as tested
         part = self.dist.shard(len(tasks))
         mine = tasks.select(part)
-        found = torch.zeros(len(tasks), int(round(2 * self.data.max_rating)) + 1, 2, dtype=torch.float64,
-                            device=self.device)
+        by_rating = torch.zeros(len(tasks), int(round(2 * self.data.max_rating)) + 1, 2, dtype=torch.float64,
+                                device=self.device)
+        by_share = torch.zeros(len(tasks), len(SHARE_NAMES), 2, dtype=torch.float64, device=self.device)
         size = self.args.task_chunk or self.args.batch_size
         for start in range(0, len(mine), size):
             chunk = mine.select(slice(start, start + size)).to(self.device)
-            found[part.start + start:part.start + start + len(chunk)] = query_gradient_by_rating(
-                self.learner.query_gradient_of_weights(chunk), chunk.support_ratings, chunk.support_items != 0,
-                self.data.max_rating)
+            rows = slice(part.start + start, part.start + start + len(chunk))
+            gradients, mask = self.learner.query_gradient_of_weights(chunk), chunk.support_items != 0
+            by_rating[rows] = query_gradient_by_rating(gradients, chunk.support_ratings, mask, self.data.max_rating)
+            by_share[rows] = query_gradient_by_share(gradients, chunk.support_ratings, mask)
         self.learner.train()
-        return summarise_query_gradients(self.dist.sum_(found).cpu())
+        return (summarise_query_gradients(self.dist.sum_(by_rating).cpu()),
+                summarise_query_gradients(self.dist.sum_(by_share).cpu(), SHARE_NAMES))
 
     def report(self, tasks, predicted, weight_sums=None):
         """The report of predictions(tasks): per window, per user under "per_user", and the adaptive
@@ -455,7 +460,7 @@ def test(trainer):
     tasks = trainer.dataset.test_tasks()
     predicted, weight_sums = trainer.predictions(tasks, with_weights=True)
     report = trainer.report(tasks, predicted, weight_sums)
-    report["query_gradient_by_rating"] = trainer.query_gradients(tasks)
+    report["query_gradient_by_rating"], report["query_gradient_by_share"] = trainer.query_gradients(tasks)
     report.update(method=trainer.prefix.rsplit("_", 1)[1], model=args.model, mode=args.mode,
                   checkpoint_step=args.checkpoint_step, weights=which, random_seed=args.random_seed,
                   model_init_seed=args.model_init_seed, select_by=args.select_by)

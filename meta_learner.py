@@ -252,11 +252,35 @@ def query_gradient_by_rating(gradients, stars, mask, max_rating):
     return found
 
 
-def summarise_query_gradients(found):
+# Bins of a support rating's share of the user's support positions (its 1★ among mostly 4★ is rare): the
+# query gradient by share says whether the outer loss rewards weighting each user's rare ratings up.
+SHARE_BOUNDS = (0.1, 0.25, 0.5)
+SHARE_NAMES = ("<10%", "10-25%", "25-50%", ">=50%")
+
+
+def query_gradient_by_share(gradients, stars, mask):
+    """As `query_gradient_by_rating`, with the positions grouped by how common their rating is in the
+    user's support set (SHARE_NAMES) instead of by rating value: float64 [T, len(SHARE_NAMES), 2]."""
+    buckets = torch.where(mask, torch.round(stars * 2).long(), 0).flatten(1)
+    real = mask.flatten(1).double()
+    total = real.sum(1, keepdim=True)
+    counts = torch.zeros(buckets.shape[0], int(buckets.max()) + 1, dtype=torch.float64, device=buckets.device)
+    counts.scatter_add_(1, buckets, real)
+    share = counts.gather(1, buckets) / total.clamp_min(1.0)
+    bins = torch.bucketize(share, torch.tensor(SHARE_BOUNDS, dtype=share.dtype, device=share.device), right=True)
+    found = torch.zeros(buckets.shape[0], len(SHARE_NAMES), 2, dtype=torch.float64, device=gradients.device)
+    found[..., 0].scatter_add_(1, bins, (gradients * mask).flatten(1).double())
+    found[..., 1].scatter_add_(1, bins, real)
+    found[..., 1] = ((found[..., 1] > 0) & (found[..., 1] < total)).double()
+    return found
+
+
+def summarise_query_gradients(found, names=None):
     """{rating: {mean, t, helped, users, non_finite}} over the tasks where the rating counts: the mean
     derivative, its t statistic (mean / standard error over tasks), the share of tasks where more weight
     on the rating lowers the query loss, and how many tasks were left out for a non-finite derivative
-    (a second-order overflow must not void the test report); from `query_gradient_by_rating`."""
+    (a second-order overflow must not void the test report); from `query_gradient_by_rating` (keys: the
+    ratings) or `query_gradient_by_share` (with `names`=SHARE_NAMES)."""
     summary = {}
     for bucket in range(found.shape[1]):
         values = found[found[:, bucket, 1] > 0, bucket, 0]
@@ -266,9 +290,10 @@ def summarise_query_gradients(found):
             continue
         error = values.std().item() / len(values) ** 0.5 if len(values) > 1 else 0.0
         mean = values.mean().item()
-        summary[f"{bucket / 2:g}"] = {"mean": mean, "t": mean / error if error > 0 else None,  # JSON: no nan
-                                      "helped": (values < 0).double().mean().item(), "users": len(values),
-                                      "non_finite": non_finite}
+        name = f"{bucket / 2:g}" if names is None else names[bucket]
+        summary[name] = {"mean": mean, "t": mean / error if error > 0 else None,  # JSON: no nan
+                         "helped": (values < 0).double().mean().item(), "users": len(values),
+                         "non_finite": non_finite}
     return summary
 
 

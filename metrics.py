@@ -111,11 +111,13 @@ def format_report(report, title):
     if "adaptive_weight_by_rating" in report:
         lines.append("  adaptive loss weight by support rating (mean over inner steps): " + ", ".join(
             f"{rating}: {weight:.3f}" for rating, weight in report["adaptive_weight_by_rating"].items()))
-    if "query_gradient_by_rating" in report:
-        lines.append("  query-loss gradient of more weight on a support rating, t over users (share of users it "
-                     "helps): " + ", ".join(
-                         f"{rating}: {'–' if row['t'] is None else format(row['t'], '+.1f')} ({row['helped']:.0%})"
-                         for rating, row in report["query_gradient_by_rating"].items()))
+    for key, what in (("query_gradient_by_rating", "a support rating"),
+                      ("query_gradient_by_share", "a rating by its share of the user's support set")):
+        if key in report:
+            lines.append(f"  query-loss gradient of more weight on {what}, t over users (share of users it "
+                         "helps): " + ", ".join(
+                             f"{name}: {'–' if row['t'] is None else format(row['t'], '+.1f')} ({row['helped']:.0%})"
+                             for name, row in report[key].items()))
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import baselines
 import compare
 import metrics
 import options
+from meta_learner import SHARE_NAMES
 
 from synthetic import write_movielens
 
@@ -159,6 +160,11 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
             for rating in report["per_rating"]:
                 assert per_rating[columns.index(f"{rating} ★")] == f"{report['per_rating'][rating]['rmse']:.4f}"
             assert per_rating[-1] == f"{report['mean_per_rating_rmse']:.4f}"
+        for method in ("maml", "melo"):  # the query-gradient t by the rating's share of each user's support set
+            found = loaded[(method, model)]["query_gradient_by_share"]
+            row = rows[(compare.DISPLAY[model], f"{compare.METHOD_NAMES[method]} query-gradient t by share")]
+            assert row[2:] == [f"{found[name]['t']:.4f}" if name in found and found[name]["t"] is not None else "–"
+                               for name in SHARE_NAMES]
         # per support rating: MELO's weight and both meta-learners' query-gradient t, from their reports
         for method, key, label in (("melo", "weight", "MELO's weight"), ("maml", "query_gradient_t",
                                                                           "MAML query-gradient t")):

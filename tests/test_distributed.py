@@ -97,11 +97,12 @@ def test_test_report_under_two_processes_equals_one(runs):
     for key in ("rmse", "mae", "mean_per_rating_rmse"):
         assert single[key] == pytest.approx(double[key], rel=1e-6)
     # each rank's users' query gradients put together: the same per-rating summary as one process
-    gradients = single["query_gradient_by_rating"]
-    assert gradients.keys() == double["query_gradient_by_rating"].keys()
-    for rating, row in gradients.items():
-        other = double["query_gradient_by_rating"][rating]
-        assert row["users"] == other["users"] and row["mean"] == pytest.approx(other["mean"], rel=1e-4, abs=1e-9)
+    for key in ("query_gradient_by_rating", "query_gradient_by_share"):
+        gradients = single[key]
+        assert gradients and gradients.keys() == double[key].keys()
+        for name, row in gradients.items():
+            other = double[key][name]
+            assert row["users"] == other["users"] and row["mean"] == pytest.approx(other["mean"], rel=1e-4, abs=1e-9)
 
 
 # ---------------------------------------------------------------------- train_original.py (DDP)

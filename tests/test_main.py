@@ -392,6 +392,9 @@ def test_melo_reports_its_weight_per_rating_and_maml_does_not(ratings_file, tmp_
         assert set(gradients) <= set(report["per_rating"]) | {f"{v / 2:g}" for v in range(1, 11)}
         assert all(0 <= row["helped"] <= 1 and row["users"] >= 1 for row in gradients.values())
         assert any(row["mean"] != 0 for row in gradients.values()) and "query-loss gradient" in printed
+        by_share = report["query_gradient_by_share"]  # the same, by how common the rating is for the user
+        assert by_share and set(by_share) <= {"<10%", "10-25%", "25-50%", ">=50%"}
+        assert "its share of the user's support set" in printed
         if adaptive == "False":
             assert "adaptive_weight_by_rating" not in report and "adaptive loss weight" not in printed
             continue

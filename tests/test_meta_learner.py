@@ -8,8 +8,9 @@ import torch
 
 import options
 from inner_loop_optimizers import LSLRGradientDescent
-from meta_learner import (build_meta_learner, last_step_weights, local_item_tables, multi_step_loss_weights,
-                          query_gradient_by_rating, summarise_query_gradients)
+from meta_learner import (SHARE_NAMES, build_meta_learner, last_step_weights, local_item_tables,
+                          multi_step_loss_weights, query_gradient_by_rating, query_gradient_by_share,
+                          summarise_query_gradients)
 from models.loss_networks import POSITION_FACTOR, AdaptiveInnerLoss, MSEInnerLoss, masked_mean
 
 NUM_ITEMS = 40
@@ -356,3 +357,18 @@ def test_query_gradient_summary_per_rating():
     assert summary["1"]["t"] == pytest.approx((-2 / 3) / (torch.tensor([-1.0, -3, 2]).std().item() / 3 ** 0.5))
     assert summary["1"]["helped"] == pytest.approx(2 / 3)
     assert summary["5"]["t"] is None and summary["5"]["helped"] == 0.0  # one user: no spread
+
+
+def test_query_gradient_by_share_groups_positions_by_how_common_their_rating_is_for_the_user():
+    # task 0: nine 4★, one 1★, one 2★ (each 1/11 < 10 %), one padding position; task 1: only 3★
+    stars = torch.tensor([[4.0] * 9 + [1.0, 2.0, 0.0], [3.0] * 11 + [0.0]])
+    mask = stars > 0
+    gradients = torch.arange(24, dtype=torch.float64).view(2, 12) * mask
+    found = query_gradient_by_share(gradients, stars, mask)
+    assert found.shape == (2, len(SHARE_NAMES), 2)
+    rare, common = SHARE_NAMES.index("<10%"), SHARE_NAMES.index(">=50%")
+    assert found[0, rare].tolist() == [9.0 + 10.0, 1.0] and found[0, common].tolist() == [sum(range(9)), 1.0]
+    assert found[0, 1:3, 1].sum() == 0  # no rating with a 10-50 % share
+    assert found[1, :, 1].sum() == 0  # one rating only: nothing can move
+    summary = summarise_query_gradients(found, SHARE_NAMES)
+    assert set(summary) == {"<10%", ">=50%"} and summary["<10%"]["users"] == 1

@@ -160,7 +160,7 @@ def test_test_report_scores_exactly_main_test_targets(ratings_file, tmp_path, mo
     # what only a meta-learner's report holds: MELO's weights per rating, the validation of the tested step,
     # the query loss's gradient per support rating
     meta_only = {"adaptive_weight_by_rating", "adaptive_weight_by_rating_per_step", "validation",
-                 "query_gradient_by_rating"}
+                 "query_gradient_by_rating", "query_gradient_by_share"}
     assert set(saved) >= set(meta_saved) - meta_only
     # Deterministic: the same command gives the same numbers.
     assert run(argv + ["--checkpoint_step=2", "--test"]) == baseline
