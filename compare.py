@@ -569,46 +569,44 @@ def build_tables(config, reports, predictions=None):
         for method in methods(config):
             per_rating_row(DISPLAY[model], model, method)
 
+    def support_table(title, columns, labels, readers, store):
+        """A table of (backbone, label, one cell per column) rows from each reader's {column: value} of
+        the reports (mean ± std over seeds); empty for reports from before the field. `store(model,
+        method, key)`: the summary dict that the row's cells go into."""
+        rows = []
+        for model in models:
+            for method, key, label, read in readers:
+                picked = [read(r) for r in reports[(model, method)]]
+                if not any(picked):
+                    continue
+                row, cells = [DISPLAY[model], label], store(model, method, key)
+                for column in columns:
+                    vals = [found.get(column) for found in picked if found]
+                    row.append(cell(vals, seeds=len(picked)))
+                    cells[column] = summary_of(vals)
+                rows.append("| " + " | ".join(row) + " |")
+        if not rows:
+            return []
+        return [f"| Backbone | {title} | " + " | ".join(labels) + " |", "|---|---|" + "---:|" * len(columns)] + rows
+
     # what the meta-learners do with each support rating: MELO's learned weight, and the t statistic of the
     # query loss's gradient of more weight on it (|t| well below 2: no re-weighting by rating value to learn)
-    by_support = []
     support_ratings = sorted({k for rs in reports.values() for r in rs for k in
                               [*r.get("adaptive_weight_by_rating", {}), *r.get("query_gradient_by_rating", {})]},
                              key=rating_key)  # a support rating need not be any query target's
-    readers = (("melo", "weight", "MELO's weight", lambda r: r.get("adaptive_weight_by_rating")),
-               ("maml", "query_gradient_t", "MAML query-gradient t", query_gradient_t),
-               ("melo", "query_gradient_t", "MELO query-gradient t", query_gradient_t))
-    for model in models:
-        for method, key, label, read in readers:
-            picked = [read(r) for r in reports[(model, method)]]
-            if not any(picked):  # reports from before this field
-                continue
-            row = [DISPLAY[model], label]
-            for rating in support_ratings:
-                vals = [found.get(rating) for found in picked if found]
-                row.append(cell(vals, seeds=len(picked)))
-                summary["by_support_rating"].setdefault(model, {}).setdefault(method, {}).setdefault(
-                    key, {})[rating] = summary_of(vals)
-            by_support.append("| " + " | ".join(row) + " |")
-    if by_support:
-        by_support = ["| Backbone | Per support rating | " + " | ".join(f"{r} ★" for r in support_ratings) + " |",
-                      "|---|---|" + "---:|" * len(support_ratings)] + by_support
+    by_support = support_table(
+        "Per support rating", support_ratings, [f"{r} ★" for r in support_ratings],
+        (("melo", "weight", "MELO's weight", lambda r: r.get("adaptive_weight_by_rating")),
+         ("maml", "query_gradient_t", "MAML query-gradient t", query_gradient_t),
+         ("melo", "query_gradient_t", "MELO query-gradient t", query_gradient_t)),
+        lambda model, method, key: summary["by_support_rating"].setdefault(model, {}).setdefault(
+            method, {}).setdefault(key, {}))
     # the same t, with each user's support positions grouped by their rating's share of that user's ratings
-    by_share = []
-    for model in models:
-        for method in ("maml", "melo"):
-            picked = [query_gradient_t(r, "query_gradient_by_share") for r in reports[(model, method)]]
-            if not any(picked):
-                continue
-            row = [DISPLAY[model], f"{METHOD_NAMES[method]} query-gradient t by share"]
-            for name in SHARE_NAMES:
-                vals = [found.get(name) for found in picked if found]
-                row.append(cell(vals, seeds=len(picked)))
-                summary["by_support_share"].setdefault(model, {}).setdefault(method, {})[name] = summary_of(vals)
-            by_share.append("| " + " | ".join(row) + " |")
-    if by_share:
-        by_share = ["| Backbone | Share of the user's support set | " + " | ".join(SHARE_NAMES) + " |",
-                    "|---|---|" + "---:|" * len(SHARE_NAMES)] + by_share
+    by_share = support_table(
+        "Share of the user's support set", SHARE_NAMES, SHARE_NAMES,
+        [(method, None, f"{METHOD_NAMES[method]} query-gradient t by share",
+          lambda r: query_gradient_t(r, "query_gradient_by_share")) for method in ("maml", "melo")],
+        lambda model, method, key: summary["by_support_share"].setdefault(model, {}).setdefault(method, {}))
 
     paired = []
     if predictions is not None:

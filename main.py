@@ -27,6 +27,7 @@ from dataloader import SPLIT_OPTIONS, MetaDataset, duplicates_note, load_data
 from meta_learner import (build_meta_learner, last_step_weights, mean_weight_by_rating, multi_step_loss_weights,
                           SHARE_NAMES, query_gradient_by_rating, query_gradient_by_share, summarise_query_gradients,
                           weight_sums_by_rating)
+from models.loss_networks import num_rating_buckets
 from options import MeloError, run_cli
 from runtime import Distributed, configure_cpu, interruption, seed_everything, sigterm_as_interrupt
 
@@ -243,7 +244,7 @@ class MetaTrainer:
         self.learner.eval()  # no dropout: the gradient of the model as tested
         part = self.dist.shard(len(tasks))
         mine = tasks.select(part)
-        by_rating = torch.zeros(len(tasks), int(round(2 * self.data.max_rating)) + 1, 2, dtype=torch.float64,
+        by_rating = torch.zeros(len(tasks), num_rating_buckets(self.data.max_rating), 2, dtype=torch.float64,
                                 device=self.device)
         by_share = torch.zeros(len(tasks), len(SHARE_NAMES), 2, dtype=torch.float64, device=self.device)
         size = self.args.task_chunk or self.args.batch_size
@@ -252,7 +253,7 @@ class MetaTrainer:
             rows = slice(part.start + start, part.start + start + len(chunk))
             gradients, mask = self.learner.query_gradient_of_weights(chunk), chunk.support_items != 0
             by_rating[rows] = query_gradient_by_rating(gradients, chunk.support_ratings, mask, self.data.max_rating)
-            by_share[rows] = query_gradient_by_share(gradients, chunk.support_ratings, mask)
+            by_share[rows] = query_gradient_by_share(gradients, chunk.support_ratings, mask, self.data.max_rating)
         self.learner.train()
         return (summarise_query_gradients(self.dist.sum_(by_rating).cpu()),
                 summarise_query_gradients(self.dist.sum_(by_share).cpu(), SHARE_NAMES))

@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from inner_loop_optimizers import LSLRGradientDescent
-from models.loss_networks import POSITION_FACTOR, masked_mean, task_mean
+from models.loss_networks import POSITION_FACTOR, masked_mean, num_rating_buckets, rating_bucket_ids, task_mean
 
 EMBEDDING = "item_embedding.weight"
 
@@ -234,22 +234,30 @@ class MetaLearner(nn.Module):
         return torch.where(mask, gradient - task_mean(gradient, mask), torch.zeros_like(gradient))
 
 
-def query_gradient_by_rating(gradients, stars, mask, max_rating):
-    """Per task and half-star rating bucket, the query gradient of moving weight onto that rating's
-    support positions (the sum of their centred gradients: the derivative of the task's query loss when
-    each of their factors gains ε and every position's loses it evenly) and whether it counts: float64
-    [T, buckets, 2], to be put together over batches (and ranks) before `summarise_query_gradients`.
-    A rating counts for a task that has it beside other ratings: where it fills the whole support set,
-    no weight can move and its derivative is 0 up to round-off."""
-    buckets = torch.where(mask, torch.round(stars * 2).long(), 0).flatten(1)  # padding (any --default_rating): 0
-    found = torch.zeros(gradients.shape[0], int(round(2 * max_rating)) + 1, 2, dtype=torch.float64,
-                        device=gradients.device)
-    found[..., 0].scatter_add_(1, buckets, (gradients * mask).flatten(1).double())
-    found[..., 1].scatter_add_(1, buckets, mask.flatten(1).double())
-    total = mask.flatten(1).sum(1, keepdim=True).double()
-    found[..., 1] = ((found[..., 1] > 0) & (found[..., 1] < total)).double()
-    found[:, 0, 1] = 0.0  # the padding bucket
+def _group_sums(gradients, groups, mask, num_groups):
+    """Per task and group (`groups`: a group id per position, [T, S·L]), the sum of the group's centred
+    gradients (the derivative of the task's query loss when each of its positions' factors gains ε and
+    every position's loses it evenly) and whether the group counts: it holds some of the task's real
+    positions but not all (where it holds all, no weight can move and the sum is 0 up to round-off).
+    float64 [T, num_groups, 2], to be put together over batches (and ranks) before
+    `summarise_query_gradients`."""
+    real = mask.flatten(1).double()
+    found = torch.zeros(gradients.shape[0], num_groups, 2, dtype=torch.float64, device=gradients.device)
+    found[..., 0].scatter_add_(1, groups, (gradients * mask).flatten(1).double())
+    found[..., 1].scatter_add_(1, groups, real)
+    found[..., 1] = ((found[..., 1] > 0) & (found[..., 1] < real.sum(1, keepdim=True))).double()
     return found
+
+
+def _rating_buckets(stars, mask, max_rating):
+    """The half-star bucket of every support position, [T, S·L]; padding (any --default_rating) is 0,
+    a bucket that never counts, since it holds no real position."""
+    return rating_bucket_ids(stars / max_rating, mask, max_rating).flatten(1)
+
+
+def query_gradient_by_rating(gradients, stars, mask, max_rating):
+    """`_group_sums` of the support positions grouped by half-star rating value: [T, buckets, 2]."""
+    return _group_sums(gradients, _rating_buckets(stars, mask, max_rating), mask, num_rating_buckets(max_rating))
 
 
 # Bins of a support rating's share of the user's support positions (its 1★ among mostly 4★ is rare): the
@@ -258,21 +266,16 @@ SHARE_BOUNDS = (0.1, 0.25, 0.5)
 SHARE_NAMES = ("<10%", "10-25%", "25-50%", ">=50%")
 
 
-def query_gradient_by_share(gradients, stars, mask):
-    """As `query_gradient_by_rating`, with the positions grouped by how common their rating is in the
-    user's support set (SHARE_NAMES) instead of by rating value: float64 [T, len(SHARE_NAMES), 2]."""
-    buckets = torch.where(mask, torch.round(stars * 2).long(), 0).flatten(1)
+def query_gradient_by_share(gradients, stars, mask, max_rating):
+    """`_group_sums` of the support positions grouped by how common their rating is in the user's support
+    set (SHARE_NAMES) instead of by rating value: [T, len(SHARE_NAMES), 2]."""
+    buckets = _rating_buckets(stars, mask, max_rating)
     real = mask.flatten(1).double()
-    total = real.sum(1, keepdim=True)
-    counts = torch.zeros(buckets.shape[0], int(buckets.max()) + 1, dtype=torch.float64, device=buckets.device)
+    counts = torch.zeros(buckets.shape[0], num_rating_buckets(max_rating), dtype=torch.float64, device=buckets.device)
     counts.scatter_add_(1, buckets, real)
-    share = counts.gather(1, buckets) / total.clamp_min(1.0)
+    share = counts.gather(1, buckets) / real.sum(1, keepdim=True).clamp_min(1.0)
     bins = torch.bucketize(share, torch.tensor(SHARE_BOUNDS, dtype=share.dtype, device=share.device), right=True)
-    found = torch.zeros(buckets.shape[0], len(SHARE_NAMES), 2, dtype=torch.float64, device=gradients.device)
-    found[..., 0].scatter_add_(1, bins, (gradients * mask).flatten(1).double())
-    found[..., 1].scatter_add_(1, bins, real)
-    found[..., 1] = ((found[..., 1] > 0) & (found[..., 1] < total)).double()
-    return found
+    return _group_sums(gradients, bins, mask, len(SHARE_NAMES))
 
 
 def summarise_query_gradients(found, names=None):

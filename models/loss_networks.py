@@ -37,6 +37,11 @@ def masked_mean(values, mask):
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def with_position_factor(terms, context):
+    """Per-position `terms` of an inner loss times the context's POSITION_FACTOR, where one is given."""
+    return terms * context[POSITION_FACTOR] if POSITION_FACTOR in context else terms
+
+
 def task_mean(values, mask):
     """The mean of `values` [.., S, L] over the real positions of the last two dims (one task's support
     set), shaped [.., 1, 1]."""
@@ -83,8 +88,7 @@ class MSEInnerLoss(nn.Module):
         return {}
 
     def forward(self, predictions, labels, mask, context, step):
-        errors = (predictions - labels) ** 2
-        return masked_mean(errors * context[POSITION_FACTOR] if POSITION_FACTOR in context else errors, mask)
+        return masked_mean(with_position_factor((predictions - labels) ** 2, context), mask)
 
 
 class RatingSequenceEncoder(nn.Module):
@@ -243,9 +247,7 @@ class AdaptiveInnerLoss(nn.Module):
         if self.loss_mlps is not None:
             mlp = self.loss_mlps[step if len(self.loss_mlps) > 1 else 0]
             weighted = weighted + mlp(weighted.unsqueeze(-1)).squeeze(-1)
-        if POSITION_FACTOR in context:  # last: it scales the position's whole term
-            weighted = weighted * context[POSITION_FACTOR]
-        return masked_mean(weighted, mask)
+        return masked_mean(with_position_factor(weighted, context), mask)  # last: the position's whole term
 
 
 def build_inner_loss(args, max_rating):

@@ -364,7 +364,7 @@ def test_query_gradient_by_share_groups_positions_by_how_common_their_rating_is_
     stars = torch.tensor([[4.0] * 9 + [1.0, 2.0, 0.0], [3.0] * 11 + [0.0]])
     mask = stars > 0
     gradients = torch.arange(24, dtype=torch.float64).view(2, 12) * mask
-    found = query_gradient_by_share(gradients, stars, mask)
+    found = query_gradient_by_share(gradients, stars, mask, 5.0)
     assert found.shape == (2, len(SHARE_NAMES), 2)
     rare, common = SHARE_NAMES.index("<10%"), SHARE_NAMES.index(">=50%")
     assert found[0, rare].tolist() == [9.0 + 10.0, 1.0] and found[0, common].tolist() == [sum(range(9)), 1.0]
