@@ -35,6 +35,7 @@ from runtime import Distributed, configure_cpu, interruption, seed_everything, s
 # values is refused with the names of the ones that differ.
 SHAPE_OPTIONS = (
     "model", "mode", "max_seq_len", "num_inner_steps", "use_adaptive_loss", "use_learnable_params",
+    "rating_head", "inner_params", "adapt_user_bias", "adapt_item_bias",
     "bert_num_blocks", "bert_num_heads", "bert_hidden_units",
     "gru4rec_embedding_dim", "gru4rec_hidden_size", "gru4rec_n_layers",
     "narm_embedding_dim", "narm_hidden_size", "narm_n_layers",
@@ -48,7 +49,7 @@ SHAPE_OPTIONS = (
 # (extending --num_train_iterations, say), but is no longer "as if never stopped", so it is pointed out.
 TRAINING_OPTIONS = (
     "num_train_iterations", "batch_size", "outer_lr", "min_outer_lr", "learn_lr", "lstm_lr", "min_lstm_lr",
-    "task_info_lr", "loss_lr", "loss_weight_decay", "grad_clip", "use_multi_step",
+    "task_info_lr", "loss_lr", "loss_weight_decay", "outer_weight_decay", "grad_clip", "use_multi_step",
     "multi_step_loss_num_epochs", "first_order_iterations", "num_samples", "num_query_set",
     "use_random_sequence_length", "bert_dropout", "val_size", "query_loss",
 )
@@ -91,7 +92,7 @@ def build_optimizer(args, learner):
             schedules.append(cosine(lr, floor, args.num_train_iterations) if floor is not None else (lambda it: 1.0))
 
     loss = learner.inner_loss
-    add(learner.backbone.parameters(), args.outer_lr, args.min_outer_lr)
+    add(learner.backbone.parameters(), args.outer_lr, args.min_outer_lr, args.outer_weight_decay)
     add(learner.lslr.parameters(), args.learn_lr)
     if getattr(loss, "encoder", None) is not None:
         add(loss.encoder.parameters(), args.lstm_lr, args.min_lstm_lr)
@@ -142,6 +143,7 @@ class MetaTrainer:
         self.data = dist.main_first(load_data, args)
         self.dataset = MetaDataset(self.data, args)
         self.learner = build_meta_learner(args, self.data.num_items, self.data.max_rating).to(self.device)
+        self.learner.backbone.set_global_mean(self.dataset.train_rating_mean() / self.data.max_rating)
         self.optimizer, self.scheduler = build_optimizer(args, self.learner)
         self.prefix = run_prefix(args)
         self.shape = shape_options(args, self.data)

@@ -24,6 +24,28 @@ from inner_loop_optimizers import LSLRGradientDescent
 from models.loss_networks import POSITION_FACTOR, masked_mean, num_rating_buckets, rating_bucket_ids, task_mean
 
 EMBEDDING = "item_embedding.weight"
+ITEM_BIAS = "item_bias.weight"
+# Tensors indexed by item id: each task adapts a small table of only its own items' rows (`_vmap_tasks`).
+ITEM_TABLES = (EMBEDDING, ITEM_BIAS)
+USER_BIAS = "user_bias"
+# --inner_params=head adapts these (with the bias head's biases): the output layer, ANIL-style.
+HEAD_PREFIX = "head."
+
+
+def adapted_parameter_names(backbone, inner_params="all", adapt_user_bias=True, adapt_item_bias=True):
+    """The backbone parameters that the inner loop adapts, in the backbone's order: all of them, or only
+    the output layer (`inner_params="head"`), plus the bias head's b_user and b_item unless frozen."""
+    names = []
+    for name, _ in backbone.named_parameters():
+        if name == USER_BIAS:
+            keep = adapt_user_bias
+        elif name == ITEM_BIAS:
+            keep = adapt_item_bias
+        else:
+            keep = inner_params == "all" or name.startswith(HEAD_PREFIX)
+        if keep:
+            names.append(name)
+    return names
 
 
 def multi_step_loss_weights(iteration, num_steps, msl_iterations):
@@ -72,7 +94,7 @@ class MetaLearner(nn.Module):
     """Everything that is meta-learned: the backbone θ, the inner learning rates α, the inner loss φ."""
 
     def __init__(self, backbone, inner_loss, num_inner_steps, inner_lr, learnable_lrs, max_rating,
-                 query_loss="all"):
+                 query_loss="all", adapted=None):
         super().__init__()
         self.backbone = backbone
         self.inner_loss = inner_loss
@@ -82,7 +104,13 @@ class MetaLearner(nn.Module):
         names = [name for name, _ in backbone.named_parameters()]
         if EMBEDDING not in names:
             raise ValueError(f"backbone {type(backbone).__name__} has no {EMBEDDING}")
-        self.lslr = LSLRGradientDescent(names, num_inner_steps, inner_lr, learnable_lrs)
+        self.adapted = tuple(names if adapted is None else adapted)  # what the inner loop adapts
+        self.lslr = LSLRGradientDescent(self.adapted, num_inner_steps, inner_lr, learnable_lrs)
+
+    def _split(self, params):
+        """(the parameters the inner loop adapts, the rest, which it holds fixed) of a parameter dict."""
+        adapted = {n: p for n, p in params.items() if n in self.adapted}
+        return adapted, {n: p for n, p in params.items() if n not in adapted}
 
     # ------------------------------------------------------------------ one task
     def _adapt_task(self, params, support, context, query, scored_steps, first_order, merge_query=True):
@@ -95,15 +123,19 @@ class MetaLearner(nn.Module):
         support_items, support_labels, support_mask = support
         query_items, query_labels, query_mask = query
         num_support = support_items.shape[0]
+        params, fixed = self._split(params)
+        # first order: the support gradient is taken at detached copies of every parameter, fixed ones too
+        support_fixed = {n: p.detach() for n, p in fixed.items()} if first_order else fixed
 
         def support_loss(current, step):
-            predictions = functional_call(self.backbone, current, (support_items,))
+            predictions = functional_call(self.backbone, {**support_fixed, **current}, (support_items,))
             return self.inner_loss(predictions, support_labels, support_mask, context, step)
 
         def support_loss_and_query(current, step):
             # θ_k scores the query of step k − 1 and gives the support loss of step k: one forward over
             # the support and query windows together (windows never interact), the query part as aux.
-            predictions = functional_call(self.backbone, current, (torch.cat([support_items, query_items]),))
+            predictions = functional_call(self.backbone, {**fixed, **current},
+                                          (torch.cat([support_items, query_items]),))
             support_predictions, query_predictions = predictions.split(
                 [num_support, predictions.shape[0] - num_support])
             loss = self.inner_loss(support_predictions, support_labels, support_mask, context, step)
@@ -128,7 +160,7 @@ class MetaLearner(nn.Module):
                 grads = grad(support_loss)(at, step)
             params = self.lslr.update(params, grads, step)
             if step in scored_steps and not (merge and step + 1 < self.num_inner_steps):
-                query_predictions = score(functional_call(self.backbone, params, (query_items,)))
+                query_predictions = score(functional_call(self.backbone, {**fixed, **params}, (query_items,)))
         return torch.stack(query_losses), query_predictions[:, -1]
 
     # ------------------------------------------------------------------ a batch of tasks
@@ -157,11 +189,13 @@ class MetaLearner(nn.Module):
         split = support[0][0].numel()
         support = (remapped[:, :split].view_as(support[0]),) + support[1:]
         query = (remapped[:, split:].view_as(query[0]),) + query[1:]
-        shared = {n: p for n, p in self.backbone.named_parameters() if n != EMBEDDING}
-        tables = self.backbone.item_embedding.weight[local_ids]  # [T, K, H]; gradient flows to the table
+        params = dict(self.backbone.named_parameters())
+        shared = {n: p for n, p in params.items() if n not in ITEM_TABLES}
+        # [T, K, ...] rows of each task's items; the gradient flows back to the whole tables
+        tables = {n: params[n][local_ids] for n in ITEM_TABLES if n in params}
 
-        def one_task(table, task_support, task_context, task_query):
-            return task_function({**shared, EMBEDDING: table}, task_support, task_context, task_query)
+        def one_task(task_tables, task_support, task_context, task_query):
+            return task_function({**shared, **task_tables}, task_support, task_context, task_query)
 
         return vmap(one_task, randomness="different")(tables, support, context, query)
 
@@ -199,9 +233,10 @@ class MetaLearner(nn.Module):
 
         def weights_of_task(params, support, context, query):
             items, labels, mask = support
+            params, fixed = self._split(params)
 
             def loss_and_weights(current, step):  # one forward gives the step's loss and its weights
-                predictions = functional_call(self.backbone, current, (items,))
+                predictions = functional_call(self.backbone, {**fixed, **current}, (items,))
                 return (self.inner_loss(predictions, labels, mask, context, step),
                         self.inner_loss.position_weights(predictions, labels, mask, context, step))
 
@@ -332,5 +367,6 @@ def build_meta_learner(args, num_items, max_rating):
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.default_generator.manual_seed(args.model_init_seed + 1)
         inner_loss = build_inner_loss(args, max_rating)
+    adapted = adapted_parameter_names(backbone, args.inner_params, args.adapt_user_bias, args.adapt_item_bias)
     return MetaLearner(backbone, inner_loss, args.num_inner_steps, args.inner_lr,
-                       args.use_learnable_params, max_rating, args.query_loss)
+                       args.use_learnable_params, max_rating, args.query_loss, adapted)

@@ -141,6 +141,10 @@ def build_parser():
     add = model.add_argument
     add("--model", default="bert4rec", choices=MODELS, help="sequential backbone")
     add("--model_init_seed", type=int, default=0, help="seeds the backbone's initial weights")
+    add("--rating_head", default="plain", choices=("plain", "bias"),
+        help="how a backbone outputs a rating: plain = 0.1 + sigmoid(head), in stars / 5; bias = mu + b_user + "
+             "b_item + head, with mu the training users' mean, b_item an item-bias table and b_user a per-user "
+             "bias adapted in the inner loop (and by fine-tuning) with its own rate, the network a residual")
     add("--bert_num_blocks", type=positive_int, default=2, help="transformer blocks (bert4rec, sasrec)")
     add("--bert_num_heads", type=positive_int, default=4, help="attention heads (bert4rec, sasrec)")
     add("--bert_hidden_units", type=positive_int, default=32, help="hidden size (bert4rec, sasrec)")
@@ -160,10 +164,19 @@ def build_parser():
     add("--num_inner_steps", type=positive_int, default=3, help="inner-loop gradient steps per task")
     add("--inner_lr", type=non_negative_float, default=1e-3,
         help="initial value of every learned inner learning rate")
+    add("--inner_params", default="all", choices=("all", "head"),
+        help="what the inner loop adapts: all = every backbone parameter; head = only the output layer and "
+             "the bias head's biases (ANIL-style), the rest is learned by the outer loop alone")
+    add("--adapt_user_bias", type=str2bool, default=True,
+        help="--rating_head=bias: the inner loop adapts b_user (False: it stays at its meta-learned value)")
+    add("--adapt_item_bias", type=str2bool, default=True,
+        help="--rating_head=bias: the inner loop adapts b_item (False: only the outer loop learns it)")
     add("--use_learnable_params", type=str2bool, default=True,
         help="meta-learn the per-layer, per-step inner learning rates (MAML++ LSLR)")
     add("--learn_lr", type=non_negative_float, default=1e-3, help="Adam lr of the inner learning rates")
     add("--outer_lr", type=non_negative_float, default=1e-3, help="Adam lr of the backbone")
+    add("--outer_weight_decay", type=non_negative_float, default=0.0,
+        help="Adam weight decay of the backbone in the outer loop (against overfitting the training users)")
     add("--min_outer_lr", type=non_negative_float, default=1e-4,
         help="cosine annealing floor of --outer_lr")
     add("--grad_clip", type=non_negative_float, default=5.0,

@@ -103,7 +103,7 @@ def shape_options(args, data):
     """The options a baseline checkpoint depends on: main.py's shape options that concern the backbone,
     the learned-loss encoder's sizes when it is used, and the options of the user split."""
     everything = meta_main.shape_options(args, data)
-    keys = ["model", "mode", "max_seq_len", "num_items", "max_rating", "select_by", *SPLIT_OPTIONS]
+    keys = ["model", "mode", "max_seq_len", "num_items", "max_rating", "select_by", "rating_head", *SPLIT_OPTIONS]
     keys += [k for k in meta_main.SHAPE_OPTIONS if k.startswith(BACKBONE_SHAPE_PREFIXES)]
     if args.use_learned_loss_baseline:
         keys += LEARNED_LOSS_OPTIONS
@@ -153,6 +153,7 @@ class BaselineTrainer:
         self.dataset = MetaDataset(self.data, args)
         self.max_rating = float(self.data.max_rating)
         self.model = model_factory(args, self.data.num_items).to(self.device)
+        self.model.set_global_mean(self.dataset.train_rating_mean() / self.max_rating)
         self.encoder = None
         if args.use_learned_loss_baseline:
             with torch.random.fork_rng(devices=[]), torch.device("cpu"):

@@ -13,7 +13,7 @@ import torch
 
 from options import MeloError
 
-from .backbones import BERT4Rec, GRU4Rec, NARM, SASRec, Backbone
+from .backbones import RATING_HEADS, BERT4Rec, GRU4Rec, NARM, SASRec, Backbone
 
 BACKBONES = {cls.name: cls for cls in (BERT4Rec, SASRec, GRU4Rec, NARM)}
 
@@ -21,7 +21,8 @@ EXPORT_KEYS = ("item_embedding", "model", "model_name", "num_items")
 
 
 def model_factory(args, num_items):
-    """Build the backbone `args.model` for items 1..num_items (id 0 is padding).
+    """Build the backbone `args.model` for items 1..num_items (id 0 is padding), with the rating head
+    `args.rating_head` (its μ is the trainer's to set: `set_global_mean`).
 
     The weights depend only on `args.model_init_seed` (and the sizes): they are drawn on the CPU from a
     freshly seeded default generator inside `fork_rng`, so the caller's CPU random state is restored
@@ -38,7 +39,8 @@ def model_factory(args, num_items):
         raise MeloError(f"the data set has no items (num_items={num_items}): nothing to build a model for")
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.default_generator.manual_seed(args.model_init_seed)
-        return BACKBONES[name].from_args(args, num_items)
+        backbone = BACKBONES[name].from_args(args, num_items)
+    return backbone.add_bias_head() if args.rating_head == "bias" else backbone
 
 
 def export_weights(model):
@@ -101,5 +103,5 @@ def load_pretrained_weights(model, exported, embedding_only, source):
     return model
 
 
-__all__ = ["BACKBONES", "Backbone", "BERT4Rec", "SASRec", "GRU4Rec", "NARM", "model_factory",
+__all__ = ["BACKBONES", "RATING_HEADS", "Backbone", "BERT4Rec", "SASRec", "GRU4Rec", "NARM", "model_factory",
            "export_weights", "load_pretrained_weights"]

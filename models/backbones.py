@@ -16,18 +16,57 @@ from torch import nn
 from .layers import GRU, Dropout, LayerNorm, Linear, TransformerBlock, attention_bias, rating_head_output
 
 
+RATING_HEADS = ("plain", "bias")
+
+
 class Backbone(nn.Module):
-    """Base class: the registry name, the item count, and `from_args` to build from parsed flags."""
+    """Base class: the registry name, the item count, `from_args` to build from parsed flags, and the
+    rating head that turns the network's head logits into a normalised rating.
+
+    The head is `plain` (0.1 + sigmoid(logits), the original) or, after `add_bias_head()`, `bias`:
+
+        ŷ = μ + b_user + b_item + f(window)
+
+    with μ the training users' mean rating (a buffer, set by the trainer), b_item a table indexed by item
+    id like the embedding (`item_bias.weight`, so the inner loop's small per-task item table covers it),
+    b_user one scalar parameter that the inner loop adapts per task with its own learned rate (so one
+    inner step on it alone is the user-bias fold-in), and f the network's logits, a residual on top.
+    """
 
     name = None
 
     def __init__(self, num_items):
         super().__init__()
         self.num_items = num_items
+        self.rating_head = "plain"
 
     @classmethod
     def from_args(cls, args, num_items):
         raise NotImplementedError
+
+    def add_bias_head(self):
+        """Switch to the `bias` head. Its tables start at zero and the network's last layer too (f ≡ 0), so
+        an untrained model predicts μ; nothing random is drawn, so the other weights are unchanged."""
+        self.rating_head = "bias"
+        self.item_bias = nn.Embedding.from_pretrained(torch.zeros(self.num_items + 1, 1), freeze=False,
+                                                      padding_idx=0)
+        self.user_bias = nn.Parameter(torch.zeros(()))
+        self.register_buffer("global_mean", torch.zeros(()))
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+        return self
+
+    def set_global_mean(self, mean):
+        """μ of the bias head, a normalised rating (stars / max rating); nothing for the plain head."""
+        if self.rating_head == "bias":
+            self.global_mean.fill_(float(mean))
+
+    def rating_output(self, logits, item_ids):
+        """The normalised rating [B, L] at every position from the head's logits [B, L]."""
+        if self.rating_head == "plain":
+            return rating_head_output(logits)
+        return self.global_mean + self.user_bias + self.item_bias(item_ids).squeeze(-1) + logits
 
 
 class _Transformer(Backbone):
@@ -85,7 +124,7 @@ class _Transformer(Backbone):
         bias = attention_bias(allowed, x.dtype)  # once for every block
         for block in self.blocks:
             x = block(x, bias)
-        return rating_head_output(self.final_norm.project(x, self.head).squeeze(-1))
+        return self.rating_output(self.final_norm.project(x, self.head).squeeze(-1), item_ids)
 
 
 class BERT4Rec(_Transformer):
@@ -121,7 +160,7 @@ class GRU4Rec(Backbone):
 
     def forward(self, item_ids):
         states = self.gru(self.item_embedding(item_ids), item_ids > 0)
-        return rating_head_output(self.head(states).squeeze(-1))
+        return self.rating_output(self.head(states).squeeze(-1), item_ids)
 
 
 class NARM(Backbone):
@@ -167,4 +206,4 @@ class NARM(Backbone):
         alpha = torch.zeros_like(states[..., 0], dtype=pair_alpha.dtype).repeat_interleave(length, dim=-1)
         alpha = alpha.index_add(-1, rows * length + cols, pair_alpha).unflatten(-1, (length, length))
         local = torch.matmul(alpha, states)  # [B, L, H]
-        return rating_head_output(self.head(torch.cat([states, local], dim=-1)).squeeze(-1))
+        return self.rating_output(self.head(torch.cat([states, local], dim=-1)).squeeze(-1), item_ids)

@@ -1,0 +1,214 @@
+"""The bias rating head (--rating_head=bias): ŷ = μ + b_user + b_item + f(window) on every backbone, its
+place in the inner loop (b_user with its own learned rate, b_item through the per-task item table), what
+--inner_params / --adapt_*_bias adapt, and the Basic -> MAML hand-off with it."""
+import types
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import main
+import options
+import train_original
+from meta_learner import ITEM_BIAS, USER_BIAS, last_step_weights, local_item_tables, multi_step_loss_weights
+from models import model_factory
+
+from synthetic import write_movielens
+from test_meta_learner import BACKBONES, NUM_ITEMS, float64, gradients, make_learner, random_batch  # noqa: F401
+
+MU = 0.7
+
+
+def bias_learner(model, *flags):
+    learner = make_learner(model, "--rating_head=bias", *flags)
+    learner.backbone.set_global_mean(MU)
+    return learner
+
+
+def leave_the_start(backbone, seed=0):
+    """Random biases and a non-zero output layer, as after some training (at the start f ≡ 0 and b = 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in backbone.named_parameters():
+            if name.startswith("head.") or name in (ITEM_BIAS, USER_BIAS):
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+        backbone.item_bias.weight[0] = 0
+
+
+@pytest.mark.parametrize("model", BACKBONES)
+def test_an_untrained_bias_head_predicts_mu_plus_the_biases_and_the_plain_head_has_none(model):
+    learner = bias_learner(model)
+    backbone = learner.backbone.eval()
+    with torch.no_grad():
+        backbone.item_bias.weight.copy_(torch.linspace(-0.2, 0.2, NUM_ITEMS + 1)[:, None])
+        backbone.user_bias.fill_(0.05)
+    items = random_batch().support_items[0]
+    expected = MU + 0.05 + backbone.item_bias.weight[items, 0]
+    real = items > 0
+    torch.testing.assert_close(backbone(items)[real], expected[real], rtol=0, atol=1e-6)
+    plain = dict(make_learner(model).backbone.named_parameters())
+    assert ITEM_BIAS not in plain and USER_BIAS not in plain
+    # the bias head draws nothing at random: every weight but the (zeroed) output layer is the plain model's
+    for name, value in backbone.named_parameters():
+        if name in plain and not name.startswith("head."):
+            assert torch.equal(value, plain[name]), name
+
+
+@pytest.mark.parametrize("model", BACKBONES)
+def test_the_bias_head_on_a_small_item_table_gives_the_same_output(model):
+    # What the inner loop does (the cost stays independent of the catalog): only the rows a task uses, of
+    # the embedding and the item biases alike, with the ids remapped.
+    backbone = bias_learner(model).backbone.eval()
+    leave_the_start(backbone)
+    items = random_batch().support_items[0]
+    local_ids, remapped = local_item_tables(items.flatten()[None])
+    params = dict(backbone.named_parameters())
+    for name in ("item_embedding.weight", ITEM_BIAS):
+        params[name] = params[name][local_ids[0]]
+        assert params[name].shape[0] < NUM_ITEMS + 1
+    torch.testing.assert_close(functional_call(backbone, params, (remapped[0].view_as(items),)), backbone(items),
+                               rtol=0, atol=1e-6)
+
+
+def test_one_inner_step_on_the_user_bias_is_the_closed_form_fold_in(float64):
+    # f ≡ 0 (the untrained output layer), fixed item biases, equal weights (MSE), b_user alone adapted with
+    # rate 1/2: the step b_u − ½ · 2 · mean(ŷ − y) lands on mean(y − μ − b_item), the least-squares user bias.
+    learner = bias_learner("gru4rec", "--use_adaptive_loss=False", "--num_inner_steps=1", "--inner_params=head",
+                           "--adapt_item_bias=False").eval()
+    learner.adapted = (USER_BIAS,)
+    learner.lslr = type(learner.lslr)(learner.adapted, 1, 0.5, learnable=False)
+    backbone = learner.backbone
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        backbone.item_bias.weight.copy_(0.2 * torch.randn(NUM_ITEMS + 1, 1, generator=generator))
+        backbone.user_bias.fill_(-0.3)  # the meta-learned start does not matter for one exact step
+    batch = random_batch()
+    predicted = learner.predict(batch) / 5.0  # normalised, after the inner step
+    for task in range(3):
+        items, stars = batch.support_items[task], batch.support_ratings[task]
+        real = items > 0
+        residual = stars[real] / 5.0 - MU - backbone.item_bias.weight[items[real], 0]
+        fold_in = residual.sum() / real.sum()
+        targets = batch.query_items[task, :, -1]
+        user_bias = predicted[task] - MU - backbone.item_bias.weight[targets, 0]
+        torch.testing.assert_close(user_bias, fold_in.expand_as(user_bias), rtol=0, atol=1e-6)
+
+
+def test_the_user_bias_has_its_own_learned_rate_and_second_order_meta_gradients(float64):
+    learner = bias_learner("sasrec", "--use_adaptive_loss=False", "--num_inner_steps=2")
+    leave_the_start(learner.backbone)
+    rates = learner.lslr.rates_by_parameter()
+    assert USER_BIAS in rates and ITEM_BIAS in rates
+    learner.zero_grad()
+    learner.task_losses(random_batch(), last_step_weights(2)).sum().backward()
+    rate = learner.lslr.lrs[USER_BIAS]
+    assert rate.grad is not None and rate.grad.abs().sum() > 0
+    assert learner.backbone.user_bias.grad.abs() > 0
+    # second order: the meta-gradient of b_user's rate through both steps matches a finite difference
+    eps = 1e-6
+    with torch.no_grad():
+        losses = []
+        for sign in (1, -1):
+            rate[0] += sign * eps
+            losses.append(learner.task_losses(random_batch(), last_step_weights(2)).sum().item())
+            rate[0] -= sign * eps
+    assert rate.grad[0].item() == pytest.approx((losses[0] - losses[1]) / (2 * eps), rel=1e-5, abs=1e-10)
+
+
+@pytest.mark.parametrize("model", ["bert4rec", "gru4rec"])
+@pytest.mark.parametrize("flags", [[], ["--inner_params=head"], ["--adapt_user_bias=False", "--adapt_item_bias=False"]])
+def test_fast_path_equals_the_per_task_path_with_the_bias_head(float64, model, flags):
+    learner = bias_learner(model, "--use_adaptive_loss=True", *flags)
+    leave_the_start(learner.backbone)
+    for p in learner.inner_loss.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    batch = random_batch()
+    results = []
+    for fast in (True, False):
+        learner.zero_grad()
+        losses = learner.task_losses(batch, multi_step_loss_weights(10, 3, 100), fast=fast)
+        losses.sum().backward()
+        results.append((losses.detach(), gradients(learner), learner.predict(batch, fast=fast)))
+    (fast_loss, fast_grads, fast_pred), (ref_loss, ref_grads, ref_pred) = results
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert fast_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-8, atol=1e-12, msg=name)
+    torch.testing.assert_close(fast_pred, ref_pred, rtol=1e-10, atol=1e-12)
+    # what is not adapted still learns in the outer loop
+    assert ref_grads["backbone.item_embedding.weight"].abs().sum() > 0
+
+
+def test_what_the_inner_loop_adapts():
+    names = lambda *flags: set(bias_learner("gru4rec", *flags).adapted)  # noqa: E731
+    everything = {name for name, _ in bias_learner("gru4rec").backbone.named_parameters()}
+    assert names() == everything
+    assert names("--inner_params=head") == {"head.weight", "head.bias", ITEM_BIAS, USER_BIAS}
+    assert names("--inner_params=head", "--adapt_item_bias=False") == {"head.weight", "head.bias", USER_BIAS}
+    assert names("--adapt_user_bias=False") == everything - {USER_BIAS}
+    learner = bias_learner("gru4rec", "--inner_params=head", "--adapt_user_bias=False")
+    assert set(learner.lslr.rates_by_parameter()) == {"head.weight", "head.bias", ITEM_BIAS}
+    # a frozen b_user does not move in the inner loop: with f ≡ 0 and b_item frozen too, nothing adapts
+    # that could change the prediction of an item the support set does not hold
+    learner = bias_learner("gru4rec", "--inner_params=head", "--adapt_user_bias=False", "--adapt_item_bias=False")
+    batch = random_batch()
+    unseen = torch.tensor(NUM_ITEMS)
+    batch.support_items = torch.where(batch.support_items == unseen, 1, batch.support_items)
+    with torch.no_grad():
+        learner.backbone.head.weight.zero_()
+        learner.backbone.head.bias.zero_()
+    learner.lslr.lrs["head-weight"].data.zero_()
+    learner.lslr.lrs["head-bias"].data.zero_()
+    predicted = learner.predict(batch)
+    torch.testing.assert_close(predicted, torch.full_like(predicted, MU * 5.0), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def ratings_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "u.data"
+    write_movielens(str(path), fmt="ml-100k", num_users=120, num_items=80, seed=3)
+    return str(path)
+
+
+def run_flags(ratings_file, tmp_path, *extra):
+    return ["--mode=ml-100k", f"--data_path={ratings_file}", f"--data_dir={tmp_path}/Data", "--min_item=1",
+            "--num_test_data=20", "--val_size=10", "--batch_size=4", "--num_samples=5", "--num_query_set=2",
+            "--max_seq_len=10", "--gru4rec_hidden_size=16", "--log_interval=2", "--num_train_iterations=2",
+            "--pretrain_epochs=2", f"--checkpoint_dir={tmp_path}/ckpt", f"--log_dir={tmp_path}/runs",
+            f"--pretrain_log_dir={tmp_path}/pre", "--model=gru4rec", "--rating_head=bias", "--num_threads=1",
+            *extra]
+
+
+def test_basic_exports_the_bias_head_and_maml_starts_from_it(ratings_file, tmp_path):
+    args = options.parse_args(run_flags(ratings_file, tmp_path, "--save_pretrained=True"))
+    basic = train_original.main(args)
+    mean = basic.dataset.train_rating_mean()
+    assert basic.model.global_mean.item() == pytest.approx(mean / 5.0)
+    assert mean == pytest.approx(float(torch.cat([torch.from_numpy(basic.data.sequence(u)[1]).double()
+                                                  for u in basic.dataset.train_users]).mean()))
+    assert basic.model.item_bias.weight.abs().sum() > 0  # Basic learned item biases
+    meta = main.main(options.parse_args(run_flags(ratings_file, tmp_path, "--load_pretrained=True",
+                                                  "--use_adaptive_loss=False")))
+    assert meta.learner.backbone.rating_head == "bias"
+    assert meta.learner.backbone.global_mean.item() == pytest.approx(mean / 5.0)
+    # a plain model cannot start from a bias-head export: one line, not a partial load
+    plain = run_flags(ratings_file, tmp_path, "--load_pretrained=True", "--checkpoint_dir=" + str(tmp_path / "c2"))
+    plain[plain.index("--rating_head=bias")] = "--rating_head=plain"
+    with pytest.raises(options.MeloError, match="does not match|other settings"):
+        main.main(options.parse_args(plain))
+
+
+def test_a_checkpoint_of_the_other_head_is_refused_by_name(ratings_file, tmp_path):
+    main.main(options.parse_args(run_flags(ratings_file, tmp_path, "--use_adaptive_loss=False")))
+    argv = run_flags(ratings_file, tmp_path, "--use_adaptive_loss=False", "--test", "--checkpoint_step=2")
+    argv[argv.index("--rating_head=bias")] = "--rating_head=plain"
+    with pytest.raises(options.MeloError, match="rating_head"):
+        main.main(options.parse_args(argv))
+
+
+def test_model_factory_needs_no_data_for_the_bias_head():
+    args = types.SimpleNamespace(**vars(options.parse_args(["--model=narm", "--rating_head=bias"])))
+    backbone = model_factory(args, 7)
+    assert backbone.item_bias.weight.shape == (8, 1) and backbone.global_mean.item() == 0.0
