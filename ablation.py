@@ -72,12 +72,35 @@ VARIANTS = {
                       ["--use_adaptive_loss=False", *compare.START_FLAGS["basic"]]),
     "melo-ft-start": ("MELO from the whole Basic model, inner lr 0.1, query target",
                       ["--use_adaptive_loss=True", *compare.START_FLAGS["basic"]]),
+    # The bias rating head (μ + b_user + b_item + f), each from a Basic model trained with the same head,
+    # on the recipe above: what it brings, and what of it the inner loop should adapt.
+    "maml-bias": ("MAML++, bias head, from Basic (bias head)",
+                  ["--use_adaptive_loss=False", "--rating_head=bias", *compare.START_FLAGS["basic"]]),
+    "melo-bias": ("MELO, bias head, from Basic (bias head)",
+                  ["--use_adaptive_loss=True", "--rating_head=bias", *compare.START_FLAGS["basic"]]),
+    "maml-bias-user-frozen": ("MAML++, bias head, b_user not adapted",
+                              ["--use_adaptive_loss=False", "--rating_head=bias", "--adapt_user_bias=False",
+                               *compare.START_FLAGS["basic"]]),
+    "maml-bias-item-outer": ("MAML++, bias head, b_item only in the outer loop",
+                             ["--use_adaptive_loss=False", "--rating_head=bias", "--adapt_item_bias=False",
+                              *compare.START_FLAGS["basic"]]),
+    "maml-bias-head-only": ("MAML++, bias head, inner loop adapts head and biases only (ANIL)",
+                            ["--use_adaptive_loss=False", "--rating_head=bias", "--inner_params=head",
+                             *compare.START_FLAGS["basic"]]),
+    "melo-bias-head-only": ("MELO, bias head, inner loop adapts head and biases only (ANIL)",
+                            ["--use_adaptive_loss=True", "--rating_head=bias", "--inner_params=head",
+                             *compare.START_FLAGS["basic"]]),
+    "maml-bias-decay": ("MAML++, bias head, outer weight decay 1e-4",
+                        ["--use_adaptive_loss=False", "--rating_head=bias", "--outer_weight_decay=1e-4",
+                         *compare.START_FLAGS["basic"]]),
+    "maml-bias-dropout": ("MAML++, bias head, transformer dropout 0.3",
+                          ["--use_adaptive_loss=False", "--rating_head=bias", "--bert_dropout=0.3",
+                           *compare.START_FLAGS["basic"]]),
 }
 # Set by this script for each run; not allowed among the shared flags.
 CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "log_dir",
               "pretrain_log_dir", "test", "test_best", "test_baseline", "checkpoint_step",
               "num_train_iterations", "pretrain_epochs", "save_pretrained")
-PRETRAINED_FLAGS = ("load_pretrained_embedding", "load_pretrained")
 # One variant of one seed: its test report, the runs it still needs, its folder and resolved settings.
 Run = namedtuple("Run", "seed name report steps folder settings")
 
@@ -142,7 +165,7 @@ def shared_flags(known, extra, seed):
         flags.append(f"--data_path={known.data_path}")
     if known.vary_init:
         flags.append(f"--model_init_seed={seed}")
-    return flags + [f"--pretrain_log_dir={os.path.join(seed_folder(known, seed), 'pretrained')}", *extra]
+    return flags + [*extra]
 
 
 def plan(known, extra, variants):
@@ -150,13 +173,14 @@ def plan(known, extra, variants):
     runs = []
     for seed in [known.random_seed + k for k in range(known.seeds)]:
         shared = shared_flags(known, extra, seed)
-        pretrain_steps = []
-        if any(any(flag.split("=")[0].lstrip("-") in PRETRAINED_FLAGS and flag.endswith("=True")
-                   for flag in flags) for _, _, flags in variants):
-            pretrain_steps = pretraining_steps(known, shared, seed)
+        pretrained = set()  # the rating heads whose Basic export this seed already makes or has
         for name, _, own in variants:
             folder = os.path.join(seed_folder(known, seed), name)
-            flags = shared + [f"--checkpoint_dir={os.path.join(folder, 'checkpoints')}",
+            head = options.parse_args([f"--mode={known.mode}", *shared, *own]).rating_head
+            # Basic is trained with the head of the variants that load it: one export per head and seed
+            pretrain_dir = pretrained_folder(known, seed, head)
+            flags = shared + [f"--pretrain_log_dir={pretrain_dir}",
+                              f"--checkpoint_dir={os.path.join(folder, 'checkpoints')}",
                               f"--log_dir={os.path.join(folder, 'runs')}", *own,
                               f"--num_train_iterations={known.num_train_iterations}"]
             args = options.parse_args(flags)
@@ -167,9 +191,9 @@ def plan(known, extra, variants):
             if not os.path.exists(report):
                 if not os.path.exists(checkpointing.checkpoint_path(args.checkpoint_dir, prefix,
                                                                     known.num_train_iterations)):
-                    if args.load_pretrained or args.load_pretrained_embedding:
-                        steps += pretrain_steps
-                        pretrain_steps = []  # once per seed
+                    if (args.load_pretrained or args.load_pretrained_embedding) and head not in pretrained:
+                        steps += pretraining_steps(known, shared + [f"--rating_head={head}"], pretrain_dir)
+                        pretrained.add(head)
                     steps.append(compare.training_step("main.py", flags, args.checkpoint_dir, prefix,
                                                        known.num_train_iterations))
                 steps.append(("test", "main.py", flags + [f"--checkpoint_step={known.num_train_iterations}",
@@ -203,11 +227,15 @@ def record_settings(run):
         metrics.write_json_atomic(run.settings, path)
 
 
-def pretraining_steps(known, shared, seed):
-    """train_original.py --save_pretrained=True for this seed, unless its export exists."""
-    folder = seed_folder(known, seed)
-    flags = shared + [f"--pretrain_epochs={known.pretrain_epochs}", "--save_pretrained=True",
-                      f"--log_dir={os.path.join(folder, 'pretrained', 'runs')}"]
+def pretrained_folder(known, seed, head):
+    """Where a seed's Basic export for the rating head `head` lives (`pretrained/` for the plain head)."""
+    return os.path.join(seed_folder(known, seed), "pretrained" + ("" if head == "plain" else f"-{head}"))
+
+
+def pretraining_steps(known, flags, folder):
+    """train_original.py --save_pretrained=True for this seed into `folder`, unless its export exists."""
+    flags = flags + [f"--pretrain_log_dir={folder}", f"--pretrain_epochs={known.pretrain_epochs}",
+                     "--save_pretrained=True", f"--log_dir={os.path.join(folder, 'runs')}"]
     args = options.parse_args(flags)
     if os.path.exists(train_original.pretrained_path(args)):
         return []
