@@ -25,12 +25,15 @@ class Backbone(nn.Module):
 
     The head is `plain` (0.1 + sigmoid(logits), the original) or, after `add_bias_head()`, `bias`:
 
-        ŷ = μ + b_user + b_item + f(window)
+        ŷ = μ + b_user + b_item + f(window),    f = sigmoid(logits) − ½
 
     with μ the training users' mean rating (a buffer, set by the trainer), b_item a table indexed by item
     id like the embedding (`item_bias.weight`, so the inner loop's small per-task item table covers it),
     b_user one scalar parameter that the inner loop adapts per task with its own learned rate (so one
-    inner step on it alone is the user-bias fold-in), and f the network's logits, a residual on top.
+    inner step on it alone is the user-bias fold-in), and f the network's residual on top. The plain head
+    is the same with μ + b_user + b_item replaced by the constant 0.6: f keeps the plain head's slope and
+    bound, so the step sizes that suit one suit the other (a linear f made BERT4Rec's fine-tuning and
+    inner loop diverge at the plain head's rates, 0.1 and above).
     """
 
     name = None
@@ -66,7 +69,7 @@ class Backbone(nn.Module):
         """The normalised rating [B, L] at every position from the head's logits [B, L]."""
         if self.rating_head == "plain":
             return rating_head_output(logits)
-        return self.global_mean + self.user_bias + self.item_bias(item_ids).squeeze(-1) + logits
+        return self.global_mean + self.user_bias + self.item_bias(item_ids).squeeze(-1) + torch.sigmoid(logits) - 0.5
 
 
 class _Transformer(Backbone):
