@@ -56,8 +56,8 @@ from runtime import write_atomic
 REPO = os.path.dirname(os.path.abspath(__file__))
 DISPLAY = {"bert4rec": "BERT4Rec", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "narm": "NARM"}
 METHOD_NAMES = {"mean-rating": "Mean rating", "user-mean": "User mean", "shrunk-user-mean": "Shrunk user mean",
-                "user-item-bias": "User + item bias", "basic": "Basic", "finetune": "Fine-tune", "maml": "MAML",
-                "melo": "MELO"}
+                "user-item-bias": "User + item bias", "mf-fold-in": "MF fold-in", "basic": "Basic",
+                "finetune": "Fine-tune", "maml": "MAML", "melo": "MELO"}
 PAIRED = ("maml", "finetune", "basic")  # MELO − each of them, paired on the same test users
 # How MAML and MELO start (--start), as main.py flags given to both, before the passed-through flags (which
 # win). `basic` is the recipe the ablation chose (docs/comparison.md): meta-learn from the fine-tuning
