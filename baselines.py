@@ -19,16 +19,17 @@
   validation users from RANK_GRID x MF_REG_GRID x FOLD_IN_REG_GRID.
 
 A choice on the validation users minimises --select_by on main.py's fixed validation tasks (the first
---val_size validation users); the report records the grid, every value's validation score and the choice.
+--val_size validation users); a grid whose choice sits on its edge is extended (tuning.py). The report
+records the grid searched, every value's validation score, the choice and any axis still `at_edge`.
 Each report is `<checkpoint_dir>/<name>_<mode>.test.json`, with the per-target CSV beside it.
 """
-import itertools
 import os
 
 import numpy as np
 import torch
 
 import metrics
+import tuning
 
 BASELINES = ("mean-rating", "user-mean", "shrunk-user-mean", "user-item-bias", "mf-fold-in")
 SHRINKAGE_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0)
@@ -153,15 +154,16 @@ class Fitted:
         return self.factorisations[rank, reg]
 
 
-def grid(name):
-    """The values a baseline chooses from on the validation users ([None]: nothing to choose)."""
+def axes(name):
+    """The grid axes a baseline chooses from on the validation users (none: nothing to choose)."""
     if name == "shrunk-user-mean":
-        return list(SHRINKAGE_GRID)
+        return [tuning.Axis("shrinkage", SHRINKAGE_GRID)]
     if name == "user-item-bias":
-        return list(itertools.product(ITEM_REG_GRID, USER_REG_GRID))
+        return [tuning.Axis("item_reg", ITEM_REG_GRID), tuning.Axis("user_reg", USER_REG_GRID)]
     if name == "mf-fold-in":
-        return list(itertools.product(RANK_GRID, MF_REG_GRID, FOLD_IN_REG_GRID))
-    return [None]
+        return [tuning.Axis("rank", RANK_GRID, integer=True, floor=1), tuning.Axis("reg", MF_REG_GRID),
+                tuning.Axis("user_reg", FOLD_IN_REG_GRID)]
+    return []
 
 
 def predict(name, tasks, sets, fitted, value):
@@ -191,16 +193,25 @@ def sets_of(tasks):
 
 
 def choose(name, val_tasks, fitted, max_rating, select_by):
-    """The grid value of `name` with the lowest validation `select_by`, and every value's score."""
-    values = grid(name)
-    if len(values) == 1:
-        return values[0], None
+    """The grid value of `name` with the lowest validation `select_by` (the grid extended where the choice
+    sits on its edge, tuning.search), and the record of the search."""
+    found = axes(name)
+    if not found:
+        return None, None
     sets = sets_of(val_tasks)
-    scores = [metrics.task_report(predict(name, val_tasks, sets, fitted, value), val_tasks, max_rating)[select_by]
-              for value in values]
-    best = int(np.argmin(scores))
-    return values[best], {"select_by": select_by, "grid": [list(v) if isinstance(v, tuple) else v for v in values],
-                          "validation_scores": scores}
+
+    def value_of(point):
+        return point[0] if len(point) == 1 else point
+
+    def score(points):
+        return [metrics.task_report(predict(name, val_tasks, sets, fitted, value_of(point)), val_tasks,
+                                    max_rating)[select_by] for point in points]
+
+    best, searched = tuning.search(found, score)
+    grid = [point[0] if len(point) == 1 else list(point) for point in searched["points"]]
+    return value_of(best), {"select_by": select_by, "grid": grid, "validation_scores": searched["scores"],
+                            "axes": searched["axes"], "extensions": searched["extensions"],
+                            "at_edge": searched["at_edge"]}
 
 
 def chosen_fields(name, value):

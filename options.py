@@ -275,7 +275,8 @@ def build_parser():
         help="SGD learning rate of --finetune_steps (on the masked mean squared error of ratings / 5)")
     add("--finetune_steps_grid", type=comma_list(non_negative_int), default="",
         help="train_original.py --test: comma-separated step counts; with --finetune_lr_grid, the "
-             "(lr, steps) pair with the best validation --select_by is used (replaces --finetune_steps)")
+             "(lr, steps) pair with the best validation --select_by is used (replaces --finetune_steps); "
+             "a grid whose choice sits on its edge is extended (see tuning.py)")
     add("--finetune_lr_grid", type=comma_list(non_negative_float), default="",
         help="comma-separated fine-tuning learning rates chosen from on validation (replaces --finetune_lr)")
     add("--save_pretrained", type=str2bool, default=False,
