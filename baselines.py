@@ -11,23 +11,34 @@
   b_i = Σ (r − μ) / (n_i + λ_item) (0 for items no training user rated); the user's bias from the support
   items, b_u = Σ (r − μ − b_i) / (n + λ_user); the prediction μ + b_u + b_target, clipped to the training
   ratings' range. (λ_item, λ_user) is chosen on the validation users from ITEM_REG_GRID x USER_REG_GRID.
+* mf-fold-in: biased matrix factorisation, r ≈ μ + b_u + b_i + p_u·q_i. Item factors q_i and biases b_i
+  from the training users by ALS (ALS_SWEEPS sweeps of ridge solves with penalty λ on each user's and
+  item's factor and bias; initial factors from --random_seed). A new user's (p, b_u) minimise
+  Σ (r − μ − b_i − b_u − p·q_i)² + λ_u (|p|² + b_u²) over the distinct support items, in closed form; the
+  prediction μ + b_u + b_target + p·q_target, clipped like user-item-bias. (rank, λ, λ_u) is chosen on the
+  validation users from RANK_GRID x MF_REG_GRID x FOLD_IN_REG_GRID.
 
 A choice on the validation users minimises --select_by on main.py's fixed validation tasks (the first
---val_size validation users); the report records the grid, every value's validation score and the choice.
+--val_size validation users); a grid whose choice sits on its edge is extended (tuning.py). The report
+records the grid searched, every value's validation score, the choice and any axis still `at_edge`.
 Each report is `<checkpoint_dir>/<name>_<mode>.test.json`, with the per-target CSV beside it.
 """
-import itertools
 import os
 
 import numpy as np
 import torch
 
 import metrics
+import tuning
 
-BASELINES = ("mean-rating", "user-mean", "shrunk-user-mean", "user-item-bias")
+BASELINES = ("mean-rating", "user-mean", "shrunk-user-mean", "user-item-bias", "mf-fold-in")
 SHRINKAGE_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 ITEM_REG_GRID = (0.0, 5.0, 25.0, 100.0)
 USER_REG_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+RANK_GRID = (2, 4, 8, 16, 32)
+MF_REG_GRID = (1.0, 5.0, 25.0)              # λ of the ALS fit: > 0, so an item without ratings gets q = 0
+FOLD_IN_REG_GRID = (1.0, 3.0, 10.0, 30.0)   # λ_u of a new user's fold-in: > 0, so rank > n stays solvable
+ALS_SWEEPS = 10
 
 
 # ============================================================================ pure functions
@@ -70,25 +81,89 @@ def user_item_bias(sets, target_items, mean, biases, reg, low, high):
     return np.clip(mean + user[:, None] + biases[target_items], low, high)
 
 
+def normal_equations(index, x, y, count):
+    """Per id 0..count-1 of `index` (ascending): Σ x xᵀ [count, k, k] and Σ x·y [count, k] over the rows
+    x [N, k], y [N] with that id. One matrix product per id: far faster than summing N outer products."""
+    gram, rhs = np.zeros((count, x.shape[1], x.shape[1])), np.zeros((count, x.shape[1]))
+    starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]]) if len(index) else np.zeros(0, np.int64)
+    for id_, rows, targets in zip(index[starts], np.split(x, starts[1:]), np.split(y, starts[1:])):
+        gram[id_], rhs[id_] = rows.T @ rows, rows.T @ targets
+    return gram, rhs
+
+
+def ridge(gram, rhs, reg):
+    """argmin_w |Xw − y|² + reg |w|² per row, from its normal equations (batched solve)."""
+    return np.linalg.solve(gram + reg * np.eye(gram.shape[-1]), rhs[..., None])[..., 0]
+
+
+def with_bias(factors):
+    return np.hstack([factors, np.ones((len(factors), 1))])
+
+
+def als(users, items, ratings, mean, num_users, num_items, rank, reg, sweeps, seed):
+    """Biased MF by alternating ridge solves on (user id 0..num_users-1, item id 0..num_items) ratings:
+    (item biases [num_items + 1], item factors [num_items + 1, rank]); an item without ratings gets 0."""
+    factors = np.random.default_rng(seed).normal(0.0, 0.1, (num_items + 1, rank))
+    biases = np.zeros(num_items + 1)
+    # the ratings sorted by user and by item once, so each sweep gathers only rows of the small tables
+    by_user, by_item = np.argsort(users, kind="stable"), np.argsort(items, kind="stable")
+    user_rows = users[by_user], items[by_user], ratings[by_user] - mean
+    item_rows = items[by_item], users[by_item], ratings[by_item] - mean
+    for _ in range(sweeps):
+        user, item, residual = user_rows
+        user_side = ridge(*normal_equations(user, with_bias(factors)[item], residual - biases[item], num_users), reg)
+        item, user, residual = item_rows
+        x = with_bias(user_side[:, :rank])[user]
+        item_side = ridge(*normal_equations(item, x, residual - user_side[user, rank], num_items + 1), reg)
+        factors, biases = item_side[:, :rank], item_side[:, rank]
+    return biases, factors
+
+
+def mf_fold_in(sets, target_items, mean, biases, factors, reg, low, high):
+    """μ + b_u + b_target + p·q_target per target ([T, Q]), clipped to [low, high]; (p, b_u) per task from
+    its support items by ridge regression with penalty `reg` (0 for a task without support items)."""
+    task = np.concatenate([np.full(len(items), t) for t, (items, _) in enumerate(sets)]).astype(np.int64)
+    items = np.concatenate([items for items, _ in sets]).astype(np.int64)
+    ratings = np.concatenate([ratings for _, ratings in sets]).astype(np.float64)
+    user = ridge(*normal_equations(task, with_bias(factors)[items], ratings - mean - biases[items], len(sets)), reg)
+    rank = factors.shape[1]
+    predicted = (mean + user[:, None, rank] + biases[target_items]
+                 + np.einsum("tk,tqk->tq", user[:, :rank], factors[target_items]))
+    return np.clip(predicted, low, high)
+
+
 # ============================================================================ fitting and scoring
 class Fitted:
     """What the baselines learn from the training users: their ratings, mean and range."""
 
-    def __init__(self, data, train_users):
+    def __init__(self, data, train_users, seed=0):
+        self.users = np.concatenate([np.full(len(data.sequence(u)[0]), n) for n, u in enumerate(train_users)])
         self.items = np.concatenate([data.sequence(u)[0] for u in train_users]).astype(np.int64)
         self.ratings = np.concatenate([data.sequence(u)[1] for u in train_users]).astype(np.float64)
         self.mean = float(self.ratings.mean())
         self.low, self.high = float(self.ratings.min()), float(self.ratings.max())
         self.num_items = int(data.num_items)
+        self.num_users, self.seed = len(train_users), seed
+        self.factorisations = {}
+
+    def factorisation(self, rank, reg):
+        """(item biases, item factors) of ALS at (rank, reg), fitted once (the fold-in's λ_u reuses it)."""
+        if (rank, reg) not in self.factorisations:
+            self.factorisations[rank, reg] = als(self.users, self.items, self.ratings, self.mean, self.num_users,
+                                                 self.num_items, rank, reg, ALS_SWEEPS, self.seed)
+        return self.factorisations[rank, reg]
 
 
-def grid(name):
-    """The values a baseline chooses from on the validation users ([None]: nothing to choose)."""
+def axes(name):
+    """The grid axes a baseline chooses from on the validation users (none: nothing to choose)."""
     if name == "shrunk-user-mean":
-        return list(SHRINKAGE_GRID)
+        return [tuning.Axis("shrinkage", SHRINKAGE_GRID)]
     if name == "user-item-bias":
-        return list(itertools.product(ITEM_REG_GRID, USER_REG_GRID))
-    return [None]
+        return [tuning.Axis("item_reg", ITEM_REG_GRID), tuning.Axis("user_reg", USER_REG_GRID)]
+    if name == "mf-fold-in":
+        return [tuning.Axis("rank", RANK_GRID, integer=True, floor=1), tuning.Axis("reg", MF_REG_GRID),
+                tuning.Axis("user_reg", FOLD_IN_REG_GRID)]
+    return []
 
 
 def predict(name, tasks, sets, fitted, value):
@@ -100,6 +175,11 @@ def predict(name, tasks, sets, fitted, value):
         per_user = user_mean(sets, fitted.mean)
     elif name == "shrunk-user-mean":
         per_user = shrunk_user_mean(sets, fitted.mean, value)
+    elif name == "mf-fold-in":
+        rank, reg, user_reg = value
+        targets = tasks.query_items[:, :, -1].numpy()
+        return torch.from_numpy(mf_fold_in(sets, targets, fitted.mean, *fitted.factorisation(rank, reg), user_reg,
+                                           fitted.low, fitted.high))
     else:
         item_reg, user_reg = value
         biases = item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items)
@@ -113,16 +193,25 @@ def sets_of(tasks):
 
 
 def choose(name, val_tasks, fitted, max_rating, select_by):
-    """The grid value of `name` with the lowest validation `select_by`, and every value's score."""
-    values = grid(name)
-    if len(values) == 1:
-        return values[0], None
+    """The grid value of `name` with the lowest validation `select_by` (the grid extended where the choice
+    sits on its edge, tuning.search), and the record of the search."""
+    found = axes(name)
+    if not found:
+        return None, None
     sets = sets_of(val_tasks)
-    scores = [metrics.task_report(predict(name, val_tasks, sets, fitted, value), val_tasks, max_rating)[select_by]
-              for value in values]
-    best = int(np.argmin(scores))
-    return values[best], {"select_by": select_by, "grid": [list(v) if isinstance(v, tuple) else v for v in values],
-                          "validation_scores": scores}
+
+    def value_of(point):
+        return point[0] if len(point) == 1 else point
+
+    def score(points):
+        return [metrics.task_report(predict(name, val_tasks, sets, fitted, value_of(point)), val_tasks,
+                                    max_rating)[select_by] for point in points]
+
+    best, searched = tuning.search(found, score)
+    grid = [point[0] if len(point) == 1 else list(point) for point in searched["points"]]
+    return value_of(best), {"select_by": select_by, "grid": grid, "validation_scores": searched["scores"],
+                            "axes": searched["axes"], "extensions": searched["extensions"],
+                            "at_edge": searched["at_edge"]}
 
 
 def chosen_fields(name, value):
@@ -130,6 +219,8 @@ def chosen_fields(name, value):
         return {"shrinkage": value}
     if name == "user-item-bias":
         return {"item_reg": value[0], "user_reg": value[1]}
+    if name == "mf-fold-in":
+        return {"rank": value[0], "reg": value[1], "user_reg": value[2]}
     return {}
 
 
@@ -140,7 +231,7 @@ def report_path(args, name):
 def test(args, data, dataset, name, publish=True):
     """Choose (on the validation users), predict and score baseline `name` on the test users; publish
     the report and the per-target CSV (rank 0's job: publish=False elsewhere). Returns the report."""
-    fitted = Fitted(data, dataset.train_users)
+    fitted = Fitted(data, dataset.train_users, args.random_seed)
     value, selection = choose(name, dataset.val_tasks(), fitted, data.max_rating, args.select_by)
     tasks = dataset.test_tasks()
     predicted = predict(name, tasks, sets_of(tasks), fitted, value)

@@ -50,14 +50,15 @@ from meta_learner import SHARE_NAMES
 import metrics
 import options
 import train_original
+import tuning
 from options import MeloError
 from runtime import write_atomic
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DISPLAY = {"bert4rec": "BERT4Rec", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "narm": "NARM"}
 METHOD_NAMES = {"mean-rating": "Mean rating", "user-mean": "User mean", "shrunk-user-mean": "Shrunk user mean",
-                "user-item-bias": "User + item bias", "basic": "Basic", "finetune": "Fine-tune", "maml": "MAML",
-                "melo": "MELO"}
+                "user-item-bias": "User + item bias", "mf-fold-in": "MF fold-in", "basic": "Basic",
+                "finetune": "Fine-tune", "maml": "MAML", "melo": "MELO"}
 PAIRED = ("maml", "finetune", "basic")  # MELO − each of them, paired on the same test users
 # How MAML and MELO start (--start), as main.py flags given to both, before the passed-through flags (which
 # win). `basic` is the recipe the ablation chose (docs/comparison.md): meta-learn from the fine-tuning
@@ -473,6 +474,12 @@ def query_gradient_t(report, key="query_gradient_by_rating"):
     return None if found is None else {name: row["t"] for name, row in found.items()}
 
 
+def at_edge(report):
+    """{axis: side} of the grid axes whose choice in `report` stayed on an edge ({}: none, or no grid)."""
+    selection = report.get("selection") or report.get("finetune_selection") or {}
+    return selection.get("at_edge") or {}
+
+
 def rating_key(text):
     return float(text)
 
@@ -527,13 +534,23 @@ def build_tables(config, reports, predictions=None):
         store = summary["per_user" if per_user else "rmse_mae"]
         header = "| Method | " + " | ".join(f"{DISPLAY[m]} RMSE | {DISPLAY[m]} MAE" for m in models) + " |"
         lines = [header, "|---|" + "---:|---:|" * len(models)]
+        notes = []
         for method in rows_methods:
             row = [method_label(config, method)]
             for model in models:
+                edges = [at_edge(r) for r in reports_of(reports, model, method)]
                 for key in ("rmse", "mae"):
                     vals = values(model, method, key, per_user)
-                    row.append(cell(vals))
+                    # † : a choice that the grid's extensions did not get off its edge (tuning.py)
+                    row.append(cell(vals) + (" †" if key == "rmse" and any(edges) else ""))
                     store.setdefault(model, {}).setdefault(method, {})[key] = summary_of(vals)
+                store[model][method]["at_edge"] = edges
+                if any(edges) and (method not in baselines.BASELINES or model == models[0]):
+                    axes = sorted({f"{axis} ({side})" for found in edges for axis, side in found.items()})
+                    where = "" if method in baselines.BASELINES else f" on {DISPLAY[model]}"
+                    notes.append(f"† {method_label(config, method)}{where}: still on the edge of its grid after "
+                                 f"{tuning.MAX_EXTENSIONS} extensions ({', '.join(axes)}) in "
+                                 f"{sum(map(bool, edges))} of {len(edges)} seeds.")
             lines.append("| " + " | ".join(row) + " |")
         for other in ("basic", "maml"):
             row = [f"MELO vs {METHOD_NAMES[other]} (error reduction)"]
@@ -545,7 +562,7 @@ def build_tables(config, reports, predictions=None):
                         summary["improvement_percent"].setdefault(model, {}).setdefault(f"vs_{other}", {})[key] = \
                             summary_of(vals)
             lines.append("| " + " | ".join(row) + " |")
-        return lines
+        return lines + ([""] + notes if notes else [])
 
     ratings = sorted({k for rs in reports.values() for r in rs for k in r["per_rating"]}, key=rating_key)
     per_rating = ["| Backbone | Method | " + " | ".join(f"{r} ★" for r in ratings) + " | mean of per-rating |",

@@ -13,7 +13,7 @@ import sys
 
 MODES = ("ml-1m", "ml-10m", "ml-100k", "amazon", "yelp")
 MODELS = ("bert4rec", "sasrec", "gru4rec", "narm")
-BASELINE_CHOICES = ("mean-rating", "user-mean", "shrunk-user-mean", "user-item-bias", "all")
+BASELINE_CHOICES = ("mean-rating", "user-mean", "shrunk-user-mean", "user-item-bias", "mf-fold-in", "all")
 
 # The four columns of a ratings file, in the order MELO reads them (--csv_columns names them in file order).
 COLUMN_ROLES = ("user", "item", "rating", "timestamp")
@@ -249,7 +249,9 @@ def build_parser():
         help="with --test_baseline: mean-rating (the training users' global mean), user-mean (the mean of "
              "the user's support items), shrunk-user-mean (pulled toward the global mean, strength chosen "
              "on validation), user-item-bias (item biases from training users, the user's bias from the "
-             "support set, regularisation chosen on validation), or all; see baselines.py")
+             "support set, regularisation chosen on validation), mf-fold-in (biased matrix factorisation by "
+             "ALS on the training users, the user's factor and bias by ridge regression on the support set, "
+             "rank and regularisation chosen on validation), or all; see baselines.py")
     add("--select_by", default="rmse", choices=("rmse", "mean_per_rating_rmse"),
         help="validation metric that picks the best weights (main.py, train_original.py) and the "
              "baselines' and fine-tuning's settings")
@@ -286,7 +288,8 @@ def build_parser():
         help="SGD learning rate of --finetune_steps (on the masked mean squared error of ratings / 5)")
     add("--finetune_steps_grid", type=comma_list(non_negative_int), default="",
         help="train_original.py --test: comma-separated step counts; with --finetune_lr_grid, the "
-             "(lr, steps) pair with the best validation --select_by is used (replaces --finetune_steps)")
+             "(lr, steps) pair with the best validation --select_by is used (replaces --finetune_steps); "
+             "a grid whose choice sits on its edge is extended (see tuning.py)")
     add("--finetune_lr_grid", type=comma_list(non_negative_float), default="",
         help="comma-separated fine-tuning learning rates chosen from on validation (replaces --finetune_lr)")
     add("--save_pretrained", type=str2bool, default=False,

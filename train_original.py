@@ -35,7 +35,9 @@ targets and writes the report as JSON beside the checkpoint.
 predicted: the fine-tuning baseline between "no adaptation" and MAML. The copies are batched with
 `torch.func.vmap`, `--batch_size` users at a time. With `--finetune_lr_grid` and / or
 `--finetune_steps_grid` the (lr, K) pair is chosen on the validation tasks by `--select_by` (one pass of
-max K steps per lr scores every K), and the report records the choice and every pair's score.
+max K steps per lr scores every K); where the choice sits on an edge of a grid (the largest lr or K, the
+smallest lr, or the smallest K above 0), that grid is extended (x2, /2) up to 3 times (tuning.py), and the
+report records the choice, every pair's score, the grid searched and any axis still `at_edge`.
 
 `--use_learned_loss_baseline=True` weights each position's squared error with MELO's rating-sequence
 encoder (`models.loss_networks.RatingSequenceEncoder`, each window read as a task of one window), trained
@@ -59,6 +61,7 @@ from tqdm import tqdm
 import checkpointing
 import main as meta_main
 import metrics
+import tuning
 from dataloader import SPLIT_OPTIONS, STREAM_WINDOWS, MetaDataset, load_data
 from models import export_weights, model_factory
 from models.loss_networks import RatingSequenceEncoder, masked_mean
@@ -321,17 +324,26 @@ class BaselineTrainer:
 
     def choose_finetuning(self, tasks):
         """The (lr, steps) of --finetune_lr_grid x --finetune_steps_grid (an empty grid: the single
-        --finetune_lr / --finetune_steps) with the lowest --select_by on `tasks`, and every pair's score."""
+        --finetune_lr / --finetune_steps) with the lowest --select_by on `tasks`, each grid extended where
+        the choice sits on its edge (tuning.search); every pair's score, and the chosen pair's predictions."""
         args = self.args
-        lrs = args.finetune_lr_grid or [args.finetune_lr]
-        steps = sorted(set(args.finetune_steps_grid or [args.finetune_steps]))
-        scored = []
-        for lr in lrs:
-            for count, predicted in zip(steps, self.predictions(tasks, lr, steps)):
-                report = metrics.task_report(predicted, tasks, self.max_rating)
-                scored.append({"lr": lr, "steps": count, "score": report[args.select_by]})
-        best = min(scored, key=lambda row: row["score"])
-        return best["lr"], best["steps"], {"select_by": args.select_by, "validation_scores": scored}
+        axes = [tuning.Axis("lr", tuple(args.finetune_lr_grid or [args.finetune_lr])),
+                tuning.Axis("steps", tuple(sorted(set(args.finetune_steps_grid or [args.finetune_steps]))),
+                            integer=True)]
+        predicted = {}
+
+        def score(points):
+            for lr in dict.fromkeys(lr for lr, _ in points):  # one pass per lr records all of its step counts
+                counts = [count for other, count in points if other == lr]
+                predicted.update(((lr, count), found) for count, found in
+                                 zip(counts, self.predictions(tasks, lr, counts)))
+            return [metrics.task_report(predicted[point], tasks, self.max_rating)[args.select_by] for point in points]
+
+        (lr, steps), searched = tuning.search(axes, score)
+        scored = [{"lr": lr_, "steps": count, "score": value}
+                  for (lr_, count), value in zip(searched["points"], searched["scores"])]
+        return lr, steps, {"select_by": args.select_by, "validation_scores": scored, "axes": searched["axes"],
+                           "extensions": searched["extensions"], "at_edge": searched["at_edge"]}, predicted[lr, steps]
 
     # ------------------------------------------------------------------ training
     def train_epoch(self, bar):
@@ -435,7 +447,7 @@ def test(trainer):
             args.pretrain_log_dir, trainer.prefix, args.checkpoint_step), "best weights")
     lr, steps, selection = args.finetune_lr, args.finetune_steps, None
     if tuned_finetuning(args):
-        lr, steps, selection = trainer.choose_finetuning(trainer.dataset.val_tasks())
+        lr, steps, selection, _ = trainer.choose_finetuning(trainer.dataset.val_tasks())
     if steps:
         which += f", fine-tuned {steps} SGD steps (lr {lr:g}{', chosen on validation' if selection else ''}) per user"
     tasks = trainer.dataset.test_tasks()

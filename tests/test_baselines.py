@@ -100,9 +100,11 @@ def test_shrunk_user_mean_chooses_k_on_validation(run_all):
         return (sum(support.values()) + k * mu) / (len(support) + k)
 
     val = by_hand(data, dataset, dataset.val_users[:args.val_size], dataset.val_tasks())
-    scores = [rmse([(shrunk(s, k), r) for _, s, _, r in val]) for k in baselines.SHRINKAGE_GRID]
-    k = baselines.SHRINKAGE_GRID[int(np.argmin(scores))]
     report = reports["shrunk-user-mean"]
+    searched = report["selection"]["grid"]  # SHRINKAGE_GRID, then any extension past its edge
+    assert searched[:len(baselines.SHRINKAGE_GRID)] == list(baselines.SHRINKAGE_GRID)
+    scores = [rmse([(shrunk(s, k), r) for _, s, _, r in val]) for k in searched]
+    k = searched[int(np.argmin(scores))]
     assert report["shrinkage"] == k and report["selection"]["validation_scores"] == pytest.approx(scores)
     table = predictions(args, "shrunk-user-mean")
     for user, support, _, _ in by_hand(data, dataset, dataset.test_users, dataset.test_tasks()):
@@ -133,3 +135,61 @@ def test_user_item_bias_fold_in_equals_hand_computation(run_all):
     table = predictions(args, "user-item-bias")
     for user, support, target, _ in by_hand(data, dataset, dataset.test_users, dataset.test_tasks()):
         assert table.loc[user, "min"] == pytest.approx(predict(support, target, item_reg, user_reg))
+
+
+def test_mf_fold_in_equals_a_rank_one_case_on_paper():
+    # μ = 3; support items 1 and 2 with b = (0.5, −0.5), q = (1, −1); the user's true b_u = 0.5, p = 1, so
+    # the residuals r − μ − b_i are (b_u + p, b_u − p) = (1.5, −0.5). Features [q, 1]: XᵀX = 2 I and
+    # Xᵀy = (2p, 2 b_u), so with λ_u = 1: p̂ = 2/3, b̂_u = 1/3. Target item 3 (q = 2, b = 0.2):
+    # 3 + 1/3 + 0.2 + 2 · 2/3 = 4.8667.
+    biases, factors = np.array([0.0, 0.5, -0.5, 0.2]), np.array([[0.0], [1.0], [-1.0], [2.0]])
+    sets = [(np.array([1, 2]), np.array([3.0 + 0.5 + 0.5 + 1.0, 3.0 - 0.5 + 0.5 - 1.0])),
+            (np.array([], np.int64), np.array([]))]  # no support items: μ + b_target
+    predicted = baselines.mf_fold_in(sets, np.array([[3, 1], [3, 3]]), 3.0, biases, factors, 1.0, 1.0, 5.0)
+    assert predicted == pytest.approx(np.array([[3 + 1 / 3 + 0.2 + 4 / 3, 3 + 1 / 3 + 0.5 + 2 / 3], [3.2, 3.2]]))
+    # λ_u → 0 recovers the user exactly: μ + b_u + b_3 + p q_3 = 3 + 0.5 + 0.2 + 2 = 5.7, clipped to 5
+    exact = baselines.mf_fold_in(sets[:1], np.array([[3, 1]]), 3.0, biases, factors, 1e-9, 1.0, 9.0)
+    assert exact == pytest.approx(np.array([[5.7, 3 + 0.5 + 0.5 + 1]]))
+    assert baselines.mf_fold_in(sets[:1], np.array([[3]]), 3.0, biases, factors, 1e-9, 1.0, 5.0).tolist() == [[5.0]]
+
+
+def test_ridge_solves_its_normal_equations_and_als_fits_a_rank_one_matrix():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(7, 3)), rng.normal(size=7)
+    index = np.array([0, 0, 0, 2, 2, 2, 2])  # id 1 has no rows: its solution is 0
+    gram, rhs = baselines.normal_equations(index, x, y, 3)
+    w = baselines.ridge(gram, rhs, 0.5)
+    for id_, rows in ((0, slice(0, 3)), (2, slice(3, 7))):  # the gradient XᵀXw − Xᵀy + λw vanishes
+        assert x[rows].T @ (x[rows] @ w[id_] - y[rows]) + 0.5 * w[id_] == pytest.approx(np.zeros(3), abs=1e-12)
+    assert w[1].tolist() == [0.0, 0.0, 0.0]
+    # every rating of a 6 x 5 rank-1 matrix μ + b_u + b_i + p_u q_i: ALS with a tiny λ reproduces it
+    p, b_user = rng.normal(size=6), rng.normal(0, 0.3, 6)
+    q, b_item = rng.normal(size=6), rng.normal(0, 0.3, 6)
+    users, items = np.repeat(np.arange(6), 5), np.tile(np.arange(1, 6), 6)
+    ratings = 3.0 + b_user[users] + b_item[items] + p[users] * q[items]
+    biases, factors = baselines.als(users, items, ratings, ratings.mean(), 6, 5, 1, 1e-6, 200, seed=0)
+    assert biases[0] == 0 and factors[0].tolist() == [0.0]  # item 0 (padding): no ratings
+    for user in range(6):  # a training user folded in again: its own ratings predicted
+        sets = [(np.arange(1, 6), ratings[users == user])]
+        predicted = baselines.mf_fold_in(sets, np.arange(1, 6)[None], ratings.mean(), biases, factors, 1e-9, -99, 99)
+        assert predicted[0] == pytest.approx(ratings[users == user], abs=1e-3)
+
+
+def test_mf_fold_in_report_equals_its_functions(run_all):
+    args, data, dataset, reports = run_all
+    report = reports["mf-fold-in"]
+    assert report["method"] == "mf_fold_in" and {"rank", "reg", "user_reg"} <= set(report)
+    assert report["count"] == 15 * 3
+    fitted = baselines.Fitted(data, dataset.train_users, args.random_seed)
+    tasks = dataset.test_tasks()
+    biases, factors = baselines.als(fitted.users, fitted.items, fitted.ratings, fitted.mean, fitted.num_users,
+                                    fitted.num_items, report["rank"], report["reg"], baselines.ALS_SWEEPS,
+                                    args.random_seed)
+    expected = baselines.mf_fold_in(baselines.sets_of(tasks), tasks.query_items[:, :, -1].numpy(), fitted.mean,
+                                    biases, factors, report["user_reg"], fitted.low, fitted.high)
+    frame = pd.read_csv(metrics.predictions_path(baselines.report_path(args, "mf-fold-in")))
+    assert np.sort(frame["prediction"].to_numpy()) == pytest.approx(np.sort(expected[tasks.query_mask.numpy()]))
+    assert min(report["selection"]["validation_scores"]) == pytest.approx(metrics.task_report(
+        baselines.predict("mf-fold-in", dataset.val_tasks(), baselines.sets_of(dataset.val_tasks()), fitted,
+                          (report["rank"], report["reg"], report["user_reg"])), dataset.val_tasks(),
+        data.max_rating)["rmse"])

@@ -103,9 +103,9 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
                    "--finetune_lr_grid=0.1,0.5", "--select_by=mean_per_rating_rmse", "--bootstrap=200")
     text, summary = compare.main(command)
     scripts = [(script, "--test" in a or "--test_baseline" in a) for script, a in calls]
-    assert scripts == [("main.py", True)] * 4 + [("train_original.py", False), ("train_original.py", True),
-                                                 ("train_original.py", True), ("main.py", False), ("main.py", True),
-                                                 ("main.py", False), ("main.py", True)] * 2
+    assert scripts == [("main.py", True)] * len(baselines.BASELINES) + [
+        ("train_original.py", False), ("train_original.py", True), ("train_original.py", True), ("main.py", False),
+        ("main.py", True), ("main.py", False), ("main.py", True)] * 2
     assert all("--random_seed=222" in a and "--select_by=mean_per_rating_rmse" in a for _, a in calls)
     # --start=basic (the default): Basic exports its weights, MAML and MELO start from the whole model with
     # the recipe's inner lr and outer loss, at training and in their tests' records alike
@@ -132,9 +132,13 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
     for key, path in reports.items():
         assert_predictions_match_report(path, loaded[key])
     tuned = loaded[("finetune", "gru4rec")]
-    assert len(tuned["finetune_selection"]["validation_scores"]) == 4
-    scores = tuned["finetune_selection"]["validation_scores"]
-    assert {(row["lr"], row["steps"]) for row in scores} == {(lr, k) for lr in (0.1, 0.5) for k in (0, 2)}
+    selection = tuned["finetune_selection"]
+    scores = selection["validation_scores"]
+    # the grid first, in its order; then the whole product of any extension past a chosen edge
+    assert [(row["lr"], row["steps"]) for row in scores[:4]] == [(0.1, 0), (0.1, 2), (0.5, 0), (0.5, 2)]
+    assert {(row["lr"], row["steps"]) for row in scores} == {
+        (lr, k) for lr in selection["axes"]["lr"] for k in selection["axes"]["steps"]}
+    assert len(selection["axes"]["lr"]) == 2 + selection["extensions"]["lr"]
     best = min(scores, key=lambda row: row["score"])
     assert (tuned["finetune_lr"], tuned["finetune_steps"]) == (best["lr"], best["steps"])
     # 0 steps is the Basic model itself, whatever the lr
@@ -150,8 +154,10 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
         for method, label in labels.items():
             report = loaded[(method, None if method in baselines.BASELINES else model)]
             span = slice(1 + 2 * column, 3 + 2 * column)
-            assert window_table[label][span] == [f"{report['rmse']:.4f}", f"{report['mae']:.4f}"]
-            assert user_table[label][span] == [f"{report['per_user']['rmse']:.4f}", f"{report['per_user']['mae']:.4f}"]
+            edge = " †" if compare.at_edge(report) else ""  # still on its grid's edge after the extensions
+            assert window_table[label][span] == [f"{report['rmse']:.4f}{edge}", f"{report['mae']:.4f}"]
+            assert user_table[label][span] == [f"{report['per_user']['rmse']:.4f}{edge}",
+                                               f"{report['per_user']['mae']:.4f}"]
             assert summary["rmse_mae"][model][method]["rmse"]["mean"] == report["rmse"]
             assert summary["per_user"][model][method]["mae"]["mean"] == report["per_user"]["mae"]
             per_rating = rows[(compare.DISPLAY[model] if method not in baselines.BASELINES else "all", label)]
@@ -237,8 +243,11 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
         value = values[(piece.method, piece.seed.random_seed)]
         per_rating = {"4": value, "5": value + 1} if piece.seed.random_seed == 7 else {"4": value}
         os.makedirs(os.path.dirname(piece.report), exist_ok=True)
+        report = fake_report(value, value / 2, per_rating)
+        if piece.method == "shrunk-user-mean" and piece.seed.random_seed == 7:  # on its grid's edge
+            report["selection"] = {"at_edge": {"shrinkage": "largest"}}
         with open(piece.report, "w") as handle:
-            json.dump(fake_report(value, value / 2, per_rating), handle)
+            json.dump(report, handle)
         # per-target predictions: 8 users, one window each, the error of the user grows with the value
         users = np.arange(8)
         pd.DataFrame({"user": users, "window": 0, "item": 10, "rating": 4.0, "window_length": 3,
@@ -250,6 +259,9 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
     assert rows["Basic"][1:3] == [f"{0.9:.4f} ± {std:.4f}", f"{0.45:.4f} ± {std / 2:.4f}"]
     assert rows["MELO"][1] == f"{0.7:.4f} ± {std:.4f}"
     assert rows["Mean rating"][1] == rows["User + item bias"][1] == f"{1.1:.4f} ± {std:.4f}"
+    assert rows["Shrunk user mean"][1:3] == [f"{1.1:.4f} ± {std:.4f} †", f"{0.55:.4f} ± {std / 2:.4f}"]
+    assert ("† Shrunk user mean: still on the edge of its grid after 3 extensions (shrinkage (largest)) in 1 of "
+            "2 seeds.") in text
     gains = [100 * (1.0 - 0.8) / 1.0, 100 * (0.8 - 0.6) / 0.8]
     mean_gain = sum(gains) / 2
     gain_std = abs(gains[0] - gains[1]) / 2 ** 0.5
@@ -353,7 +365,7 @@ def test_a_failed_run_stops_with_its_last_line(ratings_file, tmp_path, monkeypat
 def test_dry_run_prints_the_commands(ratings_file, tmp_path, capsys):
     compare.main(argv(ratings_file, tmp_path, "--models=narm", "--dry_run"))
     printed = capsys.readouterr().out
-    assert re.search(r"\[1/11\] seed 222 mean rating: test\n    python main.py .*--test_baseline", printed)
+    assert re.search(r"\[1/12\] seed 222 mean rating: test\n    python main.py .*--test_baseline", printed)
     assert "python train_original.py" in printed and "--use_adaptive_loss=True" in printed
     assert not (tmp_path / "results" / "ml-100k" / "seed222").exists()
 

@@ -1,0 +1,47 @@
+"""tuning.search: a choice on a grid's edge extends the grid in that direction, within a budget, and what
+stays on an edge is recorded."""
+import math
+
+import tuning
+
+
+def test_an_edge_choice_extends_the_grid_until_it_is_inside():
+    # the score is best at lr 1.0 and steps 40: beyond the largest lr (0.3) and steps (10) of the grid
+    def score(points):
+        calls.append(list(points))
+        return [(math.log2(lr) - 0.0) ** 2 + (math.log2(steps) - math.log2(40)) ** 2 for lr, steps in points]
+
+    calls = []
+    best, record = tuning.search([tuning.Axis("lr", (0.01, 0.03, 0.1, 0.3)),
+                                  tuning.Axis("steps", (1, 2, 5, 10), integer=True)], score)
+    # lr: 0.3 -> 0.6 -> 1.2 (1.2 beats 0.6 inside, then 1.2 is the edge again: 2.4, worse, ends it)
+    assert best == (1.2, 40)
+    assert record["axes"] == {"lr": [0.01, 0.03, 0.1, 0.3, 0.6, 1.2, 2.4], "steps": [1, 2, 5, 10, 20, 40, 80]}
+    assert record["extensions"] == {"lr": 3, "steps": 3} and record["at_edge"] == {}
+    assert sorted(record["points"]) == sorted({p for batch in calls for p in batch})  # each point scored once
+    assert len(record["points"]) == 7 * 7 and record["scores"][record["points"].index(best)] == min(record["scores"])
+
+
+def test_a_choice_still_on_the_edge_after_the_budget_is_flagged():
+    # keeps improving as the regularisation grows and as the rank shrinks toward its natural bound 1
+    def score(points):
+        return [1 / (1 + reg) + rank for rank, reg in points]
+
+    best, record = tuning.search([tuning.Axis("rank", (4, 8), integer=True, floor=1),
+                                  tuning.Axis("reg", (0.0, 1.0, 10.0))], score, budget=2)
+    assert record["axes"] == {"rank": [1, 2, 4, 8], "reg": [0.0, 1.0, 10.0, 20.0, 40.0]}
+    assert best == (1, 40.0)
+    # rank reached its natural bound (not an edge); reg ran out of budget while still improving
+    assert record["at_edge"] == {"reg": "largest"} and record["extensions"] == {"rank": 2, "reg": 2}
+
+
+def test_flat_axes_single_values_and_natural_bounds_are_not_extended():
+    # lr does not matter at 0 steps (every lr scores the same there), and 0 is steps' natural bound
+    best, record = tuning.search([tuning.Axis("lr", (0.1, 0.5)), tuning.Axis("steps", (0, 2), integer=True)],
+                                 lambda points: [1.0 if steps == 0 else 2.0 for _, steps in points])
+    assert best == (0.1, 0) and record["extensions"] == {"lr": 0, "steps": 0} and record["at_edge"] == {}
+    # one value given: a fixed setting, not a grid; a diverged (nan) score is never the choice
+    best, record = tuning.search([tuning.Axis("lr", (0.1,)), tuning.Axis("k", (1.0, 2.0, 4.0))],
+                                 lambda points: [math.nan if k == 1.0 else k for _, k in points])
+    assert best == (0.1, 2.0) and record["axes"]["lr"] == [0.1] and record["at_edge"] == {}
+    assert record["scores"][0] == math.inf

@@ -1,0 +1,83 @@
+"""Grid search on the validation users that does not stop silently at a grid's edge.
+
+A choice on the largest value of a grid axis (or on the smallest, unless that is the axis's natural bound,
+such as 0 steps or a regularisation of 0) says that the best value may lie beyond the grid. So the axis is
+extended in that direction (x2 up, /2 down) and the whole product re-scored, at most MAX_EXTENSIONS times
+per axis. If the choice is still on that edge when the budget is spent, the selection records it under
+`at_edge` ({axis: "largest" | "smallest"}), and compare.py marks the cell.
+
+An axis counts as on its edge only when the edge value is strictly better than its inner neighbour (the
+other axes at the chosen values): on a flat axis (every lr at 0 fine-tuning steps, say) more values
+change nothing. An axis given with one value is a fixed setting, not a grid, and is never extended.
+"""
+import itertools
+import math
+from dataclasses import dataclass
+
+MAX_EXTENSIONS = 3
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    values: tuple           # as given: their order breaks ties between equal scores
+    integer: bool = False
+    floor: float = 0        # the natural bound below: never extended past it
+
+    def up(self, value):
+        return value * 2 if value > 0 else (1 if self.integer else None)
+
+    def down(self, value):
+        """The next smaller value, or None at the natural bound."""
+        if value <= self.floor:
+            return None
+        return max(value // 2, self.floor) if self.integer else value / 2
+
+
+def search(axes, score, budget=MAX_EXTENSIONS):
+    """Minimise `score` over the product of `axes`, extending an axis whose choice sits on its edge.
+    `score(points)` gets a list of points (tuples of values, in `axes` order) and returns their scores
+    (it may batch them). Returns (best point, record): the record holds every point scored, in order,
+    with its score, the final values of each axis, the extensions made and what is still `at_edge`."""
+    values = {axis.name: list(dict.fromkeys(axis.values)) for axis in axes}
+    scored = {}  # point -> score, in the order scored: the first of equal scores wins
+    extensions = {axis.name: 0 for axis in axes}
+    while True:
+        missing = [point for point in itertools.product(*values.values()) if point not in scored]
+        if missing:
+            # a diverged setting (nan, inf) is never the choice
+            scored.update((point, value if math.isfinite(value) else math.inf)
+                          for point, value in zip(missing, score(missing)))
+        best = min(scored, key=scored.get)
+        edges = on_edges(axes, values, scored, best)
+        growing = {name: side for name, side in edges.items() if extensions[name] < budget}
+        if not growing:
+            break
+        for axis in axes:
+            if axis.name in growing:
+                ordered = sorted(values[axis.name])
+                new = axis.up(ordered[-1]) if growing[axis.name] == "largest" else axis.down(ordered[0])
+                values[axis.name].append(new)
+                extensions[axis.name] += 1
+    return best, {"points": list(scored), "scores": list(scored.values()),
+                  "axes": {name: sorted(found) for name, found in values.items()},
+                  "extensions": extensions, "at_edge": edges}
+
+
+def on_edges(axes, values, scored, best):
+    """{axis name: "largest" | "smallest"} of the axes whose chosen value is an edge that beats its inner
+    neighbour strictly (the smallest only above the natural bound)."""
+    edges = {}
+    for position, axis in enumerate(axes):
+        ordered = sorted(values[axis.name])
+        if len(ordered) < 2:
+            continue
+        chosen = best[position]
+        for side, edge, inner in (("largest", ordered[-1], ordered[-2]), ("smallest", ordered[0], ordered[1])):
+            if chosen != edge or (side == "smallest" and axis.down(edge) is None) or \
+                    (side == "largest" and axis.up(edge) is None):
+                continue
+            neighbour = best[:position] + (inner,) + best[position + 1:]
+            if scored[best] < scored[neighbour]:
+                edges[axis.name] = side
+    return edges
