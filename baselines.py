@@ -214,6 +214,18 @@ def choose(name, val_tasks, fitted, max_rating, select_by):
                             "at_edge": searched["at_edge"]}
 
 
+def bias_start(data, dataset, args):
+    """Where the bias rating head starts (`Backbone.set_bias_start`), normalised: the training users' mean
+    μ and, with --bias_start=fold-in, the user + item bias fold-in's item biases, its regularisation
+    chosen on the validation users as for its own report (zero biases with --bias_start=zero)."""
+    fitted = Fitted(data, dataset.train_users, args.random_seed)
+    biases = None
+    if args.bias_start == "fold-in":
+        (item_reg, _), _ = choose("user-item-bias", dataset.val_tasks(), fitted, data.max_rating, args.select_by)
+        biases = item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items) / data.max_rating
+    return fitted.mean / data.max_rating, biases
+
+
 def chosen_fields(name, value):
     if name == "shrunk-user-mean":
         return {"shrinkage": value}

@@ -797,13 +797,6 @@ class MetaDataset:
         self.val_users = permutation[args.num_test_data:args.num_test_data + num_val]
         self.train_users = permutation[args.num_test_data + num_val:]
 
-    def train_rating_mean(self):
-        """The training users' mean rating in stars: μ of the baselines and of the bias rating head."""
-        offsets = self.data.offsets
-        counts = offsets[self.train_users + 1] - offsets[self.train_users]
-        positions = np.repeat(offsets[self.train_users] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-        return float(self.data.ratings[positions].astype(np.float64).mean())
-
     # ------------------------------------------------------------------ one task's random choices
     def _draw(self, rng, n, training):
         """(start, w, query lengths [Q], support a [k], support b [k]) of one task; the order of the

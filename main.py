@@ -50,7 +50,7 @@ SHAPE_OPTIONS = (
 TRAINING_OPTIONS = (
     "num_train_iterations", "batch_size", "outer_lr", "min_outer_lr", "learn_lr", "lstm_lr", "min_lstm_lr",
     "task_info_lr", "loss_lr", "loss_weight_decay", "outer_weight_decay", "grad_clip", "use_multi_step",
-    "multi_step_loss_num_epochs", "first_order_iterations", "num_samples", "num_query_set",
+    "multi_step_loss_num_epochs", "first_order_iterations", "num_samples", "num_query_set", "bias_start",
     "use_random_sequence_length", "bert_dropout", "val_size", "query_loss",
 )
 
@@ -143,7 +143,8 @@ class MetaTrainer:
         self.data = dist.main_first(load_data, args)
         self.dataset = MetaDataset(self.data, args)
         self.learner = build_meta_learner(args, self.data.num_items, self.data.max_rating).to(self.device)
-        self.learner.backbone.set_global_mean(self.dataset.train_rating_mean() / self.data.max_rating)
+        if args.rating_head == "bias":
+            self.learner.backbone.set_bias_start(*baselines.bias_start(self.data, self.dataset, args))
         self.optimizer, self.scheduler = build_optimizer(args, self.learner)
         self.prefix = run_prefix(args)
         self.shape = shape_options(args, self.data)

@@ -164,6 +164,9 @@ def build_parser():
     add("--num_inner_steps", type=positive_int, default=3, help="inner-loop gradient steps per task")
     add("--inner_lr", type=non_negative_float, default=1e-3,
         help="initial value of every learned inner learning rate")
+    add("--bias_start", default="fold-in", choices=("fold-in", "zero"),
+        help="--rating_head=bias: the item biases start at the user + item bias fold-in's (closed form on the "
+             "training users, regularisation chosen on validation) or at zero; mu is the training users' mean")
     add("--inner_params", default="all", choices=("all", "head"),
         help="what the inner loop adapts: all = every backbone parameter; head = only the output layer and "
              "the bias head's biases (ANIL-style), the rest is learned by the outer loop alone")

@@ -58,6 +58,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+import baselines
 import checkpointing
 import main as meta_main
 import metrics
@@ -156,7 +157,8 @@ class BaselineTrainer:
         self.dataset = MetaDataset(self.data, args)
         self.max_rating = float(self.data.max_rating)
         self.model = model_factory(args, self.data.num_items).to(self.device)
-        self.model.set_global_mean(self.dataset.train_rating_mean() / self.max_rating)
+        if args.rating_head == "bias":
+            self.model.set_bias_start(*baselines.bias_start(self.data, self.dataset, args))
         self.encoder = None
         if args.use_learned_loss_baseline:
             with torch.random.fork_rng(devices=[]), torch.device("cpu"):

@@ -22,7 +22,7 @@ EXPORT_KEYS = ("item_embedding", "model", "model_name", "num_items")
 
 def model_factory(args, num_items):
     """Build the backbone `args.model` for items 1..num_items (id 0 is padding), with the rating head
-    `args.rating_head` (its μ is the trainer's to set: `set_global_mean`).
+    `args.rating_head` (its μ and item biases are the trainer's to set: `set_bias_start`).
 
     The weights depend only on `args.model_init_seed` (and the sizes): they are drawn on the CPU from a
     freshly seeded default generator inside `fork_rng`, so the caller's CPU random state is restored

@@ -60,10 +60,15 @@ class Backbone(nn.Module):
             self.head.bias.zero_()
         return self
 
-    def set_global_mean(self, mean):
-        """μ of the bias head, a normalised rating (stars / max rating); nothing for the plain head."""
-        if self.rating_head == "bias":
+    def set_bias_start(self, mean, item_biases=None):
+        """Where the bias head starts: μ and (optionally) the item-bias table [num_items + 1], normalised
+        ratings (stars / max rating); nothing for the plain head."""
+        if self.rating_head != "bias":
+            return
+        with torch.no_grad():
             self.global_mean.fill_(float(mean))
+            if item_biases is not None:
+                self.item_bias.weight.copy_(torch.as_tensor(item_biases, dtype=self.item_bias.weight.dtype)[:, None])
 
     def rating_output(self, logits, item_ids):
         """The normalised rating [B, L] at every position from the head's logits [B, L]."""

@@ -7,9 +7,12 @@ import pytest
 import torch
 from torch.func import functional_call
 
+import baselines
 import main
 import options
 import train_original
+from dataloader import MetaDataset, load_data
+from runtime import Distributed
 from meta_learner import ITEM_BIAS, USER_BIAS, last_step_weights, local_item_tables, multi_step_loss_weights
 from models import model_factory
 
@@ -21,7 +24,7 @@ MU = 0.7
 
 def bias_learner(model, *flags):
     learner = make_learner(model, "--rating_head=bias", *flags)
-    learner.backbone.set_global_mean(MU)
+    learner.backbone.set_bias_start(MU)
     return learner
 
 
@@ -181,18 +184,29 @@ def run_flags(ratings_file, tmp_path, *extra):
             *extra]
 
 
-def test_basic_exports_the_bias_head_and_maml_starts_from_it(ratings_file, tmp_path):
+def test_the_bias_head_starts_at_the_fold_in_and_basic_hands_it_to_maml(ratings_file, tmp_path):
     args = options.parse_args(run_flags(ratings_file, tmp_path, "--save_pretrained=True"))
+    start = train_original.BaselineTrainer(args, Distributed("cpu")).model
+    data = load_data(args)
+    dataset = MetaDataset(data, args)
+    fitted = baselines.Fitted(data, dataset.train_users)
+    (item_reg, _), _ = baselines.choose("user-item-bias", dataset.val_tasks(), fitted, 5.0, "rmse")
+    expected = baselines.item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items) / 5.0
+    assert start.global_mean.item() == pytest.approx(fitted.mean / 5.0)
+    torch.testing.assert_close(start.item_bias.weight[:, 0].double(), torch.from_numpy(expected), rtol=0, atol=1e-6)
+    assert start.item_bias.weight.abs().sum() > 0
+    zero = train_original.BaselineTrainer(options.parse_args(run_flags(ratings_file, tmp_path, "--bias_start=zero")),
+                                          Distributed("cpu")).model
+    assert zero.item_bias.weight.abs().sum() == 0 and zero.global_mean.item() == pytest.approx(fitted.mean / 5.0)
+
     basic = train_original.main(args)
-    mean = basic.dataset.train_rating_mean()
-    assert basic.model.global_mean.item() == pytest.approx(mean / 5.0)
-    assert mean == pytest.approx(float(torch.cat([torch.from_numpy(basic.data.sequence(u)[1]).double()
-                                                  for u in basic.dataset.train_users]).mean()))
-    assert basic.model.item_bias.weight.abs().sum() > 0  # Basic learned item biases
     meta = main.main(options.parse_args(run_flags(ratings_file, tmp_path, "--load_pretrained=True",
-                                                  "--use_adaptive_loss=False")))
+                                                  "--use_adaptive_loss=False", "--num_train_iterations=1",
+                                                  "--log_interval=1", "--outer_lr=0")))
     assert meta.learner.backbone.rating_head == "bias"
-    assert meta.learner.backbone.global_mean.item() == pytest.approx(mean / 5.0)
+    # the whole Basic model, biases and μ included, is where MAML++ starts (no outer step moves it: lr 0)
+    for name, value in basic.best_weights().items():
+        torch.testing.assert_close(meta.learner.backbone.state_dict()[name], value, rtol=0, atol=0, msg=name)
     # a plain model cannot start from a bias-head export: one line, not a partial load
     plain = run_flags(ratings_file, tmp_path, "--load_pretrained=True", "--checkpoint_dir=" + str(tmp_path / "c2"))
     plain[plain.index("--rating_head=bias")] = "--rating_head=plain"
