@@ -471,7 +471,7 @@ def test(trainer):
     if trainer.dist.is_main:
         metrics.publish(report, f"test {trainer.prefix}, {which}",
                         report_path(args, trainer.prefix, args.checkpoint_step),
-                        metrics.prediction_frame(tasks, predicted, trainer.data))
+                        metrics.prediction_frame(tasks, predicted, trainer.data), trainer.fingerprint)
     return report
 
 
