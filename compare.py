@@ -109,8 +109,8 @@ def build_parser():
     add("--finetune_steps", type=options.non_negative_int, default=None,
         help="the older form of --finetune_steps_grid=K (K steps, lr still chosen on validation); "
              "0 = no Fine-tune row")
-    add("--finetune_lr_grid", type=options.comma_list(options.non_negative_float), default="0.01,0.03,0.1,0.3",
-        help="Fine-tune row: SGD learning rates chosen from on the validation users")
+    add("--finetune_lr_grid", type=options.comma_list(options.learning_rate), default="0.01,0.03,0.1,0.3",
+        help=f"Fine-tune row: SGD learning rates chosen from on the validation users (0 to {options.LR_MAX:g})")
     add("--start", default="basic", choices=tuple(START_FLAGS),
         help="how MAML and MELO start: basic = from the whole Basic model, inner lr 0.1, outer loss on the "
              "query target (--load_pretrained=True --inner_lr=0.1 --query_loss=target); embedding = from "

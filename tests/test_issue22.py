@@ -5,10 +5,12 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import ablation
 import compare
 import dataloader as dl
+import options
 
 import synthetic as sy
 from test_ablation import argv as ablation_argv
@@ -128,3 +130,27 @@ def test_ablation_remakes_a_variant_of_an_edited_ratings_file(tmp_path, monkeypa
     _, second = ablation.main(command)
     assert [("--test" in argv, "--overwrite=True" in argv) for _, argv in calls] == [(False, True), (True, False)]
     assert second != first
+
+
+# ============================================================================ learning rates (item 6)
+def test_every_learning_rate_flag_is_bounded_to_what_adam_can_use(capsys):
+    parser = options.build_parser()
+    rate_flags = [action.option_strings[0] for action in parser._actions
+                  if action.type is options.learning_rate or action.dest == "finetune_lr_grid"]
+    assert len(rate_flags) == 11 and "--outer_lr" in rate_flags and "--finetune_lr_grid" in rate_flags
+    for flag in rate_flags:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            options.parse_args([f"{flag}=2e38"])   # passed the float32 check, then overflowed Adam
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{flag}: must be a learning rate from 0 to 10000, got 2e38" in err[0], err
+    assert " ".join(parser.format_help().split()).count("(0 to 10000)") == len(rate_flags)
+    # the bound itself trains: Adam's first steps at LR_MAX stay finite in float32
+    weight = torch.nn.Parameter(torch.ones(4))
+    adam = torch.optim.Adam([weight], lr=options.LR_MAX)
+    for _ in range(3):
+        adam.zero_grad()
+        (weight ** 2).sum().backward()
+        adam.step()
+    assert torch.isfinite(weight).all()
