@@ -29,7 +29,7 @@ from meta_learner import (build_meta_learner, last_step_weights, mean_weight_by_
                           weight_sums_by_rating)
 from models.loss_networks import num_rating_buckets
 from options import MeloError, run_cli
-from runtime import Distributed, configure_cpu, interruption, seed_everything, sigterm_as_interrupt
+from runtime import Distributed, check_stop, configure_cpu, interruption, seed_everything, stop_signals_as_flag
 
 # Options that change the shape or meaning of what a checkpoint holds; resuming or testing with other
 # values is refused with the names of the ones that differ.
@@ -226,6 +226,7 @@ class MetaTrainer:
         predicted = torch.zeros(tasks.query_mask.shape, dtype=torch.float64, device=self.device)
         weight_sums = None
         for start in range(0, len(mine), self.args.batch_size):
+            check_stop()  # a stop signal acts between batches, never inside torch.func
             chunk = mine.select(slice(start, start + self.args.batch_size)).to(self.device)
             predicted[part.start + start:part.start + start + len(chunk)] = self.learner.predict(chunk).double()
             if with_weights and self.learner.inner_loss.has_weights:
@@ -343,6 +344,7 @@ class MetaTrainer:
             if self.validation_pending():  # resumed at a step whose validation was interrupted
                 self.validate_and_save(val_tasks, writer)
             for _ in bar:
+                check_stop()  # stop signals act here and between validation batches, never inside torch.func
                 loss = self.train_step()
                 if not math.isfinite(loss):
                     raise self.diverged(f"the outer loss became {loss} at iteration {self.iteration + 1}")
@@ -350,9 +352,10 @@ class MetaTrainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if writer is not None:
                     writer.add_scalar("train/outer_loss", loss, self.iteration)
+                check_stop()  # the step that was running when the signal came is saved
                 if self.validation_pending():
                     self.validate_and_save(val_tasks, writer)
-        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (runtime.sigterm_as_interrupt)
+        except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM, raised by check_stop
             what, status = interruption(error)
             path = self.save()
             pending = (" before its validation finished (the resumed run validates it first)"
@@ -506,7 +509,7 @@ def main(args):
                     load_pretrained(args, trainer.learner, trainer.fingerprint)
             writer = open_writer(args, trainer.prefix, trainer.log_folder, trainer.iteration) if dist.is_main else None
             try:
-                with sigterm_as_interrupt():
+                with stop_signals_as_flag():
                     trainer.train(writer)
                 if writer is not None:
                     log_hparams(writer, args, trainer.best)

@@ -199,8 +199,8 @@ import main, options
 sig, where, argv = getattr(signal, sys.argv[1]), sys.argv[2], sys.argv[3:]
 hooked = main.MetaTrainer.train_step if where == "training" else main.MetaTrainer.evaluate
 def send_then_go_on(self, *args):
-    if self.iteration == (3 if where == "training" else 4):
-        os.kill(os.getpid(), sig)  # delivered before the next line of Python runs
+    if self.iteration == (2 if where == "training" else 4):
+        os.kill(os.getpid(), sig)  # acted on once this step is done (training) or between validation batches
     return hooked(self, *args)
 setattr(main.MetaTrainer, "train_step" if where == "training" else "evaluate", send_then_go_on)
 options.run_cli(main.main, argv)
@@ -240,6 +240,43 @@ def test_sigterm_and_ctrl_c_save_the_latest_state_and_a_resume_equals_an_uninter
         # the first "train loss" after the resume averages the same iterations as without the stop
         line = next(line for line in printed.splitlines() if line.startswith("step 4: train loss"))
         assert line.split(" | ")[0] in capsys.readouterr().out
+
+
+INNER_LOOP_SIGNAL_SCRIPT = """
+import os, signal, sys
+import main, meta_learner, options
+state = {"iteration": None, "calls": 0}
+step, forward = main.MetaTrainer.train_step, meta_learner.functional_call
+def train_step(self):
+    state["iteration"], state["calls"] = self.iteration, 0
+    try:
+        return step(self)
+    finally:
+        state["iteration"] = None
+def functional_call(*args, **kwargs):  # the backbone's forward inside vmap and grad
+    if state["iteration"] == 2:
+        state["calls"] += 1
+        if state["calls"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, inside torch.func
+    return forward(*args, **kwargs)
+main.MetaTrainer.train_step, meta_learner.functional_call = train_step, functional_call
+options.run_cli(main.main, sys.argv[1:])
+"""
+
+
+def test_sigterm_inside_the_vmapped_inner_loop_saves_the_step_and_resumes_exactly(ratings_file, tmp_path, trained):
+    """A signal handler that raised there gave 'tensor may have escaped from inside a function being
+    vmapped', exit 1, and lost the step (issue 22): it only sets a flag, acted on after the step."""
+    argv = gru4rec(ratings_file, tmp_path)
+    process = subprocess.run([sys.executable, "-c", INNER_LOOP_SIGNAL_SCRIPT, *argv], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert process.returncode == 143, process.stderr
+    assert "Traceback" not in process.stderr and "escaped" not in process.stderr
+    assert f"terminated (SIGTERM): saved step 3 to {tmp_path}/ckpt/{PREFIX}_step3.pt" in process.stderr
+    assert "resume with --checkpoint_step=3" in process.stderr
+    resumed = run(argv + ["--checkpoint_step=3"])
+    for key, value in trained[1].learner.state_dict().items():
+        assert torch.equal(value, resumed.learner.state_dict()[key]), key
 
 
 def test_sigterm_stops_train_original_at_the_last_finished_epoch(ratings_file, tmp_path, monkeypatch, capsys):
