@@ -10,6 +10,7 @@
 Every `--log_interval` iterations the fixed validation tasks are scored, TensorBoard is written under
 `--log_dir`, and a checkpoint of that step (with the best-so-far weights) is saved in `--checkpoint_dir`.
 """
+import contextlib
 import math
 import os
 import sys
@@ -422,20 +423,51 @@ class MetaTrainer:
                 writer.add_scalar(f"adaptive_weight_step{k}/rating_{rating}", weight, step)
 
 
+class LogWriter:
+    """A TensorBoard writer whose write errors (a full disk on --log_dir: OSError) are a one-line
+    MeloError, as a full checkpoint disk is; the checkpoints saved before are intact. After one failure,
+    close() gives up quietly instead of raising the same error again."""
+
+    def __init__(self, folder, **kwargs):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.folder, self.failed = folder, False
+        self.writer = self._guarded(SummaryWriter, folder, **kwargs)
+        self.log_dir = self.writer.log_dir
+
+    def _guarded(self, method, *args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except OSError as error:
+            self.failed = True
+            raise MeloError(f"could not write the TensorBoard log in {self.folder} ({error.strerror or error}): "
+                            "is the disk full? The checkpoints saved before are intact; resume with "
+                            "--checkpoint_step=<the last saved step>") from None
+
+    def __getattr__(self, name):  # add_scalar, add_figure, add_text, add_hparams, flush
+        method = getattr(self.writer, name)
+        return lambda *args, **kwargs: self._guarded(method, *args, **kwargs)
+
+    def close(self):
+        if self.failed:
+            with contextlib.suppress(OSError):
+                self.writer.close()
+            return
+        self._guarded(self.writer.close)
+
+
 def open_writer(args, prefix, log_folder=None, step=0):
     """The run's TensorBoard writer. A fresh run gets a new folder `<prefix>_<time>_seed<seed>` under
     `--log_dir`; a run resumed at `step` goes on writing into its `log_folder` (its checkpoint records
     it), where what an interrupted attempt logged after that step is hidden (purge_step)."""
-    from torch.utils.tensorboard import SummaryWriter
-
     if log_folder is not None:
-        return SummaryWriter(os.path.join(args.log_dir, log_folder), purge_step=step + 1)
+        return LogWriter(os.path.join(args.log_dir, log_folder), purge_step=step + 1)
     name = f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}_seed{args.random_seed}"
     folder, copy = os.path.join(args.log_dir, name), 1
     while os.path.exists(folder):  # two runs started in the same second
         copy += 1
         folder = os.path.join(args.log_dir, f"{name}-{copy}")
-    writer = SummaryWriter(folder)
+    writer = LogWriter(folder)
     writer.add_text("options", "\n".join(f"    {k} = {v}" for k, v in sorted(vars(args).items())))
     return writer
 

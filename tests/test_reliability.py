@@ -1,5 +1,6 @@
 """Nothing lost, nothing silently wrong (issue 16): resume with changed flags, the run lock, duplicate
 ratings, non-finite scores, Ctrl-C and SIGTERM, data fingerprints, and the faults that must end in one line."""
+import errno
 import gzip
 import json
 import os
@@ -412,3 +413,33 @@ def test_csv_columns_reads_a_header_it_does_not_know(tmp_path):
     data = dl.load_data(sy.make_args("amazon", str(path), tmp_path, min_item=1, min_sequence=2,
                                      csv_columns="item,user,timestamp,rating"))
     assert list(data.user_ids) == ["u0", "u1"] and sorted(set(data.ratings.tolist())) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("when", ["start", "mid-run"])
+def test_a_full_log_disk_is_one_line_and_keeps_the_checkpoints(ratings_file, tmp_path, capsys, monkeypatch, when):
+    """TensorBoard's writer raised OSError with a traceback (issue 22): now one line, as for checkpoints."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(self, *args, **kwargs):
+        if when == "start" or self.step4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def add_scalar(self, tag, value, step=None, *args, **kwargs):
+        self.step4 = getattr(self, "step4", False) or step == 4   # from step 4's training loss on
+        return full(self)
+
+    monkeypatch.setattr(SummaryWriter, "add_text" if when == "start" else "add_scalar",
+                        full if when == "start" else add_scalar)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        options.run_cli(main.main, gru4rec(ratings_file, tmp_path))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    line = errors[0]   # (the progress bar shares stderr)
+    assert "could not write the TensorBoard log" in line and "No space left on device" in line
+    assert "checkpoints saved before are intact" in line
+    saved = sorted(os.listdir(tmp_path / "ckpt"))
+    assert saved == ([] if when == "start" else [f"{PREFIX}_step2.pt"]), saved   # no temporary files either
+    for name in saved:
+        assert checkpointing.read_saved_dict(str(tmp_path / "ckpt" / name), "checkpoint")["step"] == 2
