@@ -10,7 +10,9 @@ tested at that last checkpoint with its best-by-validation weights, for each see
 `--random_seed + 1`, ...; with `--vary_init=True` also `--model_init_seed`). A variant that loads
 pretrained weights gets them from `train_original.py --save_pretrained=True` (`--pretrain_epochs`), run
 once per seed. Runs live under `<results_dir>/<mode>/<model>/seed<s>/<variant>/`; a run whose report
-exists is reused, so an interrupted or extended ablation redoes nothing. The table (validation and test
+exists and records the data fingerprint of the ratings file as it is now is reused, so an interrupted or
+extended ablation redoes nothing; one made from other data (or before fingerprints, or truncated) is made
+again, with its training when its checkpoint is stale too. The table (validation and test
 RMSE, mean per-rating RMSE, the learned loss's mean weight per support rating; mean ± standard deviation
 over seeds) is printed and written to `<results_dir>/<mode>/<model>/ablation.md`.
 """
@@ -102,7 +104,7 @@ CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "lo
               "pretrain_log_dir", "test", "test_best", "test_baseline", "checkpoint_step",
               "num_train_iterations", "pretrain_epochs", "save_pretrained")
 # One variant of one seed: its test report, the runs it still needs, its folder and resolved settings.
-Run = namedtuple("Run", "seed name report steps folder settings")
+Run = namedtuple("Run", "seed name report steps folder settings argv")
 
 
 def build_parser():
@@ -168,8 +170,12 @@ def shared_flags(known, extra, seed):
     return flags + [*extra]
 
 
-def plan(known, extra, variants):
-    """A Run per seed and variant, with the (label, script, argv) steps it still needs."""
+def plan(known, extra, variants, fingerprints=None):
+    """A Run per seed and variant, with the (label, script, argv) steps it still needs: none when its
+    report is fresh (compare.report_problem: made from the data as it is now); a stale one is tested
+    again, and trained again (with its pretrained export) when its checkpoint is stale too.
+    `fingerprints` memoises compare.data_fingerprint (a variant may change the data flags)."""
+    fingerprints = {} if fingerprints is None else fingerprints
     runs = []
     for seed in [known.random_seed + k for k in range(known.seeds)]:
         shared = shared_flags(known, extra, seed)
@@ -187,18 +193,22 @@ def plan(known, extra, variants):
             check_settings(folder, name, args)
             prefix = meta_main.run_prefix(args)
             report = meta_main.report_path(args, prefix, known.num_train_iterations)
+            fingerprint = compare.data_fingerprint(args, fingerprints)
             steps = []
-            if not os.path.exists(report):
-                if not os.path.exists(checkpointing.checkpoint_path(args.checkpoint_dir, prefix,
-                                                                    known.num_train_iterations)):
+            problem = compare.report_problem(report, fingerprint, with_predictions=False)
+            if problem:
+                compare.remake(f"seed {seed} {name}", problem)
+                train = compare.training_need("main.py", flags, args.checkpoint_dir, prefix,
+                                              known.num_train_iterations, fingerprint)
+                if train:
                     if (args.load_pretrained or args.load_pretrained_embedding) and head not in pretrained:
-                        steps += pretraining_steps(known, shared + [f"--rating_head={head}"], pretrain_dir)
-                        pretrained.add(head)
-                    steps.append(compare.training_step("main.py", flags, args.checkpoint_dir, prefix,
-                                                       known.num_train_iterations))
+                        steps += pretraining_steps(known, shared + [f"--rating_head={head}"], pretrain_dir,
+                                                   fingerprints)
+                        pretrained.add(head)  # once per seed and head
+                    steps.append(train)
                 steps.append(("test", "main.py", flags + [f"--checkpoint_step={known.num_train_iterations}",
                                                          "--test"]))
-            runs.append(Run(seed, name, report, steps, folder, resolved_settings(args)))
+            runs.append(Run(seed, name, report, steps, folder, resolved_settings(args), flags))
     return runs
 
 
@@ -232,14 +242,18 @@ def pretrained_folder(known, seed, head):
     return os.path.join(seed_folder(known, seed), "pretrained" + ("" if head == "plain" else f"-{head}"))
 
 
-def pretraining_steps(known, flags, folder):
-    """train_original.py --save_pretrained=True for this seed into `folder`, unless its export exists."""
+def pretraining_steps(known, flags, folder, fingerprints):
+    """train_original.py --save_pretrained=True for this seed into `folder`, unless its export exists and
+    was made from the data as it is now (a stale one is made again over the old run)."""
     flags = flags + [f"--pretrain_log_dir={folder}", f"--pretrain_epochs={known.pretrain_epochs}",
                      "--save_pretrained=True", f"--log_dir={os.path.join(folder, 'runs')}"]
     args = options.parse_args(flags)
-    if os.path.exists(train_original.pretrained_path(args)):
-        return []
-    return [("pretrain", "train_original.py", flags)]
+    export = train_original.pretrained_path(args)
+    if not os.path.exists(export):
+        return [("pretrain", "train_original.py", flags)]
+    if compare.checkpoint_is_stale(export, compare.data_fingerprint(args, fingerprints)):
+        return [("pretrain", "train_original.py", flags + ["--overwrite=True"])]
+    return []
 
 
 def execute(known, runs):
@@ -259,12 +273,13 @@ def execute(known, runs):
             raise MeloError(f"seed {seed} {name} ({label}: python {script}) failed with exit status {status}{detail}")
 
 
-def build_table(known, variants, runs, argv):
-    """Markdown text and a JSON-ready summary from the runs' test reports."""
+def build_table(known, variants, runs, argv, fingerprints=None):
+    """Markdown text and a JSON-ready summary from the runs' test reports (each checked fresh)."""
+    fingerprints = {} if fingerprints is None else fingerprints
     reports = {}
     for run in runs:
-        with open(run.report) as handle:
-            reports.setdefault(run.name, []).append(json.load(handle))
+        fingerprint = compare.data_fingerprint(options.parse_args(run.argv), fingerprints)
+        reports.setdefault(run.name, []).append(compare.read_report(run.report, fingerprint))
     ratings = sorted({r for rs in reports.values() for report in rs
                       for r in report.get("adaptive_weight_by_rating", {})}, key=float)
     header = ("| variant | what | val RMSE | test RMSE | test MAE | test mean per-rating RMSE | "
@@ -298,7 +313,8 @@ def build_table(known, variants, runs, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     known, extra, variants = parse(argv)
-    runs = plan(known, extra, variants)
+    fingerprints = {}
+    runs = plan(known, extra, variants, fingerprints)
     try:
         execute(known, runs)
     except KeyboardInterrupt:
@@ -306,7 +322,7 @@ def main(argv=None):
         raise SystemExit(130)
     if known.dry_run:
         return None
-    text, summary = build_table(known, variants, runs, argv)
+    text, summary = build_table(known, variants, runs, argv, fingerprints)
     print()
     print(text)
     folder = os.path.join(known.results_dir, known.mode, known.model)

@@ -258,5 +258,5 @@ def test(args, data, dataset, name, publish=True):
         chosen = ", ".join(f"{k} {v:g}" for k, v in chosen_fields(name, value).items())
         metrics.publish(report, f"test {name} baseline{f' ({chosen}, chosen on validation)' if chosen else ''} "
                                 f"on {args.mode}", report_path(args, name),
-                        metrics.prediction_frame(tasks, predicted, data))
+                        metrics.prediction_frame(tasks, predicted, data), data.fingerprint())
     return report

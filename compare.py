@@ -22,6 +22,9 @@ uses --random_seed + k), `model_init_seed` (only the initial weights: --model_in
 Every run of a seed lives in `<results_dir>/<mode>/seed<s>/` (`seed<s>_init<i>` when the initial weights
 vary; checkpoints/, pretrained/, runs/, logs/), and every number comes from the JSON reports and the
 per-target CSVs there: a run whose report exists is not repeated, a finished training run is only tested.
+A report counts only when it records the data fingerprint of the ratings file as it is now (and, where
+the CSV is read, that CSV's hash): one made from other data, before fingerprints, or truncated is made
+again, with its training when the checkpoint was trained on other data too.
 The settings shared by all runs are recorded in `<results_dir>/<mode>/settings.json`; results made with
 other settings are refused rather than mixed in (use another `--results_dir`). The tables (RMSE and MAE
 per backbone x method per query window and per user, MELO's error reduction over Basic and over MAML,
@@ -107,8 +110,8 @@ def build_parser():
     add("--finetune_steps", type=options.non_negative_int, default=None,
         help="the older form of --finetune_steps_grid=K (K steps, lr still chosen on validation); "
              "0 = no Fine-tune row")
-    add("--finetune_lr_grid", type=options.comma_list(options.non_negative_float), default="0.01,0.03,0.1,0.3",
-        help="Fine-tune row: SGD learning rates chosen from on the validation users")
+    add("--finetune_lr_grid", type=options.comma_list(options.learning_rate), default="0.01,0.03,0.1,0.3",
+        help=f"Fine-tune row: SGD learning rates chosen from on the validation users (0 to {options.LR_MAX:g})")
     add("--start", default="basic", choices=tuple(START_FLAGS),
         help="how MAML and MELO start: basic = from the whole Basic model, inner lr 0.1, outer loss on the "
              "query target (--load_pretrained=True --inner_lr=0.1 --query_loss=target); embedding = from "
@@ -252,6 +255,61 @@ def record_settings(config, settings):
         metrics.write_json_atomic(settings, path)
 
 
+DATA_OPTIONS = ("mode", "data_path", "data_dir", "min_item", "min_sequence", "min_sub_window_size",
+                "keep_duplicates", "csv_columns")  # what load_data reads: its result's fingerprint
+
+
+def data_fingerprint(args, known=None):
+    """The fingerprint of the data `args` read (as main.py records it), computed once per data options
+    in the dict `known`."""
+    key = tuple(getattr(args, name) for name in DATA_OPTIONS)
+    known = {} if known is None else known
+    if key not in known:
+        known[key] = load_data(args).fingerprint()
+    return known[key]
+
+
+def report_problem(path, fingerprint, with_predictions):
+    """Why the report at `path` cannot be reused for the data of `fingerprint`, or None when it can: a
+    report is fresh only when it records this data's fingerprint and (with_predictions) its per-target
+    CSV is the one written with it."""
+    if not os.path.exists(path):
+        return f"{path} is missing"
+    try:
+        with open(path) as handle:
+            report = json.load(handle)
+    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return f"{path} cannot be read (truncated or damaged: {error})"
+    if not isinstance(report, dict):
+        return f"{path} is not a MELO report"
+    saved = report.get("data_fingerprint")
+    if saved is None:
+        return f"{path} records no data fingerprint (written before reports recorded one)"
+    if saved != fingerprint:
+        return f"{path} was made from other data (data fingerprint {saved}, this data {fingerprint})"
+    if with_predictions:
+        csv = metrics.predictions_path(path)
+        if not os.path.exists(csv):
+            return f"{csv} is missing"
+        if metrics.file_sha256(csv) != report.get("predictions_sha256"):
+            return f"{csv} is not the one written with {path} (truncated or replaced)"
+    return None
+
+
+def read_report(path, fingerprint, with_predictions=False):
+    """The report at `path`; a stale or damaged one (report_problem) is a one-line MeloError."""
+    problem = report_problem(path, fingerprint, with_predictions)
+    if problem:
+        raise MeloError(f"{problem}: remove it, and run the same command again to make it anew")
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def checkpoint_is_stale(path, fingerprint):
+    """Was the checkpoint (or export) at `path` made from other data, or before fingerprints were saved?"""
+    return checkpointing.read_saved_dict(path, "checkpoint").get("data_fingerprint") != fingerprint
+
+
 def check_data(config):
     """Read the data and make every seed's split here, so a file or split problem is one early error
     instead of a failed first run (this also fills the data cache the runs then read)."""
@@ -280,28 +338,41 @@ class Piece:
         return f"{self.seed} {what}"
 
 
-def plan(config):
-    """Every piece, with the runs each still needs (none when its report exists)."""
+def plan(config, fingerprint=None):
+    """Every piece, with the runs each still needs: none when its report is fresh (made from this data,
+    report_problem); a stale one is tested again, and trained again when its checkpoint is stale too."""
+    if fingerprint is None:
+        fingerprint = data_fingerprint(options.parse_args(run_flags(config, config.seeds[0])))
     pieces = []
     for seed in config.seeds:
         shared = run_flags(config, seed)
         args = options.parse_args(shared)
         for name in baselines.BASELINES:
-            pieces.append(Piece(seed, None, name, baselines.report_path(args, name),
-                                [("test", "main.py", shared + ["--test_baseline", f"--baseline={name}"])]))
+            report = baselines.report_path(args, name)
+            steps = [("test", "main.py", shared + ["--test_baseline", f"--baseline={name}"])]
+            pieces.append(Piece(seed, None, name, report, steps if report_problem(report, fingerprint, False)
+                                else []))
         for model in config.models:
-            pieces += [basic_piece(config, seed, shared, model, finetune=False)]
+            pieces += [basic_piece(config, seed, shared, model, False, fingerprint)]
             if config.finetune_steps_grid:
-                pieces.append(basic_piece(config, seed, shared, model, finetune=True))
+                pieces.append(basic_piece(config, seed, shared, model, True, fingerprint))
             for method, adaptive in (("maml", "False"), ("melo", "True")):
-                pieces.append(meta_piece(config, seed, model, method, adaptive))
-    for piece in pieces:
-        if os.path.exists(piece.report):
-            piece.steps = []
+                pieces.append(meta_piece(config, seed, model, method, adaptive, fingerprint))
     return pieces
 
 
-def basic_piece(config, seed, shared, model, finetune):
+def with_predictions(method):
+    """Is the per-target CSV of this method read (for the paired intervals)?"""
+    return method in ("melo",) + PAIRED
+
+
+def remake(piece_name, problem):
+    """Say why a report that exists is made again."""
+    if not problem.endswith(" is missing"):
+        print(f"{piece_name}: {problem}: making it again", flush=True)
+
+
+def basic_piece(config, seed, shared, model, finetune, fingerprint):
     """Basic (trains if its last checkpoint is missing, exporting its weights unless --start=random, then
     tests) or Fine-tune (tests the Basic checkpoint, which the Basic piece before it trains, with lr and
     steps chosen on validation)."""
@@ -309,34 +380,59 @@ def basic_piece(config, seed, shared, model, finetune):
     tuning = [f"--finetune_steps_grid={','.join(map(str, config.finetune_steps_grid))}",
               f"--finetune_lr_grid={','.join(f'{lr:g}' for lr in config.finetune_lr_grid)}"] if finetune else []
     args = options.parse_args(flags + tuning)
-    steps = [("test", "train_original.py", flags + [f"--checkpoint_step={config.epochs}", "--test"] + tuning)]
-    prefix = train_original.run_prefix(args)
-    checkpoint = checkpointing.checkpoint_path(args.pretrain_log_dir, prefix, config.epochs)
-    if not finetune and not os.path.exists(checkpoint):
+    method = "finetune" if finetune else "basic"
+    piece = Piece(seed, model, method, train_original.report_path(args, config.epochs), [])
+    problem = report_problem(piece.report, fingerprint, with_predictions(method))
+    if problem is None:
+        return piece
+    remake(piece.name, problem)
+    piece.steps = [("test", "train_original.py", flags + [f"--checkpoint_step={config.epochs}", "--test"] + tuning)]
+    if not finetune:  # Fine-tune tests the checkpoint that the Basic piece before it (re)makes
         export = ["--save_pretrained=True"] if START_FLAGS[config.start] else []
-        steps.insert(0, training_step("train_original.py", flags + export, args.pretrain_log_dir, prefix,
-                                      config.epochs))
-    return Piece(seed, model, "finetune" if finetune else "basic", train_original.report_path(args, config.epochs),
-                 steps)
+        train = training_need("train_original.py", flags + export, args.pretrain_log_dir,
+                              train_original.run_prefix(args), config.epochs, fingerprint)
+        piece.steps[:0] = [train] if train else []
+    return piece
 
 
-def meta_piece(config, seed, model, method, adaptive):
+def meta_piece(config, seed, model, method, adaptive, fingerprint):
     """MAML or MELO, started as --start says (the test gets the same flags, which it does not read, so
     that each test command is its training command plus --checkpoint_step and --test)."""
     flags = run_flags(config, seed, START_FLAGS[config.start]) + [
         f"--model={model}", f"--use_adaptive_loss={adaptive}", f"--num_train_iterations={config.iterations}"]
     args = options.parse_args(flags)
     prefix = meta_main.run_prefix(args)
-    steps = [("test", "main.py", flags + [f"--checkpoint_step={config.iterations}", "--test"])]
-    if not os.path.exists(checkpointing.checkpoint_path(args.checkpoint_dir, prefix, config.iterations)):
-        steps.insert(0, training_step("main.py", flags, args.checkpoint_dir, prefix, config.iterations))
-    return Piece(seed, model, method, meta_main.report_path(args, prefix, config.iterations), steps)
+    piece = Piece(seed, model, method, meta_main.report_path(args, prefix, config.iterations), [])
+    problem = report_problem(piece.report, fingerprint, with_predictions(method))
+    if problem is None:
+        return piece
+    remake(piece.name, problem)
+    train = training_need("main.py", flags, args.checkpoint_dir, prefix, config.iterations, fingerprint)
+    piece.steps = ([train] if train else []) + [
+        ("test", "main.py", flags + [f"--checkpoint_step={config.iterations}", "--test"])]
+    return piece
 
 
-def training_step(script, flags, directory, prefix, last_step):
+def training_need(script, flags, directory, prefix, last_step, fingerprint):
+    """The training step a test of `last_step` needs first: none when its checkpoint exists and was made
+    from this data; a fresh run over a stale one (--overwrite=True); else training_step."""
+    final = checkpointing.checkpoint_path(directory, prefix, last_step)
+    if not os.path.exists(final):
+        return training_step(script, flags, directory, prefix, last_step, fingerprint)
+    if checkpoint_is_stale(final, fingerprint):
+        print(f"    {final} was trained on other data: training it again", flush=True)
+        return ("train", script, flags + ["--overwrite=True"])
+    return None
+
+
+def training_step(script, flags, directory, prefix, last_step, fingerprint=None):
     """The step that makes a missing final checkpoint: a fresh run, or, after an interrupted one, resuming
-    from the last checkpoint it saved (exactly as if it had never stopped)."""
+    from the last checkpoint it saved (exactly as if it had never stopped), unless that checkpoint was
+    made from other data than `fingerprint`'s: then a fresh run over it."""
     earlier = [step for step in checkpointing.available_steps(directory, prefix) if step < last_step]
+    if earlier and fingerprint is not None and checkpoint_is_stale(
+            checkpointing.checkpoint_path(directory, prefix, earlier[-1]), fingerprint):
+        return ("train", script, flags + ["--overwrite=True"])
     return ("train", script, flags + ([f"--checkpoint_step={earlier[-1]}"] if earlier else []))
 
 
@@ -386,12 +482,12 @@ def execute(config, pieces):
 
 
 # ============================================================================ the tables
-def read_reports(pieces):
-    """{(model or None, method): [report per seed in seed order]}."""
+def read_reports(pieces, fingerprint):
+    """{(model or None, method): [report per seed in seed order]}, each checked fresh (read_report)."""
     found = {}
     for piece in pieces:
-        with open(piece.report) as handle:
-            found.setdefault((piece.model, piece.method), []).append(json.load(handle))
+        found.setdefault((piece.model, piece.method), []).append(
+            read_report(piece.report, fingerprint, with_predictions(piece.method)))
     return found
 
 
@@ -399,11 +495,8 @@ def read_predictions(pieces):
     """{(model, method): [per-target DataFrame per seed]} of the methods MELO is paired with."""
     found = {}
     for piece in pieces:
-        if piece.method in ("melo",) + PAIRED:
+        if with_predictions(piece.method):  # read_reports checked that it is the report's own CSV
             path = metrics.predictions_path(piece.report)
-            if not os.path.exists(path):
-                raise MeloError(f"{path} is missing (a report from before per-target predictions): remove "
-                                f"{piece.report} so that compare.py tests it again")
             found.setdefault((piece.model, piece.method), []).append(pd.read_csv(path))
     return found
 
@@ -693,7 +786,8 @@ def build_tables(config, reports, predictions=None):
 
 def main(argv=None):
     config = parse(argv)
-    pieces = plan(config)
+    fingerprint = data_fingerprint(options.parse_args(run_flags(config, config.seeds[0])))
+    pieces = plan(config, fingerprint)
     # Every run's full flag set is checked before anything starts (argparse's cross-flag checks).
     for piece in pieces:
         for _, _, run_argv in piece.steps:
@@ -710,7 +804,7 @@ def main(argv=None):
         raise SystemExit(130)
     if config.dry_run:
         return None
-    reports = read_reports(pieces)
+    reports = read_reports(pieces, fingerprint)
     text, summary = build_tables(config, reports, read_predictions(pieces))
     print()
     print(text)

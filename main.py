@@ -10,6 +10,7 @@
 Every `--log_interval` iterations the fixed validation tasks are scored, TensorBoard is written under
 `--log_dir`, and a checkpoint of that step (with the best-so-far weights) is saved in `--checkpoint_dir`.
 """
+import contextlib
 import math
 import os
 import sys
@@ -29,7 +30,7 @@ from meta_learner import (build_meta_learner, last_step_weights, mean_weight_by_
                           weight_sums_by_rating)
 from models.loss_networks import num_rating_buckets
 from options import MeloError, run_cli
-from runtime import Distributed, configure_cpu, interruption, seed_everything, sigterm_as_interrupt
+from runtime import Distributed, check_stop, configure_cpu, interruption, seed_everything, stop_signals_as_flag
 
 # Options that change the shape or meaning of what a checkpoint holds; resuming or testing with other
 # values is refused with the names of the ones that differ.
@@ -229,6 +230,7 @@ class MetaTrainer:
         predicted = torch.zeros(tasks.query_mask.shape, dtype=torch.float64, device=self.device)
         weight_sums = None
         for start in range(0, len(mine), self.args.batch_size):
+            check_stop()  # a stop signal acts between batches, never inside torch.func
             chunk = mine.select(slice(start, start + self.args.batch_size)).to(self.device)
             predicted[part.start + start:part.start + start + len(chunk)] = self.learner.predict(chunk).double()
             if with_weights and self.learner.inner_loss.has_weights:
@@ -346,6 +348,7 @@ class MetaTrainer:
             if self.validation_pending():  # resumed at a step whose validation was interrupted
                 self.validate_and_save(val_tasks, writer)
             for _ in bar:
+                check_stop()  # stop signals act here and between validation batches, never inside torch.func
                 loss = self.train_step()
                 if not math.isfinite(loss):
                     raise self.diverged(f"the outer loss became {loss} at iteration {self.iteration + 1}")
@@ -353,9 +356,10 @@ class MetaTrainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if writer is not None:
                     writer.add_scalar("train/outer_loss", loss, self.iteration)
+                check_stop()  # the step that was running when the signal came is saved
                 if self.validation_pending():
                     self.validate_and_save(val_tasks, writer)
-        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (runtime.sigterm_as_interrupt)
+        except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM, raised by check_stop
             what, status = interruption(error)
             path = self.save()
             pending = (" before its validation finished (the resumed run validates it first)"
@@ -422,20 +426,51 @@ class MetaTrainer:
                 writer.add_scalar(f"adaptive_weight_step{k}/rating_{rating}", weight, step)
 
 
+class LogWriter:
+    """A TensorBoard writer whose write errors (a full disk on --log_dir: OSError) are a one-line
+    MeloError, as a full checkpoint disk is; the checkpoints saved before are intact. After one failure,
+    close() gives up quietly instead of raising the same error again."""
+
+    def __init__(self, folder, **kwargs):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.folder, self.failed = folder, False
+        self.writer = self._guarded(SummaryWriter, folder, **kwargs)
+        self.log_dir = self.writer.log_dir
+
+    def _guarded(self, method, *args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except OSError as error:
+            self.failed = True
+            raise MeloError(f"could not write the TensorBoard log in {self.folder} ({error.strerror or error}): "
+                            "is the disk full? The checkpoints saved before are intact; resume with "
+                            "--checkpoint_step=<the last saved step>") from None
+
+    def __getattr__(self, name):  # add_scalar, add_figure, add_text, add_hparams, flush
+        method = getattr(self.writer, name)
+        return lambda *args, **kwargs: self._guarded(method, *args, **kwargs)
+
+    def close(self):
+        if self.failed:
+            with contextlib.suppress(OSError):
+                self.writer.close()
+            return
+        self._guarded(self.writer.close)
+
+
 def open_writer(args, prefix, log_folder=None, step=0):
     """The run's TensorBoard writer. A fresh run gets a new folder `<prefix>_<time>_seed<seed>` under
     `--log_dir`; a run resumed at `step` goes on writing into its `log_folder` (its checkpoint records
     it), where what an interrupted attempt logged after that step is hidden (purge_step)."""
-    from torch.utils.tensorboard import SummaryWriter
-
     if log_folder is not None:
-        return SummaryWriter(os.path.join(args.log_dir, log_folder), purge_step=step + 1)
+        return LogWriter(os.path.join(args.log_dir, log_folder), purge_step=step + 1)
     name = f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}_seed{args.random_seed}"
     folder, copy = os.path.join(args.log_dir, name), 1
     while os.path.exists(folder):  # two runs started in the same second
         copy += 1
         folder = os.path.join(args.log_dir, f"{name}-{copy}")
-    writer = SummaryWriter(folder)
+    writer = LogWriter(folder)
     writer.add_text("options", "\n".join(f"    {k} = {v}" for k, v in sorted(vars(args).items())))
     return writer
 
@@ -474,7 +509,7 @@ def test(trainer):
     if trainer.dist.is_main:
         metrics.publish(report, f"test {trainer.prefix}, {which}",
                         report_path(args, trainer.prefix, args.checkpoint_step),
-                        metrics.prediction_frame(tasks, predicted, trainer.data))
+                        metrics.prediction_frame(tasks, predicted, trainer.data), trainer.fingerprint)
     return report
 
 
@@ -509,7 +544,7 @@ def main(args):
                     load_pretrained(args, trainer.learner, trainer.fingerprint)
             writer = open_writer(args, trainer.prefix, trainer.log_folder, trainer.iteration) if dist.is_main else None
             try:
-                with sigterm_as_interrupt():
+                with stop_signals_as_flag():
                     trainer.train(writer)
                 if writer is not None:
                     log_hparams(writer, args, trainer.best)

@@ -10,6 +10,7 @@ the same target item, so each target counts that many times); `report["per_user"
 with each user scored once: its windows' predictions are averaged into one prediction of its target.
 (Averaging the squared errors instead would change nothing: every user has the same number of windows.)
 """
+import hashlib
 import json
 import math
 import os
@@ -142,15 +143,28 @@ def predictions_path(report_path):
     return os.path.splitext(report_path)[0] + ".csv"
 
 
-def publish(report, title, path, predictions=None):
+def file_sha256(path):
+    """sha256 of a file's bytes (the per-target CSV a report records)."""
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def publish(report, title, path, predictions=None, fingerprint=None):
     """Write the report as JSON to `path`, and the per-target `predictions` frame (prediction_frame) as
     CSV beside it, and print it (rank 0's job). Written first: a closed output (`| head`) must not lose
     them; when they cannot be written, the numbers are printed before the error. Non-finite numbers
-    (diverged weights) are written as null, and the run then fails."""
+    (diverged weights) are written as null, and the run then fails.
+
+    The report records the `fingerprint` of the data it was made from and the CSV's sha256, and is written
+    after the CSV: a report whose data or CSV changed since (compare.py, ablation.py) is never reused."""
+    if fingerprint is not None:
+        report["data_fingerprint"] = fingerprint
     try:
-        write_json_atomic(report, path)
         if predictions is not None:
-            write_atomic(predictions_path(path), lambda out: predictions.to_csv(out, index=False), binary=False)
+            text = predictions.to_csv(index=False)
+            report["predictions_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+            write_atomic(predictions_path(path), lambda out: out.write(text), binary=False)
+        write_json_atomic(report, path)
     except OSError as error:
         print(format_report(report, title))
         raise MeloError(f"the report could not be written to {path} ({error.strerror or error}): the numbers "

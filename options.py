@@ -19,6 +19,10 @@ BASELINE_CHOICES = ("mean-rating", "user-mean", "shrunk-user-mean", "user-item-b
 COLUMN_ROLES = ("user", "item", "rating", "timestamp")
 # Float flags become float32 tensors (learning rates in Adam, ratings): larger values overflow there.
 FLOAT32_MAX = 3.4028234663852886e38
+# The largest learning rate a flag accepts. Adam divides the rate by 1 - beta1 (0.1) at its first step, so
+# rates near FLOAT32_MAX overflowed there; any rate near this bound already moves weights by ~1e4 per step
+# (normalised ratings are at most 1), far past anything that trains.
+LR_MAX = 1e4
 
 # Where each mode's ratings live when --data_path is not given (MovieLens is downloaded there).
 DEFAULT_DATA_PATHS = {
@@ -40,9 +44,10 @@ def str2bool(text):
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def _checked(kind, minimum, what):
-    """An argparse type that converts with `kind` and rejects values below `minimum` (`None`: no bound);
-    floats must be finite within float32's range (nan, inf or 1e300 would fail deep inside training)."""
+def _checked(kind, minimum, what, maximum=None):
+    """An argparse type that converts with `kind` and rejects values below `minimum` (`None`: no bound)
+    or above `maximum`; floats must be finite within float32's range (nan, inf or 1e300 would fail deep
+    inside training)."""
 
     def convert(text):
         try:
@@ -51,7 +56,7 @@ def _checked(kind, minimum, what):
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
         if kind is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
             raise argparse.ArgumentTypeError(f"must be a finite number of at most {FLOAT32_MAX:.3g}, got {text}")
-        if minimum is not None and value < minimum:
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
 
@@ -62,6 +67,7 @@ non_negative_int = _checked(int, 0, ">= 0")
 positive_int = _checked(int, 1, ">= 1")
 non_negative_float = _checked(float, 0.0, ">= 0")
 finite_float = _checked(float, None, "")
+learning_rate = _checked(float, 0.0, f"a learning rate from 0 to {LR_MAX:g}", LR_MAX)
 
 
 def comma_list(convert):
@@ -162,7 +168,7 @@ def build_parser():
     add = meta.add_argument
     add("--num_train_iterations", type=positive_int, default=2000, help="outer iterations")
     add("--num_inner_steps", type=positive_int, default=3, help="inner-loop gradient steps per task")
-    add("--inner_lr", type=non_negative_float, default=1e-3,
+    add("--inner_lr", type=learning_rate, default=1e-3,
         help="initial value of every learned inner learning rate")
     add("--bias_start", default="fold-in", choices=("fold-in", "zero"),
         help="--rating_head=bias: the item biases start at the user + item bias fold-in's (closed form on the "
@@ -176,11 +182,11 @@ def build_parser():
         help="--rating_head=bias: the inner loop adapts b_item (False: only the outer loop learns it)")
     add("--use_learnable_params", type=str2bool, default=True,
         help="meta-learn the per-layer, per-step inner learning rates (MAML++ LSLR)")
-    add("--learn_lr", type=non_negative_float, default=1e-3, help="Adam lr of the inner learning rates")
-    add("--outer_lr", type=non_negative_float, default=1e-3, help="Adam lr of the backbone")
+    add("--learn_lr", type=learning_rate, default=1e-3, help="Adam lr of the inner learning rates")
+    add("--outer_lr", type=learning_rate, default=1e-3, help="Adam lr of the backbone")
     add("--outer_weight_decay", type=non_negative_float, default=0.0,
         help="Adam weight decay of the backbone in the outer loop (against overfitting the training users)")
-    add("--min_outer_lr", type=non_negative_float, default=1e-4,
+    add("--min_outer_lr", type=learning_rate, default=1e-4,
         help="cosine annealing floor of --outer_lr")
     add("--grad_clip", type=non_negative_float, default=5.0,
         help="clip the meta-gradient norm (0 = off)")
@@ -205,10 +211,10 @@ def build_parser():
     add("--lstm_input_size", type=positive_int, default=16, help="rating-embedding size of the encoder")
     add("--lstm_hidden", type=positive_int, default=32, help="hidden size of the rating-sequence LSTM")
     add("--lstm_num_layers", type=positive_int, default=1, help="layers of the rating-sequence LSTM")
-    add("--lstm_lr", type=non_negative_float, default=0.01,
+    add("--lstm_lr", type=learning_rate, default=0.01,
         help="Adam lr of the loss networks, cosine-annealed to --min_lstm_lr (the original's 0.1 drove the "
              "weights to their extremes within 25 iterations)")
-    add("--min_lstm_lr", type=non_negative_float, default=0.001, help="floor of --lstm_lr")
+    add("--min_lstm_lr", type=learning_rate, default=0.001, help="floor of --lstm_lr")
     add("--use_mlp", type=str2bool, default=False,
         help="weight network: an MLP fed the task statistics chosen below")
     add("--task_info_loss", type=str2bool, default=True, help="MLP input: per-position loss")
@@ -216,13 +222,13 @@ def build_parser():
     add("--task_info_rating_std", type=str2bool, default=True, help="MLP input: task rating std")
     add("--task_info_labels", type=str2bool, default=True, help="MLP input: the label")
     add("--task_info_predictions", type=str2bool, default=True, help="MLP input: the prediction")
-    add("--task_info_lr", type=non_negative_float, default=1e-3, help="Adam lr of the MLP weight net")
+    add("--task_info_lr", type=learning_rate, default=1e-3, help="Adam lr of the MLP weight net")
     add("--use_mlp_mean", type=str2bool, default=False,
         help="METAL-style: an MLP turns the weighted losses into the inner loss")
     add("--use_step_loss", type=str2bool, default=False,
         help="with --use_mlp_mean: one loss MLP per inner step")
     add("--loss_num_layers", type=positive_int, default=2, help="layers of the loss MLP")
-    add("--loss_lr", type=non_negative_float, default=1e-3, help="Adam lr of the loss MLP")
+    add("--loss_lr", type=learning_rate, default=1e-3, help="Adam lr of the loss MLP")
     add("--loss_weight_decay", type=non_negative_float, default=0.0, help="weight decay of the loss MLP")
     add("--adaptive_weights", default="normalised", choices=("normalised", "centred", "bounded", "unbounded"),
         help="how the weight network's output z becomes a position's weight: normalised = 0.1 + 2·sigmoid(z) "
@@ -279,7 +285,7 @@ def build_parser():
     add = base.add_argument
     add("--pretraining_batch_size", type=positive_int, default=128, help="windows per batch")
     add("--pretrain_epochs", type=non_negative_int, default=100, help="training epochs")
-    add("--pretraining_lr", type=non_negative_float, default=1e-3, help="Adam lr")
+    add("--pretraining_lr", type=learning_rate, default=1e-3, help="Adam lr")
     add("--pretrain_log_dir", default="./pretrained",
         help="checkpoints and exported weights of train_original.py")
     add("--use_learned_loss_baseline", type=str2bool, default=False,
@@ -287,13 +293,13 @@ def build_parser():
     add("--finetune_steps", type=non_negative_int, default=0,
         help="train_original.py --test: plain SGD steps on each test user's support windows before "
              "predicting (the fine-tuning baseline between no adaptation and MAML; 0 = none)")
-    add("--finetune_lr", type=non_negative_float, default=0.1,
+    add("--finetune_lr", type=learning_rate, default=0.1,
         help="SGD learning rate of --finetune_steps (on the masked mean squared error of ratings / 5)")
     add("--finetune_steps_grid", type=comma_list(non_negative_int), default="",
         help="train_original.py --test: comma-separated step counts; with --finetune_lr_grid, the "
              "(lr, steps) pair with the best validation --select_by is used (replaces --finetune_steps); "
              "a grid whose choice sits on its edge is extended (see tuning.py)")
-    add("--finetune_lr_grid", type=comma_list(non_negative_float), default="",
+    add("--finetune_lr_grid", type=comma_list(learning_rate), default="",
         help="comma-separated fine-tuning learning rates chosen from on validation (replaces --finetune_lr)")
     add("--save_pretrained", type=str2bool, default=False,
         help="export the item embedding and the whole model for main.py")
@@ -301,6 +307,9 @@ def build_parser():
         help="main.py starts from the item embedding saved by train_original.py")
     add("--load_pretrained", type=str2bool, default=False,
         help="main.py starts from the whole model saved by train_original.py")
+    for action in parser._actions:  # every rate flag says its bound (argparse checks it through the type)
+        if action.type is learning_rate or action.dest == "finetune_lr_grid":
+            action.help += f" (0 to {LR_MAX:g})"
     return parser
 
 

@@ -70,6 +70,48 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+_stop_signal = [None]  # the stop signal that arrived and is not yet acted on (stop_signals_as_flag)
+
+
+def check_stop():
+    """Raise what a stop signal that arrived asks for (Terminated for SIGTERM, KeyboardInterrupt for
+    SIGINT): training calls it between iterations and between validation batches, where raising leaves
+    nothing half done. A no-op when none arrived, or outside stop_signals_as_flag."""
+    signum, _stop_signal[0] = _stop_signal[0], None
+    if signum == signal.SIGTERM:
+        raise Terminated()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def stop_signals_as_flag():
+    """Within the block, SIGTERM and Ctrl-C (SIGINT) only record that they arrived; check_stop acts on it.
+    Raising from the handler could land inside torch.func's vmap / grad (the inner loop), which leaves
+    its tensors escaped and ends in a traceback with the step unsaved (issue 22). A second SIGTERM is
+    ignored; a second Ctrl-C before the first was acted on raises at once (to stop a stuck run). Python
+    can only install handlers in the main thread: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and _stop_signal[0] == signal.SIGINT:
+            raise KeyboardInterrupt()
+        if signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop_signal[0] = _stop_signal[0] or signum
+
+    _stop_signal[0] = None
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+        _stop_signal[0] = None
+
+
 def configure_cpu(args):
     """`--num_threads=N` caps torch's CPU threads (0 keeps PyTorch's default: one per core);
     `--keep_freed_memory` (default) keeps freed memory in the process (`keep_freed_memory`). Returns

@@ -463,7 +463,7 @@ def test(trainer):
         report["finetune_selection"] = selection
     if trainer.dist.is_main:
         metrics.publish(report, f"test {trainer.prefix}, {which}", report_path(args, args.checkpoint_step),
-                        metrics.prediction_frame(tasks, predicted, trainer.data))
+                        metrics.prediction_frame(tasks, predicted, trainer.data), trainer.fingerprint)
     return report
 
 

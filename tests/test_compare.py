@@ -235,6 +235,7 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
     monkeypatch.setattr(compare, "run_script", no_runs)
     command = argv(ratings_file, tmp_path, "--models=sasrec", "--seeds=2", "--random_seed=7", "--finetune_steps_grid=")
     config = compare.parse(command)
+    fingerprint = compare.data_fingerprint(options.parse_args(compare.run_flags(config, config.seeds[0])))
     values = {("basic", 7): 1.0, ("basic", 8): 0.8, ("maml", 7): 0.9, ("maml", 8): 0.7, ("melo", 7): 0.8,
               ("melo", 8): 0.6}
     for name in baselines.BASELINES:
@@ -246,13 +247,11 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
         report = fake_report(value, value / 2, per_rating)
         if piece.method == "shrunk-user-mean" and piece.seed.random_seed == 7:  # on its grid's edge
             report["selection"] = {"at_edge": {"shrinkage": "largest"}}
-        with open(piece.report, "w") as handle:
-            json.dump(report, handle)
         # per-target predictions: 8 users, one window each, the error of the user grows with the value
         users = np.arange(8)
-        pd.DataFrame({"user": users, "window": 0, "item": 10, "rating": 4.0, "window_length": 3,
-                      "prediction": 4.0 + value * (1 + users % 3)}).to_csv(
-            metrics.predictions_path(piece.report), index=False)
+        metrics.publish(report, "fake", piece.report,
+                        pd.DataFrame({"user": users, "window": 0, "item": 10, "rating": 4.0, "window_length": 3,
+                                      "prediction": 4.0 + value * (1 + users % 3)}), fingerprint)
     text, summary = compare.main(command)
     rows = markdown_rows(text.split("## RMSE and MAE per user")[0])
     std = 0.2 / 2 ** 0.5  # sample standard deviation of two values 0.2 apart

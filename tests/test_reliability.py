@@ -1,5 +1,6 @@
 """Nothing lost, nothing silently wrong (issue 16): resume with changed flags, the run lock, duplicate
 ratings, non-finite scores, Ctrl-C and SIGTERM, data fingerprints, and the faults that must end in one line."""
+import errno
 import gzip
 import json
 import os
@@ -199,8 +200,8 @@ import main, options
 sig, where, argv = getattr(signal, sys.argv[1]), sys.argv[2], sys.argv[3:]
 hooked = main.MetaTrainer.train_step if where == "training" else main.MetaTrainer.evaluate
 def send_then_go_on(self, *args):
-    if self.iteration == (3 if where == "training" else 4):
-        os.kill(os.getpid(), sig)  # delivered before the next line of Python runs
+    if self.iteration == (2 if where == "training" else 4):
+        os.kill(os.getpid(), sig)  # acted on once this step is done (training) or between validation batches
     return hooked(self, *args)
 setattr(main.MetaTrainer, "train_step" if where == "training" else "evaluate", send_then_go_on)
 options.run_cli(main.main, argv)
@@ -240,6 +241,43 @@ def test_sigterm_and_ctrl_c_save_the_latest_state_and_a_resume_equals_an_uninter
         # the first "train loss" after the resume averages the same iterations as without the stop
         line = next(line for line in printed.splitlines() if line.startswith("step 4: train loss"))
         assert line.split(" | ")[0] in capsys.readouterr().out
+
+
+INNER_LOOP_SIGNAL_SCRIPT = """
+import os, signal, sys
+import main, meta_learner, options
+state = {"iteration": None, "calls": 0}
+step, forward = main.MetaTrainer.train_step, meta_learner.functional_call
+def train_step(self):
+    state["iteration"], state["calls"] = self.iteration, 0
+    try:
+        return step(self)
+    finally:
+        state["iteration"] = None
+def functional_call(*args, **kwargs):  # the backbone's forward inside vmap and grad
+    if state["iteration"] == 2:
+        state["calls"] += 1
+        if state["calls"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, inside torch.func
+    return forward(*args, **kwargs)
+main.MetaTrainer.train_step, meta_learner.functional_call = train_step, functional_call
+options.run_cli(main.main, sys.argv[1:])
+"""
+
+
+def test_sigterm_inside_the_vmapped_inner_loop_saves_the_step_and_resumes_exactly(ratings_file, tmp_path, trained):
+    """A signal handler that raised there gave 'tensor may have escaped from inside a function being
+    vmapped', exit 1, and lost the step (issue 22): it only sets a flag, acted on after the step."""
+    argv = gru4rec(ratings_file, tmp_path)
+    process = subprocess.run([sys.executable, "-c", INNER_LOOP_SIGNAL_SCRIPT, *argv], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert process.returncode == 143, process.stderr
+    assert "Traceback" not in process.stderr and "escaped" not in process.stderr
+    assert f"terminated (SIGTERM): saved step 3 to {tmp_path}/ckpt/{PREFIX}_step3.pt" in process.stderr
+    assert "resume with --checkpoint_step=3" in process.stderr
+    resumed = run(argv + ["--checkpoint_step=3"])
+    for key, value in trained[1].learner.state_dict().items():
+        assert torch.equal(value, resumed.learner.state_dict()[key]), key
 
 
 def test_sigterm_stops_train_original_at_the_last_finished_epoch(ratings_file, tmp_path, monkeypatch, capsys):
@@ -375,3 +413,33 @@ def test_csv_columns_reads_a_header_it_does_not_know(tmp_path):
     data = dl.load_data(sy.make_args("amazon", str(path), tmp_path, min_item=1, min_sequence=2,
                                      csv_columns="item,user,timestamp,rating"))
     assert list(data.user_ids) == ["u0", "u1"] and sorted(set(data.ratings.tolist())) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("when", ["start", "mid-run"])
+def test_a_full_log_disk_is_one_line_and_keeps_the_checkpoints(ratings_file, tmp_path, capsys, monkeypatch, when):
+    """TensorBoard's writer raised OSError with a traceback (issue 22): now one line, as for checkpoints."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(self, *args, **kwargs):
+        if when == "start" or self.step4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def add_scalar(self, tag, value, step=None, *args, **kwargs):
+        self.step4 = getattr(self, "step4", False) or step == 4   # from step 4's training loss on
+        return full(self)
+
+    monkeypatch.setattr(SummaryWriter, "add_text" if when == "start" else "add_scalar",
+                        full if when == "start" else add_scalar)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        options.run_cli(main.main, gru4rec(ratings_file, tmp_path))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    line = errors[0]   # (the progress bar shares stderr)
+    assert "could not write the TensorBoard log" in line and "No space left on device" in line
+    assert "checkpoints saved before are intact" in line
+    saved = sorted(os.listdir(tmp_path / "ckpt"))
+    assert saved == ([] if when == "start" else [f"{PREFIX}_step2.pt"]), saved   # no temporary files either
+    for name in saved:
+        assert checkpointing.read_saved_dict(str(tmp_path / "ckpt" / name), "checkpoint")["step"] == 2

@@ -1,0 +1,156 @@
+"""Stale results never pass as fresh (issue 22): the data cache and every reused report are keyed on the
+ratings file's content; signals, full disks, truncated reports and bad rates end in one line."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import ablation
+import compare
+import dataloader as dl
+import options
+
+import synthetic as sy
+from test_ablation import argv as ablation_argv
+from test_compare import argv as compare_argv, in_process, keep_thread_count, no_runs  # noqa: F401
+
+
+def same_size_edit(path):
+    """Change ratings without changing the file's size, then restore its mtime (`touch -r`)."""
+    before = os.stat(path)
+    lines = open(path).read().splitlines(keepends=True)
+    for number in range(0, len(lines), 3):   # every third rating: 5 <-> 1, other values kept
+        user, item, rating, timestamp = lines[number].split("\t")
+        lines[number] = "\t".join((user, item, {"5": "1", "1": "5"}.get(rating, rating), timestamp))
+    with open(path, "w") as handle:
+        handle.write("".join(lines))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_the_data_cache_sees_a_same_size_edit_with_its_mtime_restored(tmp_path):
+    path = str(tmp_path / "u.data")
+    sy.write_movielens(path, fmt="ml-100k", num_users=60, num_items=40, seed=4)
+    args = sy.make_args("ml-100k", path, tmp_path, num_test_data=10)
+    before = dl.load_data(args)
+    same_size_edit(path)
+    after = dl.load_data(args)
+    assert not np.array_equal(before.ratings, after.ratings)
+    assert after.fingerprint() != before.fingerprint()   # what checkpoints and reports carry
+    np.testing.assert_array_equal(after.ratings, dl.load_data(sy.make_args("ml-100k", path, tmp_path / "fresh",
+                                                                            num_test_data=10)).ratings)
+
+
+# ============================================================================ reused reports (items 1, 7)
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """A finished gru4rec comparison on its own ratings file. The tests below damage it and check that the
+    next compare.py makes again exactly what was damaged, which leaves it finished; the data-edit test
+    comes last in this file."""
+    folder = tmp_path_factory.mktemp("compared")
+    path = str(folder / "u.data")
+    sy.write_movielens(path, fmt="ml-100k", num_users=120, num_items=80, seed=3)
+    command = compare_argv(path, folder, "--models=gru4rec", "--finetune_steps_grid=")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare, "run_script", in_process([]))
+        text, _ = compare.main(command)
+    return command, path, folder / "results" / "ml-100k" / "seed222", text
+
+
+def rerun(command, monkeypatch):
+    """compare.main(command) with the runs in this process; returns (table, [(script, argv)])."""
+    calls = []
+    monkeypatch.setattr(compare, "run_script", in_process(calls))
+    text, _ = compare.main(command)
+    return text, calls
+
+
+def test_a_truncated_json_report_is_named_and_made_again(compared, monkeypatch, capsys):
+    command, _, seed, text = compared
+    report = seed / "checkpoints" / "gru4rec_ml-100k_maml_step2.test_best.json"
+    content = report.read_text()
+    report.write_text(content[:len(content) // 2])
+    capsys.readouterr()
+    again, calls = rerun(command, monkeypatch)
+    assert f"{report} cannot be read (truncated" in capsys.readouterr().out
+    assert [(script, "--test" in argv) for script, argv in calls] == [("main.py", True)]  # no training
+    assert json.loads(report.read_text()) == json.loads(content) and again == text
+
+
+def test_a_truncated_per_target_csv_is_named_and_made_again(compared, monkeypatch, capsys):
+    command, _, seed, text = compared
+    csv = seed / "checkpoints" / "gru4rec_ml-100k_melo_step2.test_best.csv"
+    content = csv.read_text()
+    csv.write_text(content[:len(content) // 3])
+    capsys.readouterr()
+    again, calls = rerun(command, monkeypatch)
+    assert f"{csv} is not the one written with" in capsys.readouterr().out
+    assert len(calls) == 1 and "--use_adaptive_loss=True" in calls[0][1] and "--test" in calls[0][1]
+    assert csv.read_text() == content and again == text
+
+
+def test_a_report_without_a_data_fingerprint_is_tested_again(compared, monkeypatch):
+    command, _, seed, text = compared
+    report = seed / "pretrained" / "gru4rec_ml-100k_basic_step2.test_best.json"
+    old = json.loads(report.read_text())
+    del old["data_fingerprint"]   # as written before reports recorded it
+    report.write_text(json.dumps(old))
+    again, calls = rerun(command, monkeypatch)
+    assert [(script, "--test" in argv) for script, argv in calls] == [("train_original.py", True)]
+    assert again == text
+
+
+def test_compare_remakes_every_result_of_an_edited_ratings_file(compared, monkeypatch):
+    command, path, seed, text = compared
+    before = json.loads((seed / "checkpoints" / "gru4rec_ml-100k_melo_step2.test_best.json").read_text())
+    same_size_edit(path)
+    again, calls = rerun(command, monkeypatch)
+    trainings = [(script, argv) for script, argv in calls if not ({"--test", "--test_baseline"} & set(argv))]
+    assert [script for script, _ in trainings] == ["train_original.py", "main.py", "main.py"]
+    assert all("--overwrite=True" in argv for _, argv in trainings)   # over the runs of the old data
+    assert len(calls) == 3 + 4 + 3   # every baseline, Basic, MAML and MELO tested again
+    after = json.loads((seed / "checkpoints" / "gru4rec_ml-100k_melo_step2.test_best.json").read_text())
+    assert after["data_fingerprint"] != before["data_fingerprint"] and again != text
+    monkeypatch.setattr(compare, "run_script", no_runs)   # and now all of it is fresh
+    assert compare.main(command)[0] == again
+
+
+def test_ablation_remakes_a_variant_of_an_edited_ratings_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "u.data")
+    sy.write_movielens(path, fmt="ml-100k", num_users=120, num_items=80, seed=3)
+    command = ablation_argv(path, tmp_path, "--variants=maml")
+    monkeypatch.setattr(compare, "run_script", in_process([]))
+    _, first = ablation.main(command)
+    same_size_edit(path)
+    calls = []
+    monkeypatch.setattr(compare, "run_script", in_process(calls))
+    _, second = ablation.main(command)
+    assert [("--test" in argv, "--overwrite=True" in argv) for _, argv in calls] == [(False, True), (True, False)]
+    assert second != first
+
+
+# ============================================================================ learning rates (item 6)
+def test_every_learning_rate_flag_is_bounded_to_what_adam_can_use(capsys):
+    parser = options.build_parser()
+    rate_flags = [action.option_strings[0] for action in parser._actions
+                  if action.type is options.learning_rate or action.dest == "finetune_lr_grid"]
+    assert len(rate_flags) == 11 and "--outer_lr" in rate_flags and "--finetune_lr_grid" in rate_flags
+    for flag in rate_flags:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            options.parse_args([f"{flag}=2e38"])   # passed the float32 check, then overflowed Adam
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{flag}: must be a learning rate from 0 to 10000, got 2e38" in err[0], err
+    assert " ".join(parser.format_help().split()).count("(0 to 10000)") == len(rate_flags)
+    # the bound itself trains: Adam's first steps at LR_MAX stay finite in float32
+    weight = torch.nn.Parameter(torch.ones(4))
+    adam = torch.optim.Adam([weight], lr=options.LR_MAX)
+    for _ in range(3):
+        adam.zero_grad()
+        (weight ** 2).sum().backward()
+        adam.step()
+    assert torch.isfinite(weight).all()
