@@ -149,6 +149,10 @@ def file_sha256(path):
         return hashlib.sha256(handle.read()).hexdigest()
 
 
+# Report fields that hold a grid search's record (every setting's validation score), not the test's numbers.
+SEARCH_RECORDS = ("selection", "finetune_selection")
+
+
 def publish(report, title, path, predictions=None, fingerprint=None):
     """Write the report as JSON to `path`, and the per-target `predictions` frame (prediction_frame) as
     CSV beside it, and print it (rank 0's job). Written first: a closed output (`| head`) must not lose
@@ -172,7 +176,10 @@ def publish(report, title, path, predictions=None, fingerprint=None):
     print(format_report(report, title))
     print(f"report written to {path}" + (f", predictions to {predictions_path(path)}"
                                          if predictions is not None else ""))
-    if finite_or_null(report) != report:  # a nan or inf became None
+    # a nan or inf among the scores became None; a grid search's diverged settings (scored inf, never
+    # chosen: tuning.search) are part of its record, not a fault of the tested weights
+    scores = {k: v for k, v in report.items() if k not in SEARCH_RECORDS}
+    if finite_or_null(scores) != scores:
         raise MeloError(f"the report holds non-finite numbers (written as null to {path}): these weights "
                         "predict nan or inf; test another step")
 

@@ -45,3 +45,23 @@ def test_flat_axes_single_values_and_natural_bounds_are_not_extended():
                                  lambda points: [math.nan if k == 1.0 else k for _, k in points])
     assert best == (0.1, 2.0) and record["axes"]["lr"] == [0.1] and record["at_edge"] == {}
     assert record["scores"][0] == math.inf
+
+
+def test_a_diverged_setting_is_never_chosen_and_its_record_does_not_fail_the_report(tmp_path):
+    import json
+
+    import pytest
+
+    import metrics
+    from options import MeloError
+
+    lr = tuning.Axis("lr", (0.01, 0.1, 0.3))
+    best, searched = tuning.search([lr], lambda points: [{0.01: 1.2, 0.1: math.nan, 0.3: math.inf}.get(p[0], 1.3)
+                                                        for p in points])
+    assert best == (0.01,) and searched["scores"][1:3] == [math.inf, math.inf]
+    plain = {"rmse": 1.0, "mae": 0.8, "mean_per_rating_rmse": 1.1, "count": 2, "per_rating": {}}
+    report = {**plain, "finetune_selection": {"validation_scores": searched["scores"]}}
+    metrics.publish(report, "t", str(tmp_path / "r.json"))  # no error: the test's numbers are finite
+    assert json.loads((tmp_path / "r.json").read_text())["finetune_selection"]["validation_scores"][1] is None
+    with pytest.raises(MeloError, match="non-finite"):
+        metrics.publish({**plain, "rmse": math.nan}, "t", str(tmp_path / "s.json"))
