@@ -142,15 +142,25 @@ def predictions_path(report_path):
     return os.path.splitext(report_path)[0] + ".csv"
 
 
-def publish(report, title, path, predictions=None):
+def validation_predictions_path(report_path):
+    """The validation users' per-target CSV beside a test report: `<name>.json` -> `<name>.validation.csv`
+    (the same method's predictions of main.py's fixed validation tasks, for choices made on them)."""
+    return os.path.splitext(report_path)[0] + ".validation.csv"
+
+
+def publish(report, title, path, predictions=None, validation=None):
     """Write the report as JSON to `path`, and the per-target `predictions` frame (prediction_frame) as
-    CSV beside it, and print it (rank 0's job). Written first: a closed output (`| head`) must not lose
-    them; when they cannot be written, the numbers are printed before the error. Non-finite numbers
-    (diverged weights) are written as null, and the run then fails."""
+    CSV beside it (and the `validation` users' frame, validation_predictions_path), and print it (rank
+    0's job). Written first: a closed output (`| head`) must not lose them; when they cannot be written,
+    the numbers are printed before the error. Non-finite numbers (diverged weights) are written as null,
+    and the run then fails."""
     try:
         write_json_atomic(report, path)
         if predictions is not None:
             write_atomic(predictions_path(path), lambda out: predictions.to_csv(out, index=False), binary=False)
+        if validation is not None:
+            write_atomic(validation_predictions_path(path), lambda out: validation.to_csv(out, index=False),
+                         binary=False)
     except OSError as error:
         print(format_report(report, title))
         raise MeloError(f"the report could not be written to {path} ({error.strerror or error}): the numbers "
