@@ -26,7 +26,9 @@ The settings shared by all runs are recorded in `<results_dir>/<mode>/settings.j
 other settings are refused rather than mixed in (use another `--results_dir`). The tables (RMSE and MAE
 per backbone x method per query window and per user, MELO's error reduction over Basic and over MAML,
 per-rating RMSE, and the paired bootstrap intervals over test users of MELO − MAML, MELO − Fine-tune and
-MELO − Basic; mean +- standard deviation over seeds when `--seeds` > 1) are printed and saved as
+MELO − Basic; what a network adds beyond the biases: each meta-learner − the best no-network baseline and
+each method's blend with the fold-in, w chosen on the validation users; a † where a tuned choice stayed on
+its grid's edge; mean +- standard deviation over seeds when `--seeds` > 1) are printed and saved as
 `<results_dir>/<mode>/comparison.md` (and `comparison.json`), the per-rating figure as `comparison.png`.
 """
 import argparse
