@@ -21,7 +21,8 @@
 A choice on the validation users minimises --select_by on main.py's fixed validation tasks (the first
 --val_size validation users); a grid whose choice sits on its edge is extended (tuning.py). The report
 records the grid searched, every value's validation score, the choice and any axis still `at_edge`.
-Each report is `<checkpoint_dir>/<name>_<mode>.test.json`, with the per-target CSV beside it.
+Each report is `<checkpoint_dir>/<name>_<mode>.test.json`, with the per-target CSV beside it (and the
+validation users' per-target CSV, `.validation.csv`, for compare.py's blend).
 """
 import os
 
@@ -244,7 +245,8 @@ def test(args, data, dataset, name, publish=True):
     """Choose (on the validation users), predict and score baseline `name` on the test users; publish
     the report and the per-target CSV (rank 0's job: publish=False elsewhere). Returns the report."""
     fitted = Fitted(data, dataset.train_users, args.random_seed)
-    value, selection = choose(name, dataset.val_tasks(), fitted, data.max_rating, args.select_by)
+    val_tasks = dataset.val_tasks()
+    value, selection = choose(name, val_tasks, fitted, data.max_rating, args.select_by)
     tasks = dataset.test_tasks()
     predicted = predict(name, tasks, sets_of(tasks), fitted, value)
     report = metrics.task_report(predicted, tasks, data.max_rating)
@@ -258,5 +260,7 @@ def test(args, data, dataset, name, publish=True):
         chosen = ", ".join(f"{k} {v:g}" for k, v in chosen_fields(name, value).items())
         metrics.publish(report, f"test {name} baseline{f' ({chosen}, chosen on validation)' if chosen else ''} "
                                 f"on {args.mode}", report_path(args, name),
-                        metrics.prediction_frame(tasks, predicted, data), data.fingerprint())
+                        metrics.prediction_frame(tasks, predicted, data),
+                        metrics.prediction_frame(val_tasks, predict(name, val_tasks, sets_of(val_tasks), fitted,
+                                                                    value), data), data.fingerprint())
     return report

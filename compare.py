@@ -29,7 +29,9 @@ The settings shared by all runs are recorded in `<results_dir>/<mode>/settings.j
 other settings are refused rather than mixed in (use another `--results_dir`). The tables (RMSE and MAE
 per backbone x method per query window and per user, MELO's error reduction over Basic and over MAML,
 per-rating RMSE, and the paired bootstrap intervals over test users of MELO − MAML, MELO − Fine-tune and
-MELO − Basic; mean +- standard deviation over seeds when `--seeds` > 1) are printed and saved as
+MELO − Basic; what a network adds beyond the biases: each meta-learner − the best no-network baseline and
+each method's blend with the fold-in, w chosen on the validation users; a † where a tuned choice stayed on
+its grid's edge; mean +- standard deviation over seeds when `--seeds` > 1) are printed and saved as
 `<results_dir>/<mode>/comparison.md` (and `comparison.json`), the per-rating figure as `comparison.png`.
 """
 import argparse
@@ -63,6 +65,11 @@ METHOD_NAMES = {"mean-rating": "Mean rating", "user-mean": "User mean", "shrunk-
                 "user-item-bias": "User + item bias", "mf-fold-in": "MF fold-in", "basic": "Basic",
                 "finetune": "Fine-tune", "maml": "MAML", "melo": "MELO"}
 PAIRED = ("maml", "finetune", "basic")  # MELO − each of them, paired on the same test users
+# What a network adds beyond the biases: each meta-learner − the better of these on validation (paired), and
+# each neural method blended with the user + item bias fold-in, w chosen on the validation users.
+NO_NETWORK = ("user-item-bias", "mf-fold-in")
+FOLD_IN = "user-item-bias"
+BLEND_WEIGHTS = tuple(round(0.05 * k, 2) for k in range(21))
 # How MAML and MELO start (--start), as main.py flags given to both, before the passed-through flags (which
 # win). `basic` is the recipe the ablation chose (docs/comparison.md): meta-learn from the fine-tuning
 # baseline's own start, the whole Basic model, with its inner lr (0.1) and, since that model already fits
@@ -293,6 +300,10 @@ def report_problem(path, fingerprint, with_predictions):
             return f"{csv} is missing"
         if metrics.file_sha256(csv) != report.get("predictions_sha256"):
             return f"{csv} is not the one written with {path} (truncated or replaced)"
+        validation = metrics.validation_predictions_path(path)
+        if "validation_predictions_sha256" in report and (not os.path.exists(validation) or metrics.file_sha256(
+                validation) != report["validation_predictions_sha256"]):
+            return f"{validation} is not the one written with {path} (missing, truncated or replaced)"
     return None
 
 
@@ -363,7 +374,7 @@ def plan(config, fingerprint=None):
 
 def with_predictions(method):
     """Is the per-target CSV of this method read (for the paired intervals)?"""
-    return method in ("melo",) + PAIRED
+    return method in ("melo",) + PAIRED + NO_NETWORK
 
 
 def remake(piece_name, problem):
@@ -492,7 +503,8 @@ def read_reports(pieces, fingerprint):
 
 
 def read_predictions(pieces):
-    """{(model, method): [per-target DataFrame per seed]} of the methods MELO is paired with."""
+    """{(model, method): [per-target DataFrame per seed]} of the methods MELO is paired with and of the
+    no-network baselines the meta-learners are paired with."""
     found = {}
     for piece in pieces:
         if with_predictions(piece.method):  # read_reports checked that it is the report's own CSV
@@ -501,17 +513,53 @@ def read_predictions(pieces):
     return found
 
 
-def paired_difference(melo, other, resamples, seed):
-    """metrics.paired_bootstrap of MELO − other on the same test targets (matched by user and window)."""
-    keys = ["user", "window"]
-    joined = melo.merge(other, on=keys, suffixes=("", "_other"), validate="one_to_one")
+def read_validation(pieces):
+    """{(model, method): [validation per-target DataFrame, or None for a report from before them, per seed]}."""
+    found = {}
+    for piece in pieces:
+        path = metrics.validation_predictions_path(piece.report)
+        found.setdefault((piece.model, piece.method), []).append(pd.read_csv(path) if os.path.exists(path) else None)
+    return found
+
+
+def same_targets(melo, other):
+    """Two per-target frames joined by user and window (`prediction_other` the second's), refused unless
+    they hold the same targets."""
+    joined = melo.merge(other, on=["user", "window"], suffixes=("", "_other"), validate="one_to_one")
     if len(joined) != len(melo) or len(joined) != len(other) or not (
             (joined["item"] == joined["item_other"]).all() and (joined["rating"] == joined["rating_other"]).all()):
         raise MeloError("two methods' predictions are not on the same test targets: were they run with other "
                         "data flags? Use another --results_dir")
+    return joined
+
+
+def paired_difference(melo, other, resamples, seed):
+    """metrics.paired_bootstrap of MELO − other on the same test targets (matched by user and window)."""
+    keys = ["user", "window"]
+    joined = same_targets(melo, other)
     a = metrics.per_user_errors(joined[keys + ["rating", "prediction"]])
     b = metrics.per_user_errors(joined[keys + ["rating"]].assign(prediction=joined["prediction_other"]))
     return metrics.paired_bootstrap(a["squared_error"], b["squared_error"], a["windows"], a["rating"], resamples, seed)
+
+
+def blend(method_val, fold_in_val, method_test, fold_in_test):
+    """w · fold-in + (1 − w) · method with w from BLEND_WEIGHTS chosen by the validation users' per-window
+    RMSE; that w, and the blend's per-window RMSE on the test users."""
+    def rmse(joined, w):
+        blended = w * joined["prediction_other"] + (1 - w) * joined["prediction"]
+        return math.sqrt(((blended - joined["rating"]) ** 2).mean())
+
+    validation, test = same_targets(method_val, fold_in_val), same_targets(method_test, fold_in_test)
+    scores = [rmse(validation, w) for w in BLEND_WEIGHTS]
+    w = BLEND_WEIGHTS[int(np.argmin(scores))]
+    return {"w": w, "rmse": rmse(test, w), "validation_rmse": min(scores)}
+
+
+def best_no_network(reports, seed_index):
+    """The baseline of NO_NETWORK with the lowest validation score (its choice's) in seed `seed_index`, and
+    the scores {name: score}."""
+    scores = {name: min(reports[(None, name)][seed_index]["selection"]["validation_scores"]) for name in NO_NETWORK}
+    return min(scores, key=scores.get), scores
 
 
 def mean_std(values):
@@ -609,9 +657,10 @@ def figure_reports(config, reports):
             for model in config.models}
 
 
-def build_tables(config, reports, predictions=None):
+def build_tables(config, reports, predictions=None, validation=None):
     """The markdown text and a JSON-ready summary of every cell (per-seed values and their mean / std).
-    `predictions` (read_predictions) adds the paired bootstrap table."""
+    `predictions` (read_predictions) adds the paired bootstrap tables, `validation` (read_validation) the
+    blend with the fold-in."""
     models = config.models
     rows_methods = list(baselines.BASELINES) + methods(config)
 
@@ -621,7 +670,7 @@ def build_tables(config, reports, predictions=None):
         return [(r.get("per_user", {}) if per_user else r).get(key) for r in picked]
 
     summary = {"rmse_mae": {}, "per_user": {}, "per_rating_rmse": {}, "improvement_percent": {}, "paired": {},
-               "by_support_rating": {}, "by_support_share": {}}
+               "by_support_rating": {}, "by_support_share": {}, "beyond_biases": {}}
 
     def metric_table(per_user):
         store = summary["per_user" if per_user else "rmse_mae"]
@@ -738,6 +787,8 @@ def build_tables(config, reports, predictions=None):
                         "melo_lower": sum(d < 0 for d in differences)}
             paired.append("| " + " | ".join(row) + " |")
 
+    beyond = beyond_biases(config, reports, predictions, validation, summary["beyond_biases"])
+
     counts = sorted({r["count"] for rs in reports.values() for r in rs})
     users = sorted({r["per_user"]["count"] for rs in reports.values() for r in rs if "per_user" in r})
     seeds = ("seeds " if len(config.seeds) > 1 else "seed ") + ", ".join(seed.label for seed in config.seeds)
@@ -781,7 +832,71 @@ def build_tables(config, reports, predictions=None):
         text += ["", "## Paired differences per user, 95% bootstrap intervals", "",
                  f"MELO − other on the same test users (negative: MELO's error is lower); percentile interval of "
                  f"{config.bootstrap} resamples of the test users (seed {config.bootstrap_seed}).", "", *paired]
+    text += beyond
     return "\n".join(text) + "\n", summary
+
+
+def beyond_biases(config, reports, predictions, validation, store):
+    """The markdown section on what a network adds beyond the biases (filling `store`): each meta-learner −
+    the best no-network baseline, paired per user, and each neural method's blend with the fold-in."""
+    models, lines = config.models, []
+    if predictions is not None:
+        chosen = [best_no_network(reports, index) for index in range(len(config.seeds))]
+        store["best_no_network"] = [{"seed": seed.label, "baseline": name, "validation_scores": scores}
+                                    for seed, (name, scores) in zip(config.seeds, chosen)]
+        select_by = reports[(None, FOLD_IN)][0]["selection"]["select_by"]
+        lines += ["", "## What the network adds beyond the biases", "",
+                  f"Best no-network baseline: the better of {' and '.join(METHOD_NAMES[n] for n in NO_NETWORK)} "
+                  f"by validation {select_by}, per seed (its validation scores: "
+                  f"{', '.join(METHOD_NAMES[n] for n in NO_NETWORK)}): " + "; ".join(
+                      f"{seed.label}: {METHOD_NAMES[name]} ({', '.join(f'{v:.4f}' for v in scores.values())})"
+                      for seed, (name, scores) in zip(config.seeds, chosen)) + ". Meta-learner − that baseline on "
+                  "the same test users (negative: the network's error is lower), intervals as above.", "",
+                  "| Difference | " + " | ".join(f"{DISPLAY[m]} RMSE | {DISPLAY[m]} mean per-rating RMSE"
+                                                for m in models) + " |", "|---|" + "---:|---:|" * len(models)]
+        for method in ("maml", "melo"):
+            row = [f"{METHOD_NAMES[method]} − best no-network"]
+            for model in models:
+                results = [paired_difference(mine, predictions[(None, name)][index], config.bootstrap,
+                                             config.bootstrap_seed)
+                           for index, (mine, (name, _)) in enumerate(zip(predictions[(model, method)], chosen))]
+                for key in ("rmse", "mean_per_rating_rmse"):
+                    per_seed = [r[key] for r in results]
+                    row.append(paired_cell(per_seed))
+                    differences = [r["difference"] for r in per_seed]
+                    over_seeds = metrics.seed_interval(differences)
+                    store.setdefault("paired", {}).setdefault(model, {}).setdefault(
+                        f"{method}_minus_best_no_network", {})[key] = {
+                        **summary_of(differences), "intervals": per_seed,
+                        "seed_interval": None if over_seeds is None else list(over_seeds[1:])}
+            lines.append("| " + " | ".join(row) + " |")
+    if validation is not None and predictions is not None:
+        rows, missing = [], False
+        fold_in = [r["rmse"] for r in reports[(None, FOLD_IN)]]
+        for model in models:
+            for method in methods(config):  # (read_predictions holds every neural method's test targets)
+                tests = zip(validation[(model, method)], validation[(None, FOLD_IN)], predictions[(model, method)],
+                            predictions[(None, FOLD_IN)])
+                per_seed = [None if mine is None or theirs is None else blend(mine, theirs, mine_test, their_test)
+                            for mine, theirs, mine_test, their_test in tests]
+                missing = missing or None in per_seed
+                own = [r["rmse"] for r in reports[(model, method)]]
+                blended, weights = [r and r["rmse"] for r in per_seed], [r and r["w"] for r in per_seed]
+                store.setdefault("blend", {}).setdefault(model, {})[method] = {
+                    "w": summary_of(weights), "rmse": summary_of(blended), "method_rmse": summary_of(own),
+                    "fold_in_rmse": summary_of(fold_in), "vs_fold_in_percent": summary_of(reduction(blended, fold_in))}
+                row = [DISPLAY[model], f"{method_label(config, method)} + fold-in", cell(own), cell(fold_in),
+                       cell(weights, seeds=len(per_seed)), cell(blended, seeds=len(per_seed)),
+                       cell(reduction(blended, fold_in), percent=True)]
+                rows.append("| " + " | ".join(row) + " |")
+        lines += ["", f"Blend w · {METHOD_NAMES[FOLD_IN]} + (1 − w) · method, w in 0, 0.05, ..., 1 chosen by the "
+                  "per-window RMSE on the validation users, scored on the test users (w = 1: the network adds "
+                  "nothing the fold-in does not have; blend vs fold-in: the error reduction, positive when the "
+                  "blend is better)." + (" A cell with – or n= lacks seeds whose reports predate the validation "
+                                         "predictions (remove those reports to test them again)." if missing else ""),
+                  "", "| Backbone | Blend | method RMSE | fold-in RMSE | w | blend RMSE | blend vs fold-in |",
+                  "|---|---|---:|---:|---:|---:|---:|", *rows]
+    return lines
 
 
 def main(argv=None):
@@ -805,7 +920,7 @@ def main(argv=None):
     if config.dry_run:
         return None
     reports = read_reports(pieces, fingerprint)
-    text, summary = build_tables(config, reports, read_predictions(pieces))
+    text, summary = build_tables(config, reports, read_predictions(pieces), read_validation(pieces))
     print()
     print(text)
     os.makedirs(config.root, exist_ok=True)

@@ -500,6 +500,8 @@ def test(trainer):
     predicted, weight_sums = trainer.predictions(tasks, with_weights=True)
     report = trainer.report(tasks, predicted, weight_sums)
     report["query_gradient_by_rating"], report["query_gradient_by_share"] = trainer.query_gradients(tasks)
+    val_tasks = trainer.dataset.val_tasks()  # their predictions too, for compare.py's blend with the fold-in
+    val_predicted, _ = trainer.predictions(val_tasks)
     report.update(method=trainer.prefix.rsplit("_", 1)[1], model=args.model, mode=args.mode,
                   checkpoint_step=args.checkpoint_step, weights=which, random_seed=args.random_seed,
                   model_init_seed=args.model_init_seed, select_by=args.select_by)
@@ -509,7 +511,8 @@ def test(trainer):
     if trainer.dist.is_main:
         metrics.publish(report, f"test {trainer.prefix}, {which}",
                         report_path(args, trainer.prefix, args.checkpoint_step),
-                        metrics.prediction_frame(tasks, predicted, trainer.data), trainer.fingerprint)
+                        metrics.prediction_frame(tasks, predicted, trainer.data),
+                        metrics.prediction_frame(val_tasks, val_predicted, trainer.data), trainer.fingerprint)
     return report
 
 

@@ -149,18 +149,25 @@ def file_sha256(path):
         return hashlib.sha256(handle.read()).hexdigest()
 
 
+def validation_predictions_path(report_path):
+    """The validation users' per-target CSV beside a test report: `<name>.json` -> `<name>.validation.csv`
+    (the same method's predictions of main.py's fixed validation tasks, for choices made on them)."""
+    return os.path.splitext(report_path)[0] + ".validation.csv"
+
+
 # Report fields that hold a grid search's record (every setting's validation score), not the test's numbers.
 SEARCH_RECORDS = ("selection", "finetune_selection")
 
 
-def publish(report, title, path, predictions=None, fingerprint=None):
+def publish(report, title, path, predictions=None, validation=None, fingerprint=None):
     """Write the report as JSON to `path`, and the per-target `predictions` frame (prediction_frame) as
-    CSV beside it, and print it (rank 0's job). Written first: a closed output (`| head`) must not lose
-    them; when they cannot be written, the numbers are printed before the error. Non-finite numbers
-    (diverged weights) are written as null, and the run then fails.
+    CSV beside it (and the `validation` users' frame, validation_predictions_path), and print it (rank
+    0's job). Written first: a closed output (`| head`) must not lose them; when they cannot be written,
+    the numbers are printed before the error. Non-finite numbers (diverged weights) are written as null,
+    and the run then fails.
 
-    The report records the `fingerprint` of the data it was made from and the CSV's sha256, and is written
-    after the CSV: a report whose data or CSV changed since (compare.py, ablation.py) is never reused."""
+    The report records the `fingerprint` of the data it was made from and the CSVs' sha256, and is written
+    after them: a report whose data or CSVs changed since (compare.py, ablation.py) is never reused."""
     if fingerprint is not None:
         report["data_fingerprint"] = fingerprint
     try:
@@ -168,6 +175,10 @@ def publish(report, title, path, predictions=None, fingerprint=None):
             text = predictions.to_csv(index=False)
             report["predictions_sha256"] = hashlib.sha256(text.encode()).hexdigest()
             write_atomic(predictions_path(path), lambda out: out.write(text), binary=False)
+        if validation is not None:
+            validation_text = validation.to_csv(index=False)
+            report["validation_predictions_sha256"] = hashlib.sha256(validation_text.encode()).hexdigest()
+            write_atomic(validation_predictions_path(path), lambda out: out.write(validation_text), binary=False)
         write_json_atomic(report, path)
     except OSError as error:
         print(format_report(report, title))

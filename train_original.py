@@ -448,8 +448,11 @@ def test(trainer):
         checkpointing.load_state(trainer.model, best, checkpointing.checkpoint_path(
             args.pretrain_log_dir, trainer.prefix, args.checkpoint_step), "best weights")
     lr, steps, selection = args.finetune_lr, args.finetune_steps, None
+    val_tasks = trainer.dataset.val_tasks()
     if tuned_finetuning(args):
-        lr, steps, selection, _ = trainer.choose_finetuning(trainer.dataset.val_tasks())
+        lr, steps, selection, val_predicted = trainer.choose_finetuning(val_tasks)
+    else:  # the validation users' predictions too, for compare.py's blend with the fold-in
+        val_predicted = trainer.predictions(val_tasks, lr, (steps,))[0]
     if steps:
         which += f", fine-tuned {steps} SGD steps (lr {lr:g}{', chosen on validation' if selection else ''}) per user"
     tasks = trainer.dataset.test_tasks()
@@ -463,7 +466,8 @@ def test(trainer):
         report["finetune_selection"] = selection
     if trainer.dist.is_main:
         metrics.publish(report, f"test {trainer.prefix}, {which}", report_path(args, args.checkpoint_step),
-                        metrics.prediction_frame(tasks, predicted, trainer.data), trainer.fingerprint)
+                        metrics.prediction_frame(tasks, predicted, trainer.data),
+                        metrics.prediction_frame(val_tasks, val_predicted, trainer.data), trainer.fingerprint)
     return report
 
 

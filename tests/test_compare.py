@@ -209,6 +209,40 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
             for key in ("rmse", "mean_per_rating_rmse"):  # the point estimate: the per-window difference
                 assert expected[key]["difference"] == pytest.approx(loaded[("melo", model)][key] -
                                                                     loaded[(other, model)][key])
+    # Beyond the biases: each meta-learner − the no-network baseline better on validation, paired; and each
+    # neural method's blend with the fold-in, w chosen on the validation users' CSVs, scored on the test's.
+    scores = {name: min(loaded[(name, None)]["selection"]["validation_scores"]) for name in compare.NO_NETWORK}
+    best = min(scores, key=scores.get)
+    assert summary["beyond_biases"]["best_no_network"][0]["baseline"] == best
+    beyond = section_rows(text, "## What the network adds")
+    for column, model in enumerate(("gru4rec", "narm")):
+        fold_in = [pd.read_csv(path(reports[("user-item-bias", None)])) for path in
+                   (metrics.validation_predictions_path, metrics.predictions_path)]
+        for method in ("basic", "finetune", "maml", "melo"):
+            mine = [pd.read_csv(path(str(reports[(method, model)]))) for path in
+                    (metrics.validation_predictions_path, metrics.predictions_path)]
+            assert len(mine[0]) == 10 * 2  # --val_size users x --num_query_set windows
+
+            def blended(which, w):
+                joined = mine[which].merge(fold_in[which], on=["user", "window", "item", "rating"])
+                return math.sqrt(((w * joined["prediction_y"] + (1 - w) * joined["prediction_x"] -
+                                   joined["rating"]) ** 2).mean())
+
+            w = min(compare.BLEND_WEIGHTS, key=lambda w: blended(0, w))
+            found = summary["beyond_biases"]["blend"][model][method]
+            assert found["w"]["mean"] == w and found["rmse"]["mean"] == pytest.approx(blended(1, w))
+            assert blended(0, w) <= blended(0, 0.0) and blended(0, w) <= blended(0, 1.0)
+            assert beyond[(compare.DISPLAY[model], f"{labels[method]} + fold-in")][4:6] == [f"{w:.4f}",
+                                                                                           f"{blended(1, w):.4f}"]
+            if method in ("maml", "melo"):
+                other = metrics.per_user_errors(pd.read_csv(metrics.predictions_path(str(reports[(best, None)]))))
+                own = metrics.per_user_errors(mine[1])
+                r = metrics.paired_bootstrap(own["squared_error"], other["squared_error"], own["windows"],
+                                             own["rating"], 200, 0)["rmse"]
+                assert beyond[f"{compare.METHOD_NAMES[method]} − best no-network"][1 + 2 * column] == \
+                    f"{r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
+    for name in baselines.BASELINES:
+        assert len(pd.read_csv(metrics.validation_predictions_path(str(reports[(name, None)])))) == 10 * 2
     for section in text.split("\n## ")[1:]:
         assert "–" not in section.split("\n", 1)[1].replace("MELO − ", ""), section  # every cell filled
     assert (root / "comparison.json").exists() and (root / "settings.json").exists()
@@ -247,6 +281,9 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
         report = fake_report(value, value / 2, per_rating)
         if piece.method == "shrunk-user-mean" and piece.seed.random_seed == 7:  # on its grid's edge
             report["selection"] = {"at_edge": {"shrinkage": "largest"}}
+        if piece.method in compare.NO_NETWORK:  # the fold-in is better on validation in seed 7, MF in seed 8
+            better = (piece.method == "user-item-bias") == (piece.seed.random_seed == 7)
+            report["selection"] = {"select_by": "rmse", "validation_scores": [0.9 if better else 1.0, 1.1]}
         # per-target predictions: 8 users, one window each, the error of the user grows with the value
         users = np.arange(8)
         metrics.publish(report, "fake", piece.report,
@@ -280,6 +317,16 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
     assert section_rows(text, "## Paired differences")["MELO − MAML"][1].startswith(
         f"{gap:+.4f} [{gap:+.4f}, {gap:+.4f}] over seeds; lower in 2/2, interval below 0 in ")
     assert paired["melo_minus_maml"]["rmse"]["seed_interval"] == pytest.approx([gap, gap])
+    # beyond the biases: MELO (0.8, 0.6) − the baseline better on validation (1.2, 1.0), whichever it is
+    beyond = summary["beyond_biases"]
+    assert [row["baseline"] for row in beyond["best_no_network"]] == ["user-item-bias", "mf-fold-in"]
+    assert "7: User + item bias (0.9000, 1.0000); 8: MF fold-in (1.0000, 0.9000)" in text
+    gap = -0.4 * scale
+    assert beyond["paired"]["sasrec"]["melo_minus_best_no_network"]["rmse"]["per_seed"] == pytest.approx([gap] * 2)
+    assert section_rows(text, "## What the network adds")["MELO − best no-network"][1].startswith(f"{gap:+.4f} [")
+    # no validation predictions in these reports: the blend says so instead of inventing one
+    assert ("| SASRec | MELO + fold-in | 0.7000 ± 0.1414 | 1.1000 ± 0.1414 | – | – | – |" in text and
+            "reports predate the validation predictions" in text)
 
 
 def test_start_chooses_the_meta_learners_first_weights(ratings_file, tmp_path):
