@@ -193,7 +193,7 @@ def plan(known, extra, variants, fingerprints=None):
             check_settings(folder, name, args)
             prefix = meta_main.run_prefix(args)
             report = meta_main.report_path(args, prefix, known.num_train_iterations)
-            fingerprint = compare.data_fingerprint(args, fingerprints)
+            fingerprint = lambda args=args: compare.data_fingerprint(args, fingerprints)  # read when needed
             steps = []
             problem = compare.report_problem(report, fingerprint, with_predictions=False)
             if problem:
@@ -251,7 +251,7 @@ def pretraining_steps(known, flags, folder, fingerprints):
     export = train_original.pretrained_path(args)
     if not os.path.exists(export):
         return [("pretrain", "train_original.py", flags)]
-    if compare.checkpoint_is_stale(export, compare.data_fingerprint(args, fingerprints)):
+    if compare.checkpoint_is_stale(export, lambda: compare.data_fingerprint(args, fingerprints)):
         return [("pretrain", "train_original.py", flags + ["--overwrite=True"])]
     return []
 

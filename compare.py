@@ -279,9 +279,10 @@ def data_fingerprint(args, known=None):
 def report_problem(path, fingerprint, with_predictions):
     """Why the report at `path` cannot be reused for the data of `fingerprint`, or None when it can: a
     report is fresh only when it records this data's fingerprint and (with_predictions) its per-target
-    CSV is the one written with it."""
+    CSV is the one written with it. `fingerprint` may be a function that gives it."""
     if not os.path.exists(path):
         return f"{path} is missing"
+    fingerprint = fingerprint() if callable(fingerprint) else fingerprint
     try:
         with open(path) as handle:
             report = json.load(handle)
@@ -318,6 +319,7 @@ def read_report(path, fingerprint, with_predictions=False):
 
 def checkpoint_is_stale(path, fingerprint):
     """Was the checkpoint (or export) at `path` made from other data, or before fingerprints were saved?"""
+    fingerprint = fingerprint() if callable(fingerprint) else fingerprint
     return checkpointing.read_saved_dict(path, "checkpoint").get("data_fingerprint") != fingerprint
 
 
@@ -352,8 +354,9 @@ class Piece:
 def plan(config, fingerprint=None):
     """Every piece, with the runs each still needs: none when its report is fresh (made from this data,
     report_problem); a stale one is tested again, and trained again when its checkpoint is stale too."""
-    if fingerprint is None:
-        fingerprint = data_fingerprint(options.parse_args(run_flags(config, config.seeds[0])))
+    if fingerprint is None:  # read the data only when a report or checkpoint exists to be checked
+        known = {}
+        fingerprint = lambda: data_fingerprint(options.parse_args(run_flags(config, config.seeds[0])), known)
     pieces = []
     for seed in config.seeds:
         shared = run_flags(config, seed)
@@ -901,7 +904,9 @@ def beyond_biases(config, reports, predictions, validation, store):
 
 def main(argv=None):
     config = parse(argv)
-    fingerprint = data_fingerprint(options.parse_args(run_flags(config, config.seeds[0])))
+    # A dry run without the ratings file (e.g. before its download) plans every report as to be made.
+    fingerprint = (None if config.dry_run and not os.path.isfile(config.data_path) else
+                   data_fingerprint(options.parse_args(run_flags(config, config.seeds[0]))))
     pieces = plan(config, fingerprint)
     # Every run's full flag set is checked before anything starts (argparse's cross-flag checks).
     for piece in pieces:
