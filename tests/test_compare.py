@@ -288,7 +288,7 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
         users = np.arange(8)
         metrics.publish(report, "fake", piece.report,
                         pd.DataFrame({"user": users, "window": 0, "item": 10, "rating": 4.0, "window_length": 3,
-                                      "prediction": 4.0 + value * (1 + users % 3)}), fingerprint)
+                                      "prediction": 4.0 + value * (1 + users % 3)}), fingerprint=fingerprint)
     text, summary = compare.main(command)
     rows = markdown_rows(text.split("## RMSE and MAE per user")[0])
     std = 0.2 / 2 ** 0.5  # sample standard deviation of two values 0.2 apart
