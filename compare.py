@@ -839,6 +839,26 @@ def build_tables(config, reports, predictions=None, validation=None):
     return "\n".join(text) + "\n", summary
 
 
+def fold_in_figures(config, reports, store):
+    """The table of how far the user + item bias fold-in's RMSE is from each neural method's, in percent of
+    the method's (negative: the fold-in is better): the figures the real MovieLens-100K gave (issue 21;
+    docs/comparison.md), to check a generator against."""
+    fold_in = [r["rmse"] for r in reports[(None, FOLD_IN)]]
+    header = "| Fold-in vs | " + " | ".join(DISPLAY[m] for m in config.models) + " |"
+    lines = ["", "### The fold-in against each method", "",
+             f"{METHOD_NAMES[FOLD_IN]} RMSE against each method's, (fold-in − method) / method, mean ± std "
+             "over seeds (negative: the fold-in is better):", "", header, "|---|" + "---:|" * len(config.models)]
+    for method in methods(config):
+        row = [method_label(config, method)]
+        for model in config.models:
+            own = [r["rmse"] for r in reports[(model, method)]]
+            percent = [None if p is None else -p for p in reduction(fold_in, own)]
+            store.setdefault("fold_in_vs_percent", {}).setdefault(model, {})[method] = summary_of(percent)
+            row.append(cell(percent, percent=True, seeds=len(own)))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def beyond_biases(config, reports, predictions, validation, store):
     """The markdown section on what a network adds beyond the biases (filling `store`): each meta-learner −
     the best no-network baseline, paired per user, and each neural method's blend with the fold-in."""
@@ -873,6 +893,7 @@ def beyond_biases(config, reports, predictions, validation, store):
                         **summary_of(differences), "intervals": per_seed,
                         "seed_interval": None if over_seeds is None else list(over_seeds[1:])}
             lines.append("| " + " | ".join(row) + " |")
+    lines += fold_in_figures(config, reports, store)
     if validation is not None and predictions is not None:
         rows, missing = [], False
         fold_in = [r["rmse"] for r in reports[(None, FOLD_IN)]]

@@ -294,6 +294,11 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
     std = 0.2 / 2 ** 0.5  # sample standard deviation of two values 0.2 apart
     assert rows["Basic"][1:3] == [f"{0.9:.4f} ± {std:.4f}", f"{0.45:.4f} ± {std / 2:.4f}"]
     assert rows["MELO"][1] == f"{0.7:.4f} ± {std:.4f}"
+    # the fold-in against each method, in percent of the method's RMSE: Basic 1.0 / 0.8 against 1.2 / 1.0
+    figures = section_rows(text, "### The fold-in against each method")
+    assert figures["Basic"][1] == "+22.50% ± 3.54%"
+    assert summary["beyond_biases"]["fold_in_vs_percent"]["sasrec"]["maml"]["per_seed"] == pytest.approx(
+        [100 * (1.2 - 0.9) / 0.9, 100 * (1.0 - 0.7) / 0.7])
     assert rows["Mean rating"][1] == rows["User + item bias"][1] == f"{1.1:.4f} ± {std:.4f}"
     assert rows["Shrunk user mean"][1:3] == [f"{1.1:.4f} ± {std:.4f} †", f"{0.55:.4f} ± {std / 2:.4f}"]
     assert ("† Shrunk user mean: still on the edge of its grid after 3 extensions (shrinkage (largest)) in 1 of "
