@@ -802,7 +802,9 @@ def build_tables(config, reports, predictions=None, validation=None):
     intro = [
         f"# Comparison on {config.mode}",
         "",
-        f"Data `{config.data_path}`; {seeds}{spread}; MAML / MELO: {config.iterations} iterations"
+        f"Data `{config.data_path}`; {seeds}{spread}; every network with the {meta_args.rating_head} rating head"
+        + (f" (item biases starting at {meta_args.bias_start})" if meta_args.rating_head == "bias" else "")
+        + f"; MAML / MELO: {config.iterations} iterations"
         f" from {START_DESCRIPTIONS[config.start]} (inner lr {meta_args.inner_lr:g}, outer loss on {outer_loss}; "
         f"MELO's weights {meta_args.adaptive_weights}, task state {meta_args.task_state}), tested at the last "
         f"checkpoint with the best-by-validation weights; Basic: {config.epochs} epochs, best-by-validation "
