@@ -118,7 +118,7 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_holds_the_lock
     run(gru4rec(ratings_file, tmp_path, "--checkpoint_step=2"))
     assert sorted(os.listdir(ckpt)) == [".tmp-sasrec_ml-100k_melo_step2.pt-x.pt", f"{PREFIX}_step2.pt",
                                         f"{PREFIX}_step2.test_best.csv", f"{PREFIX}_step2.test_best.json",
-                                        f"{PREFIX}_step4.pt"]
+                                        f"{PREFIX}_step2.test_best.validation.csv", f"{PREFIX}_step4.pt"]
 
 
 # ============================================================================ duplicate ratings
