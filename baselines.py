@@ -14,9 +14,11 @@
 * mf-fold-in: biased matrix factorisation, r ≈ μ + b_u + b_i + p_u·q_i. Item factors q_i and biases b_i
   from the training users by ALS (ALS_SWEEPS sweeps of ridge solves with penalty λ on each user's and
   item's factor and bias; initial factors from --random_seed). A new user's (p, b_u) minimise
-  Σ (r − μ − b_i − b_u − p·q_i)² + λ_u (|p|² + b_u²) over the distinct support items, in closed form; the
-  prediction μ + b_u + b_target + p·q_target, clipped like user-item-bias. (rank, λ, λ_u) is chosen on the
-  validation users from RANK_GRID x MF_REG_GRID x FOLD_IN_REG_GRID.
+  Σ (r − μ − b_i − b_u − p·q_i)² + λ_u |p|² + λ_b b_u² over the distinct support items, in closed form;
+  the prediction μ + b_u + b_target + p·q_target, clipped like user-item-bias. (rank, λ, λ_u, λ_b) is chosen
+  on the validation users from RANK_GRID x MF_REG_GRID x FOLD_IN_REG_GRID x FOLD_IN_BIAS_REG_GRID. λ_b has
+  its own axis (λ_b = λ_u is in it): the user's bias needs far less shrinkage than its factor, as
+  user-item-bias's choices show, and tying them made the fold-in lose to the biases alone.
 
 A choice on the validation users minimises --select_by on main.py's fixed validation tasks (the first
 --val_size validation users); a grid whose choice sits on its edge is extended (tuning.py). The report
@@ -38,7 +40,8 @@ ITEM_REG_GRID = (0.0, 5.0, 25.0, 100.0)
 USER_REG_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
 RANK_GRID = (2, 4, 8, 16, 32)
 MF_REG_GRID = (1.0, 5.0, 25.0)              # λ of the ALS fit: > 0, so an item without ratings gets q = 0
-FOLD_IN_REG_GRID = (1.0, 3.0, 10.0, 30.0)   # λ_u of a new user's fold-in: > 0, so rank > n stays solvable
+FOLD_IN_REG_GRID = (1.0, 3.0, 10.0, 30.0)   # λ_u on a new user's factor: > 0, so rank > n stays solvable
+FOLD_IN_BIAS_REG_GRID = (0.0, 1.0, 3.0, 10.0, 30.0)  # λ_b on a new user's bias
 ALS_SWEEPS = 10
 
 
@@ -93,8 +96,10 @@ def normal_equations(index, x, y, count):
 
 
 def ridge(gram, rhs, reg):
-    """argmin_w |Xw − y|² + reg |w|² per row, from its normal equations (batched solve)."""
-    return np.linalg.solve(gram + reg * np.eye(gram.shape[-1]), rhs[..., None])[..., 0]
+    """argmin_w |Xw − y|² + Σ_j reg_j w_j² per row, from its normal equations (batched solve); `reg` a
+    number or one per coordinate."""
+    penalty = np.diag(np.broadcast_to(np.asarray(reg, np.float64), gram.shape[-1:]))
+    return np.linalg.solve(gram + penalty, rhs[..., None])[..., 0]
 
 
 def with_bias(factors):
@@ -120,14 +125,17 @@ def als(users, items, ratings, mean, num_users, num_items, rank, reg, sweeps, se
     return biases, factors
 
 
-def mf_fold_in(sets, target_items, mean, biases, factors, reg, low, high):
+def mf_fold_in(sets, target_items, mean, biases, factors, reg, low, high, bias_reg=None):
     """μ + b_u + b_target + p·q_target per target ([T, Q]), clipped to [low, high]; (p, b_u) per task from
-    its support items by ridge regression with penalty `reg` (0 for a task without support items)."""
+    its support items by ridge regression with penalty `reg` on p and `bias_reg` (default `reg`) on b_u
+    (0 for a task without support items)."""
     task = np.concatenate([np.full(len(items), t) for t, (items, _) in enumerate(sets)]).astype(np.int64)
     items = np.concatenate([items for items, _ in sets]).astype(np.int64)
     ratings = np.concatenate([ratings for _, ratings in sets]).astype(np.float64)
-    user = ridge(*normal_equations(task, with_bias(factors)[items], ratings - mean - biases[items], len(sets)), reg)
     rank = factors.shape[1]
+    penalty = [reg] * rank + [reg if bias_reg is None else bias_reg]
+    user = ridge(*normal_equations(task, with_bias(factors)[items], ratings - mean - biases[items], len(sets)),
+                 penalty)
     predicted = (mean + user[:, None, rank] + biases[target_items]
                  + np.einsum("tk,tqk->tq", user[:, :rank], factors[target_items]))
     return np.clip(predicted, low, high)
@@ -163,7 +171,7 @@ def axes(name):
         return [tuning.Axis("item_reg", ITEM_REG_GRID), tuning.Axis("user_reg", USER_REG_GRID)]
     if name == "mf-fold-in":
         return [tuning.Axis("rank", RANK_GRID, integer=True, floor=1), tuning.Axis("reg", MF_REG_GRID),
-                tuning.Axis("user_reg", FOLD_IN_REG_GRID)]
+                tuning.Axis("user_reg", FOLD_IN_REG_GRID), tuning.Axis("user_bias_reg", FOLD_IN_BIAS_REG_GRID)]
     return []
 
 
@@ -177,10 +185,10 @@ def predict(name, tasks, sets, fitted, value):
     elif name == "shrunk-user-mean":
         per_user = shrunk_user_mean(sets, fitted.mean, value)
     elif name == "mf-fold-in":
-        rank, reg, user_reg = value
+        rank, reg, user_reg, user_bias_reg = value
         targets = tasks.query_items[:, :, -1].numpy()
         return torch.from_numpy(mf_fold_in(sets, targets, fitted.mean, *fitted.factorisation(rank, reg), user_reg,
-                                           fitted.low, fitted.high))
+                                           fitted.low, fitted.high, user_bias_reg))
     else:
         item_reg, user_reg = value
         biases = item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items)
@@ -233,7 +241,7 @@ def chosen_fields(name, value):
     if name == "user-item-bias":
         return {"item_reg": value[0], "user_reg": value[1]}
     if name == "mf-fold-in":
-        return {"rank": value[0], "reg": value[1], "user_reg": value[2]}
+        return dict(zip(("rank", "reg", "user_reg", "user_bias_reg"), value))
     return {}
 
 

@@ -151,6 +151,9 @@ def test_mf_fold_in_equals_a_rank_one_case_on_paper():
     exact = baselines.mf_fold_in(sets[:1], np.array([[3, 1]]), 3.0, biases, factors, 1e-9, 1.0, 9.0)
     assert exact == pytest.approx(np.array([[5.7, 3 + 0.5 + 0.5 + 1]]))
     assert baselines.mf_fold_in(sets[:1], np.array([[3]]), 3.0, biases, factors, 1e-9, 1.0, 5.0).tolist() == [[5.0]]
+    # λ_u = 1 on p, λ_b = 0 on b_u: p̂ = 2/3 as before, b̂_u = 2 · 0.5 / 2 = 0.5: 3 + 0.5 + 0.2 + 4/3
+    apart = baselines.mf_fold_in(sets[:1], np.array([[3]]), 3.0, biases, factors, 1.0, 1.0, 9.0, bias_reg=0.0)
+    assert apart == pytest.approx(np.array([[3 + 0.5 + 0.2 + 4 / 3]]))
 
 
 def test_ridge_solves_its_normal_equations_and_als_fits_a_rank_one_matrix():
@@ -178,7 +181,7 @@ def test_ridge_solves_its_normal_equations_and_als_fits_a_rank_one_matrix():
 def test_mf_fold_in_report_equals_its_functions(run_all):
     args, data, dataset, reports = run_all
     report = reports["mf-fold-in"]
-    assert report["method"] == "mf_fold_in" and {"rank", "reg", "user_reg"} <= set(report)
+    assert report["method"] == "mf_fold_in" and {"rank", "reg", "user_reg", "user_bias_reg"} <= set(report)
     assert report["count"] == 15 * 3
     fitted = baselines.Fitted(data, dataset.train_users, args.random_seed)
     tasks = dataset.test_tasks()
@@ -186,10 +189,12 @@ def test_mf_fold_in_report_equals_its_functions(run_all):
                                     fitted.num_items, report["rank"], report["reg"], baselines.ALS_SWEEPS,
                                     args.random_seed)
     expected = baselines.mf_fold_in(baselines.sets_of(tasks), tasks.query_items[:, :, -1].numpy(), fitted.mean,
-                                    biases, factors, report["user_reg"], fitted.low, fitted.high)
+                                    biases, factors, report["user_reg"], fitted.low, fitted.high,
+                                    report["user_bias_reg"])
     frame = pd.read_csv(metrics.predictions_path(baselines.report_path(args, "mf-fold-in")))
     assert np.sort(frame["prediction"].to_numpy()) == pytest.approx(np.sort(expected[tasks.query_mask.numpy()]))
     assert min(report["selection"]["validation_scores"]) == pytest.approx(metrics.task_report(
         baselines.predict("mf-fold-in", dataset.val_tasks(), baselines.sets_of(dataset.val_tasks()), fitted,
-                          (report["rank"], report["reg"], report["user_reg"])), dataset.val_tasks(),
+                          (report["rank"], report["reg"], report["user_reg"], report["user_bias_reg"])),
+        dataset.val_tasks(),
         data.max_rating)["rmse"])
