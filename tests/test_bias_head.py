@@ -13,11 +13,12 @@ import options
 import train_original
 from dataloader import MetaDataset, load_data
 from runtime import Distributed
-from meta_learner import ITEM_BIAS, USER_BIAS, last_step_weights, local_item_tables, multi_step_loss_weights
+from meta_learner import ITEM_BIAS, USER_BIAS, last_step_weights, local_item_tables
 from models import model_factory
 
-from synthetic import write_movielens
-from test_meta_learner import BACKBONES, NUM_ITEMS, float64, gradients, make_learner, random_batch  # noqa: F401
+from test_main import ratings_file  # noqa: F401  (the same generated file)
+from test_meta_learner import (BACKBONES, NUM_ITEMS, assert_fast_path_equals_the_per_task_path, float64,  # noqa: F401
+                               make_learner, random_batch)
 
 MU = 0.7
 
@@ -125,19 +126,7 @@ def test_fast_path_equals_the_per_task_path_with_the_bias_head(float64, model, f
     leave_the_start(learner.backbone)
     for p in learner.inner_loss.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    batch = random_batch()
-    results = []
-    for fast in (True, False):
-        learner.zero_grad()
-        losses = learner.task_losses(batch, multi_step_loss_weights(10, 3, 100), fast=fast)
-        losses.sum().backward()
-        results.append((losses.detach(), gradients(learner), learner.predict(batch, fast=fast)))
-    (fast_loss, fast_grads, fast_pred), (ref_loss, ref_grads, ref_pred) = results
-    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-10, atol=1e-12)
-    assert fast_grads.keys() == ref_grads.keys()
-    for name in ref_grads:
-        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-8, atol=1e-12, msg=name)
-    torch.testing.assert_close(fast_pred, ref_pred, rtol=1e-10, atol=1e-12)
+    ref_grads = assert_fast_path_equals_the_per_task_path(learner, random_batch())
     # what is not adapted still learns in the outer loop
     assert ref_grads["backbone.item_embedding.weight"].abs().sum() > 0
 
@@ -167,13 +156,6 @@ def test_what_the_inner_loop_adapts():
 
 
 # ------------------------------------------------------------------------------- end to end
-
-@pytest.fixture(scope="module")
-def ratings_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "u.data"
-    write_movielens(str(path), fmt="ml-100k", num_users=120, num_items=80, seed=3)
-    return str(path)
-
 
 def run_flags(ratings_file, tmp_path, *extra):
     return ["--mode=ml-100k", f"--data_path={ratings_file}", f"--data_dir={tmp_path}/Data", "--min_item=1",
