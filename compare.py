@@ -123,6 +123,10 @@ def build_parser():
         help="how MAML and MELO start: basic = from the whole Basic model, inner lr 0.1, outer loss on the "
              "query target (--load_pretrained=True --inner_lr=0.1 --query_loss=target); embedding = from "
              "Basic's item embedding (the original recipe); random = from random weights at main.py's defaults")
+    add("--rating_head", default="bias", choices=("plain", "bias"),
+        help="the rating head of every network (Basic, Fine-tune, MAML, MELO; main.py's --rating_head): bias "
+             "= mu + b_user + b_item + the network's residual, the item biases starting at the fold-in's "
+             "(the ablation's choice; main.py alone defaults to plain)")
     add("--bootstrap", type=options.positive_int, default=2000,
         help="resamples of the test users for the paired 95%% intervals")
     add("--bootstrap_seed", type=int, default=0, help="seed of the bootstrap resampling")
@@ -195,6 +199,7 @@ def parse(argv=None):
     if unknown or not models:
         raise MeloError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from "
                         f"{', '.join(options.MODELS)}")
+    extra = [f"--rating_head={known.rating_head}", *extra]  # every run's, before the passed-through flags
     defaults = options.parse_args([f"--mode={known.mode}", *extra])
     data_path = known.data_path if known.data_path is not None else defaults.data_path
     split_varies, init_varies = known.vary in ("random_seed", "both"), known.vary in ("model_init_seed", "both")
