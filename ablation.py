@@ -28,6 +28,7 @@ import compare
 import main as meta_main
 import metrics
 import options
+import runtime
 import train_original
 from options import MeloError
 from runtime import write_atomic
@@ -269,7 +270,7 @@ def execute(known, runs):
         record_settings(run)  # before its first run: from now on the folder holds results of these settings
         status = compare.run_script(script, argv, log_path, known.verbose)
         if status != 0:
-            detail = "" if known.verbose else f": {compare.last_line(log_path)} (full log: {log_path})"
+            detail = "" if known.verbose else f": {compare.failure_line(log_path)} (full log: {log_path})"
             raise MeloError(f"seed {seed} {name} ({label}: python {script}) failed with exit status {status}{detail}")
 
 
@@ -314,24 +315,28 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     known, extra, variants = parse(argv)
     fingerprints = {}
-    runs = plan(known, extra, variants, fingerprints)
-    try:
-        execute(known, runs)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are kept and reused by the next ablation.py", file=sys.stderr)
-        raise SystemExit(130)
-    if known.dry_run:
+    if known.dry_run:  # reads only
+        execute(known, plan(known, extra, variants, fingerprints))
         return None
-    text, summary = build_table(known, variants, runs, argv, fingerprints)
-    print()
-    print(text)
-    folder = os.path.join(known.results_dir, known.mode, known.model)
-    path = os.path.join(folder, "ablation.md")
-    os.makedirs(folder, exist_ok=True)
-    write_atomic(path, lambda out: out.write(text), binary=False)
-    metrics.write_json_atomic({"argv": argv, "variants": summary}, os.path.join(folder, "ablation.json"))
-    print(f"table written to {path}")
-    return text, summary
+    with compare.lock_results(os.path.join(known.results_dir, known.mode, known.model), "ablation"):
+        runs = plan(known, extra, variants, fingerprints)
+        try:
+            with runtime.sigterm_as_interrupt():  # between runs; during one, compare.run_script forwards it
+                execute(known, runs)
+        except KeyboardInterrupt as error:
+            line, status = compare.stopped_line(error, "ablation.py", argv)
+            print(line, file=sys.stderr)
+            raise SystemExit(status)
+        text, summary = build_table(known, variants, runs, argv, fingerprints)
+        print()
+        print(text)
+        folder = os.path.join(known.results_dir, known.mode, known.model)
+        path = os.path.join(folder, "ablation.md")
+        os.makedirs(folder, exist_ok=True)
+        write_atomic(path, lambda out: out.write(text), binary=False)
+        metrics.write_json_atomic({"argv": argv, "variants": summary}, os.path.join(folder, "ablation.json"))
+        print(f"table written to {path}")
+        return text, summary
 
 
 if __name__ == "__main__":

@@ -35,10 +35,11 @@ its grid's edge; mean +- standard deviation over seeds when `--seeds` > 1) are p
 `<results_dir>/<mode>/comparison.md` (and `comparison.json`), the per-rating figure as `comparison.png`.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
-import subprocess
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from dataloader import MetaDataset, load_data
 from meta_learner import SHARE_NAMES
 import metrics
 import options
+import runtime
 import train_original
 import tuning
 from options import MeloError
@@ -452,24 +454,59 @@ def training_step(script, flags, directory, prefix, last_step, fingerprint=None)
 
 def run_script(script, argv, log_path, verbose):
     """Run `python <script> argv` in a fresh process from the current folder; its output goes to
-    `log_path` (or the terminal with --verbose). Returns the exit status."""
+    `log_path` (or the terminal with --verbose). Returns the exit status. A SIGTERM or Ctrl-C meanwhile is
+    forwarded to it, and once it has saved and exited, raised here (runtime.run_child)."""
     command = [sys.executable, os.path.join(REPO, script), *argv]
+    keep = [lock.handle.fileno() for lock in HELD if lock.handle is not None]
     if verbose:
-        return subprocess.run(command).returncode
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "w") as log:
-        log.write(" ".join(command) + "\n")
-        log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        status, stopped = runtime.run_child(command, keep_fds=keep)
+    else:
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        with open(log_path, "w") as log:
+            log.write(" ".join(command) + "\n")
+            log.flush()
+            status, stopped = runtime.run_child(command, log, keep_fds=keep)
+    if stopped is not None:
+        raise runtime.stop_by(stopped)
+    return status
 
 
-def last_line(path):
+# The results folder's lock (lock_results), inherited by every child: a second compare.py is refused for
+# as long as a child of this one lives, even one still saving after this process was SIGKILLed.
+HELD = []
+
+
+@contextlib.contextmanager
+def lock_results(folder, script):
+    """One study at a time per results folder: a second `script` (compare, ablation) into `folder` stops
+    at once with one line, before it reads or truncates anything there."""
+    lock = checkpointing.RunLock(folder, script, "--results_dir")
+    with lock:
+        lock.acquire()
+        HELD.append(lock)
+        try:
+            yield lock
+        finally:
+            HELD.remove(lock)
+
+
+def failure_line(path):
+    """What to quote of a failed run's log: its last `error: ...` line (a lock refusal, a bad flag), not
+    whatever it printed after (a progress line), else its last line (a traceback's exception)."""
     try:
         with open(path, errors="replace") as handle:
             lines = [line.strip() for line in handle.read().replace("\r", "\n").splitlines() if line.strip()]
-        return lines[-1] if lines else "(no output)"
     except OSError:
         return "(no log)"
+    errors = [line for line in lines if line.startswith("error:")]
+    return errors[-1] if errors else lines[-1] if lines else "(no output)"
+
+
+def stopped_line(error, script, argv):
+    """The one line of a study stopped by SIGTERM or Ctrl-C, and its exit status."""
+    what, status = runtime.interruption(error)
+    return (f"{what}: the running step saved what it had, finished runs are kept; resume with: python {script} "
+            f"{shlex.join(argv)}"), status
 
 
 def execute(config, pieces):
@@ -485,7 +522,7 @@ def execute(config, pieces):
         start = time.time()
         status = run_script(script, argv, log_path, config.verbose)
         if status != 0:
-            detail = "" if config.verbose else f": {last_line(log_path)} (full log: {log_path})"
+            detail = "" if config.verbose else f": {failure_line(log_path)} (full log: {log_path})"
             raise MeloError(f"{piece.name} ({label}: python {script}) failed with exit status {status}{detail}")
         print(f"    done in {time.time() - start:.0f} s", flush=True)
     if config.dry_run:
@@ -904,6 +941,13 @@ def beyond_biases(config, reports, predictions, validation, store):
 
 def main(argv=None):
     config = parse(argv)
+    if config.dry_run:  # reads only
+        return study(config)
+    with lock_results(config.root, "compare"):
+        return study(config)
+
+
+def study(config):
     # A dry run without the ratings file (e.g. before its download) plans every report as to be made.
     fingerprint = (None if config.dry_run and not os.path.isfile(config.data_path) else
                    data_fingerprint(options.parse_args(run_flags(config, config.seeds[0]))))
@@ -918,10 +962,12 @@ def main(argv=None):
     if not config.dry_run:
         record_settings(config, settings)
     try:
-        execute(config, pieces)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are kept and reused by the next compare.py", file=sys.stderr)
-        raise SystemExit(130)
+        with runtime.sigterm_as_interrupt():  # between runs; during one, run_script forwards it
+            execute(config, pieces)
+    except KeyboardInterrupt as error:
+        line, status = stopped_line(error, "compare.py", config.argv)
+        print(line, file=sys.stderr)
+        raise SystemExit(status)
     if config.dry_run:
         return None
     reports = read_reports(pieces, fingerprint)

@@ -30,7 +30,8 @@ from meta_learner import (build_meta_learner, last_step_weights, mean_weight_by_
                           weight_sums_by_rating)
 from models.loss_networks import num_rating_buckets
 from options import MeloError, run_cli
-from runtime import Distributed, check_stop, configure_cpu, interruption, seed_everything, stop_signals_as_flag
+from runtime import (Distributed, check_stop, configure_cpu, interruption, progress, seed_everything,
+                     stop_signals_as_flag)
 
 # Options that change the shape or meaning of what a checkpoint holds; resuming or testing with other
 # values is refused with the names of the ones that differ.
@@ -342,8 +343,8 @@ class MetaTrainer:
                   f"{len(dataset.test_users)} test users, {self.data.num_items} items; validating on "
                   f"{validated} users{capped} every {args.log_interval} iterations; duplicates: "
                   f"{duplicates_note(self.data.duplicates_dropped, args)}")
-        bar = tqdm(range(self.iteration, args.num_train_iterations), initial=self.iteration,
-                   total=args.num_train_iterations, disable=not self.dist.is_main, dynamic_ncols=True)
+        bar = progress(range(self.iteration, args.num_train_iterations), initial=self.iteration,
+                       total=args.num_train_iterations, disable=not self.dist.is_main)
         try:
             if self.validation_pending():  # resumed at a step whose validation was interrupted
                 self.validate_and_save(val_tasks, writer)
@@ -351,7 +352,8 @@ class MetaTrainer:
                 check_stop()  # stop signals act here and between validation batches, never inside torch.func
                 loss = self.train_step()
                 if not math.isfinite(loss):
-                    raise self.diverged(f"the outer loss became {loss} at iteration {self.iteration + 1}")
+                    raise self.diverged(f"the outer loss became {loss} at iteration {self.iteration + 1}",
+                                        self.iteration + 1)
                 self.recent.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if writer is not None:
@@ -368,16 +370,15 @@ class MetaTrainer:
                   f"--checkpoint_step={self.iteration}", file=sys.stderr)
             raise SystemExit(status)
 
-    def diverged(self, what):
+    def diverged(self, what, bad_step):
         """The error that stops a run whose loss or validation score is no longer finite; nothing is saved."""
-        saved = checkpointing.available_steps(self.args.checkpoint_dir, self.prefix)
-        return MeloError(f"{what}; stopped without saving (last good checkpoint: step "
-                         f"{saved[-1] if saved else 'none'}); try a lower --outer_lr or --lstm_lr")
+        return checkpointing.diverged(what, self.args.checkpoint_dir, self.prefix, bad_step, self.earlier_run,
+                                      "--outer_lr or --lstm_lr")
 
     def validate_and_save(self, val_tasks, writer):
         report = self.evaluate(val_tasks)
         if not math.isfinite(report["rmse"]):
-            raise self.diverged(f"the validation RMSE became {report['rmse']} at step {self.iteration}")
+            raise self.diverged(f"the validation RMSE became {report['rmse']} at step {self.iteration}", self.iteration)
         train_loss = sum(self.recent) / len(self.recent) if self.recent else float("nan")
         # best["rmse"] holds the best validation --select_by (RMSE by default; the name is the checkpoint's)
         if report[self.args.select_by] < self.best["rmse"]:

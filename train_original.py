@@ -67,7 +67,8 @@ from dataloader import SPLIT_OPTIONS, STREAM_WINDOWS, MetaDataset, load_data
 from models import export_weights, model_factory
 from models.loss_networks import RatingSequenceEncoder, masked_mean
 from options import MeloError, build_parser, run_cli
-from runtime import Distributed, configure_cpu, interruption, seed_everything, sigterm_as_interrupt
+from runtime import (Distributed, check_stop, configure_cpu, interruption, progress, seed_everything,
+                     stop_signals_as_flag)
 
 # Of main.py's checkpoint-shaping options, those that shape a plain backbone (the rest are meta-learning's).
 BACKBONE_SHAPE_PREFIXES = ("bert_", "gru4rec_", "narm_")
@@ -353,15 +354,15 @@ class BaselineTrainer:
         torch.manual_seed(meta_main.stream_seed(self.args.random_seed, STREAM_WINDOWS, self.epoch, self.dist.rank))
         total, count = 0.0, 0
         for items, ratings in self.epoch_batches(self.epoch):
+            check_stop()  # a stop signal acts between batches, never inside autograd or torch.func
             error_sum, positions = self.training_loss(items, ratings)
             # The loss is the mean over the real positions of the whole global batch, on every rank alike.
             sums = self.dist.sum_(torch.stack([error_sum.detach().double(), positions.double()]))
             loss = (sums[0] / sums[1].clamp_min(1)).item()
             if not math.isfinite(loss):
-                saved = checkpointing.available_steps(self.args.pretrain_log_dir, self.prefix)
-                raise MeloError(f"the training loss became {loss} in epoch {self.epoch + 1}; stopped "
-                                f"without saving (last good checkpoint: step {saved[-1] if saved else 'none'}); "
-                                "try a lower --pretraining_lr")
+                raise checkpointing.diverged(f"the training loss became {loss} in epoch {self.epoch + 1}",
+                                             self.args.pretrain_log_dir, self.prefix, self.epoch + 1,
+                                             self.earlier_run, "--pretraining_lr")
             self.optimizer.zero_grad(set_to_none=True)
             # DDP divides the summed gradients by the world size; multiplying by it here leaves the gradient
             # of the global mean.
@@ -382,17 +383,17 @@ class BaselineTrainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.training_loss = DistributedDataParallel(self.window_loss, device_ids=device_ids)
         val_tasks = self.dataset.val_tasks()
-        bar = tqdm(range(self.epoch, args.pretrain_epochs), initial=self.epoch, total=args.pretrain_epochs,
-                   desc=f"{self.prefix} epochs", dynamic_ncols=True, disable=not self.dist.is_main)
+        bar = progress(range(self.epoch, args.pretrain_epochs), initial=self.epoch, total=args.pretrain_epochs,
+                       desc=f"{self.prefix} epochs", disable=not self.dist.is_main)
         try:
             for _ in bar:
+                check_stop()  # after the last finished epoch was saved
                 train_loss = self.train_epoch(bar)
                 report = self.evaluate(val_tasks)
                 if not math.isfinite(report["rmse"]):
-                    saved = checkpointing.available_steps(args.pretrain_log_dir, self.prefix)
-                    raise MeloError(f"the validation RMSE became {report['rmse']} after epoch {self.epoch}; stopped "
-                                    f"without saving (last good checkpoint: step {saved[-1] if saved else 'none'}); "
-                                    "try a lower --pretraining_lr")
+                    raise checkpointing.diverged(f"the validation RMSE became {report['rmse']} after epoch "
+                                                 f"{self.epoch}", args.pretrain_log_dir, self.prefix, self.epoch,
+                                                 self.earlier_run, "--pretraining_lr")
                 # best["rmse"] holds the best validation --select_by (the checkpoint's name for it)
                 if report[args.select_by] < self.best["rmse"]:
                     self.best = {"rmse": report[args.select_by], "step": self.epoch, "state": state_copy(self.model)}
@@ -410,7 +411,7 @@ class BaselineTrainer:
                     for rating, row in report["per_rating"].items():
                         writer.add_scalar(f"val_rmse_per_rating/{rating}", row["rmse"], self.epoch)
                     writer.flush()
-        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (runtime.sigterm_as_interrupt)
+        except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM, raised by check_stop
             # Mid-epoch state cannot be resumed exactly: the last finished epoch's checkpoint stands.
             what, status = interruption(error)
             saved = checkpointing.available_steps(args.pretrain_log_dir, self.prefix)
@@ -495,7 +496,7 @@ def main(args):
             writer = (meta_main.open_writer(args, trainer.prefix, trainer.log_folder, trainer.epoch)
                       if dist.is_main else None)
             try:
-                with sigterm_as_interrupt():
+                with stop_signals_as_flag():
                     trainer.train(writer)
             finally:
                 if writer is not None:

@@ -2,12 +2,19 @@
 ratings file's content; signals, full disks, truncated reports and bad rates end in one line."""
 import json
 import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import ablation
+import checkpointing
 import compare
 import dataloader as dl
 import options
@@ -15,6 +22,7 @@ import options
 import synthetic as sy
 from test_ablation import argv as ablation_argv
 from test_compare import argv as compare_argv, in_process, keep_thread_count, no_runs  # noqa: F401
+from test_main import REPO
 
 
 def same_size_edit(path):
@@ -101,6 +109,109 @@ def test_a_report_without_a_data_fingerprint_is_tested_again(compared, monkeypat
     again, calls = rerun(command, monkeypatch)
     assert [(script, "--test" in argv) for script, argv in calls] == [("train_original.py", True)]
     assert again == text
+
+
+# ============================================================================ a stopped compare.py (item 4)
+def copied(compared, tmp_path, *extra):
+    """compare.py's command on a copy of the finished comparison (same ratings file, so same settings)."""
+    command, _, seed, _ = compared
+    shutil.copytree(seed.parents[1], tmp_path / "results")
+    return [f"--results_dir={tmp_path}/results" if flag.startswith("--results_dir=") else flag
+            for flag in command] + list(extra)
+
+
+def start_compare(command, until_in_log):
+    """A real `python compare.py` whose first step (MAML's training, resumed towards more iterations)
+    has started: returns it once that child's log shows `until_in_log` (the child prints unbuffered)."""
+    log = os.path.join(command_folder(command), "seed222", "logs", "gru4rec_maml_train.log")
+    process = subprocess.Popen([sys.executable, "compare.py", *command], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (os.path.exists(log) and until_in_log in open(log).read()):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.2)
+    return process, log
+
+
+def command_folder(command):
+    return os.path.join(next(f for f in command if f.startswith("--results_dir="))[len("--results_dir="):], "ml-100k")
+
+
+def processes_naming(text):
+    """Pids of the live processes whose command line holds `text` (this test's folder)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if text.encode() in handle.read() and int(pid) != os.getpid():
+                    found.append(int(pid))
+        except OSError:  # it ended meanwhile
+            pass
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_to_compare_stops_its_child_which_saves_and_the_line_says_how_to_resume(compared, tmp_path, capsys):
+    """It used to leave the child training on as an orphan (issue 22, item 4)."""
+    command = copied(compared, tmp_path, "--num_train_iterations=400")
+    process, log = start_compare(command, "training, ")
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines()[-1] == ("terminated (SIGTERM): the running step saved what it had, finished runs "
+                                            f"are kept; resume with: python compare.py {shlex.join(command)}")
+    child = open(log).read()
+    assert "Traceback" not in child and "Traceback" not in err
+    step = int(child.split("terminated (SIGTERM): saved step ")[1].split()[0])   # forwarded, and saved
+    assert not processes_naming(str(tmp_path))
+    assert not os.path.exists(os.path.join(command_folder(command), ".compare.lock"))
+    compare.main(command + ["--dry_run"])   # the same command resumes that training
+    assert f"--checkpoint_step={step}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_child_does_not_outlive_a_sigkilled_compare(compared, tmp_path):
+    command = copied(compared, tmp_path, "--num_train_iterations=400")
+    process, log = start_compare(command, "training, ")
+    children = [pid for pid in processes_naming(str(tmp_path)) if pid != process.pid]
+    assert children
+    process.kill()
+    process.communicate(timeout=60)
+    deadline = time.time() + 120
+    while processes_naming(str(tmp_path)):
+        assert time.time() < deadline, "the child outlived its SIGKILLed parent"
+        time.sleep(0.2)
+    assert "terminated (SIGTERM): saved step" in open(log).read()   # and it saved on its way out
+
+
+def test_a_second_compare_on_one_results_folder_is_refused_up_front(compared):
+    command, _, seed, _ = compared
+    def files():
+        return {path: os.stat(path).st_mtime_ns for path in seed.parent.rglob("*") if path.is_file()}
+
+    before = files()
+    with compare.lock_results(str(seed.parent), "compare"):   # what a running compare.py holds
+        done = subprocess.run([sys.executable, "compare.py", *command], cwd=REPO, capture_output=True, text=True,
+                              timeout=240)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"error: another compare run is writing to {seed.parent}")
+    assert files() == before   # nothing written or truncated there
+
+
+def test_a_childs_lock_refusal_is_reported_as_a_lock_refusal(compared, tmp_path):
+    """Not the last line of its log, which was an orphan's progress bar."""
+    command = copied(compared, tmp_path, "--num_train_iterations=4")
+    checkpoints = os.path.join(command_folder(command), "seed222", "checkpoints")
+    with checkpointing.RunLock(checkpoints, "gru4rec_ml-100k_maml", "--checkpoint_dir") as lock:
+        lock.acquire()   # another MAML run of this name, writing there
+        done = subprocess.run([sys.executable, "compare.py", *command], cwd=REPO, capture_output=True, text=True,
+                              timeout=240)
+    assert done.returncode == 2, done.stderr
+    assert ("failed with exit status 2: error: another gru4rec_ml-100k_maml run is writing to "
+            f"{checkpoints}") in done.stderr
+    log = tmp_path / "child.log"
+    log.write_text("python main.py\nerror: another x run is writing to y\n 37%|###7      | 11/30\r 40%|####  | 12/30\n")
+    assert compare.failure_line(str(log)) == "error: another x run is writing to y"
 
 
 def test_compare_remakes_every_result_of_an_edited_ratings_file(compared, monkeypatch):
