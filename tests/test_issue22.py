@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import ablation
+import baselines
 import checkpointing
 import compare
 import dataloader as dl
@@ -222,7 +223,7 @@ def test_compare_remakes_every_result_of_an_edited_ratings_file(compared, monkey
     trainings = [(script, argv) for script, argv in calls if not ({"--test", "--test_baseline"} & set(argv))]
     assert [script for script, _ in trainings] == ["train_original.py", "main.py", "main.py"]
     assert all("--overwrite=True" in argv for _, argv in trainings)   # over the runs of the old data
-    assert len(calls) == 3 + 4 + 3   # every baseline, Basic, MAML and MELO tested again
+    assert len(calls) == len(baselines.BASELINES) + 2 * 3   # every baseline tested, Basic, MAML, MELO trained and tested
     after = json.loads((seed / "checkpoints" / "gru4rec_ml-100k_melo_step2.test_best.json").read_text())
     assert after["data_fingerprint"] != before["data_fingerprint"] and again != text
     monkeypatch.setattr(compare, "run_script", no_runs)   # and now all of it is fresh
