@@ -19,6 +19,7 @@ import checkpointing
 import compare
 import dataloader as dl
 import options
+import study
 
 import synthetic as sy
 from test_ablation import argv as ablation_argv
@@ -64,7 +65,7 @@ def compared(tmp_path_factory):
     sy.write_movielens(path, fmt="ml-100k", num_users=120, num_items=80, seed=3)
     command = compare_argv(path, folder, "--models=gru4rec", "--finetune_steps_grid=")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(compare, "run_script", in_process([]))
+        patch.setattr(study, "run_script", in_process([]))
         text, _ = compare.main(command)
     return command, path, folder / "results" / "ml-100k" / "seed222", text
 
@@ -72,7 +73,7 @@ def compared(tmp_path_factory):
 def rerun(command, monkeypatch):
     """compare.main(command) with the runs in this process; returns (table, [(script, argv)])."""
     calls = []
-    monkeypatch.setattr(compare, "run_script", in_process(calls))
+    monkeypatch.setattr(study, "run_script", in_process(calls))
     text, _ = compare.main(command)
     return text, calls
 
@@ -191,7 +192,7 @@ def test_a_second_compare_on_one_results_folder_is_refused_up_front(compared):
         return {path: os.stat(path).st_mtime_ns for path in seed.parent.rglob("*") if path.is_file()}
 
     before = files()
-    with compare.lock_results(str(seed.parent), "compare"):   # what a running compare.py holds
+    with study.lock_results(str(seed.parent), "compare"):   # what a running compare.py holds
         done = subprocess.run([sys.executable, "compare.py", *command], cwd=REPO, capture_output=True, text=True,
                               timeout=240)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
@@ -212,7 +213,7 @@ def test_a_childs_lock_refusal_is_reported_as_a_lock_refusal(compared, tmp_path)
             f"{checkpoints}") in done.stderr
     log = tmp_path / "child.log"
     log.write_text("python main.py\nerror: another x run is writing to y\n 37%|###7      | 11/30\r 40%|####  | 12/30\n")
-    assert compare.failure_line(str(log)) == "error: another x run is writing to y"
+    assert study.failure_line(str(log)) == "error: another x run is writing to y"
 
 
 def test_compare_remakes_every_result_of_an_edited_ratings_file(compared, monkeypatch):
@@ -226,7 +227,7 @@ def test_compare_remakes_every_result_of_an_edited_ratings_file(compared, monkey
     assert len(calls) == len(baselines.BASELINES) + 2 * 3   # every baseline tested, Basic, MAML, MELO trained and tested
     after = json.loads((seed / "checkpoints" / "gru4rec_ml-100k_melo_step2.test_best.json").read_text())
     assert after["data_fingerprint"] != before["data_fingerprint"] and again != text
-    monkeypatch.setattr(compare, "run_script", no_runs)   # and now all of it is fresh
+    monkeypatch.setattr(study, "run_script", no_runs)   # and now all of it is fresh
     assert compare.main(command)[0] == again
 
 
@@ -234,11 +235,11 @@ def test_ablation_remakes_a_variant_of_an_edited_ratings_file(tmp_path, monkeypa
     path = str(tmp_path / "u.data")
     sy.write_movielens(path, fmt="ml-100k", num_users=120, num_items=80, seed=3)
     command = ablation_argv(path, tmp_path, "--variants=maml")
-    monkeypatch.setattr(compare, "run_script", in_process([]))
+    monkeypatch.setattr(study, "run_script", in_process([]))
     _, first = ablation.main(command)
     same_size_edit(path)
     calls = []
-    monkeypatch.setattr(compare, "run_script", in_process(calls))
+    monkeypatch.setattr(study, "run_script", in_process(calls))
     _, second = ablation.main(command)
     assert [("--test" in argv, "--overwrite=True" in argv) for _, argv in calls] == [(False, True), (True, False)]
     assert second != first
