@@ -24,11 +24,11 @@ import sys
 from collections import namedtuple
 
 import checkpointing
-import compare
-import main as meta_main
 import metrics
 import options
-import train_original
+import runs
+import runtime
+import study
 from options import MeloError
 from runtime import write_atomic
 
@@ -50,7 +50,7 @@ VARIANTS = {
                       "--query_loss=all"]),
     "melo-ft-start-centred": ("MELO from the whole Basic model, centred weights",
                               ["--use_adaptive_loss=True", "--adaptive_weights=centred",
-                               *compare.START_FLAGS["basic"]]),
+                               *study.START_FLAGS["basic"]]),
     "melo-bounded": ("weights 2σ(z), unnormalised; query all",
                      ["--use_adaptive_loss=True", "--adaptive_weights=bounded", "--task_state=static",
                       "--query_loss=all"]),
@@ -71,33 +71,33 @@ VARIANTS = {
     # the whole trained Basic model, inner rates from Fine-tune's lr, and (since the backbone already fits
     # the support items) the outer loss on the held-out target only.
     "maml-ft-start": ("MAML++ from the whole Basic model, inner lr 0.1, query target",
-                      ["--use_adaptive_loss=False", *compare.START_FLAGS["basic"]]),
+                      ["--use_adaptive_loss=False", *study.START_FLAGS["basic"]]),
     "melo-ft-start": ("MELO from the whole Basic model, inner lr 0.1, query target",
-                      ["--use_adaptive_loss=True", *compare.START_FLAGS["basic"]]),
+                      ["--use_adaptive_loss=True", *study.START_FLAGS["basic"]]),
     # The bias rating head (μ + b_user + b_item + f), each from a Basic model trained with the same head,
     # on the recipe above: what it brings, and what of it the inner loop should adapt.
     "maml-bias": ("MAML++, bias head, from Basic (bias head)",
-                  ["--use_adaptive_loss=False", "--rating_head=bias", *compare.START_FLAGS["basic"]]),
+                  ["--use_adaptive_loss=False", "--rating_head=bias", *study.START_FLAGS["basic"]]),
     "melo-bias": ("MELO, bias head, from Basic (bias head)",
-                  ["--use_adaptive_loss=True", "--rating_head=bias", *compare.START_FLAGS["basic"]]),
+                  ["--use_adaptive_loss=True", "--rating_head=bias", *study.START_FLAGS["basic"]]),
     "maml-bias-user-frozen": ("MAML++, bias head, b_user not adapted",
                               ["--use_adaptive_loss=False", "--rating_head=bias", "--adapt_user_bias=False",
-                               *compare.START_FLAGS["basic"]]),
+                               *study.START_FLAGS["basic"]]),
     "maml-bias-item-outer": ("MAML++, bias head, b_item only in the outer loop",
                              ["--use_adaptive_loss=False", "--rating_head=bias", "--adapt_item_bias=False",
-                              *compare.START_FLAGS["basic"]]),
+                              *study.START_FLAGS["basic"]]),
     "maml-bias-head-only": ("MAML++, bias head, inner loop adapts head and biases only (ANIL)",
                             ["--use_adaptive_loss=False", "--rating_head=bias", "--inner_params=head",
-                             *compare.START_FLAGS["basic"]]),
+                             *study.START_FLAGS["basic"]]),
     "melo-bias-head-only": ("MELO, bias head, inner loop adapts head and biases only (ANIL)",
                             ["--use_adaptive_loss=True", "--rating_head=bias", "--inner_params=head",
-                             *compare.START_FLAGS["basic"]]),
+                             *study.START_FLAGS["basic"]]),
     "maml-bias-decay": ("MAML++, bias head, outer weight decay 1e-4",
                         ["--use_adaptive_loss=False", "--rating_head=bias", "--outer_weight_decay=1e-4",
-                         *compare.START_FLAGS["basic"]]),
+                         *study.START_FLAGS["basic"]]),
     "maml-bias-dropout": ("MAML++, bias head, transformer dropout 0.3",
                           ["--use_adaptive_loss=False", "--rating_head=bias", "--bert_dropout=0.3",
-                           *compare.START_FLAGS["basic"]]),
+                           *study.START_FLAGS["basic"]]),
 }
 # Set by this script for each run; not allowed among the shared flags.
 CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "log_dir",
@@ -136,7 +136,7 @@ def build_parser():
 
 def parse(argv):
     known, extra = build_parser().parse_known_args(argv)
-    controlled = sorted(set(compare.given_flags(extra)) & set(CONTROLLED + (("model_init_seed",) if known.vary_init
+    controlled = sorted(set(study.given_flags(extra)) & set(CONTROLLED + (("model_init_seed",) if known.vary_init
                                                                              else ())))
     if controlled:
         raise MeloError(f"ablation.py sets {', '.join('--' + c for c in controlled)} for each run itself; "
@@ -172,11 +172,11 @@ def shared_flags(known, extra, seed):
 
 def plan(known, extra, variants, fingerprints=None):
     """A Run per seed and variant, with the (label, script, argv) steps it still needs: none when its
-    report is fresh (compare.report_problem: made from the data as it is now); a stale one is tested
+    report is fresh (study.report_problem: made from the data as it is now); a stale one is tested
     again, and trained again (with its pretrained export) when its checkpoint is stale too.
-    `fingerprints` memoises compare.data_fingerprint (a variant may change the data flags)."""
+    `fingerprints` memoises study.data_fingerprint (a variant may change the data flags)."""
     fingerprints = {} if fingerprints is None else fingerprints
-    runs = []
+    planned = []
     for seed in [known.random_seed + k for k in range(known.seeds)]:
         shared = shared_flags(known, extra, seed)
         pretrained = set()  # the rating heads whose Basic export this seed already makes or has
@@ -191,14 +191,14 @@ def plan(known, extra, variants, fingerprints=None):
                               f"--num_train_iterations={known.num_train_iterations}"]
             args = options.parse_args(flags)
             check_settings(folder, name, args)
-            prefix = meta_main.run_prefix(args)
-            report = meta_main.report_path(args, prefix, known.num_train_iterations)
-            fingerprint = lambda args=args: compare.data_fingerprint(args, fingerprints)  # read when needed
+            prefix = runs.meta_prefix(args)
+            report = runs.meta_report_path(args, prefix, known.num_train_iterations)
+            fingerprint = lambda args=args: study.data_fingerprint(args, fingerprints)  # read when needed
             steps = []
-            problem = compare.report_problem(report, fingerprint, with_predictions=False)
+            problem = study.report_problem(report, fingerprint, with_predictions=False)
             if problem:
-                compare.remake(f"seed {seed} {name}", problem)
-                train = compare.training_need("main.py", flags, args.checkpoint_dir, prefix,
+                study.remake(f"seed {seed} {name}", problem)
+                train = study.training_need("main.py", flags, args.checkpoint_dir, prefix,
                                               known.num_train_iterations, fingerprint)
                 if train:
                     if (args.load_pretrained or args.load_pretrained_embedding) and head not in pretrained:
@@ -208,18 +208,18 @@ def plan(known, extra, variants, fingerprints=None):
                     steps.append(train)
                 steps.append(("test", "main.py", flags + [f"--checkpoint_step={known.num_train_iterations}",
                                                          "--test"]))
-            runs.append(Run(seed, name, report, steps, folder, resolved_settings(args), flags))
-    return runs
+            planned.append(Run(seed, name, report, steps, folder, resolved_settings(args), flags))
+    return planned
 
 
 def resolved_settings(args):
     """Every option of a run that can change its numbers (main.py's defaults filled in)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in compare.NOT_SETTINGS + ("test", "test_best")}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in study.NOT_SETTINGS + ("test", "test_best")}
 
 
 def check_settings(folder, name, args):
     """A variant's folder is reused only for the settings it was made with (a default that changed since
-    would silently relabel its results): the first plan records them, later plans compare."""
+    would silently relabel its results): the first plan records them, later plans study."""
     path = os.path.join(folder, "settings.json")
     current = resolved_settings(args)
     if os.path.exists(path):
@@ -248,10 +248,10 @@ def pretraining_steps(known, flags, folder, fingerprints):
     flags = flags + [f"--pretrain_log_dir={folder}", f"--pretrain_epochs={known.pretrain_epochs}",
                      "--save_pretrained=True", f"--log_dir={os.path.join(folder, 'runs')}"]
     args = options.parse_args(flags)
-    export = train_original.pretrained_path(args)
+    export = runs.pretrained_path(args)
     if not os.path.exists(export):
         return [("pretrain", "train_original.py", flags)]
-    if compare.checkpoint_is_stale(export, lambda: compare.data_fingerprint(args, fingerprints)):
+    if study.checkpoint_is_stale(export, lambda: study.data_fingerprint(args, fingerprints)):
         return [("pretrain", "train_original.py", flags + ["--overwrite=True"])]
     return []
 
@@ -267,9 +267,9 @@ def execute(known, runs):
             continue
         print(f"{what} ..." + ("" if known.verbose else f" (log: {log_path})"), flush=True)
         record_settings(run)  # before its first run: from now on the folder holds results of these settings
-        status = compare.run_script(script, argv, log_path, known.verbose)
+        status = study.run_script(script, argv, log_path, known.verbose)
         if status != 0:
-            detail = "" if known.verbose else f": {compare.last_line(log_path)} (full log: {log_path})"
+            detail = "" if known.verbose else f": {study.failure_line(log_path)} (full log: {log_path})"
             raise MeloError(f"seed {seed} {name} ({label}: python {script}) failed with exit status {status}{detail}")
 
 
@@ -278,8 +278,8 @@ def build_table(known, variants, runs, argv, fingerprints=None):
     fingerprints = {} if fingerprints is None else fingerprints
     reports = {}
     for run in runs:
-        fingerprint = compare.data_fingerprint(options.parse_args(run.argv), fingerprints)
-        reports.setdefault(run.name, []).append(compare.read_report(run.report, fingerprint))
+        fingerprint = study.data_fingerprint(options.parse_args(run.argv), fingerprints)
+        reports.setdefault(run.name, []).append(study.read_report(run.report, fingerprint))
     ratings = sorted({r for rs in reports.values() for report in rs
                       for r in report.get("adaptive_weight_by_rating", {})}, key=float)
     header = ("| variant | what | val RMSE | test RMSE | test MAE | test mean per-rating RMSE | "
@@ -293,10 +293,10 @@ def build_table(known, variants, runs, argv, fingerprints=None):
                   "mean_per_rating_rmse": [r["mean_per_rating_rmse"] for r in found]}
         for rating in ratings:
             values[f"weight_{rating}"] = [r.get("adaptive_weight_by_rating", {}).get(rating) for r in found]
-        summary[name] = {key: {"per_seed": vals, "mean": compare.mean_std(vals)[0], "std": compare.mean_std(vals)[1]}
+        summary[name] = {key: {"per_seed": vals, "mean": study.mean_std(vals)[0], "std": study.mean_std(vals)[1]}
                          for key, vals in values.items()}
         # a | inside a cell (the unbounded form's |1 + z|, a --define's flags) would end it
-        cells = [name.replace("|", "\\|"), description.replace("|", "\\|")] + [compare.cell(v) for v in values.values()]
+        cells = [name.replace("|", "\\|"), description.replace("|", "\\|")] + [study.cell(v) for v in values.values()]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = ", ".join(str(known.random_seed + k) for k in range(known.seeds))
     counts = sorted({r["count"] for rs in reports.values() for r in rs})
@@ -314,24 +314,28 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     known, extra, variants = parse(argv)
     fingerprints = {}
-    runs = plan(known, extra, variants, fingerprints)
-    try:
-        execute(known, runs)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are kept and reused by the next ablation.py", file=sys.stderr)
-        raise SystemExit(130)
-    if known.dry_run:
+    if known.dry_run:  # reads only
+        execute(known, plan(known, extra, variants, fingerprints))
         return None
-    text, summary = build_table(known, variants, runs, argv, fingerprints)
-    print()
-    print(text)
-    folder = os.path.join(known.results_dir, known.mode, known.model)
-    path = os.path.join(folder, "ablation.md")
-    os.makedirs(folder, exist_ok=True)
-    write_atomic(path, lambda out: out.write(text), binary=False)
-    metrics.write_json_atomic({"argv": argv, "variants": summary}, os.path.join(folder, "ablation.json"))
-    print(f"table written to {path}")
-    return text, summary
+    with study.lock_results(os.path.join(known.results_dir, known.mode, known.model), "ablation"):
+        planned = plan(known, extra, variants, fingerprints)
+        try:
+            with runtime.sigterm_as_interrupt():  # between runs; during one, study.run_script forwards it
+                execute(known, planned)
+        except KeyboardInterrupt as error:
+            line, status = study.stopped_line(error, "ablation.py", argv)
+            print(line, file=sys.stderr)
+            raise SystemExit(status)
+        text, summary = build_table(known, variants, planned, argv, fingerprints)
+        print()
+        print(text)
+        folder = os.path.join(known.results_dir, known.mode, known.model)
+        path = os.path.join(folder, "ablation.md")
+        os.makedirs(folder, exist_ok=True)
+        write_atomic(path, lambda out: out.write(text), binary=False)
+        metrics.write_json_atomic({"argv": argv, "variants": summary}, os.path.join(folder, "ablation.json"))
+        print(f"table written to {path}")
+        return text, summary
 
 
 if __name__ == "__main__":

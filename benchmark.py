@@ -7,7 +7,7 @@
 One outer iteration is what `main.py`'s `MetaTrainer.train_step` does: the outer loss of every task of a
 meta-batch (inner loop, second order, multi-step loss of iteration 0, so the query set is scored after
 every inner step), its backward, gradient clipping and one Adam step over every meta-learned parameter,
-the whole item table included, with `main.build_optimizer`'s optimizer and schedule. Building the
+the whole item table included, with `runs.build_optimizer`'s optimizer and schedule. Building the
 meta-batch (`MetaDataset.train_batch`) is timed apart.
 
 The data are generated (no download): `--num_users` users with 40..200 ratings each over a catalog of
@@ -143,7 +143,7 @@ class Case:
 
     def __init__(self, model, method, num_items, path, device, extra, num_users):
         from dataloader import MetaDataset
-        from main import build_optimizer
+        from runs import build_optimizer
         from meta_learner import build_meta_learner, multi_step_loss_weights
 
         self.args = args = case_args(model, method, extra)

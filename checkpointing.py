@@ -51,6 +51,16 @@ def available_steps(directory, prefix):
     return saved_runs(directory).get(prefix, [])
 
 
+def diverged(what, directory, prefix, bad_step, earlier_run, remedy):
+    """The one-line error of a run stopped by a non-finite loss or score at `bad_step`: nothing is saved
+    for it. The last good checkpoint is this run's latest before `bad_step`: not the bad step's own file
+    (a resumed step saved before its validation, whose validation is now NaN), nor an earlier run's files
+    that this one has not yet replaced (--overwrite)."""
+    good = [] if earlier_run else [step for step in available_steps(directory, prefix) if step < bad_step]
+    return MeloError(f"{what}; stopped without saving step {bad_step} (the last good checkpoint is step "
+                     f"{good[-1] if good else 'none'}); try a lower {remedy}")
+
+
 def check_output_folder(path, flag):
     """Create the folder `path` if needed and make sure a file can be written there: at start-up, not at
     the first save after an hour of training."""

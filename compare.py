@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,17 +48,20 @@ import pandas as pd
 import baselines
 import checkpointing
 import figures
-import main as meta_main
 from dataloader import MetaDataset, load_data
 from meta_learner import SHARE_NAMES
 import metrics
 import options
-import train_original
+import runs
+import runtime
+import study
 import tuning
 from options import MeloError
 from runtime import write_atomic
+from study import (CONTROLLED, DATA_OPTIONS, NOT_SETTINGS, START_DESCRIPTIONS, START_FLAGS, cell,  # noqa: F401
+                   checkpoint_is_stale, data_fingerprint, failure_line, given_flags, lock_results, mean_std,
+                   read_report, remake, report_problem, run_script, stopped_line, training_need, training_step)
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 DISPLAY = {"bert4rec": "BERT4Rec", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "narm": "NARM"}
 METHOD_NAMES = {"mean-rating": "Mean rating", "user-mean": "User mean", "shrunk-user-mean": "Shrunk user mean",
                 "user-item-bias": "User + item bias", "mf-fold-in": "MF fold-in", "basic": "Basic",
@@ -70,27 +72,6 @@ PAIRED = ("maml", "finetune", "basic")  # MELO − each of them, paired on the s
 NO_NETWORK = ("user-item-bias", "mf-fold-in")
 FOLD_IN = "user-item-bias"
 BLEND_WEIGHTS = tuple(round(0.05 * k, 2) for k in range(21))
-# How MAML and MELO start (--start), as main.py flags given to both, before the passed-through flags (which
-# win). `basic` is the recipe the ablation chose (docs/comparison.md): meta-learn from the fine-tuning
-# baseline's own start, the whole Basic model, with its inner lr (0.1) and, since that model already fits
-# the support items, the outer loss on the held-out target only. `embedding` is the original's recipe.
-START_FLAGS = {"basic": ("--load_pretrained=True", "--inner_lr=0.1", "--query_loss=target"),
-               "embedding": ("--load_pretrained_embedding=True",),
-               "random": ()}
-START_DESCRIPTIONS = {"basic": "the whole Basic model", "embedding": "the Basic item embedding",
-                      "random": "random weights"}
-# Flags compare.py sets for each run itself: not allowed among the passed-through flags.
-CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "pretrain_log_dir", "log_dir",
-              "test", "test_best", "test_baseline", "checkpoint_step", "use_adaptive_loss",
-              "num_train_iterations", "pretrain_epochs", "finetune_steps", "save_pretrained",
-              "load_pretrained", "load_pretrained_embedding", "model_init_seed", "baseline",
-              "finetune_steps_grid", "finetune_lr_grid", "finetune_lr")
-# Options that name the result files themselves, change nothing, or change only the order of float sums
-# (the thread count, the device: rounding that training can grow into small differences): left out of
-# the settings record, so that a results folder can be finished on another machine. (Not --task_chunk:
-# with dropout, chunks draw the masks in another order.)
-NOT_SETTINGS = CONTROLLED + ("data_path_given", "data_dir", "device", "num_threads", "keep_freed_memory",
-                             "overwrite")
 
 
 def build_parser():
@@ -178,15 +159,6 @@ class Config:
     argv: list = field(default_factory=list)
 
 
-def given_flags(extra):
-    """The destinations of the main.py flags explicitly present in `extra` (argparse's own matching)."""
-    parser = options.build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    parser.prog = "compare.py"
-    return vars(parser.parse_args(extra))
-
-
 def parse(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     known, extra = build_parser().parse_known_args(argv)
@@ -267,67 +239,6 @@ def record_settings(config, settings):
         metrics.write_json_atomic(settings, path)
 
 
-DATA_OPTIONS = ("mode", "data_path", "data_dir", "min_item", "min_sequence", "min_sub_window_size",
-                "keep_duplicates", "csv_columns")  # what load_data reads: its result's fingerprint
-
-
-def data_fingerprint(args, known=None):
-    """The fingerprint of the data `args` read (as main.py records it), computed once per data options
-    in the dict `known`."""
-    key = tuple(getattr(args, name) for name in DATA_OPTIONS)
-    known = {} if known is None else known
-    if key not in known:
-        known[key] = load_data(args).fingerprint()
-    return known[key]
-
-
-def report_problem(path, fingerprint, with_predictions):
-    """Why the report at `path` cannot be reused for the data of `fingerprint`, or None when it can: a
-    report is fresh only when it records this data's fingerprint and (with_predictions) its per-target
-    CSV is the one written with it. `fingerprint` may be a function that gives it."""
-    if not os.path.exists(path):
-        return f"{path} is missing"
-    fingerprint = fingerprint() if callable(fingerprint) else fingerprint
-    try:
-        with open(path) as handle:
-            report = json.load(handle)
-    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        return f"{path} cannot be read (truncated or damaged: {error})"
-    if not isinstance(report, dict):
-        return f"{path} is not a MELO report"
-    saved = report.get("data_fingerprint")
-    if saved is None:
-        return f"{path} records no data fingerprint (written before reports recorded one)"
-    if saved != fingerprint:
-        return f"{path} was made from other data (data fingerprint {saved}, this data {fingerprint})"
-    if with_predictions:
-        csv = metrics.predictions_path(path)
-        if not os.path.exists(csv):
-            return f"{csv} is missing"
-        if metrics.file_sha256(csv) != report.get("predictions_sha256"):
-            return f"{csv} is not the one written with {path} (truncated or replaced)"
-        validation = metrics.validation_predictions_path(path)
-        if "validation_predictions_sha256" in report and (not os.path.exists(validation) or metrics.file_sha256(
-                validation) != report["validation_predictions_sha256"]):
-            return f"{validation} is not the one written with {path} (missing, truncated or replaced)"
-    return None
-
-
-def read_report(path, fingerprint, with_predictions=False):
-    """The report at `path`; a stale or damaged one (report_problem) is a one-line MeloError."""
-    problem = report_problem(path, fingerprint, with_predictions)
-    if problem:
-        raise MeloError(f"{problem}: remove it, and run the same command again to make it anew")
-    with open(path) as handle:
-        return json.load(handle)
-
-
-def checkpoint_is_stale(path, fingerprint):
-    """Was the checkpoint (or export) at `path` made from other data, or before fingerprints were saved?"""
-    fingerprint = fingerprint() if callable(fingerprint) else fingerprint
-    return checkpointing.read_saved_dict(path, "checkpoint").get("data_fingerprint") != fingerprint
-
-
 def check_data(config):
     """Read the data and make every seed's split here, so a file or split problem is one early error
     instead of a failed first run (this also fills the data cache the runs then read)."""
@@ -385,12 +296,6 @@ def with_predictions(method):
     return method in ("melo",) + PAIRED + NO_NETWORK
 
 
-def remake(piece_name, problem):
-    """Say why a report that exists is made again."""
-    if not problem.endswith(" is missing"):
-        print(f"{piece_name}: {problem}: making it again", flush=True)
-
-
 def basic_piece(config, seed, shared, model, finetune, fingerprint):
     """Basic (trains if its last checkpoint is missing, exporting its weights unless --start=random, then
     tests) or Fine-tune (tests the Basic checkpoint, which the Basic piece before it trains, with lr and
@@ -400,7 +305,7 @@ def basic_piece(config, seed, shared, model, finetune, fingerprint):
               f"--finetune_lr_grid={','.join(f'{lr:g}' for lr in config.finetune_lr_grid)}"] if finetune else []
     args = options.parse_args(flags + tuning)
     method = "finetune" if finetune else "basic"
-    piece = Piece(seed, model, method, train_original.report_path(args, config.epochs), [])
+    piece = Piece(seed, model, method, runs.basic_report_path(args, config.epochs), [])
     problem = report_problem(piece.report, fingerprint, with_predictions(method))
     if problem is None:
         return piece
@@ -409,7 +314,7 @@ def basic_piece(config, seed, shared, model, finetune, fingerprint):
     if not finetune:  # Fine-tune tests the checkpoint that the Basic piece before it (re)makes
         export = ["--save_pretrained=True"] if START_FLAGS[config.start] else []
         train = training_need("train_original.py", flags + export, args.pretrain_log_dir,
-                              train_original.run_prefix(args), config.epochs, fingerprint)
+                              runs.basic_prefix(args), config.epochs, fingerprint)
         piece.steps[:0] = [train] if train else []
     return piece
 
@@ -420,8 +325,8 @@ def meta_piece(config, seed, model, method, adaptive, fingerprint):
     flags = run_flags(config, seed, START_FLAGS[config.start]) + [
         f"--model={model}", f"--use_adaptive_loss={adaptive}", f"--num_train_iterations={config.iterations}"]
     args = options.parse_args(flags)
-    prefix = meta_main.run_prefix(args)
-    piece = Piece(seed, model, method, meta_main.report_path(args, prefix, config.iterations), [])
+    prefix = runs.meta_prefix(args)
+    piece = Piece(seed, model, method, runs.meta_report_path(args, prefix, config.iterations), [])
     problem = report_problem(piece.report, fingerprint, with_predictions(method))
     if problem is None:
         return piece
@@ -430,51 +335,6 @@ def meta_piece(config, seed, model, method, adaptive, fingerprint):
     piece.steps = ([train] if train else []) + [
         ("test", "main.py", flags + [f"--checkpoint_step={config.iterations}", "--test"])]
     return piece
-
-
-def training_need(script, flags, directory, prefix, last_step, fingerprint):
-    """The training step a test of `last_step` needs first: none when its checkpoint exists and was made
-    from this data; a fresh run over a stale one (--overwrite=True); else training_step."""
-    final = checkpointing.checkpoint_path(directory, prefix, last_step)
-    if not os.path.exists(final):
-        return training_step(script, flags, directory, prefix, last_step, fingerprint)
-    if checkpoint_is_stale(final, fingerprint):
-        print(f"    {final} was trained on other data: training it again", flush=True)
-        return ("train", script, flags + ["--overwrite=True"])
-    return None
-
-
-def training_step(script, flags, directory, prefix, last_step, fingerprint=None):
-    """The step that makes a missing final checkpoint: a fresh run, or, after an interrupted one, resuming
-    from the last checkpoint it saved (exactly as if it had never stopped), unless that checkpoint was
-    made from other data than `fingerprint`'s: then a fresh run over it."""
-    earlier = [step for step in checkpointing.available_steps(directory, prefix) if step < last_step]
-    if earlier and fingerprint is not None and checkpoint_is_stale(
-            checkpointing.checkpoint_path(directory, prefix, earlier[-1]), fingerprint):
-        return ("train", script, flags + ["--overwrite=True"])
-    return ("train", script, flags + ([f"--checkpoint_step={earlier[-1]}"] if earlier else []))
-
-
-def run_script(script, argv, log_path, verbose):
-    """Run `python <script> argv` in a fresh process from the current folder; its output goes to
-    `log_path` (or the terminal with --verbose). Returns the exit status."""
-    command = [sys.executable, os.path.join(REPO, script), *argv]
-    if verbose:
-        return subprocess.run(command).returncode
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "w") as log:
-        log.write(" ".join(command) + "\n")
-        log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
-
-
-def last_line(path):
-    try:
-        with open(path, errors="replace") as handle:
-            lines = [line.strip() for line in handle.read().replace("\r", "\n").splitlines() if line.strip()]
-        return lines[-1] if lines else "(no output)"
-    except OSError:
-        return "(no log)"
 
 
 def execute(config, pieces):
@@ -488,9 +348,9 @@ def execute(config, pieces):
             continue
         print(f"{what} ..." + ("" if config.verbose else f" (log: {log_path})"), flush=True)
         start = time.time()
-        status = run_script(script, argv, log_path, config.verbose)
+        status = study.run_script(script, argv, log_path, config.verbose)
         if status != 0:
-            detail = "" if config.verbose else f": {last_line(log_path)} (full log: {log_path})"
+            detail = "" if config.verbose else f": {failure_line(log_path)} (full log: {log_path})"
             raise MeloError(f"{piece.name} ({label}: python {script}) failed with exit status {status}{detail}")
         print(f"    done in {time.time() - start:.0f} s", flush=True)
     if config.dry_run:
@@ -568,30 +428,6 @@ def best_no_network(reports, seed_index):
     the scores {name: score}."""
     scores = {name: min(reports[(None, name)][seed_index]["selection"]["validation_scores"]) for name in NO_NETWORK}
     return min(scores, key=scores.get), scores
-
-
-def mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def cell(values, percent=False, seeds=None):
-    """Mean (± sample standard deviation over seeds); `(n=k)` when only k of `seeds` seeds have a value."""
-    mean, std = mean_std(values)
-    if mean is None:
-        return "–"
-    text = f"{mean:+.2f}%" if percent else f"{mean:.4f}"
-    if std is not None:
-        text += f" ± {std:.2f}%" if percent else f" ± {std:.4f}"
-    count = sum(v is not None for v in values)
-    if seeds is not None and count < seeds:
-        text += f" (n={count})"
-    return text
 
 
 def paired_cell(results):
@@ -932,6 +768,13 @@ def beyond_biases(config, reports, predictions, validation, store):
 
 def main(argv=None):
     config = parse(argv)
+    if config.dry_run:  # reads only
+        return run_study(config)
+    with lock_results(config.root, "compare"):
+        return run_study(config)
+
+
+def run_study(config):
     # A dry run without the ratings file (e.g. before its download) plans every report as to be made.
     fingerprint = (None if config.dry_run and not os.path.isfile(config.data_path) else
                    data_fingerprint(options.parse_args(run_flags(config, config.seeds[0]))))
@@ -946,10 +789,12 @@ def main(argv=None):
     if not config.dry_run:
         record_settings(config, settings)
     try:
-        execute(config, pieces)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are kept and reused by the next compare.py", file=sys.stderr)
-        raise SystemExit(130)
+        with runtime.sigterm_as_interrupt():  # between runs; during one, study.run_script forwards it
+            execute(config, pieces)
+    except KeyboardInterrupt as error:
+        line, status = stopped_line(error, "compare.py", config.argv)
+        print(line, file=sys.stderr)
+        raise SystemExit(status)
     if config.dry_run:
         return None
     reports = read_reports(pieces, fingerprint)

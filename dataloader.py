@@ -374,6 +374,8 @@ def _read_pandas(source, path, fmt, skip_lines, header_rows, **kwargs):
     try:
         return pd.read_csv(source, header=None, skiprows=skip_lines, skip_blank_lines=True,
                            keep_default_na=False, na_values=[""], engine="c", **kwargs)
+    except pd.errors.EmptyDataError:  # pandas says "No columns to parse from file"
+        raise _fail(path, None, "holds a header line but no ratings" if header_rows else "holds no ratings") from None
     except (ValueError, UnicodeDecodeError) as error:     # ParserError is a ValueError
         message = str(error).strip().splitlines()
         raise _diagnose(path, fmt, header_rows, fallback=message[-1] if message else None) from None

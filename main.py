@@ -10,13 +10,10 @@
 Every `--log_interval` iterations the fixed validation tasks are scored, TensorBoard is written under
 `--log_dir`, and a checkpoint of that step (with the best-so-far weights) is saved in `--checkpoint_dir`.
 """
-import contextlib
 import math
 import os
 import sys
-import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,85 +21,22 @@ import baselines
 import checkpointing
 import figures
 import metrics
+import runs
 from dataloader import SPLIT_OPTIONS, MetaDataset, duplicates_note, load_data
 from meta_learner import (build_meta_learner, last_step_weights, mean_weight_by_rating, multi_step_loss_weights,
                           SHARE_NAMES, query_gradient_by_rating, query_gradient_by_share, summarise_query_gradients,
                           weight_sums_by_rating)
 from models.loss_networks import num_rating_buckets
 from options import MeloError, run_cli
-from runtime import Distributed, check_stop, configure_cpu, interruption, seed_everything, stop_signals_as_flag
+from runtime import (Distributed, check_stop, configure_cpu, interruption, progress, seed_everything,
+                     stop_signals_as_flag)
 
-# Options that change the shape or meaning of what a checkpoint holds; resuming or testing with other
-# values is refused with the names of the ones that differ.
-SHAPE_OPTIONS = (
-    "model", "mode", "max_seq_len", "num_inner_steps", "use_adaptive_loss", "use_learnable_params",
-    "rating_head", "inner_params", "adapt_user_bias", "adapt_item_bias",
-    "bert_num_blocks", "bert_num_heads", "bert_hidden_units",
-    "gru4rec_embedding_dim", "gru4rec_hidden_size", "gru4rec_n_layers",
-    "narm_embedding_dim", "narm_hidden_size", "narm_n_layers",
-    "lstm_input_size", "lstm_hidden", "lstm_num_layers", "use_mlp", "use_mlp_mean", "use_step_loss",
-    "loss_num_layers", "task_info_loss", "task_info_rating_mean", "task_info_rating_std",
-    "task_info_labels", "task_info_predictions", "adaptive_weights", "task_state",
-    "select_by",  # the meaning of the best weights a checkpoint keeps
-)
-
-# Options that shape the training trajectory but not the checkpoint: resuming with other values works
-# (extending --num_train_iterations, say), but is no longer "as if never stopped", so it is pointed out.
-TRAINING_OPTIONS = (
-    "num_train_iterations", "batch_size", "outer_lr", "min_outer_lr", "learn_lr", "lstm_lr", "min_lstm_lr",
-    "task_info_lr", "loss_lr", "loss_weight_decay", "outer_weight_decay", "grad_clip", "use_multi_step",
-    "multi_step_loss_num_epochs", "first_order_iterations", "num_samples", "num_query_set", "bias_start",
-    "use_random_sequence_length", "bert_dropout", "val_size", "query_loss",
-)
-
-
-def run_prefix(args):
-    """Checkpoint / report name: model, data set and method (melo or maml)."""
-    return f"{args.model}_{args.mode}_{'melo' if args.use_adaptive_loss else 'maml'}"
-
-
-def shape_options(args, data):
-    """What a checkpoint must agree on: its shapes and meaning, and the user split (testing under another
-    split would score users the checkpoint was trained on)."""
-    options = {key: getattr(args, key) for key in SHAPE_OPTIONS + SPLIT_OPTIONS}
-    options.update(num_items=int(data.num_items), max_rating=float(data.max_rating))
-    return options
-
-
-def stream_seed(*keys):
-    """A 63-bit seed mixed from integers (numpy's SeedSequence), for per-iteration random streams.
-    (A Python int before the shift: numpy 1.x cannot shift a uint64 by an int.)"""
-    return int(np.random.SeedSequence([k % 2 ** 63 for k in keys]).generate_state(2, np.uint64)[0]) >> 1
-
-
-def cosine(base, floor, total):
-    """Multiplier for LambdaLR: cosine annealing from `base` to `floor` over `total` iterations."""
-    if base == 0:
-        return lambda it: 1.0
-    return lambda it: (floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * min(it, total) / max(total, 1)))) / base
-
-
-def build_optimizer(args, learner):
-    """One Adam over everything meta-learned, one parameter group per part with its own lr schedule."""
-    groups, schedules = [], []
-
-    def add(params, lr, floor=None, weight_decay=0.0):
-        params = [p for p in params if p.requires_grad]
-        if params:
-            groups.append({"params": params, "lr": lr, "weight_decay": weight_decay})
-            schedules.append(cosine(lr, floor, args.num_train_iterations) if floor is not None else (lambda it: 1.0))
-
-    loss = learner.inner_loss
-    add(learner.backbone.parameters(), args.outer_lr, args.min_outer_lr, args.outer_weight_decay)
-    add(learner.lslr.parameters(), args.learn_lr)
-    if getattr(loss, "encoder", None) is not None:
-        add(loss.encoder.parameters(), args.lstm_lr, args.min_lstm_lr)
-    if getattr(loss, "weight_net", None) is not None:
-        add(loss.weight_net.parameters(), args.task_info_lr)
-    if getattr(loss, "loss_mlps", None) is not None:
-        add(loss.loss_mlps.parameters(), args.loss_lr, weight_decay=args.loss_weight_decay)
-    optimizer = torch.optim.Adam(groups)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+# Naming, shape options, random streams, the optimizer and the TensorBoard writer live in runs.py (shared
+# with train_original.py and the study scripts); these names stay for code that knew them here.
+run_prefix, report_path, shape_options = runs.meta_prefix, runs.meta_report_path, runs.meta_shape_options
+SHAPE_OPTIONS, TRAINING_OPTIONS = runs.SHAPE_OPTIONS, runs.TRAINING_OPTIONS
+stream_seed, cosine, build_optimizer = runs.stream_seed, runs.cosine, runs.build_optimizer
+LogWriter, open_writer, log_hparams = runs.LogWriter, runs.open_writer, runs.log_hparams
 
 
 def load_optimizer_state(optimizer, scheduler, checkpoint, path):
@@ -342,8 +276,8 @@ class MetaTrainer:
                   f"{len(dataset.test_users)} test users, {self.data.num_items} items; validating on "
                   f"{validated} users{capped} every {args.log_interval} iterations; duplicates: "
                   f"{duplicates_note(self.data.duplicates_dropped, args)}")
-        bar = tqdm(range(self.iteration, args.num_train_iterations), initial=self.iteration,
-                   total=args.num_train_iterations, disable=not self.dist.is_main, dynamic_ncols=True)
+        bar = progress(range(self.iteration, args.num_train_iterations), initial=self.iteration,
+                       total=args.num_train_iterations, disable=not self.dist.is_main)
         try:
             if self.validation_pending():  # resumed at a step whose validation was interrupted
                 self.validate_and_save(val_tasks, writer)
@@ -351,7 +285,8 @@ class MetaTrainer:
                 check_stop()  # stop signals act here and between validation batches, never inside torch.func
                 loss = self.train_step()
                 if not math.isfinite(loss):
-                    raise self.diverged(f"the outer loss became {loss} at iteration {self.iteration + 1}")
+                    raise self.diverged(f"the outer loss became {loss} at iteration {self.iteration + 1}",
+                                        self.iteration + 1)
                 self.recent.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if writer is not None:
@@ -368,16 +303,15 @@ class MetaTrainer:
                   f"--checkpoint_step={self.iteration}", file=sys.stderr)
             raise SystemExit(status)
 
-    def diverged(self, what):
+    def diverged(self, what, bad_step):
         """The error that stops a run whose loss or validation score is no longer finite; nothing is saved."""
-        saved = checkpointing.available_steps(self.args.checkpoint_dir, self.prefix)
-        return MeloError(f"{what}; stopped without saving (last good checkpoint: step "
-                         f"{saved[-1] if saved else 'none'}); try a lower --outer_lr or --lstm_lr")
+        return checkpointing.diverged(what, self.args.checkpoint_dir, self.prefix, bad_step, self.earlier_run,
+                                      "--outer_lr or --lstm_lr")
 
     def validate_and_save(self, val_tasks, writer):
         report = self.evaluate(val_tasks)
         if not math.isfinite(report["rmse"]):
-            raise self.diverged(f"the validation RMSE became {report['rmse']} at step {self.iteration}")
+            raise self.diverged(f"the validation RMSE became {report['rmse']} at step {self.iteration}", self.iteration)
         train_loss = sum(self.recent) / len(self.recent) if self.recent else float("nan")
         # best["rmse"] holds the best validation --select_by (RMSE by default; the name is the checkpoint's)
         if report[self.args.select_by] < self.best["rmse"]:
@@ -424,66 +358,6 @@ class MetaTrainer:
         for k, weights in enumerate(per_step):
             for rating, weight in weights.items():
                 writer.add_scalar(f"adaptive_weight_step{k}/rating_{rating}", weight, step)
-
-
-class LogWriter:
-    """A TensorBoard writer whose write errors (a full disk on --log_dir: OSError) are a one-line
-    MeloError, as a full checkpoint disk is; the checkpoints saved before are intact. After one failure,
-    close() gives up quietly instead of raising the same error again."""
-
-    def __init__(self, folder, **kwargs):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.folder, self.failed = folder, False
-        self.writer = self._guarded(SummaryWriter, folder, **kwargs)
-        self.log_dir = self.writer.log_dir
-
-    def _guarded(self, method, *args, **kwargs):
-        try:
-            return method(*args, **kwargs)
-        except OSError as error:
-            self.failed = True
-            raise MeloError(f"could not write the TensorBoard log in {self.folder} ({error.strerror or error}): "
-                            "is the disk full? The checkpoints saved before are intact; resume with "
-                            "--checkpoint_step=<the last saved step>") from None
-
-    def __getattr__(self, name):  # add_scalar, add_figure, add_text, add_hparams, flush
-        method = getattr(self.writer, name)
-        return lambda *args, **kwargs: self._guarded(method, *args, **kwargs)
-
-    def close(self):
-        if self.failed:
-            with contextlib.suppress(OSError):
-                self.writer.close()
-            return
-        self._guarded(self.writer.close)
-
-
-def open_writer(args, prefix, log_folder=None, step=0):
-    """The run's TensorBoard writer. A fresh run gets a new folder `<prefix>_<time>_seed<seed>` under
-    `--log_dir`; a run resumed at `step` goes on writing into its `log_folder` (its checkpoint records
-    it), where what an interrupted attempt logged after that step is hidden (purge_step)."""
-    if log_folder is not None:
-        return LogWriter(os.path.join(args.log_dir, log_folder), purge_step=step + 1)
-    name = f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}_seed{args.random_seed}"
-    folder, copy = os.path.join(args.log_dir, name), 1
-    while os.path.exists(folder):  # two runs started in the same second
-        copy += 1
-        folder = os.path.join(args.log_dir, f"{name}-{copy}")
-    writer = LogWriter(folder)
-    writer.add_text("options", "\n".join(f"    {k} = {v}" for k, v in sorted(vars(args).items())))
-    return writer
-
-
-def log_hparams(writer, args, best):
-    """The run's options beside its best validation score, for TensorBoard's HPARAMS tab."""
-    hparams = {k: v for k, v in vars(args).items() if isinstance(v, (bool, int, float, str))}
-    writer.add_hparams(hparams, {"hparam/best_val_rmse": best["rmse"]}, run_name=".")
-
-
-def report_path(args, prefix, step):
-    kind = "best" if args.test_best else "step"
-    return os.path.join(args.checkpoint_dir, f"{prefix}_step{step}.test_{kind}.json")
 
 
 def test(trainer):

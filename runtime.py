@@ -5,12 +5,16 @@ import ctypes
 import os
 import platform
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from tqdm import tqdm
 
 from options import MeloError
 
@@ -110,6 +114,99 @@ def stop_signals_as_flag():
         for signum, action in previous.items():
             signal.signal(signum, action)
         _stop_signal[0] = None
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent():
+    """A child's preexec_fn (Linux): the kernel sends it SIGTERM when its parent dies, even by SIGKILL, so
+    that a stopped compare.py leaves no orphan training on (the child saves and exits as on any SIGTERM).
+    Elsewhere, or without prctl, nothing changes."""
+    parent = os.getppid()
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_child(command, log=None, keep_fds=()):
+    """Run `command` to its end, its output to the open file `log` (or this process's own). Returns (exit
+    status, the stop signal this process received meanwhile or None).
+
+    The child runs in a session of its own, so that a Ctrl-C in the terminal reaches only this process,
+    which forwards it (and SIGTERM) to the child exactly once, then waits while the child saves: main.py
+    takes a second Ctrl-C as "stop at once, unsaved". The child dies with this process (_die_with_parent)
+    and holds the descriptors `keep_fds` (a lock) for as long as it lives. Its output is unbuffered, so
+    that its log is current when it is stopped. Signal handlers are only replaced in the main thread."""
+    received, child, early = [], [], []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if not child:
+            early.append(signum)  # sent once the child exists
+            return
+        with contextlib.suppress(ProcessLookupError):
+            child[0].send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = ({signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+                if main_thread else {})
+    try:
+        child.append(subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT if log is not None else None, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None, pass_fds=tuple(keep_fds),
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+        while early:  # arrived while it was being started
+            child[0].send_signal(early.pop(0))
+        status = child[0].wait()
+    finally:
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+    return status, (received[0] if received else None)
+
+
+def stop_by(signum):
+    """The exception that stops this process for a signal received while a child ran (run_child)."""
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+class _PlainProgress:
+    """A progress bar for a log file: a plain line every `every` percent instead of carriage-return
+    redraws (tqdm wrote ~300 kB of them into one 20-epoch log of compare.py)."""
+
+    def __init__(self, iterable, total, initial, desc, every, file):
+        self.iterable, self.total, self.done, self.desc = iterable, total, initial, desc
+        self.every, self.file, self.postfix = every, file, ""
+        self.shown = self.percent() // every
+
+    def percent(self):
+        return 100 * self.done // max(self.total, 1)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.done += 1
+            if self.percent() // self.every > self.shown or self.done == self.total:
+                self.shown = self.percent() // self.every
+                print(f"{self.desc + ': ' if self.desc else ''}{self.done}/{self.total} ({self.percent()}%)"
+                      f"{self.postfix}", file=self.file, flush=True)
+
+    def set_postfix(self, **values):
+        self.postfix = "".join(f" {key}={value}" for key, value in values.items())
+
+
+def progress(iterable, total, initial=0, desc=None, disable=False, every=10):
+    """tqdm's bar on a terminal; on a file or pipe (compare.py's logs), a plain line every `every` percent.
+    Both take set_postfix(**values); tqdm.write prints between them either way."""
+    if disable:
+        return tqdm(iterable, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, initial=initial, desc=desc, dynamic_ncols=True)
+    return _PlainProgress(iterable, total, initial, desc, every, sys.stderr)
 
 
 def configure_cpu(args):

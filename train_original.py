@@ -60,60 +60,20 @@ from tqdm import tqdm
 
 import baselines
 import checkpointing
-import main as meta_main
 import metrics
+import runs
 import tuning
-from dataloader import SPLIT_OPTIONS, STREAM_WINDOWS, MetaDataset, load_data
+from dataloader import STREAM_WINDOWS, MetaDataset, load_data
 from models import export_weights, model_factory
 from models.loss_networks import RatingSequenceEncoder, masked_mean
 from options import MeloError, build_parser, run_cli
-from runtime import Distributed, configure_cpu, interruption, seed_everything, sigterm_as_interrupt
+from runtime import (Distributed, check_stop, configure_cpu, interruption, progress, seed_everything,
+                     stop_signals_as_flag)
 
-# Of main.py's checkpoint-shaping options, those that shape a plain backbone (the rest are meta-learning's).
-BACKBONE_SHAPE_PREFIXES = ("bert_", "gru4rec_", "narm_")
-LEARNED_LOSS_OPTIONS = ("lstm_input_size", "lstm_hidden", "lstm_num_layers")
-
-
-def method_name(args):
-    return "basic-learned-loss" if args.use_learned_loss_baseline else "basic"
-
-
-def run_prefix(args):
-    """Checkpoint / report name: model, data set and method."""
-    return f"{args.model}_{args.mode}_{method_name(args)}"
-
-
-def pretrained_path(args):
-    """Where main.py's --load_pretrained[_embedding] looks for the export."""
-    return os.path.join(args.pretrain_log_dir, f"{args.model}_{args.mode}_pretrained.pt")
-
-
-def report_path(args, step):
-    """JSON report of `--test` beside the checkpoint; fine-tuning runs are named by their K and lr, or
-    `finetune-tuned` when they are chosen on validation (--finetune_lr_grid / --finetune_steps_grid)."""
-    if tuned_finetuning(args):
-        finetune = ".finetune-tuned"
-    else:
-        finetune = f".finetune{args.finetune_steps}_lr{args.finetune_lr:g}" if args.finetune_steps else ""
-    kind = "best" if args.test_best else "step"
-    return os.path.join(args.pretrain_log_dir, f"{run_prefix(args)}_step{step}{finetune}.test_{kind}.json")
-
-
-def tuned_finetuning(args):
-    return bool(args.finetune_steps_grid or args.finetune_lr_grid)
-
-
-def shape_options(args, data):
-    """The options a baseline checkpoint depends on: main.py's shape options that concern the backbone,
-    the learned-loss encoder's sizes when it is used, and the options of the user split."""
-    everything = meta_main.shape_options(args, data)
-    keys = ["model", "mode", "max_seq_len", "num_items", "max_rating", "select_by", "rating_head", *SPLIT_OPTIONS]
-    keys += [k for k in meta_main.SHAPE_OPTIONS if k.startswith(BACKBONE_SHAPE_PREFIXES)]
-    if args.use_learned_loss_baseline:
-        keys += LEARNED_LOSS_OPTIONS
-    options = {key: everything[key] for key in keys}
-    options["use_learned_loss_baseline"] = args.use_learned_loss_baseline
-    return options
+# Naming and shape options live in runs.py (shared with main.py and the study scripts); these names stay
+# for code that knew them here.
+method_name, run_prefix, report_path = runs.basic_method, runs.basic_prefix, runs.basic_report_path
+pretrained_path, tuned_finetuning, shape_options = runs.pretrained_path, runs.tuned_finetuning, runs.basic_shape_options
 
 
 def normalised_weights(logits, mask):
@@ -175,7 +135,7 @@ class BaselineTrainer:
         self.epoch = 0
         self.best = {"rmse": float("inf"), "step": None, "state": None}
         self.earlier_run = []  # an earlier run's files that this one replaces (--overwrite)
-        self.log_folder = None  # the run's TensorBoard folder under --log_dir (main.open_writer)
+        self.log_folder = None  # the run's TensorBoard folder under --log_dir (runs.open_writer)
 
     # ------------------------------------------------------------------ loss
     def loss(self, items, ratings):
@@ -197,7 +157,7 @@ class BaselineTrainer:
         # The sampler shuffles with seed + epoch: a seed of its own stream keeps (seed, epoch + 1) and
         # (seed + 1, epoch) apart. 62 bits, so that seed + epoch stays a valid int64.
         sampler = DistributedSampler(range(len(items)), num_replicas=ranks, rank=rank, shuffle=True,
-                                     seed=meta_main.stream_seed(self.args.random_seed, STREAM_WINDOWS) >> 1)
+                                     seed=runs.stream_seed(self.args.random_seed, STREAM_WINDOWS) >> 1)
         sampler.set_epoch(epoch)
         mine = torch.tensor(list(sampler), dtype=torch.long)[:len(range(rank, len(items), ranks))]
 
@@ -350,18 +310,18 @@ class BaselineTrainer:
     # ------------------------------------------------------------------ training
     def train_epoch(self, bar):
         # Dropout draws from a stream of (seed, epoch, rank): a resumed run repeats it, ranks differ.
-        torch.manual_seed(meta_main.stream_seed(self.args.random_seed, STREAM_WINDOWS, self.epoch, self.dist.rank))
+        torch.manual_seed(runs.stream_seed(self.args.random_seed, STREAM_WINDOWS, self.epoch, self.dist.rank))
         total, count = 0.0, 0
         for items, ratings in self.epoch_batches(self.epoch):
+            check_stop()  # a stop signal acts between batches, never inside autograd or torch.func
             error_sum, positions = self.training_loss(items, ratings)
             # The loss is the mean over the real positions of the whole global batch, on every rank alike.
             sums = self.dist.sum_(torch.stack([error_sum.detach().double(), positions.double()]))
             loss = (sums[0] / sums[1].clamp_min(1)).item()
             if not math.isfinite(loss):
-                saved = checkpointing.available_steps(self.args.pretrain_log_dir, self.prefix)
-                raise MeloError(f"the training loss became {loss} in epoch {self.epoch + 1}; stopped "
-                                f"without saving (last good checkpoint: step {saved[-1] if saved else 'none'}); "
-                                "try a lower --pretraining_lr")
+                raise checkpointing.diverged(f"the training loss became {loss} in epoch {self.epoch + 1}",
+                                             self.args.pretrain_log_dir, self.prefix, self.epoch + 1,
+                                             self.earlier_run, "--pretraining_lr")
             self.optimizer.zero_grad(set_to_none=True)
             # DDP divides the summed gradients by the world size; multiplying by it here leaves the gradient
             # of the global mean.
@@ -382,17 +342,17 @@ class BaselineTrainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.training_loss = DistributedDataParallel(self.window_loss, device_ids=device_ids)
         val_tasks = self.dataset.val_tasks()
-        bar = tqdm(range(self.epoch, args.pretrain_epochs), initial=self.epoch, total=args.pretrain_epochs,
-                   desc=f"{self.prefix} epochs", dynamic_ncols=True, disable=not self.dist.is_main)
+        bar = progress(range(self.epoch, args.pretrain_epochs), initial=self.epoch, total=args.pretrain_epochs,
+                       desc=f"{self.prefix} epochs", disable=not self.dist.is_main)
         try:
             for _ in bar:
+                check_stop()  # after the last finished epoch was saved
                 train_loss = self.train_epoch(bar)
                 report = self.evaluate(val_tasks)
                 if not math.isfinite(report["rmse"]):
-                    saved = checkpointing.available_steps(args.pretrain_log_dir, self.prefix)
-                    raise MeloError(f"the validation RMSE became {report['rmse']} after epoch {self.epoch}; stopped "
-                                    f"without saving (last good checkpoint: step {saved[-1] if saved else 'none'}); "
-                                    "try a lower --pretraining_lr")
+                    raise checkpointing.diverged(f"the validation RMSE became {report['rmse']} after epoch "
+                                                 f"{self.epoch}", args.pretrain_log_dir, self.prefix, self.epoch,
+                                                 self.earlier_run, "--pretraining_lr")
                 # best["rmse"] holds the best validation --select_by (the checkpoint's name for it)
                 if report[args.select_by] < self.best["rmse"]:
                     self.best = {"rmse": report[args.select_by], "step": self.epoch, "state": state_copy(self.model)}
@@ -410,7 +370,7 @@ class BaselineTrainer:
                     for rating, row in report["per_rating"].items():
                         writer.add_scalar(f"val_rmse_per_rating/{rating}", row["rmse"], self.epoch)
                     writer.flush()
-        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (runtime.sigterm_as_interrupt)
+        except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM, raised by check_stop
             # Mid-epoch state cannot be resumed exactly: the last finished epoch's checkpoint stands.
             what, status = interruption(error)
             saved = checkpointing.available_steps(args.pretrain_log_dir, self.prefix)
@@ -492,10 +452,10 @@ def main(args):
             else:
                 trainer.earlier_run = checkpointing.start_fresh(args.pretrain_log_dir, trainer.prefix,
                                                                 "--pretrain_log_dir", args.overwrite)
-            writer = (meta_main.open_writer(args, trainer.prefix, trainer.log_folder, trainer.epoch)
+            writer = (runs.open_writer(args, trainer.prefix, trainer.log_folder, trainer.epoch)
                       if dist.is_main else None)
             try:
-                with sigterm_as_interrupt():
+                with stop_signals_as_flag():
                     trainer.train(writer)
             finally:
                 if writer is not None:

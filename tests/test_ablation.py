@@ -6,7 +6,7 @@ import re
 import pytest
 
 import ablation
-import compare
+import study
 from options import MeloError
 
 # the same generated file and thread-count guard as compare.py's tests, and its in-process stand-in
@@ -24,7 +24,7 @@ def argv(ratings_file, tmp_path, *extra):
 
 def test_ablation_trains_every_variant_and_tabulates_its_reports(ratings_file, tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(compare, "run_script", in_process(calls))
+    monkeypatch.setattr(study, "run_script", in_process(calls))
     flags = argv(ratings_file, tmp_path,
                  "--variants=maml,melo-bounded,melo-unbounded,melo-pretrained,maml-pretrained,melo-step",
                  "--define", "melo-step=--use_adaptive_loss=True --task_state=per_step --query_loss=target")
@@ -52,7 +52,7 @@ def test_ablation_trains_every_variant_and_tabulates_its_reports(ratings_file, t
     assert len({len(re.findall(r"(?<!\\)\|", line)) for line in rows}) == 1 and len(rows) == 1 + 6
     assert (tmp_path / "results" / "ml-100k" / "gru4rec" / "ablation.md").read_text() == text
     # a second call finds every report and runs nothing
-    monkeypatch.setattr(compare, "run_script", no_runs)
+    monkeypatch.setattr(study, "run_script", no_runs)
     assert ablation.main(flags)[1] == summary
     # results made with other settings are refused, not relabelled
     with pytest.raises(MeloError, match=r"variant maml in .* other settings: lstm_lr=0.01 \(now 0.5\)"):
@@ -74,7 +74,7 @@ def test_ablation_refuses_unknown_variants_and_flags_it_sets(ratings_file, tmp_p
 
 def test_ablation_pretrains_basic_once_per_rating_head(ratings_file, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(compare, "run_script", in_process(calls))
+    monkeypatch.setattr(study, "run_script", in_process(calls))
     flags = argv(ratings_file, tmp_path, "--variants=maml-ft-start,maml-bias,melo-bias-head-only")
     summary = ablation.main(flags)[1]
     pretrain = [a for script, a in calls if script == "train_original.py"]

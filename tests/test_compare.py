@@ -17,6 +17,7 @@ import baselines
 import compare
 import metrics
 import options
+import study
 from meta_learner import SHARE_NAMES
 
 from synthetic import write_movielens
@@ -98,7 +99,7 @@ def assert_predictions_match_report(report_path, report):
 
 def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(compare, "run_script", in_process(calls))
+    monkeypatch.setattr(study, "run_script", in_process(calls))
     command = argv(ratings_file, tmp_path, "--models=gru4rec,narm", "--finetune_steps_grid=0,2",
                    "--finetune_lr_grid=0.1,0.5", "--select_by=mean_per_rating_rmse", "--bootstrap=200")
     text, summary = compare.main(command)
@@ -248,7 +249,7 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
     assert (root / "comparison.json").exists() and (root / "settings.json").exists()
 
     # A second run reads the reports and runs nothing; the table is the same.
-    monkeypatch.setattr(compare, "run_script", no_runs)
+    monkeypatch.setattr(study, "run_script", no_runs)
     capsys.readouterr()
     again, _ = compare.main(command)
     assert again == text
@@ -266,7 +267,7 @@ def fake_report(rmse, mae, per_rating):
 
 
 def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(compare, "run_script", no_runs)
+    monkeypatch.setattr(study, "run_script", no_runs)
     command = argv(ratings_file, tmp_path, "--models=sasrec", "--seeds=2", "--random_seed=7", "--finetune_steps_grid=")
     config = compare.parse(command)
     fingerprint = compare.data_fingerprint(options.parse_args(compare.run_flags(config, config.seeds[0])))
@@ -379,7 +380,7 @@ def test_seeds_can_vary_the_initial_weights_only(ratings_file, tmp_path):
 
 
 def test_refusals_are_one_line_errors(ratings_file, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(compare, "run_script", no_runs)
+    monkeypatch.setattr(study, "run_script", no_runs)
     cases = [
         (argv(ratings_file, tmp_path, "--checkpoint_dir=x"), "compare.py sets --checkpoint_dir"),
         (argv(ratings_file, tmp_path, "--use_adaptive_loss=False"), "compare.py sets --use_adaptive_loss"),
@@ -407,7 +408,7 @@ def test_a_failed_run_stops_with_its_last_line(ratings_file, tmp_path, monkeypat
             log.write("progress\nerror: something specific\n")
         return 2
 
-    monkeypatch.setattr(compare, "run_script", failing)
+    monkeypatch.setattr(study, "run_script", failing)
     with pytest.raises(options.MeloError, match=r"seed 222 mean rating \(test: python main.py\) failed with "
                                                 r"exit status 2: error: something specific \(full log: "):
         compare.main(argv(ratings_file, tmp_path, "--models=gru4rec"))

@@ -2,19 +2,29 @@
 ratings file's content; signals, full disks, truncated reports and bad rates end in one line."""
 import json
 import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import ablation
+import baselines
+import checkpointing
 import compare
 import dataloader as dl
 import options
+import study
 
 import synthetic as sy
 from test_ablation import argv as ablation_argv
 from test_compare import argv as compare_argv, in_process, keep_thread_count, no_runs  # noqa: F401
+from test_main import REPO
 
 
 def same_size_edit(path):
@@ -55,7 +65,7 @@ def compared(tmp_path_factory):
     sy.write_movielens(path, fmt="ml-100k", num_users=120, num_items=80, seed=3)
     command = compare_argv(path, folder, "--models=gru4rec", "--finetune_steps_grid=")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(compare, "run_script", in_process([]))
+        patch.setattr(study, "run_script", in_process([]))
         text, _ = compare.main(command)
     return command, path, folder / "results" / "ml-100k" / "seed222", text
 
@@ -63,7 +73,7 @@ def compared(tmp_path_factory):
 def rerun(command, monkeypatch):
     """compare.main(command) with the runs in this process; returns (table, [(script, argv)])."""
     calls = []
-    monkeypatch.setattr(compare, "run_script", in_process(calls))
+    monkeypatch.setattr(study, "run_script", in_process(calls))
     text, _ = compare.main(command)
     return text, calls
 
@@ -103,6 +113,109 @@ def test_a_report_without_a_data_fingerprint_is_tested_again(compared, monkeypat
     assert again == text
 
 
+# ============================================================================ a stopped compare.py (item 4)
+def copied(compared, tmp_path, *extra):
+    """compare.py's command on a copy of the finished comparison (same ratings file, so same settings)."""
+    command, _, seed, _ = compared
+    shutil.copytree(seed.parents[1], tmp_path / "results")
+    return [f"--results_dir={tmp_path}/results" if flag.startswith("--results_dir=") else flag
+            for flag in command] + list(extra)
+
+
+def start_compare(command, until_in_log):
+    """A real `python compare.py` whose first step (MAML's training, resumed towards more iterations)
+    has started: returns it once that child's log shows `until_in_log` (the child prints unbuffered)."""
+    log = os.path.join(command_folder(command), "seed222", "logs", "gru4rec_maml_train.log")
+    process = subprocess.Popen([sys.executable, "compare.py", *command], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (os.path.exists(log) and until_in_log in open(log).read()):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.2)
+    return process, log
+
+
+def command_folder(command):
+    return os.path.join(next(f for f in command if f.startswith("--results_dir="))[len("--results_dir="):], "ml-100k")
+
+
+def processes_naming(text):
+    """Pids of the live processes whose command line holds `text` (this test's folder)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if text.encode() in handle.read() and int(pid) != os.getpid():
+                    found.append(int(pid))
+        except OSError:  # it ended meanwhile
+            pass
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_to_compare_stops_its_child_which_saves_and_the_line_says_how_to_resume(compared, tmp_path, capsys):
+    """It used to leave the child training on as an orphan (issue 22, item 4)."""
+    command = copied(compared, tmp_path, "--num_train_iterations=400")
+    process, log = start_compare(command, "training, ")
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines()[-1] == ("terminated (SIGTERM): the running step saved what it had, finished runs "
+                                            f"are kept; resume with: python compare.py {shlex.join(command)}")
+    child = open(log).read()
+    assert "Traceback" not in child and "Traceback" not in err
+    step = int(child.split("terminated (SIGTERM): saved step ")[1].split()[0])   # forwarded, and saved
+    assert not processes_naming(str(tmp_path))
+    assert not os.path.exists(os.path.join(command_folder(command), ".compare.lock"))
+    compare.main(command + ["--dry_run"])   # the same command resumes that training
+    assert f"--checkpoint_step={step}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_child_does_not_outlive_a_sigkilled_compare(compared, tmp_path):
+    command = copied(compared, tmp_path, "--num_train_iterations=400")
+    process, log = start_compare(command, "training, ")
+    children = [pid for pid in processes_naming(str(tmp_path)) if pid != process.pid]
+    assert children
+    process.kill()
+    process.communicate(timeout=60)
+    deadline = time.time() + 120
+    while processes_naming(str(tmp_path)):
+        assert time.time() < deadline, "the child outlived its SIGKILLed parent"
+        time.sleep(0.2)
+    assert "terminated (SIGTERM): saved step" in open(log).read()   # and it saved on its way out
+
+
+def test_a_second_compare_on_one_results_folder_is_refused_up_front(compared):
+    command, _, seed, _ = compared
+    def files():
+        return {path: os.stat(path).st_mtime_ns for path in seed.parent.rglob("*") if path.is_file()}
+
+    before = files()
+    with study.lock_results(str(seed.parent), "compare"):   # what a running compare.py holds
+        done = subprocess.run([sys.executable, "compare.py", *command], cwd=REPO, capture_output=True, text=True,
+                              timeout=240)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"error: another compare run is writing to {seed.parent}")
+    assert files() == before   # nothing written or truncated there
+
+
+def test_a_childs_lock_refusal_is_reported_as_a_lock_refusal(compared, tmp_path):
+    """Not the last line of its log, which was an orphan's progress bar."""
+    command = copied(compared, tmp_path, "--num_train_iterations=4")
+    checkpoints = os.path.join(command_folder(command), "seed222", "checkpoints")
+    with checkpointing.RunLock(checkpoints, "gru4rec_ml-100k_maml", "--checkpoint_dir") as lock:
+        lock.acquire()   # another MAML run of this name, writing there
+        done = subprocess.run([sys.executable, "compare.py", *command], cwd=REPO, capture_output=True, text=True,
+                              timeout=240)
+    assert done.returncode == 2, done.stderr
+    assert ("failed with exit status 2: error: another gru4rec_ml-100k_maml run is writing to "
+            f"{checkpoints}") in done.stderr
+    log = tmp_path / "child.log"
+    log.write_text("python main.py\nerror: another x run is writing to y\n 37%|###7      | 11/30\r 40%|####  | 12/30\n")
+    assert study.failure_line(str(log)) == "error: another x run is writing to y"
+
+
 def test_compare_remakes_every_result_of_an_edited_ratings_file(compared, monkeypatch):
     command, path, seed, text = compared
     before = json.loads((seed / "checkpoints" / "gru4rec_ml-100k_melo_step2.test_best.json").read_text())
@@ -111,10 +224,10 @@ def test_compare_remakes_every_result_of_an_edited_ratings_file(compared, monkey
     trainings = [(script, argv) for script, argv in calls if not ({"--test", "--test_baseline"} & set(argv))]
     assert [script for script, _ in trainings] == ["train_original.py", "main.py", "main.py"]
     assert all("--overwrite=True" in argv for _, argv in trainings)   # over the runs of the old data
-    assert len(calls) == 3 + 4 + 3   # every baseline, Basic, MAML and MELO tested again
+    assert len(calls) == len(baselines.BASELINES) + 2 * 3   # every baseline tested, Basic, MAML, MELO trained and tested
     after = json.loads((seed / "checkpoints" / "gru4rec_ml-100k_melo_step2.test_best.json").read_text())
     assert after["data_fingerprint"] != before["data_fingerprint"] and again != text
-    monkeypatch.setattr(compare, "run_script", no_runs)   # and now all of it is fresh
+    monkeypatch.setattr(study, "run_script", no_runs)   # and now all of it is fresh
     assert compare.main(command)[0] == again
 
 
@@ -122,11 +235,11 @@ def test_ablation_remakes_a_variant_of_an_edited_ratings_file(tmp_path, monkeypa
     path = str(tmp_path / "u.data")
     sy.write_movielens(path, fmt="ml-100k", num_users=120, num_items=80, seed=3)
     command = ablation_argv(path, tmp_path, "--variants=maml")
-    monkeypatch.setattr(compare, "run_script", in_process([]))
+    monkeypatch.setattr(study, "run_script", in_process([]))
     _, first = ablation.main(command)
     same_size_edit(path)
     calls = []
-    monkeypatch.setattr(compare, "run_script", in_process(calls))
+    monkeypatch.setattr(study, "run_script", in_process(calls))
     _, second = ablation.main(command)
     assert [("--test" in argv, "--overwrite=True" in argv) for _, argv in calls] == [(False, True), (True, False)]
     assert second != first

@@ -157,7 +157,7 @@ def test_a_non_finite_validation_score_stops_without_saving(ratings_file, tmp_pa
 
     monkeypatch.setattr(main.MetaTrainer, "evaluate", diverged)
     with pytest.raises(options.MeloError, match=r"validation RMSE became nan at step 2; stopped without saving "
-                                                 r"\(last good checkpoint: step none\)"):
+                                                 r"step 2 \(the last good checkpoint is step none\)"):
         run(gru4rec(ratings_file, tmp_path))
     assert not any(name.endswith(".pt") for name in os.listdir(tmp_path / "ckpt"))
     monkeypatch.setattr(train_original.BaselineTrainer, "evaluate", diverged)
@@ -296,6 +296,71 @@ def test_sigterm_stops_train_original_at_the_last_finished_epoch(ratings_file, t
     assert sorted(os.listdir(tmp_path / "pre")) == ["gru4rec_ml-100k_basic_step1.pt"]
 
 
+TRAIN_ORIGINAL_SIGNAL_SCRIPT = """
+import os, signal, sys
+import torch
+import options, train_original
+state = {"epoch": None, "sent": False}
+epoch, backward = train_original.BaselineTrainer.train_epoch, torch.Tensor.backward
+def train_epoch(self, bar):
+    state["epoch"] = self.epoch
+    return epoch(self, bar)
+def send_in_backward(self, *args, **kwargs):  # the handler runs inside autograd, mid-epoch 2
+    if state["epoch"] == 1 and not state["sent"]:
+        state["sent"] = True
+        os.kill(os.getpid(), signal.SIGTERM)
+    return backward(self, *args, **kwargs)
+train_original.BaselineTrainer.train_epoch, torch.Tensor.backward = train_epoch, send_in_backward
+options.run_cli(train_original.main, sys.argv[1:])
+"""
+
+
+def test_sigterm_inside_a_train_original_batch_stops_at_the_last_finished_epoch(ratings_file, tmp_path):
+    """Raised from the handler, SIGTERM could land anywhere (inside autograd, under DDP's hooks): it only
+    sets a flag now, acted on between batches and epochs, as in main.py."""
+    argv = gru4rec(ratings_file, tmp_path, f"--pretrain_log_dir={tmp_path}/pre", "--pretrain_epochs=3",
+                   "--pretraining_batch_size=16")
+    done = subprocess.run([sys.executable, "-c", TRAIN_ORIGINAL_SIGNAL_SCRIPT, *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "terminated (SIGTERM) in epoch 2; resume with --checkpoint_step=1" in done.stderr
+    assert sorted(os.listdir(tmp_path / "pre")) == ["gru4rec_ml-100k_basic_step1.pt"]
+
+
+def test_progress_in_a_log_is_plain_lines_not_carriage_returns(ratings_file, tmp_path, capsys):
+    """compare.py's logs held ~300 kB of tqdm redraws for one run; a file gets a line every 10 percent."""
+    with open(tmp_path / "main.log", "w") as log:   # as compare.py runs main.py
+        done = subprocess.run([sys.executable, "main.py", *gru4rec(ratings_file, tmp_path, "--num_train_iterations=10")],
+                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=300)
+    text = (tmp_path / "main.log").read_text()
+    assert done.returncode == 0, text
+    assert "\r" not in text
+    assert [line.split(" ")[0] for line in text.splitlines() if "%)" in line] == [f"{k}/10" for k in range(1, 11)]
+    train_original.main(options.parse_args(gru4rec(ratings_file, tmp_path, f"--pretrain_log_dir={tmp_path}/pre",
+                                                   "--pretrain_epochs=2")))
+    err = capsys.readouterr().err
+    assert "\r" not in err and "gru4rec_ml-100k_basic epochs: 2/2 (100%) loss=" in err
+
+
+def test_a_nan_validation_of_a_resumed_step_names_the_step_before_as_last_good(ratings_file, tmp_path, trained,
+                                                                                 monkeypatch):
+    """Resumed at a step saved before its validation (a stop during validation), a NaN validation called
+    that very step the last good checkpoint."""
+    ckpt = copy_checkpoints(trained, tmp_path, 2, 4)
+    state = torch.load(ckpt / f"{PREFIX}_step4.pt", weights_only=True)
+    state["pending_validation"] = True
+    torch.save(state, ckpt / f"{PREFIX}_step4.pt")
+
+    def diverged(self, tasks):
+        return {"rmse": float("nan"), "mae": float("nan"), "mean_per_rating_rmse": float("nan"), "per_rating": {}}
+
+    monkeypatch.setattr(main.MetaTrainer, "evaluate", diverged)
+    with pytest.raises(options.MeloError, match=r"validation RMSE became nan at step 4; stopped without saving step 4 "
+                                                 r"\(the last good checkpoint is step 2\)"):
+        run(gru4rec(ratings_file, tmp_path, "--checkpoint_step=4", "--num_train_iterations=6"))
+
+
 # ============================================================================ data fingerprints
 def test_a_checkpoint_trained_on_other_data_is_refused(ratings_file, tmp_path, trained, capsys):
     ckpt = copy_checkpoints(trained, tmp_path, 4)
@@ -389,6 +454,13 @@ YELP_RECORD = '{"user_id": "a", "business_id": "b", "stars": 4, "date": "2016-01
     ("amazon", b"u,i,4.0,1000\nu,j\xe9,4.0,1001\nu,k,4.0,1002\n",
      "line 2: holds a byte that is not UTF-8 (a latin-1 file?): convert the file, e.g. iconv -f latin1"),
     ("ml-100k", b"1\t2\t4\t1000\n1\t3\t4\t1001\n1\t4\xe9\t4\t1002\n", "line 3: holds a byte that is not UTF-8"),
+    # the file's own text is quoted, however the timestamp is spelled (pandas reads a float column)
+    ("ml-100k", "1\t2\t4\t881250949\n1\t3\t4\t881250950\n1\t4\t4\t8.81251e+08\n1\t5\t4\t881250952\n",
+     "line 3: timestamp '8.81251e+08' is not an integer (unix seconds)"),
+    ("ml-1m", "1::2::4::881250949\n1::3::4::881250950.0\n", "line 2: timestamp '881250950.0' is not an integer"),
+    # a header and no ratings, not pandas' "No columns to parse from file"
+    ("amazon", "reviewerID,product_id,rating,date\n\n", "holds a header line but no ratings"),
+    ("yelp", "user_id,business_id,stars,timestamp\n", "holds a header line but no ratings"),
     ("yelp", "user_id,business_id,stars\nu,i,4\n",
      "expected 4 comma-separated fields user_id,business_id,stars,timestamp (with or without that header), got 3"),
 ])

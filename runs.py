@@ -1,0 +1,201 @@
+"""What the scripts share about a run: its name and files, its random streams, the options a checkpoint
+must agree on, its optimizer and its TensorBoard writer (main.py, train_original.py, compare.py and
+ablation.py import these from here, never from each other)."""
+import contextlib
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from dataloader import SPLIT_OPTIONS
+from options import MeloError
+
+# Options that change the shape or meaning of what a checkpoint holds; resuming or testing with other
+# values is refused with the names of the ones that differ.
+SHAPE_OPTIONS = (
+    "model", "mode", "max_seq_len", "num_inner_steps", "use_adaptive_loss", "use_learnable_params",
+    "rating_head", "inner_params", "adapt_user_bias", "adapt_item_bias",
+    "bert_num_blocks", "bert_num_heads", "bert_hidden_units",
+    "gru4rec_embedding_dim", "gru4rec_hidden_size", "gru4rec_n_layers",
+    "narm_embedding_dim", "narm_hidden_size", "narm_n_layers",
+    "lstm_input_size", "lstm_hidden", "lstm_num_layers", "use_mlp", "use_mlp_mean", "use_step_loss",
+    "loss_num_layers", "task_info_loss", "task_info_rating_mean", "task_info_rating_std",
+    "task_info_labels", "task_info_predictions", "adaptive_weights", "task_state",
+    "select_by",  # the meaning of the best weights a checkpoint keeps
+)
+
+# Options that shape the training trajectory but not the checkpoint: resuming with other values works
+# (extending --num_train_iterations, say), but is no longer "as if never stopped", so it is pointed out.
+TRAINING_OPTIONS = (
+    "num_train_iterations", "batch_size", "outer_lr", "min_outer_lr", "learn_lr", "lstm_lr", "min_lstm_lr",
+    "task_info_lr", "loss_lr", "loss_weight_decay", "outer_weight_decay", "grad_clip", "use_multi_step",
+    "multi_step_loss_num_epochs", "first_order_iterations", "num_samples", "num_query_set", "bias_start",
+    "use_random_sequence_length", "bert_dropout", "val_size", "query_loss",
+)
+
+# Of the checkpoint-shaping options, those that shape a plain backbone (the rest are meta-learning's).
+BACKBONE_SHAPE_PREFIXES = ("bert_", "gru4rec_", "narm_")
+LEARNED_LOSS_OPTIONS = ("lstm_input_size", "lstm_hidden", "lstm_num_layers")
+
+
+# ------------------------------------------------------------------ names and files
+def meta_prefix(args):
+    """main.py's checkpoint / report name: model, data set and method (melo or maml)."""
+    return f"{args.model}_{args.mode}_{'melo' if args.use_adaptive_loss else 'maml'}"
+
+
+def meta_report_path(args, prefix, step):
+    """main.py --test's JSON report beside the checkpoint."""
+    kind = "best" if args.test_best else "step"
+    return os.path.join(args.checkpoint_dir, f"{prefix}_step{step}.test_{kind}.json")
+
+
+def basic_method(args):
+    """train_original.py's method name: the plain backbone, or with the learned loss."""
+    return "basic-learned-loss" if args.use_learned_loss_baseline else "basic"
+
+
+def basic_prefix(args):
+    """train_original.py's checkpoint / report name: model, data set and method."""
+    return f"{args.model}_{args.mode}_{basic_method(args)}"
+
+
+def pretrained_path(args):
+    """Where train_original.py --save_pretrained writes its export and main.py
+    --load_pretrained[_embedding] looks for it."""
+    return os.path.join(args.pretrain_log_dir, f"{args.model}_{args.mode}_pretrained.pt")
+
+
+def tuned_finetuning(args):
+    return bool(args.finetune_steps_grid or args.finetune_lr_grid)
+
+
+def basic_report_path(args, step):
+    """train_original.py --test's JSON report beside the checkpoint; fine-tuning runs are named by their K
+    and lr, or `finetune-tuned` when they are chosen on validation (--finetune_lr_grid / --finetune_steps_grid)."""
+    if tuned_finetuning(args):
+        finetune = ".finetune-tuned"
+    else:
+        finetune = f".finetune{args.finetune_steps}_lr{args.finetune_lr:g}" if args.finetune_steps else ""
+    kind = "best" if args.test_best else "step"
+    return os.path.join(args.pretrain_log_dir, f"{basic_prefix(args)}_step{step}{finetune}.test_{kind}.json")
+
+
+# ------------------------------------------------------------------ what a checkpoint must agree on
+def meta_shape_options(args, data):
+    """What a main.py checkpoint must agree on: its shapes and meaning, and the user split (testing under
+    another split would score users the checkpoint was trained on)."""
+    options = {key: getattr(args, key) for key in SHAPE_OPTIONS + SPLIT_OPTIONS}
+    options.update(num_items=int(data.num_items), max_rating=float(data.max_rating))
+    return options
+
+
+def basic_shape_options(args, data):
+    """The options a train_original.py checkpoint depends on: the shape options that concern the backbone,
+    the learned-loss encoder's sizes when it is used, and the options of the user split."""
+    everything = meta_shape_options(args, data)
+    keys = ["model", "mode", "max_seq_len", "num_items", "max_rating", "select_by", "rating_head", *SPLIT_OPTIONS]
+    keys += [k for k in SHAPE_OPTIONS if k.startswith(BACKBONE_SHAPE_PREFIXES)]
+    if args.use_learned_loss_baseline:
+        keys += LEARNED_LOSS_OPTIONS
+    options = {key: everything[key] for key in keys}
+    options["use_learned_loss_baseline"] = args.use_learned_loss_baseline
+    return options
+
+
+# ------------------------------------------------------------------ random streams
+def stream_seed(*keys):
+    """A 63-bit seed mixed from integers (numpy's SeedSequence), for per-iteration random streams.
+    (A Python int before the shift: numpy 1.x cannot shift a uint64 by an int.)"""
+    return int(np.random.SeedSequence([k % 2 ** 63 for k in keys]).generate_state(2, np.uint64)[0]) >> 1
+
+
+# ------------------------------------------------------------------ the meta-learner's optimizer
+def cosine(base, floor, total):
+    """Multiplier for LambdaLR: cosine annealing from `base` to `floor` over `total` iterations."""
+    if base == 0:
+        return lambda it: 1.0
+    return lambda it: (floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * min(it, total) / max(total, 1)))) / base
+
+
+def build_optimizer(args, learner):
+    """One Adam over everything meta-learned, one parameter group per part with its own lr schedule."""
+    groups, schedules = [], []
+
+    def add(params, lr, floor=None, weight_decay=0.0):
+        params = [p for p in params if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": lr, "weight_decay": weight_decay})
+            schedules.append(cosine(lr, floor, args.num_train_iterations) if floor is not None else (lambda it: 1.0))
+
+    loss = learner.inner_loss
+    add(learner.backbone.parameters(), args.outer_lr, args.min_outer_lr, args.outer_weight_decay)
+    add(learner.lslr.parameters(), args.learn_lr)
+    if getattr(loss, "encoder", None) is not None:
+        add(loss.encoder.parameters(), args.lstm_lr, args.min_lstm_lr)
+    if getattr(loss, "weight_net", None) is not None:
+        add(loss.weight_net.parameters(), args.task_info_lr)
+    if getattr(loss, "loss_mlps", None) is not None:
+        add(loss.loss_mlps.parameters(), args.loss_lr, weight_decay=args.loss_weight_decay)
+    optimizer = torch.optim.Adam(groups)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+
+
+# ------------------------------------------------------------------ TensorBoard
+class LogWriter:
+    """A TensorBoard writer whose write errors (a full disk on --log_dir: OSError) are a one-line
+    MeloError, as a full checkpoint disk is; the checkpoints saved before are intact. After one failure,
+    close() gives up quietly instead of raising the same error again."""
+
+    def __init__(self, folder, **kwargs):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.folder, self.failed = folder, False
+        self.writer = self._guarded(SummaryWriter, folder, **kwargs)
+        self.log_dir = self.writer.log_dir
+
+    def _guarded(self, method, *args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except OSError as error:
+            self.failed = True
+            raise MeloError(f"could not write the TensorBoard log in {self.folder} ({error.strerror or error}): "
+                            "is the disk full? The checkpoints saved before are intact; resume with "
+                            "--checkpoint_step=<the last saved step>") from None
+
+    def __getattr__(self, name):  # add_scalar, add_figure, add_text, add_hparams, flush
+        method = getattr(self.writer, name)
+        return lambda *args, **kwargs: self._guarded(method, *args, **kwargs)
+
+    def close(self):
+        if self.failed:
+            with contextlib.suppress(OSError):
+                self.writer.close()
+            return
+        self._guarded(self.writer.close)
+
+
+def open_writer(args, prefix, log_folder=None, step=0):
+    """The run's TensorBoard writer. A fresh run gets a new folder `<prefix>_<time>_seed<seed>` under
+    `--log_dir`; a run resumed at `step` goes on writing into its `log_folder` (its checkpoint records
+    it), where what an interrupted attempt logged after that step is hidden (purge_step)."""
+    if log_folder is not None:
+        return LogWriter(os.path.join(args.log_dir, log_folder), purge_step=step + 1)
+    name = f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}_seed{args.random_seed}"
+    folder, copy = os.path.join(args.log_dir, name), 1
+    while os.path.exists(folder):  # two runs started in the same second
+        copy += 1
+        folder = os.path.join(args.log_dir, f"{name}-{copy}")
+    writer = LogWriter(folder)
+    writer.add_text("options", "\n".join(f"    {k} = {v}" for k, v in sorted(vars(args).items())))
+    return writer
+
+
+def log_hparams(writer, args, best):
+    """The run's options beside its best validation score, for TensorBoard's HPARAMS tab."""
+    hparams = {k: v for k, v in vars(args).items() if isinstance(v, (bool, int, float, str))}
+    writer.add_hparams(hparams, {"hparam/best_val_rmse": best["rmse"]}, run_name=".")
+
+

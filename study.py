@@ -1,0 +1,227 @@
+"""What compare.py and ablation.py share to run a study: the recipes a meta-learner starts from, which
+options are settings, which reports and checkpoints are fresh for the data as it is now, the training
+and test steps a missing report needs, each step run in a child process (stopped with the study, one
+study per results folder), and the mean ± std cells of the tables."""
+import argparse
+import contextlib
+import json
+import math
+import os
+import shlex
+import sys
+
+import checkpointing
+import metrics
+import options
+import runtime
+from dataloader import load_data
+from options import MeloError
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+# How MAML and MELO start (--start), as main.py flags given to both, before the passed-through flags (which
+# win). `basic` is the recipe the ablation chose (docs/comparison.md): meta-learn from the fine-tuning
+# baseline's own start, the whole Basic model, with its inner lr (0.1) and, since that model already fits
+# the support items, the outer loss on the held-out target only. `embedding` is the original's recipe.
+START_FLAGS = {"basic": ("--load_pretrained=True", "--inner_lr=0.1", "--query_loss=target"),
+               "embedding": ("--load_pretrained_embedding=True",),
+               "random": ()}
+START_DESCRIPTIONS = {"basic": "the whole Basic model", "embedding": "the Basic item embedding",
+                      "random": "random weights"}
+
+
+# Flags compare.py sets for each run itself: not allowed among the passed-through flags.
+CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "pretrain_log_dir", "log_dir",
+              "test", "test_best", "test_baseline", "checkpoint_step", "use_adaptive_loss",
+              "num_train_iterations", "pretrain_epochs", "finetune_steps", "save_pretrained",
+              "load_pretrained", "load_pretrained_embedding", "model_init_seed", "baseline",
+              "finetune_steps_grid", "finetune_lr_grid", "finetune_lr")
+
+
+# Options that name the result files themselves, change nothing, or change only the order of float sums
+# (the thread count, the device: rounding that training can grow into small differences): left out of
+# the settings record, so that a results folder can be finished on another machine. (Not --task_chunk:
+# with dropout, chunks draw the masks in another order.)
+NOT_SETTINGS = CONTROLLED + ("data_path_given", "data_dir", "device", "num_threads", "keep_freed_memory",
+                             "overwrite")
+
+
+def given_flags(extra):
+    """The destinations of the main.py flags explicitly present in `extra` (argparse's own matching)."""
+    parser = options.build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    parser.prog = "compare.py"  # as in its errors (ablation.py uses it too)
+    return vars(parser.parse_args(extra))
+
+
+DATA_OPTIONS = ("mode", "data_path", "data_dir", "min_item", "min_sequence", "min_sub_window_size",
+                "keep_duplicates", "csv_columns")  # what load_data reads: its result's fingerprint
+
+
+def data_fingerprint(args, known=None):
+    """The fingerprint of the data `args` read (as main.py records it), computed once per data options
+    in the dict `known`."""
+    key = tuple(getattr(args, name) for name in DATA_OPTIONS)
+    known = {} if known is None else known
+    if key not in known:
+        known[key] = load_data(args).fingerprint()
+    return known[key]
+
+
+def report_problem(path, fingerprint, with_predictions):
+    """Why the report at `path` cannot be reused for the data of `fingerprint`, or None when it can: a
+    report is fresh only when it records this data's fingerprint and (with_predictions) its per-target
+    CSV is the one written with it. `fingerprint` may be a function that gives it."""
+    if not os.path.exists(path):
+        return f"{path} is missing"
+    fingerprint = fingerprint() if callable(fingerprint) else fingerprint
+    try:
+        with open(path) as handle:
+            report = json.load(handle)
+    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return f"{path} cannot be read (truncated or damaged: {error})"
+    if not isinstance(report, dict):
+        return f"{path} is not a MELO report"
+    saved = report.get("data_fingerprint")
+    if saved is None:
+        return f"{path} records no data fingerprint (written before reports recorded one)"
+    if saved != fingerprint:
+        return f"{path} was made from other data (data fingerprint {saved}, this data {fingerprint})"
+    if with_predictions:
+        csv = metrics.predictions_path(path)
+        if not os.path.exists(csv):
+            return f"{csv} is missing"
+        if metrics.file_sha256(csv) != report.get("predictions_sha256"):
+            return f"{csv} is not the one written with {path} (truncated or replaced)"
+        validation = metrics.validation_predictions_path(path)
+        if "validation_predictions_sha256" in report and (not os.path.exists(validation) or metrics.file_sha256(
+                validation) != report["validation_predictions_sha256"]):
+            return f"{validation} is not the one written with {path} (missing, truncated or replaced)"
+    return None
+
+
+def read_report(path, fingerprint, with_predictions=False):
+    """The report at `path`; a stale or damaged one (report_problem) is a one-line MeloError."""
+    problem = report_problem(path, fingerprint, with_predictions)
+    if problem:
+        raise MeloError(f"{problem}: remove it, and run the same command again to make it anew")
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def checkpoint_is_stale(path, fingerprint):
+    """Was the checkpoint (or export) at `path` made from other data, or before fingerprints were saved?"""
+    fingerprint = fingerprint() if callable(fingerprint) else fingerprint
+    return checkpointing.read_saved_dict(path, "checkpoint").get("data_fingerprint") != fingerprint
+
+
+def remake(piece_name, problem):
+    """Say why a report that exists is made again."""
+    if not problem.endswith(" is missing"):
+        print(f"{piece_name}: {problem}: making it again", flush=True)
+
+
+def training_need(script, flags, directory, prefix, last_step, fingerprint):
+    """The training step a test of `last_step` needs first: none when its checkpoint exists and was made
+    from this data; a fresh run over a stale one (--overwrite=True); else training_step."""
+    final = checkpointing.checkpoint_path(directory, prefix, last_step)
+    if not os.path.exists(final):
+        return training_step(script, flags, directory, prefix, last_step, fingerprint)
+    if checkpoint_is_stale(final, fingerprint):
+        print(f"    {final} was trained on other data: training it again", flush=True)
+        return ("train", script, flags + ["--overwrite=True"])
+    return None
+
+
+def training_step(script, flags, directory, prefix, last_step, fingerprint=None):
+    """The step that makes a missing final checkpoint: a fresh run, or, after an interrupted one, resuming
+    from the last checkpoint it saved (exactly as if it had never stopped), unless that checkpoint was
+    made from other data than `fingerprint`'s: then a fresh run over it."""
+    earlier = [step for step in checkpointing.available_steps(directory, prefix) if step < last_step]
+    if earlier and fingerprint is not None and checkpoint_is_stale(
+            checkpointing.checkpoint_path(directory, prefix, earlier[-1]), fingerprint):
+        return ("train", script, flags + ["--overwrite=True"])
+    return ("train", script, flags + ([f"--checkpoint_step={earlier[-1]}"] if earlier else []))
+
+
+def run_script(script, argv, log_path, verbose):
+    """Run `python <script> argv` in a fresh process from the current folder; its output goes to
+    `log_path` (or the terminal with --verbose). Returns the exit status. A SIGTERM or Ctrl-C meanwhile is
+    forwarded to it, and once it has saved and exited, raised here (runtime.run_child)."""
+    command = [sys.executable, os.path.join(REPO, script), *argv]
+    keep = [lock.handle.fileno() for lock in HELD if lock.handle is not None]
+    if verbose:
+        status, stopped = runtime.run_child(command, keep_fds=keep)
+    else:
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        with open(log_path, "w") as log:
+            log.write(" ".join(command) + "\n")
+            log.flush()
+            status, stopped = runtime.run_child(command, log, keep_fds=keep)
+    if stopped is not None:
+        raise runtime.stop_by(stopped)
+    return status
+
+
+# The results folder's lock (lock_results), inherited by every child: a second compare.py is refused for
+# as long as a child of this one lives, even one still saving after this process was SIGKILLed.
+HELD = []
+
+
+@contextlib.contextmanager
+def lock_results(folder, script):
+    """One study at a time per results folder: a second `script` (compare, ablation) into `folder` stops
+    at once with one line, before it reads or truncates anything there."""
+    lock = checkpointing.RunLock(folder, script, "--results_dir")
+    with lock:
+        lock.acquire()
+        HELD.append(lock)
+        try:
+            yield lock
+        finally:
+            HELD.remove(lock)
+
+
+def failure_line(path):
+    """What to quote of a failed run's log: its last `error: ...` line (a lock refusal, a bad flag), not
+    whatever it printed after (a progress line), else its last line (a traceback's exception)."""
+    try:
+        with open(path, errors="replace") as handle:
+            lines = [line.strip() for line in handle.read().replace("\r", "\n").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    errors = [line for line in lines if line.startswith("error:")]
+    return errors[-1] if errors else lines[-1] if lines else "(no output)"
+
+
+def stopped_line(error, script, argv):
+    """The one line of a study stopped by SIGTERM or Ctrl-C, and its exit status."""
+    what, status = runtime.interruption(error)
+    return (f"{what}: the running step saved what it had, finished runs are kept; resume with: python {script} "
+            f"{shlex.join(argv)}"), status
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def cell(values, percent=False, seeds=None):
+    """Mean (± sample standard deviation over seeds); `(n=k)` when only k of `seeds` seeds have a value."""
+    mean, std = mean_std(values)
+    if mean is None:
+        return "–"
+    text = f"{mean:+.2f}%" if percent else f"{mean:.4f}"
+    if std is not None:
+        text += f" ± {std:.2f}%" if percent else f" ± {std:.4f}"
+    count = sum(v is not None for v in values)
+    if seeds is not None and count < seeds:
+        text += f" (n={count})"
+    return text

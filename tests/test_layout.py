@@ -1,0 +1,40 @@
+"""Scripts import only libraries (issue 23; nanoGPT's habit): a script that imports another runs that one's
+module-level set-up and ties their flags and names together. What two scripts share lives in a library
+module (runs.py, study.py, runtime.py, checkpointing.py, ...)."""
+import ast
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The commands users run. dataloader.py also has a command line (it prints a data set's statistics) but
+# is the data library every script needs, so it is not one of them.
+SCRIPTS = ("main", "train_original", "compare", "ablation", "benchmark")
+
+
+def imported_modules(path):
+    """Top-level names of every module `path` imports, at module level or inside a function."""
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_script_imports_another_script():
+    found = {script: sorted(imported_modules(os.path.join(REPO, f"{script}.py")) & set(SCRIPTS) - {script})
+             for script in SCRIPTS}
+    assert {script: others for script, others in found.items() if others} == {}
+
+
+def test_every_script_is_listed():
+    """A new top-level command (one with a __main__ block) must be listed above, or be dataloader.py."""
+    commands = set()
+    for name in os.listdir(REPO):
+        if name.endswith(".py"):
+            with open(os.path.join(REPO, name), encoding="utf-8") as handle:
+                if 'if __name__ == "__main__":' in handle.read():
+                    commands.add(name[:-3])
+    assert commands - {"dataloader"} == set(SCRIPTS)
