@@ -282,9 +282,9 @@ def build_table(known, variants, runs, argv, fingerprints=None):
         reports.setdefault(run.name, []).append(study.read_report(run.report, fingerprint))
     ratings = sorted({r for rs in reports.values() for report in rs
                       for r in report.get("adaptive_weight_by_rating", {})}, key=float)
-    header = ("| variant | what | val RMSE | test RMSE | test MAE | test mean per-rating RMSE | "
-              + " | ".join(f"weight {r}★" for r in ratings) + (" |" if ratings else "|"))
-    lines = [header, "|---|---|" + "---:|" * (4 + len(ratings))]
+    columns = (["variant", "what", "val RMSE", "test RMSE", "test MAE", "test mean per-rating RMSE"]
+               + [f"weight {r}★" for r in ratings])
+    lines = ["| " + " | ".join(columns) + " |", "|---|---|" + "---:|" * (len(columns) - 2)]
     summary = {}
     for name, description, _ in variants:
         found = reports[name]

@@ -48,12 +48,17 @@ def test_ablation_trains_every_variant_and_tabulates_its_reports(ratings_file, t
             assert all(cells[k]["mean"] == pytest.approx(report["adaptive_weight_by_rating"][k[7:]]) for k in weights)
     assert "| melo-step | defined on the command line |" in text
     # every row has the header's cells: the unbounded form's "|1 + z|" is escaped, not a cell border
-    rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len({len(re.findall(r"(?<!\\)\|", line)) for line in rows}) == 1 and len(rows) == 1 + 6
+    def cells_per_row(text):
+        rows = [line for line in text.splitlines() if line.startswith("|")]
+        return {len(re.findall(r"(?<!\\)\|", line)) for line in rows}, len(rows)
+    assert cells_per_row(text) == ({7 + len(weights)}, 2 + 6)
     assert (tmp_path / "results" / "ml-100k" / "gru4rec" / "ablation.md").read_text() == text
     # a second call finds every report and runs nothing
     monkeypatch.setattr(study, "run_script", no_runs)
     assert ablation.main(flags)[1] == summary
+    # a table of MAML++ variants alone has no weight columns, and its header no empty cell
+    maml_only, _ = ablation.main([f for f in flags if not f.startswith("--variants")] + ["--variants=maml"])
+    assert cells_per_row(maml_only) == ({7}, 2 + 1)
     # results made with other settings are refused, not relabelled
     with pytest.raises(MeloError, match=r"variant maml in .* other settings: lstm_lr=0.01 \(now 0.5\)"):
         ablation.main(flags + ["--lstm_lr=0.5"])
