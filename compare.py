@@ -716,26 +716,30 @@ def beyond_biases(config, reports, predictions, validation, store):
                   f"by validation {select_by}, per seed (its validation scores: "
                   f"{', '.join(METHOD_NAMES[n] for n in NO_NETWORK)}): " + "; ".join(
                       f"{seed.label}: {METHOD_NAMES[name]} ({', '.join(f'{v:.4f}' for v in scores.values())})"
-                      for seed, (name, scores) in zip(config.seeds, chosen)) + ". Meta-learner − that baseline on "
-                  "the same test users (negative: the network's error is lower), intervals as above.", "",
+                      for seed, (name, scores) in zip(config.seeds, chosen)) + ". Meta-learner − that baseline, "
+                  f"and − {METHOD_NAMES[FOLD_IN]} in every seed, on the same test users (negative: the network's "
+                  "error is lower), intervals as above.", "",
                   "| Difference | " + " | ".join(f"{DISPLAY[m]} RMSE | {DISPLAY[m]} mean per-rating RMSE"
                                                 for m in models) + " |", "|---|" + "---:|---:|" * len(models)]
-        for method in ("maml", "melo"):
-            row = [f"{METHOD_NAMES[method]} − best no-network"]
-            for model in models:
-                results = [paired_difference(mine, predictions[(None, name)][index], config.bootstrap,
-                                             config.bootstrap_seed)
-                           for index, (mine, (name, _)) in enumerate(zip(predictions[(model, method)], chosen))]
-                for key in ("rmse", "mean_per_rating_rmse"):
-                    per_seed = [r[key] for r in results]
-                    row.append(paired_cell(per_seed))
-                    differences = [r["difference"] for r in per_seed]
-                    over_seeds = metrics.seed_interval(differences)
-                    store.setdefault("paired", {}).setdefault(model, {}).setdefault(
-                        f"{method}_minus_best_no_network", {})[key] = {
-                        **summary_of(differences), "intervals": per_seed,
-                        "seed_interval": None if over_seeds is None else list(over_seeds[1:])}
-            lines.append("| " + " | ".join(row) + " |")
+        against = [("best no-network", "best_no_network", [name for name, _ in chosen]),
+                   (METHOD_NAMES[FOLD_IN], FOLD_IN, [FOLD_IN] * len(chosen))]
+        for label, key_name, baselines in against:
+            for method in ("maml", "melo"):
+                row = [f"{METHOD_NAMES[method]} − {label}"]
+                for model in models:
+                    results = [paired_difference(mine, predictions[(None, name)][index], config.bootstrap,
+                                                 config.bootstrap_seed)
+                               for index, (mine, name) in enumerate(zip(predictions[(model, method)], baselines))]
+                    for key in ("rmse", "mean_per_rating_rmse"):
+                        per_seed = [r[key] for r in results]
+                        row.append(paired_cell(per_seed))
+                        differences = [r["difference"] for r in per_seed]
+                        over_seeds = metrics.seed_interval(differences)
+                        store.setdefault("paired", {}).setdefault(model, {}).setdefault(
+                            f"{method}_minus_{key_name}", {})[key] = {
+                            **summary_of(differences), "intervals": per_seed,
+                            "seed_interval": None if over_seeds is None else list(over_seeds[1:])}
+                lines.append("| " + " | ".join(row) + " |")
     lines += fold_in_figures(config, reports, store)
     if validation is not None and predictions is not None:
         rows, missing = [], False

@@ -235,12 +235,14 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
             assert blended(0, w) <= blended(0, 0.0) and blended(0, w) <= blended(0, 1.0)
             assert beyond[(compare.DISPLAY[model], f"{labels[method]} + fold-in")][4:6] == [f"{w:.4f}",
                                                                                            f"{blended(1, w):.4f}"]
-            if method in ("maml", "melo"):
-                other = metrics.per_user_errors(pd.read_csv(metrics.predictions_path(str(reports[(best, None)]))))
+            for against, label in ((best, "best no-network"), ("user-item-bias", "User + item bias")):
+                if method not in ("maml", "melo"):
+                    continue
+                other = metrics.per_user_errors(pd.read_csv(metrics.predictions_path(str(reports[(against, None)]))))
                 own = metrics.per_user_errors(mine[1])
                 r = metrics.paired_bootstrap(own["squared_error"], other["squared_error"], own["windows"],
                                              own["rating"], 200, 0)["rmse"]
-                assert beyond[f"{compare.METHOD_NAMES[method]} − best no-network"][1 + 2 * column] == \
+                assert beyond[f"{compare.METHOD_NAMES[method]} − {label}"][1 + 2 * column] == \
                     f"{r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
     for name in baselines.BASELINES:
         assert len(pd.read_csv(metrics.validation_predictions_path(str(reports[(name, None)])))) == 10 * 2
@@ -330,6 +332,9 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
     gap = -0.4 * scale
     assert beyond["paired"]["sasrec"]["melo_minus_best_no_network"]["rmse"]["per_seed"] == pytest.approx([gap] * 2)
     assert section_rows(text, "## What the network adds")["MELO − best no-network"][1].startswith(f"{gap:+.4f} [")
+    # and against the user + item bias fold-in in every seed (1.2, 1.0 here, the better one in seed 7 only)
+    assert beyond["paired"]["sasrec"]["melo_minus_user-item-bias"]["rmse"]["per_seed"] == pytest.approx([gap] * 2)
+    assert section_rows(text, "## What the network adds")["MELO − User + item bias"][1].startswith(f"{gap:+.4f} [")
     # no validation predictions in these reports: the blend says so instead of inventing one
     assert ("| SASRec | MELO + fold-in | 0.7000 ± 0.1414 | 1.1000 ± 0.1414 | – | – | – |" in text and
             "reports predate the validation predictions" in text)
