@@ -78,28 +78,23 @@ def rerun(command, monkeypatch):
     return text, calls
 
 
-def test_a_truncated_json_report_is_named_and_made_again(compared, monkeypatch, capsys):
+@pytest.mark.parametrize("name, kept, message", [
+    ("gru4rec_ml-100k_maml_step2.test_best.json", 1 / 2, "cannot be read (truncated"),
+    ("gru4rec_ml-100k_melo_step2.test_best.csv", 1 / 3, "is not the one written with")])
+def test_a_truncated_report_or_per_target_csv_is_named_and_made_again(compared, monkeypatch, capsys, name, kept,
+                                                                       message):
     command, _, seed, text = compared
-    report = seed / "checkpoints" / "gru4rec_ml-100k_maml_step2.test_best.json"
-    content = report.read_text()
-    report.write_text(content[:len(content) // 2])
+    written = seed / "checkpoints" / name
+    content = written.read_text()
+    written.write_text(content[:int(len(content) * kept)])
     capsys.readouterr()
     again, calls = rerun(command, monkeypatch)
-    assert f"{report} cannot be read (truncated" in capsys.readouterr().out
-    assert [(script, "--test" in argv) for script, argv in calls] == [("main.py", True)]  # no training
-    assert json.loads(report.read_text()) == json.loads(content) and again == text
-
-
-def test_a_truncated_per_target_csv_is_named_and_made_again(compared, monkeypatch, capsys):
-    command, _, seed, text = compared
-    csv = seed / "checkpoints" / "gru4rec_ml-100k_melo_step2.test_best.csv"
-    content = csv.read_text()
-    csv.write_text(content[:len(content) // 3])
-    capsys.readouterr()
-    again, calls = rerun(command, monkeypatch)
-    assert f"{csv} is not the one written with" in capsys.readouterr().out
-    assert len(calls) == 1 and "--use_adaptive_loss=True" in calls[0][1] and "--test" in calls[0][1]
-    assert csv.read_text() == content and again == text
+    assert f"{written} {message}" in capsys.readouterr().out
+    # only that method's test runs again, no training
+    assert [(script, "--test" in argv, f"--use_adaptive_loss={'_melo_' in name}" in argv)
+            for script, argv in calls] == [("main.py", True, True)]
+    read = json.loads if name.endswith(".json") else str
+    assert read(written.read_text()) == read(content) and again == text
 
 
 def test_a_report_without_a_data_fingerprint_is_tested_again(compared, monkeypatch):
