@@ -1,0 +1,106 @@
+"""The test reports of a tiny fixed-seed run of every method on every backbone, with both rating heads,
+against the numbers recorded in tests/recorded_numbers.json.
+
+A change that must not move the numbers (a refactor, a new flag at its default) leaves them as recorded.
+A change that moves them on purpose records them again, and its commit says why:
+
+    python tests/test_recorded_numbers.py --record
+
+The comparison allows a relative 1e-6, the last bits that may differ between CPU instruction sets; a
+change of the method moves the numbers far more.
+"""
+import json
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import main  # noqa: E402
+import options  # noqa: E402
+import train_original  # noqa: E402
+from synthetic import write_movielens  # noqa: E402
+
+RECORDED = os.path.join(HERE, "recorded_numbers.json")
+BACKBONES = ("bert4rec", "sasrec", "gru4rec", "narm")
+HEADS = ("plain", "bias")
+# what a report says about the method: the errors, the step whose weights were tested, and the analysis
+KEYS = ("rmse", "mae", "mean_per_rating_rmse", "adaptive_weight_by_rating", "query_gradient_by_rating",
+        "query_gradient_by_share")
+
+
+def flags(folder, out, *extra):
+    """The data in `folder`, every run's files in `folder`/`out` (run names do not say the rating head)."""
+    return ["--mode=ml-100k", f"--data_path={folder}/u.data", f"--data_dir={folder}/Data", "--min_item=1",
+            "--num_test_data=12", "--val_size=8", "--batch_size=4", "--num_samples=4", "--num_query_set=2",
+            "--max_seq_len=8", "--bert_hidden_units=16", "--gru4rec_hidden_size=16", "--narm_hidden_size=16",
+            "--pretraining_batch_size=64", "--pretrain_epochs=1", "--num_train_iterations=2", "--log_interval=2",
+            "--inner_lr=0.05", "--num_threads=1", f"--checkpoint_dir={folder}/{out}/ckpt",
+            f"--log_dir={folder}/{out}/runs", f"--pretrain_log_dir={folder}/{out}/pre", *extra]
+
+
+def numbers(report):
+    """The recorded part of a report; the query gradients by their mean alone (their t and share of users
+    helped follow from the same per-user values)."""
+    found = {key: report[key] for key in KEYS if key in report}
+    for key in ("query_gradient_by_rating", "query_gradient_by_share"):
+        if key in found:
+            found[key] = {bucket: row["mean"] for bucket, row in found[key].items()}
+    found["validation_rmse"] = report.get("validation", {}).get("rmse")
+    return found
+
+
+def run_everything(folder):
+    """{run name: numbers} of every method, backbone and head on one generated file in `folder`."""
+    write_movielens(os.path.join(folder, "u.data"), fmt="ml-100k", num_users=90, num_items=60, seed=5)
+    found = {}
+    baselines = main.main(options.parse_args(flags(folder, "baselines", "--test_baseline")))
+    for name, report in baselines.items():
+        found[name] = numbers(report)
+    for model in BACKBONES:
+        for head in HEADS:
+            shared = flags(folder, head, f"--model={model}", f"--rating_head={head}")
+            basic = shared + ["--checkpoint_step=1", "--test"]
+            train_original.main(options.parse_args(shared))
+            found[f"{model}-{head}-basic"] = numbers(train_original.main(options.parse_args(basic)))
+            found[f"{model}-{head}-finetune"] = numbers(train_original.main(options.parse_args(
+                basic + ["--finetune_steps=2", "--finetune_lr=0.1"])))
+            for method, adaptive in (("maml", "False"), ("melo", "True")):
+                argv = shared + [f"--use_adaptive_loss={adaptive}"]
+                main.main(options.parse_args(argv))
+                found[f"{model}-{head}-{method}"] = numbers(main.main(options.parse_args(
+                    argv + ["--checkpoint_step=2", "--test"])))
+    return found
+
+
+def close(found, recorded, path=""):
+    """Paths where `found` and `recorded` differ (numbers by a relative 1e-6)."""
+    if isinstance(recorded, dict) and isinstance(found, dict):
+        if set(found) != set(recorded):
+            return [f"{path}: keys {sorted(found)} != {sorted(recorded)}"]
+        return [p for key in recorded for p in close(found[key], recorded[key], f"{path}/{key}")]
+    if isinstance(recorded, float) and isinstance(found, (int, float)):
+        return [] if found == pytest.approx(recorded, rel=1e-6, abs=1e-12) else [f"{path}: {found!r} != {recorded!r}"]
+    return [] if found == recorded else [f"{path}: {found!r} != {recorded!r}"]
+
+
+def test_every_method_gives_its_recorded_numbers(tmp_path):
+    with open(RECORDED) as file:
+        recorded = json.load(file)
+    found = json.loads(json.dumps(run_everything(str(tmp_path))))  # the JSON round trip of the recording
+    assert not close(found, recorded), "\n".join(close(found, recorded)[:20])
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    if sys.argv[1:] != ["--record"]:
+        sys.exit("usage: python tests/test_recorded_numbers.py --record")
+    with tempfile.TemporaryDirectory() as scratch:
+        made = run_everything(scratch)
+    with open(RECORDED, "w") as file:
+        json.dump(made, file, indent=1, sort_keys=True)
+        file.write("\n")
+    print(f"recorded {len(made)} runs in {RECORDED}")
