@@ -49,7 +49,7 @@ import baselines
 import checkpointing
 import figures
 from dataloader import MetaDataset, load_data
-from meta_learner import SHARE_NAMES
+from analysis import SHARE_NAMES
 import metrics
 import options
 import runs

@@ -22,10 +22,10 @@ import checkpointing
 import figures
 import metrics
 import runs
+from analysis import (SHARE_NAMES, mean_weight_by_rating, query_gradient_by_rating, query_gradient_by_share,
+                      query_gradient_of_weights, summarise_query_gradients, support_weights, weight_sums_by_rating)
 from dataloader import SPLIT_OPTIONS, MetaDataset, duplicates_note, load_data
-from meta_learner import (build_meta_learner, last_step_weights, mean_weight_by_rating, multi_step_loss_weights,
-                          SHARE_NAMES, query_gradient_by_rating, query_gradient_by_share, summarise_query_gradients,
-                          weight_sums_by_rating)
+from meta_learner import build_meta_learner, last_step_weights, multi_step_loss_weights
 from models.loss_networks import num_rating_buckets
 from options import MeloError, run_cli
 from runtime import (Distributed, check_stop, configure_cpu, interruption, progress, seed_everything,
@@ -168,7 +168,7 @@ class MetaTrainer:
             chunk = mine.select(slice(start, start + self.args.batch_size)).to(self.device)
             predicted[part.start + start:part.start + start + len(chunk)] = self.learner.predict(chunk).double()
             if with_weights and self.learner.inner_loss.has_weights:
-                found = weight_sums_by_rating(*self.learner.support_weights(chunk), self.data.max_rating)
+                found = weight_sums_by_rating(*support_weights(self.learner, chunk), self.data.max_rating)
                 weight_sums = found if weight_sums is None else weight_sums + found
         self.learner.train()
         if weight_sums is not None:
@@ -190,7 +190,7 @@ class MetaTrainer:
         for start in range(0, len(mine), size):
             chunk = mine.select(slice(start, start + size)).to(self.device)
             rows = slice(part.start + start, part.start + start + len(chunk))
-            gradients, mask = self.learner.query_gradient_of_weights(chunk), chunk.support_items != 0
+            gradients, mask = query_gradient_of_weights(self.learner, chunk), chunk.support_items != 0
             by_rating[rows] = query_gradient_by_rating(gradients, chunk.support_ratings, mask, self.data.max_rating)
             by_share[rows] = query_gradient_by_share(gradients, chunk.support_ratings, mask, self.data.max_rating)
         self.learner.train()
@@ -350,7 +350,7 @@ class MetaTrainer:
         if not self.learner.inner_loss.has_weights:
             return
         self.learner.eval()
-        found = self.learner.support_weights(self.dataset.train_batch(0).to(self.device))
+        found = support_weights(self.learner, self.dataset.train_batch(0).to(self.device))
         self.learner.train()
         overall, per_step = mean_weight_by_rating(weight_sums_by_rating(*found, self.data.max_rating))
         for rating, weight in overall.items():

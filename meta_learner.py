@@ -1,7 +1,8 @@
 """The MELO / MAML++ meta-learner: inner-loop adaptation per task and the outer (query) loss.
 
-One pure task function, `_adapt_task`, adapts a parameter dict on one task's support set with
-`torch.func.grad` + `functional_call` and scores the query set after the inner steps. Two drivers run it:
+`adapt` is the inner loop: gradient steps on a parameter dict with `torch.func.grad` + `functional_call`.
+One pure task function, `MetaLearner.adapt_task`, adapts on one task's support set with it and scores
+the query set (`query_loss`) after the inner steps. Two drivers run it:
 
 * the fast path (default): `torch.func.vmap` over the tasks of a meta-batch, with each task adapting a
   small item table that holds only the rows of its own items (ids remapped). A task's loss never touches
@@ -21,11 +22,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from inner_loop_optimizers import LSLRGradientDescent
-from models.loss_networks import POSITION_FACTOR, masked_mean, num_rating_buckets, rating_bucket_ids, task_mean
+from models.loss_networks import query_loss
 
 EMBEDDING = "item_embedding.weight"
 ITEM_BIAS = "item_bias.weight"
-# Tensors indexed by item id: each task adapts a small table of only its own items' rows (`_vmap_tasks`).
+# Tensors indexed by item id: each task adapts a small table of only its own items' rows (`vmap_tasks`).
 ITEM_TABLES = (EMBEDDING, ITEM_BIAS)
 USER_BIAS = "user_bias"
 # --inner_params=head adapts these (with the bias head's biases): the output layer, ANIL-style.
@@ -68,6 +69,20 @@ def last_step_weights(num_steps):
     return weights
 
 
+def adapt(params, loss_of_step, update, num_steps, first_order=False, after_step=None):
+    """The inner loop, its one implementation. For k = 0 … num_steps − 1: the gradient of
+    `loss_of_step(params_k, k)` → (loss, aux: tensors, or () for none), taken at a detached copy of
+    params_k with `first_order`;
+    params_k+1 = update(params_k, gradient, k); then `after_step(k, params_k+1, aux)`. The last params."""
+    for step in range(num_steps):
+        at = {n: p.detach() for n, p in params.items()} if first_order else params
+        grads, aux = grad(loss_of_step, has_aux=True)(at, step)
+        params = update(params, grads, step)
+        if after_step is not None:
+            after_step(step, params, aux)
+    return params
+
+
 def local_item_tables(item_windows):
     """Per task, the sorted distinct item ids it uses, and its windows re-indexed into that list.
 
@@ -107,13 +122,13 @@ class MetaLearner(nn.Module):
         self.adapted = tuple(names if adapted is None else adapted)  # what the inner loop adapts
         self.lslr = LSLRGradientDescent(self.adapted, num_inner_steps, inner_lr, learnable_lrs)
 
-    def _split(self, params):
+    def split_adapted(self, params):
         """(the parameters the inner loop adapts, the rest, which it holds fixed) of a parameter dict."""
         adapted = {n: p for n, p in params.items() if n in self.adapted}
         return adapted, {n: p for n, p in params.items() if n not in adapted}
 
     # ------------------------------------------------------------------ one task
-    def _adapt_task(self, params, support, context, query, scored_steps, first_order, merge_query=True):
+    def adapt_task(self, params, support, context, query, scored_steps, first_order, merge_query=True):
         """Adapt `params` on one task's support set; return (query losses [len(scored_steps)],
         query predictions at the last position [Q]). `support`/`query` are (items, labels, mask).
 
@@ -123,13 +138,13 @@ class MetaLearner(nn.Module):
         support_items, support_labels, support_mask = support
         query_items, query_labels, query_mask = query
         num_support = support_items.shape[0]
-        params, fixed = self._split(params)
+        params, fixed = self.split_adapted(params)
         # first order: the support gradient is taken at detached copies of every parameter, fixed ones too
         support_fixed = {n: p.detach() for n, p in fixed.items()} if first_order else fixed
 
         def support_loss(current, step):
             predictions = functional_call(self.backbone, {**support_fixed, **current}, (support_items,))
-            return self.inner_loss(predictions, support_labels, support_mask, context, step)
+            return self.inner_loss(predictions, support_labels, support_mask, context, step), ()
 
         def support_loss_and_query(current, step):
             # θ_k scores the query of step k − 1 and gives the support loss of step k: one forward over
@@ -141,26 +156,24 @@ class MetaLearner(nn.Module):
             loss = self.inner_loss(support_predictions, support_labels, support_mask, context, step)
             return loss, query_predictions
 
+        merge = merge_query and not first_order  # first order: the support gradient is at a detached copy
         query_losses, query_predictions = [], None
 
         def score(predictions):
-            if self.query_loss == "target":  # the held-out last position of each query window only
-                query_losses.append(masked_mean((predictions[:, -1] - query_labels[:, -1]) ** 2, query_mask[:, -1]))
-            else:
-                query_losses.append(masked_mean((predictions - query_labels) ** 2, query_mask))
+            query_losses.append(query_loss(predictions, query_labels, query_mask, self.query_loss == "target"))
             return predictions
 
-        merge = merge_query and not first_order  # first order: the support gradient is at a detached copy
-        for step in range(self.num_inner_steps):
-            at = {n: p.detach() for n, p in params.items()} if first_order else params
-            if merge and step - 1 in scored_steps:
-                grads, query_predictions = grad(support_loss_and_query, has_aux=True)(at, step)
-                score(query_predictions)
-            else:
-                grads = grad(support_loss)(at, step)
-            params = self.lslr.update(params, grads, step)
+        def loss_of_step(current, step):
+            return (support_loss_and_query if merge and step - 1 in scored_steps else support_loss)(current, step)
+
+        def after_step(step, params, merged_query):
+            nonlocal query_predictions
+            if isinstance(merged_query, torch.Tensor):  # the query of step − 1, scored in this step's forward
+                query_predictions = score(merged_query)
             if step in scored_steps and not (merge and step + 1 < self.num_inner_steps):
                 query_predictions = score(functional_call(self.backbone, {**fixed, **params}, (query_items,)))
+
+        adapt(params, loss_of_step, self.lslr.update, self.num_inner_steps, first_order, after_step)
         return torch.stack(query_losses), query_predictions[:, -1]
 
     # ------------------------------------------------------------------ a batch of tasks
@@ -175,10 +188,10 @@ class MetaLearner(nn.Module):
         """Query losses [T, len(scored_steps)] and last-position predictions [T, Q] (normalised)."""
         if not fast:
             return self._run_tasks_one_by_one(*self._prepare(batch), scored_steps, first_order)
-        return self._vmap_tasks(batch, lambda params, support, context, query: self._adapt_task(
+        return self.vmap_tasks(batch, lambda params, support, context, query: self.adapt_task(
             params, support, context, query, scored_steps, first_order))
 
-    def _vmap_tasks(self, batch, task_function, extra_context=None):
+    def vmap_tasks(self, batch, task_function, extra_context=None):
         """`task_function(params, support, context, query)` of every task of `batch`, vmapped, each task
         on a small item table that holds only its own items (ids remapped into it); `extra_context`:
         more per-task tensors [T, ...] for the inner loss."""
@@ -204,7 +217,7 @@ class MetaLearner(nn.Module):
         losses, predictions = [], []
         for t in range(support[0].shape[0]):
             pick = lambda tensors: tuple(x[t] for x in tensors)  # noqa: E731
-            task_losses, task_predictions = self._adapt_task(
+            task_losses, task_predictions = self.adapt_task(
                 params, pick(support), {k: v[t] for k, v in context.items()}, pick(query),
                 scored_steps, first_order, merge_query=False)
             losses.append(task_losses)
@@ -223,137 +236,6 @@ class MetaLearner(nn.Module):
         with torch.no_grad():
             _, predictions = self.run_tasks(batch, (self.num_inner_steps - 1,), first_order=True, fast=fast)
         return predictions * self.max_rating
-
-    def support_weights(self, batch):
-        """The adaptive loss's weight of every support position at every inner step, as the inner loop
-        computes them on `batch`: (weights [T, K, S, L], support ratings in stars [T, S, L], mask), or None
-        for a loss without weights (MAML++). For logging and reports; no graph is kept."""
-        if not self.inner_loss.has_weights:
-            return None
-
-        def weights_of_task(params, support, context, query):
-            items, labels, mask = support
-            params, fixed = self._split(params)
-
-            def loss_and_weights(current, step):  # one forward gives the step's loss and its weights
-                predictions = functional_call(self.backbone, {**fixed, **current}, (items,))
-                return (self.inner_loss(predictions, labels, mask, context, step),
-                        self.inner_loss.position_weights(predictions, labels, mask, context, step))
-
-            weights = []
-            for step in range(self.num_inner_steps):
-                grads, step_weights = grad(loss_and_weights, has_aux=True)(params, step)
-                weights.append(step_weights)
-                params = self.lslr.update(params, grads, step)
-            return torch.stack(weights)
-
-        with torch.no_grad():
-            weights = self._vmap_tasks(batch, weights_of_task)
-        return weights, batch.support_ratings, batch.support_items != 0
-
-    def query_gradient_of_weights(self, batch):
-        """What re-weighting the outer loss would reward, for MAML++ as for MELO: per support position, the
-        derivative of the task's outer loss (its query loss after the last inner step, in stars²) with
-        respect to a factor on that position's weight, at 1, centred over the task's real positions
-        (only a redistribution, the mean weight kept, can change anything that the learned inner rates
-        do not). [T, S, L], zero at padding; second order through the inner loop, no parameter
-        gradient is kept. Negative where more weight on that position would lower the query loss."""
-        mask = batch.support_items != 0
-        factor = torch.ones(mask.shape, dtype=self.backbone.item_embedding.weight.dtype, device=mask.device,
-                            requires_grad=True)
-        last = (self.num_inner_steps - 1,)
-        with torch.enable_grad():
-            losses, _ = self._vmap_tasks(batch, lambda params, support, context, query: self._adapt_task(
-                params, support, context, query, last, first_order=False), {POSITION_FACTOR: factor})
-            gradient, = torch.autograd.grad(losses.sum() * self.max_rating ** 2, factor)
-        return torch.where(mask, gradient - task_mean(gradient, mask), torch.zeros_like(gradient))
-
-
-def _group_sums(gradients, groups, mask, num_groups):
-    """Per task and group (`groups`: a group id per position, [T, S·L]), the sum of the group's centred
-    gradients (the derivative of the task's query loss when each of its positions' factors gains ε and
-    every position's loses it evenly) and whether the group counts: it holds some of the task's real
-    positions but not all (where it holds all, no weight can move and the sum is 0 up to round-off).
-    float64 [T, num_groups, 2], to be put together over batches (and ranks) before
-    `summarise_query_gradients`."""
-    real = mask.flatten(1).double()
-    found = torch.zeros(gradients.shape[0], num_groups, 2, dtype=torch.float64, device=gradients.device)
-    found[..., 0].scatter_add_(1, groups, (gradients * mask).flatten(1).double())
-    found[..., 1].scatter_add_(1, groups, real)
-    found[..., 1] = ((found[..., 1] > 0) & (found[..., 1] < real.sum(1, keepdim=True))).double()
-    return found
-
-
-def _rating_buckets(stars, mask, max_rating):
-    """The half-star bucket of every support position, [T, S·L]; padding (any --default_rating) is 0,
-    a bucket that never counts, since it holds no real position."""
-    return rating_bucket_ids(stars / max_rating, mask, max_rating).flatten(1)
-
-
-def query_gradient_by_rating(gradients, stars, mask, max_rating):
-    """`_group_sums` of the support positions grouped by half-star rating value: [T, buckets, 2]."""
-    return _group_sums(gradients, _rating_buckets(stars, mask, max_rating), mask, num_rating_buckets(max_rating))
-
-
-# Bins of a support rating's share of the user's support positions (its 1★ among mostly 4★ is rare): the
-# query gradient by share says whether the outer loss rewards weighting each user's rare ratings up.
-SHARE_BOUNDS = (0.1, 0.25, 0.5)
-SHARE_NAMES = ("<10%", "10-25%", "25-50%", ">=50%")
-
-
-def query_gradient_by_share(gradients, stars, mask, max_rating):
-    """`_group_sums` of the support positions grouped by how common their rating is in the user's support
-    set (SHARE_NAMES) instead of by rating value: [T, len(SHARE_NAMES), 2]."""
-    buckets = _rating_buckets(stars, mask, max_rating)
-    real = mask.flatten(1).double()
-    counts = torch.zeros(buckets.shape[0], num_rating_buckets(max_rating), dtype=torch.float64, device=buckets.device)
-    counts.scatter_add_(1, buckets, real)
-    share = counts.gather(1, buckets) / real.sum(1, keepdim=True).clamp_min(1.0)
-    bins = torch.bucketize(share, torch.tensor(SHARE_BOUNDS, dtype=share.dtype, device=share.device), right=True)
-    return _group_sums(gradients, bins, mask, len(SHARE_NAMES))
-
-
-def summarise_query_gradients(found, names=None):
-    """{rating: {mean, t, helped, users, non_finite}} over the tasks where the rating counts: the mean
-    derivative, its t statistic (mean / standard error over tasks), the share of tasks where more weight
-    on the rating lowers the query loss, and how many tasks were left out for a non-finite derivative
-    (a second-order overflow must not void the test report); from `query_gradient_by_rating` (keys: the
-    ratings) or `query_gradient_by_share` (with `names`=SHARE_NAMES)."""
-    summary = {}
-    for bucket in range(found.shape[1]):
-        values = found[found[:, bucket, 1] > 0, bucket, 0]
-        finite = torch.isfinite(values)
-        non_finite, values = int((~finite).sum()), values[finite]
-        if len(values) == 0:
-            continue
-        error = values.std().item() / len(values) ** 0.5 if len(values) > 1 else 0.0
-        mean = values.mean().item()
-        name = f"{bucket / 2:g}" if names is None else names[bucket]
-        summary[name] = {"mean": mean, "t": mean / error if error > 0 else None,  # JSON: no nan
-                         "helped": (values < 0).double().mean().item(), "users": len(values),
-                         "non_finite": non_finite}
-    return summary
-
-
-def weight_sums_by_rating(weights, stars, mask, max_rating):
-    """Per inner step and half-star rating bucket, the sum and the count of the weights of real positions:
-    float64 [K, buckets, 2], to be added up over batches (and ranks) before `mean_weight_by_rating`."""
-    buckets = torch.round(stars[mask] * 2).long()
-    per_step = weights.transpose(0, 1)[:, mask].double()  # [K, positions]
-    sums = torch.zeros(per_step.shape[0], int(round(2 * max_rating)) + 1, 2, dtype=torch.float64,
-                       device=per_step.device)
-    sums[..., 0].index_add_(1, buckets, per_step)
-    sums[..., 1].index_add_(1, buckets, torch.ones_like(per_step))
-    return sums.cpu()
-
-
-def mean_weight_by_rating(sums):
-    """({rating: mean weight over the inner steps}, [{rating: mean weight} per step]) from
-    `weight_sums_by_rating`; ratings named as in the reports' per_rating ('4', '3.5')."""
-    def means(table):
-        return {f"{bucket / 2:g}": (row[0] / row[1]).item() for bucket, row in enumerate(table) if row[1] > 0}
-
-    return means(sums.sum(0)), [means(step) for step in sums]
 
 
 def build_meta_learner(args, num_items, max_rating):

@@ -53,7 +53,7 @@ import sys
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
@@ -64,6 +64,7 @@ import metrics
 import runs
 import tuning
 from dataloader import STREAM_WINDOWS, MetaDataset, load_data
+from meta_learner import adapt
 from models import export_weights, model_factory
 from models.loss_networks import RatingSequenceEncoder, masked_mean
 from options import MeloError, build_parser, run_cli
@@ -252,18 +253,24 @@ class BaselineTrainer:
         buffers = {name: b.detach() for name, b in self.model.named_buffers()}
         model = self.model
 
-        def support_loss(current, items, labels):
-            predicted = functional_call(model, {**current, **buffers}, (items,))
-            return masked_mean((predicted - labels) ** 2, items != 0)
-
         def one_task(items, labels, query_items):
-            current, recorded = params, {}
-            for step in range(max(record) + 1):
-                if step in record:
-                    recorded[step] = functional_call(model, {**current, **buffers}, (query_items,))[:, -1]
-                if step < max(record):
-                    grads = grad(support_loss)(current, items, labels)
-                    current = {name: value - lr * grads[name] for name, value in current.items()}
+            def support_loss(current, step):
+                predicted = functional_call(model, {**current, **buffers}, (items,))
+                return masked_mean((predicted - labels) ** 2, items != 0), ()
+
+            def sgd(current, grads, step):
+                return {name: value - lr * grads[name] for name, value in current.items()}
+
+            def query(current):
+                return functional_call(model, {**current, **buffers}, (query_items,))[:, -1]
+
+            recorded = {0: query(params)} if 0 in record else {}
+
+            def after_step(step, current, aux):
+                if step + 1 in record:
+                    recorded[step + 1] = query(current)
+
+            adapt(params, support_loss, sgd, max(record), after_step=after_step)
             return torch.stack([recorded[step] for step in record])
 
         labels = tasks.support_ratings / self.max_rating

@@ -28,7 +28,7 @@ from torch import nn
 #   unbounded:  |1 + z|, the original MELO's |Linear(LSTM state)|, shifted to start at 1.
 WEIGHT_FLOOR = 0.1
 # A context entry [S, L] that multiplies each position's whole term of the inner loss, only ever 1: it exists
-# so that the query loss can be differentiated with respect to it (MetaLearner.query_gradient_of_weights).
+# so that the query loss can be differentiated with respect to it (analysis.query_gradient_of_weights).
 POSITION_FACTOR = "position_factor"
 
 
@@ -77,6 +77,14 @@ def _mlp(sizes, zero_last=True):
         nn.init.zeros_(layers[-1].weight)
         nn.init.zeros_(layers[-1].bias)
     return nn.Sequential(*layers)
+
+
+def query_loss(predictions, labels, mask, target_only=False):
+    """The outer loss of one task after adaptation: the mean squared error over every real position of its
+    query windows, or (`target_only`, --query_loss=target) over the held-out last position of each window."""
+    if target_only:
+        return masked_mean((predictions[:, -1] - labels[:, -1]) ** 2, mask[:, -1])
+    return masked_mean((predictions - labels) ** 2, mask)
 
 
 class MSEInnerLoss(nn.Module):

@@ -18,7 +18,7 @@ import compare
 import metrics
 import options
 import study
-from meta_learner import SHARE_NAMES
+from analysis import SHARE_NAMES
 
 from synthetic import write_movielens
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import options
+from analysis import (SHARE_NAMES, query_gradient_by_rating, query_gradient_by_share, query_gradient_of_weights,
+                      summarise_query_gradients, support_weights)
 from inner_loop_optimizers import LSLRGradientDescent
-from meta_learner import (SHARE_NAMES, build_meta_learner, last_step_weights, local_item_tables,
-                          multi_step_loss_weights, query_gradient_by_rating, query_gradient_by_share,
-                          summarise_query_gradients)
+from meta_learner import build_meta_learner, last_step_weights, local_item_tables, multi_step_loss_weights
 from models.loss_networks import POSITION_FACTOR, AdaptiveInnerLoss, MSEInnerLoss, masked_mean
 
 NUM_ITEMS = 40
@@ -188,7 +188,7 @@ def test_melo_starts_as_plain_maml():
     maml = make_learner("narm", "--use_adaptive_loss=False")
     assert isinstance(maml.inner_loss, MSEInnerLoss)
     assert torch.allclose(melo.task_losses(batch, weights), maml.task_losses(batch, weights))
-    found = melo.support_weights(batch)
+    found = support_weights(melo, batch)
     assert found is not None and torch.allclose(found[0], torch.ones_like(found[0]))
 
 
@@ -223,7 +223,7 @@ def perturbed(learner, seed=0):
 def test_normalised_weights_have_mean_one_over_each_tasks_real_positions(flags):
     learner = perturbed(make_learner("gru4rec", "--adaptive_weights=normalised", *flags))
     batch = random_batch(num_tasks=4)
-    weights, _, mask = learner.support_weights(batch)  # [T, K, S, L]
+    weights, _, mask = support_weights(learner, batch)  # [T, K, S, L]
     assert weights.shape[:2] == (4, learner.num_inner_steps)
     real = mask[:, None].expand_as(weights).to(weights.dtype)
     means = (weights * real).sum((2, 3)) / real.sum((2, 3))
@@ -255,7 +255,7 @@ def test_weight_forms_at_the_neutral_start_and_off_it():
     assert torch.allclose(normalised._weights(logits - 30.0, mask)[:, :2], torch.ones(1, 2))  # saturated
     assert not torch.allclose(centred._weights(logits - 1.5, mask), normalised._weights(logits - 1.5, mask))
     for form in ("bounded", "unbounded", "normalised", "centred"):  # every form starts with every weight 1
-        weights, _, _ = make_learner("sasrec", f"--adaptive_weights={form}").support_weights(batch)
+        weights, _, _ = support_weights(make_learner("sasrec", f"--adaptive_weights={form}"), batch)
         assert torch.equal(weights, torch.ones_like(weights)), form
 
 
@@ -319,13 +319,13 @@ def test_query_gradient_of_weights_matches_finite_differences(float64, adaptive)
     batch.support_ratings = torch.where(mask, batch.support_ratings, -1.0)  # padding: --default_rating=-1
     batch.support_ratings[2] = torch.where(mask[2], 3.0, -1.0)  # task 2 rates everything 3 stars
     plain_losses, _ = learner.run_tasks(batch, (1,))
-    gradients = learner.query_gradient_of_weights(batch)
+    gradients = query_gradient_of_weights(learner, batch)
     assert torch.all(gradients[~mask] == 0)
     assert torch.allclose(gradients.sum((1, 2)), torch.zeros(3, dtype=gradients.dtype, device=DEVICE), atol=1e-12)
     found = query_gradient_by_rating(gradients, batch.support_ratings, mask, 5.0)
     assert found[2, :, 1].sum() == 0 and found[:, 0, 1].sum() == 0  # one rating only; padding never counts
     # a factor of ones changes nothing
-    ones, _ = learner._vmap_tasks(batch, lambda params, support, context, query: learner._adapt_task(
+    ones, _ = learner.vmap_tasks(batch, lambda params, support, context, query: learner.adapt_task(
         params, support, context, query, (1,), first_order=False), {POSITION_FACTOR: torch.ones_like(gradients)})
     assert torch.equal(ones, plain_losses)
 
