@@ -11,7 +11,8 @@ import torch
 from torch.func import functional_call
 
 from meta_learner import adapt
-from models.loss_networks import POSITION_FACTOR, num_rating_buckets, rating_bucket_ids, task_mean
+from metrics import half_star_buckets, half_star_name, num_half_star_buckets
+from models.loss_networks import POSITION_FACTOR, rating_bucket_ids, task_mean
 
 
 def support_weights(learner, batch):
@@ -81,7 +82,7 @@ def _rating_buckets(stars, mask, max_rating):
 
 def query_gradient_by_rating(gradients, stars, mask, max_rating):
     """`_group_sums` of the support positions grouped by half-star rating value: [T, buckets, 2]."""
-    return _group_sums(gradients, _rating_buckets(stars, mask, max_rating), mask, num_rating_buckets(max_rating))
+    return _group_sums(gradients, _rating_buckets(stars, mask, max_rating), mask, num_half_star_buckets(max_rating))
 
 
 # Bins of a support rating's share of the user's support positions (its 1★ among mostly 4★ is rare): the
@@ -95,7 +96,8 @@ def query_gradient_by_share(gradients, stars, mask, max_rating):
     set (SHARE_NAMES) instead of by rating value: [T, len(SHARE_NAMES), 2]."""
     buckets = _rating_buckets(stars, mask, max_rating)
     real = mask.flatten(1).double()
-    counts = torch.zeros(buckets.shape[0], num_rating_buckets(max_rating), dtype=torch.float64, device=buckets.device)
+    counts = torch.zeros(buckets.shape[0], num_half_star_buckets(max_rating), dtype=torch.float64,
+                         device=buckets.device)
     counts.scatter_add_(1, buckets, real)
     share = counts.gather(1, buckets) / real.sum(1, keepdim=True).clamp_min(1.0)
     bins = torch.bucketize(share, torch.tensor(SHARE_BOUNDS, dtype=share.dtype, device=share.device), right=True)
@@ -117,7 +119,7 @@ def summarise_query_gradients(found, names=None):
             continue
         error = values.std().item() / len(values) ** 0.5 if len(values) > 1 else 0.0
         mean = values.mean().item()
-        name = f"{bucket / 2:g}" if names is None else names[bucket]
+        name = half_star_name(bucket) if names is None else names[bucket]
         summary[name] = {"mean": mean, "t": mean / error if error > 0 else None,  # JSON: no nan
                          "helped": (values < 0).double().mean().item(), "users": len(values),
                          "non_finite": non_finite}
@@ -127,9 +129,9 @@ def summarise_query_gradients(found, names=None):
 def weight_sums_by_rating(weights, stars, mask, max_rating):
     """Per inner step and half-star rating bucket, the sum and the count of the weights of real positions:
     float64 [K, buckets, 2], to be added up over batches (and ranks) before `mean_weight_by_rating`."""
-    buckets = torch.round(stars[mask] * 2).long()
+    buckets = half_star_buckets(stars[mask])
     per_step = weights.transpose(0, 1)[:, mask].double()  # [K, positions]
-    sums = torch.zeros(per_step.shape[0], int(round(2 * max_rating)) + 1, 2, dtype=torch.float64,
+    sums = torch.zeros(per_step.shape[0], num_half_star_buckets(max_rating), 2, dtype=torch.float64,
                        device=per_step.device)
     sums[..., 0].index_add_(1, buckets, per_step)
     sums[..., 1].index_add_(1, buckets, torch.ones_like(per_step))
@@ -140,6 +142,6 @@ def mean_weight_by_rating(sums):
     """({rating: mean weight over the inner steps}, [{rating: mean weight} per step]) from
     `weight_sums_by_rating`; ratings named as in the reports' per_rating ('4', '3.5')."""
     def means(table):
-        return {f"{bucket / 2:g}": (row[0] / row[1]).item() for bucket, row in enumerate(table) if row[1] > 0}
+        return {half_star_name(bucket): (row[0] / row[1]).item() for bucket, row in enumerate(table) if row[1] > 0}
 
     return means(sums.sum(0)), [means(step) for step in sums]

@@ -26,7 +26,6 @@ from analysis import (SHARE_NAMES, mean_weight_by_rating, query_gradient_by_rati
                       query_gradient_of_weights, summarise_query_gradients, support_weights, weight_sums_by_rating)
 from dataloader import SPLIT_OPTIONS, MetaDataset, duplicates_note, load_data
 from meta_learner import build_meta_learner, last_step_weights, multi_step_loss_weights
-from models.loss_networks import num_rating_buckets
 from options import MeloError, run_cli
 from runtime import (Distributed, check_stop, configure_cpu, interruption, progress, seed_everything,
                      stop_signals_as_flag)
@@ -183,7 +182,7 @@ class MetaTrainer:
         self.learner.eval()  # no dropout: the gradient of the model as tested
         part = self.dist.shard(len(tasks))
         mine = tasks.select(part)
-        by_rating = torch.zeros(len(tasks), num_rating_buckets(self.data.max_rating), 2, dtype=torch.float64,
+        by_rating = torch.zeros(len(tasks), metrics.num_half_star_buckets(self.data.max_rating), 2, dtype=torch.float64,
                                 device=self.device)
         by_share = torch.zeros(len(tasks), len(SHARE_NAMES), 2, dtype=torch.float64, device=self.device)
         size = self.args.task_chunk or self.args.batch_size

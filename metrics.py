@@ -28,8 +28,20 @@ PREDICTION_COLUMNS = ("user", "window", "item", "rating", "window_length", "pred
 SUM_FIELDS = ("count", "squared_error", "absolute_error", "prediction")
 
 
-def num_buckets(max_rating):
+# Ratings are grouped by half star everywhere (reports, the learned loss's rating embedding, the analysis):
+# bucket b holds the ratings that round to b / 2 stars (4 → 8, 3.5 → 7), named b / 2 ('4', '3.5').
+def half_star_buckets(stars):
+    """The half-star bucket of each rating in stars: a long tensor for a tensor, int64 for a numpy array."""
+    doubled = (stars * 2).round()
+    return doubled.long() if isinstance(doubled, torch.Tensor) else doubled.astype(np.int64)
+
+
+def num_half_star_buckets(max_rating):
     return int(round(2 * max_rating)) + 1
+
+
+def half_star_name(bucket):
+    return f"{bucket / 2:g}"
 
 
 def error_sums(predicted_stars, target_stars, mask, max_rating):
@@ -43,8 +55,8 @@ def error_sums(predicted_stars, target_stars, mask, max_rating):
 
 def bucket_sums(target, values, max_rating):
     """Rows of `values` [N, 4] added up by the half-star bucket of `target` [N]."""
-    buckets = torch.round(target * 2).long().clamp(0, num_buckets(max_rating) - 1)
-    sums = torch.zeros(num_buckets(max_rating), len(SUM_FIELDS), dtype=torch.float64, device=values.device)
+    buckets = half_star_buckets(target).clamp(0, num_half_star_buckets(max_rating) - 1)
+    sums = torch.zeros(num_half_star_buckets(max_rating), len(SUM_FIELDS), dtype=torch.float64, device=values.device)
     return sums.index_add_(0, buckets, values).cpu()
 
 
@@ -81,7 +93,7 @@ def report_from_sums(sums):
         n = row[0].item()
         if n == 0:
             continue
-        per_rating[f"{bucket / 2:g}"] = {
+        per_rating[half_star_name(bucket)] = {
             "count": int(n),
             "rmse": math.sqrt(row[1].item() / n),
             "mae": row[2].item() / n,
@@ -232,7 +244,7 @@ def paired_bootstrap(squared_a, squared_b, windows, ratings, resamples=1000, see
     of its windows' squared errors, `windows` their number, `ratings` its target rating."""
     squared_a, squared_b = np.asarray(squared_a, np.float64), np.asarray(squared_b, np.float64)
     windows = np.asarray(windows, np.float64)
-    buckets = np.round(2 * np.asarray(ratings, np.float64)).astype(np.int64)
+    buckets = half_star_buckets(np.asarray(ratings, np.float64))
     onehot = (buckets[:, None] == np.unique(buckets)[None, :]).astype(np.float64)
     users = len(squared_a)
     rng = np.random.default_rng(seed)

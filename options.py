@@ -212,8 +212,8 @@ def build_parser():
     add("--lstm_hidden", type=positive_int, default=32, help="hidden size of the rating-sequence LSTM")
     add("--lstm_num_layers", type=positive_int, default=1, help="layers of the rating-sequence LSTM")
     add("--lstm_lr", type=learning_rate, default=0.01,
-        help="Adam lr of the loss networks, cosine-annealed to --min_lstm_lr (the original's 0.1 drove the "
-             "weights to their extremes within 25 iterations)")
+        help="Adam lr of the loss networks, cosine-annealed to --min_lstm_lr (the original's 0.1 drives the "
+             "weights to their extremes: docs/comparison.md)")
     add("--min_lstm_lr", type=learning_rate, default=0.001, help="floor of --lstm_lr")
     add("--use_mlp", type=str2bool, default=False,
         help="weight network: an MLP fed the task statistics chosen below")

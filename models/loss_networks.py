@@ -13,19 +13,19 @@ how many windows a user has.
 import torch
 from torch import nn
 
+from metrics import half_star_buckets, num_half_star_buckets
+
 # How a position's logit z becomes its weight (--adaptive_weights). The weight network's last layer starts
 # at zero, so every form starts with every weight exactly 1: MELO starts as plain MAML++.
 #   normalised: WEIGHT_FLOOR + 2·sigmoid(z), divided by its mean over the task's real support positions
-#       (mean exactly 1). Learned inner rates already own the step size; unnormalised weights beside them
-#       are not identifiable, and on real data all drifted to their ceiling (a constant step multiplier).
-#       The floor bounds the ratio of two weights (at most 21): without it, the outer loop piled a task's
-#       whole weight onto a handful of positions within 25 iterations (one weight > 300) and diverged.
-#   centred:    normalised, from z minus its task mean. After the normalisation only differences between
-#       a task's logits matter, but their common part can still drift: in one amazon-like GRU4Rec seed every
-#       logit fell below -14, every sigmoid saturated at the floor, the weights locked at exactly 1 and the
-#       gradient vanished (a dead loss network). Centring removes that common part.
-#   bounded:    2·sigmoid(z), in (0, 2), per position (this project's earlier form).
+#       (mean exactly 1): the learned inner rates own the step size, the weights only move it between
+#       positions. The floor bounds the ratio of two weights (at most 21), so that no task's whole weight
+#       can pile onto a few positions.
+#   centred:    normalised, from z minus its task mean, so that the logits cannot all saturate together
+#       (then every weight is exactly 1 and the gradient vanishes: a dead loss network).
+#   bounded:    2·sigmoid(z), in (0, 2), per position.
 #   unbounded:  |1 + z|, the original MELO's |Linear(LSTM state)|, shifted to start at 1.
+# What each form did on data: docs/design.md (the inner loop) and docs/comparison.md (the ablation).
 WEIGHT_FLOOR = 0.1
 # A context entry [S, L] that multiplies each position's whole term of the inner loss, only ever 1: it exists
 # so that the query loss can be differentiated with respect to it (analysis.query_gradient_of_weights).
@@ -57,14 +57,9 @@ def normalise_over_task(raw, mask):
 
 
 def rating_bucket_ids(labels, mask, max_rating):
-    """Half-star bucket of each rating (1 .. 2*max_rating); 0 is padding. Works for half stars."""
-    num_buckets = num_rating_buckets(max_rating)
-    ids = torch.round(labels * max_rating * 2).long().clamp(1, num_buckets - 1)
+    """Half-star bucket of each rating (1 .. 2*max_rating, metrics.half_star_buckets); 0 is padding."""
+    ids = half_star_buckets(labels * max_rating).clamp(1, num_half_star_buckets(max_rating) - 1)
     return torch.where(mask, ids, torch.zeros_like(ids))
-
-
-def num_rating_buckets(max_rating):
-    return int(round(2 * max_rating)) + 1
 
 
 def _mlp(sizes, zero_last=True):
@@ -112,7 +107,7 @@ class RatingSequenceEncoder(nn.Module):
     def __init__(self, max_rating, input_size, hidden_size, num_layers, extra_inputs=0):
         super().__init__()
         self.max_rating = max_rating
-        self.rating_embedding = nn.Embedding(num_rating_buckets(max_rating), input_size, padding_idx=0)
+        self.rating_embedding = nn.Embedding(num_half_star_buckets(max_rating), input_size, padding_idx=0)
         self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)
         self.initial_hidden = nn.Parameter(torch.zeros(num_layers, 1, hidden_size))
         self.initial_cell = nn.Parameter(torch.zeros(num_layers, 1, hidden_size))
