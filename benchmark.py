@@ -43,7 +43,8 @@ if ROOT not in sys.path:
 
 import options  # noqa: E402
 from options import MeloError  # noqa: E402
-from runtime import configure_cpu, select_device  # noqa: E402
+from runs import build_optimizer, outer_step  # noqa: E402
+from runtime import Distributed, configure_cpu, select_device  # noqa: E402
 
 METHODS = ("melo", "maml")
 
@@ -143,7 +144,6 @@ class Case:
 
     def __init__(self, model, method, num_items, path, device, extra, num_users):
         from dataloader import MetaDataset
-        from runs import build_optimizer
         from meta_learner import build_meta_learner, multi_step_loss_weights
 
         self.args = args = case_args(model, method, extra)
@@ -152,7 +152,7 @@ class Case:
         self.dataset = MetaDataset(synthetic_data(num_items, num_users), args)
         self.learner = build_meta_learner(args, num_items, 5.0).to(device).train()
         self.optimizer, self.scheduler = build_optimizer(args, self.learner)
-        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.dist = Distributed(str(device))
         # iteration 0: the multi-step loss scores the query after every inner step (the costliest case)
         self.weights = multi_step_loss_weights(0, args.num_inner_steps, args.multi_step_loss_num_epochs)
         self.build_times, self.next_index = [], 0
@@ -171,18 +171,12 @@ class Case:
         return batch
 
     def iteration(self, batch):
-        """main.MetaTrainer.train_step (one chunk, one rank); returns (seconds, loss)."""
+        """runs.outer_step, main.py's outer iteration (one process); returns (seconds, loss)."""
         args = self.args
         self.sync()
         start = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=False)
-        per_task = self.learner.task_losses(batch, self.weights, fast=self.fast)
-        (per_task.sum() / args.batch_size).backward()
-        loss = per_task.detach().sum().double().item() / args.batch_size
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        loss = outer_step(self.learner, self.optimizer, self.scheduler, batch, self.weights, args.batch_size,
+                          self.dist, task_chunk=args.task_chunk, grad_clip=args.grad_clip, fast=self.fast)
         self.sync()
         return time.perf_counter() - start, loss
 

@@ -231,36 +231,11 @@ class MetaTrainer:
         torch.manual_seed(stream_seed(args.random_seed, self.iteration, self.dist.rank))
         batch = self.dataset.train_batch(self.iteration, self.dist.shard(args.batch_size)).to(self.device)
         weights = self.step_weights()
-        first_order = self.iteration < args.first_order_iterations
-        chunk = args.task_chunk or max(len(batch), 1)
-        self.optimizer.zero_grad(set_to_none=False)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for start in range(0, len(batch), chunk):
-            per_task = self.learner.task_losses(batch.select(slice(start, start + chunk)), weights, first_order)
-            # Normalise by the whole meta-batch, so chunks and ranks add up to the mean over all tasks.
-            (per_task.sum() / args.batch_size).backward()
-            total += per_task.detach().sum().double()
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        for p in params:  # a rank without tasks, or a part the loss did not reach, still all-reduces
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if self.dist.enabled:
-            # Second-order meta-gradients are averaged explicitly, not through DDP hooks.
-            flat = torch.cat([p.grad.reshape(-1) for p in params] + [total.reshape(1).to(params[0].grad)])
-            self.dist.sum_(flat)
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-            total = flat[-1].double()
-        loss = (total / args.batch_size).item()
-        if not math.isfinite(loss):
-            return loss
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.iteration += 1
+        loss = runs.outer_step(self.learner, self.optimizer, self.scheduler, batch, weights, args.batch_size,
+                               self.dist, self.iteration < args.first_order_iterations, args.task_chunk,
+                               args.grad_clip)
+        if math.isfinite(loss):
+            self.iteration += 1
         return loss
 
     def train(self, writer):

@@ -143,6 +143,43 @@ def build_optimizer(args, learner):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
 
 
+def outer_step(learner, optimizer, scheduler, batch, step_weights, batch_size, dist, first_order=False,
+               task_chunk=0, grad_clip=0.0, fast=True):
+    """One outer iteration (main.py's, and benchmark.py's timing of it) on this rank's tasks `batch`, of
+    a meta-batch of `batch_size` tasks over all ranks: the meta-gradient of the mean outer loss, in chunks
+    of `task_chunk` tasks, summed over the ranks, clipped to `grad_clip`, then one optimizer and schedule
+    step. Returns the mean outer loss; a non-finite one takes no step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    chunk = task_chunk or max(len(batch), 1)
+    optimizer.zero_grad(set_to_none=False)
+    total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    for start in range(0, len(batch), chunk):
+        per_task = learner.task_losses(batch.select(slice(start, start + chunk)), step_weights, first_order, fast)
+        # Normalise by the whole meta-batch, so chunks and ranks add up to the mean over all tasks.
+        (per_task.sum() / batch_size).backward()
+        total += per_task.detach().sum().double()
+    for p in params:  # a rank without tasks, or a part the loss did not reach, still all-reduces
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if dist.enabled:
+        # Second-order meta-gradients are averaged explicitly, not through DDP hooks.
+        flat = torch.cat([p.grad.reshape(-1) for p in params] + [total.reshape(1).to(params[0].grad)])
+        dist.sum_(flat)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        total = flat[-1].double()
+    loss = (total / batch_size).item()
+    if not math.isfinite(loss):
+        return loss
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss
+
+
 # ------------------------------------------------------------------ TensorBoard
 class LogWriter:
     """A TensorBoard writer whose write errors (a full disk on --log_dir: OSError) are a one-line
