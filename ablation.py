@@ -29,6 +29,7 @@ import options
 import runs
 import runtime
 import study
+from models import BACKBONES
 from options import MeloError
 from runtime import write_atomic
 
@@ -115,7 +116,7 @@ def build_parser():
     add = parser.add_argument
     add("--mode", default="ml-1m", choices=options.MODES, help="data set")
     add("--data_path", default=None, help="ratings file (default: the mode's default location)")
-    add("--model", default="bert4rec", choices=options.MODELS, help="backbone of every variant")
+    add("--model", default="bert4rec", choices=tuple(BACKBONES), help="backbone of every variant")
     add("--variants", default="maml,melo-bounded,melo-unbounded,melo-normalised,melo-per-step",
         help="comma-separated variants, in table order; known: " + ", ".join(VARIANTS))
     add("--define", action="append", default=[], metavar="NAME=FLAGS",

@@ -27,6 +27,7 @@ Each report is `<checkpoint_dir>/<name>_<mode>.test.json`, with the per-target C
 validation users' per-target CSV, `.validation.csv`, for compare.py's blend).
 """
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,7 +35,6 @@ import torch
 import metrics
 import tuning
 
-BASELINES = ("mean-rating", "user-mean", "shrunk-user-mean", "user-item-bias", "mf-fold-in")
 SHRINKAGE_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 ITEM_REG_GRID = (0.0, 5.0, 25.0, 100.0)
 USER_REG_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
@@ -163,38 +163,71 @@ class Fitted:
         return self.factorisations[rank, reg]
 
 
+# ------------------------------------------------------------------ the registry
+# Each predicts stars [T, Q] for `tasks`' query targets from (tasks, their support sets, the fit on the
+# training users, the grid value chosen on the validation users).
+def per_user(tasks, values):
+    return torch.from_numpy(values)[:, None].expand(tasks.query_mask.shape).clone()
+
+
+def predict_mean_rating(tasks, sets, fitted, value):
+    return per_user(tasks, np.full(tasks.query_mask.shape[0], fitted.mean))
+
+
+def predict_user_mean(tasks, sets, fitted, value):
+    return per_user(tasks, user_mean(sets, fitted.mean))
+
+
+def predict_shrunk_user_mean(tasks, sets, fitted, value):
+    return per_user(tasks, shrunk_user_mean(sets, fitted.mean, value))
+
+
+def predict_user_item_bias(tasks, sets, fitted, value):
+    item_reg, user_reg = value
+    biases = item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items)
+    targets = tasks.query_items[:, :, -1].numpy()
+    return torch.from_numpy(user_item_bias(sets, targets, fitted.mean, biases, user_reg, fitted.low, fitted.high))
+
+
+def predict_mf_fold_in(tasks, sets, fitted, value):
+    rank, reg, user_reg, user_bias_reg = value
+    targets = tasks.query_items[:, :, -1].numpy()
+    return torch.from_numpy(mf_fold_in(sets, targets, fitted.mean, *fitted.factorisation(rank, reg), user_reg,
+                                       fitted.low, fitted.high, user_bias_reg))
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One baseline without a network: its row in compare.py's tables, how it predicts, and the grid axes
+    it chooses from on the validation users (none: nothing to choose)."""
+    label: str
+    predict: object
+    axes: tuple = ()
+
+
+# --baseline's choices and compare.py's rows, in this order
+BASELINES = {
+    "mean-rating": Baseline("Mean rating", predict_mean_rating),
+    "user-mean": Baseline("User mean", predict_user_mean),
+    "shrunk-user-mean": Baseline("Shrunk user mean", predict_shrunk_user_mean,
+                                 (tuning.Axis("shrinkage", SHRINKAGE_GRID),)),
+    "user-item-bias": Baseline("User + item bias", predict_user_item_bias,
+                               (tuning.Axis("item_reg", ITEM_REG_GRID), tuning.Axis("user_reg", USER_REG_GRID))),
+    "mf-fold-in": Baseline("MF fold-in", predict_mf_fold_in,
+                           (tuning.Axis("rank", RANK_GRID, integer=True, floor=1), tuning.Axis("reg", MF_REG_GRID),
+                            tuning.Axis("user_reg", FOLD_IN_REG_GRID),
+                            tuning.Axis("user_bias_reg", FOLD_IN_BIAS_REG_GRID))),
+}
+
+
 def axes(name):
-    """The grid axes a baseline chooses from on the validation users (none: nothing to choose)."""
-    if name == "shrunk-user-mean":
-        return [tuning.Axis("shrinkage", SHRINKAGE_GRID)]
-    if name == "user-item-bias":
-        return [tuning.Axis("item_reg", ITEM_REG_GRID), tuning.Axis("user_reg", USER_REG_GRID)]
-    if name == "mf-fold-in":
-        return [tuning.Axis("rank", RANK_GRID, integer=True, floor=1), tuning.Axis("reg", MF_REG_GRID),
-                tuning.Axis("user_reg", FOLD_IN_REG_GRID), tuning.Axis("user_bias_reg", FOLD_IN_BIAS_REG_GRID)]
-    return []
+    """The grid axes baseline `name` chooses from on the validation users (none: nothing to choose)."""
+    return list(BASELINES[name].axes)
 
 
 def predict(name, tasks, sets, fitted, value):
     """Predicted stars [T, Q] of baseline `name` (with grid value `value`) for `tasks`' query targets."""
-    shape = tasks.query_mask.shape
-    if name == "mean-rating":
-        per_user = np.full(shape[0], fitted.mean)
-    elif name == "user-mean":
-        per_user = user_mean(sets, fitted.mean)
-    elif name == "shrunk-user-mean":
-        per_user = shrunk_user_mean(sets, fitted.mean, value)
-    elif name == "mf-fold-in":
-        rank, reg, user_reg, user_bias_reg = value
-        targets = tasks.query_items[:, :, -1].numpy()
-        return torch.from_numpy(mf_fold_in(sets, targets, fitted.mean, *fitted.factorisation(rank, reg), user_reg,
-                                           fitted.low, fitted.high, user_bias_reg))
-    else:
-        item_reg, user_reg = value
-        biases = item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items)
-        targets = tasks.query_items[:, :, -1].numpy()
-        return torch.from_numpy(user_item_bias(sets, targets, fitted.mean, biases, user_reg, fitted.low, fitted.high))
-    return torch.from_numpy(per_user)[:, None].expand(shape).clone()
+    return BASELINES[name].predict(tasks, sets, fitted, value)
 
 
 def sets_of(tasks):

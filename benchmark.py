@@ -43,6 +43,7 @@ if ROOT not in sys.path:
 
 import options  # noqa: E402
 from options import MeloError  # noqa: E402
+from models import BACKBONES  # noqa: E402
 from runs import build_optimizer, outer_step  # noqa: E402
 from runtime import Distributed, configure_cpu, select_device  # noqa: E402
 
@@ -255,7 +256,7 @@ def parse(argv):
     parser = options.CommandLineParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      epilog="Any other flag is passed to main.py's parser (e.g. --num_inner_steps=5).")
-    parser.add_argument("--models", default=",".join(options.MODELS), help="comma-separated backbones")
+    parser.add_argument("--models", default=",".join(BACKBONES), help="comma-separated backbones")
     parser.add_argument("--methods", default="melo,maml", help="comma-separated: melo, maml")
     parser.add_argument("--items", default="1000,50000", help="comma-separated catalog sizes")
     parser.add_argument("--repeats", type=options.positive_int, default=7,
@@ -272,7 +273,7 @@ def parse(argv):
     known, extra = parser.parse_known_args(argv)
     known.extra = extra
     # checked here, before any case runs: a typo must not label one method's figures with another's name
-    for flag, values, allowed in (("--models", known.models, options.MODELS), ("--methods", known.methods, METHODS)):
+    for flag, values, allowed in (("--models", known.models, tuple(BACKBONES)), ("--methods", known.methods, METHODS)):
         unknown = [value for value in values.split(",") if value not in allowed]
         if unknown:
             parser.error(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")

@@ -48,24 +48,29 @@ import pandas as pd
 import baselines
 import checkpointing
 import figures
-from dataloader import MetaDataset, load_data
-from analysis import SHARE_NAMES
 import metrics
 import options
 import runs
 import runtime
 import study
 import tuning
+from analysis import SHARE_NAMES
+from dataloader import MetaDataset, load_data
+from models import BACKBONES
 from options import MeloError
 from runtime import write_atomic
 from study import (CONTROLLED, DATA_OPTIONS, NOT_SETTINGS, START_DESCRIPTIONS, START_FLAGS, cell,  # noqa: F401
                    checkpoint_is_stale, data_fingerprint, failure_line, given_flags, lock_results, mean_std,
                    read_report, remake, report_problem, run_script, stopped_line, training_need, training_step)
 
-DISPLAY = {"bert4rec": "BERT4Rec", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "narm": "NARM"}
-METHOD_NAMES = {"mean-rating": "Mean rating", "user-mean": "User mean", "shrunk-user-mean": "Shrunk user mean",
-                "user-item-bias": "User + item bias", "mf-fold-in": "MF fold-in", "basic": "Basic",
-                "finetune": "Fine-tune", "maml": "MAML", "melo": "MELO"}
+
+def display(model):
+    """A backbone's name in tables and figures (its registry entry's display_name)."""
+    return BACKBONES[model].display_name
+
+
+METHOD_NAMES = {**{name: baseline.label for name, baseline in baselines.BASELINES.items()},
+                "basic": "Basic", "finetune": "Fine-tune", "maml": "MAML", "melo": "MELO"}
 PAIRED = ("maml", "finetune", "basic")  # MELO − each of them, paired on the same test users
 # What a network adds beyond the biases: each meta-learner − the better of these on validation (paired), and
 # each neural method blended with the user + item bias fold-in, w chosen on the validation users.
@@ -83,7 +88,7 @@ def build_parser():
     add = parser.add_argument
     add("--mode", default="ml-1m", choices=options.MODES, help="data set")
     add("--data_path", default=None, help="ratings file (default: the mode's default location)")
-    add("--models", default=",".join(options.MODELS), help="comma-separated backbones")
+    add("--models", default=",".join(BACKBONES), help="comma-separated backbones")
     add("--seeds", type=options.positive_int, default=1,
         help="number of seeds (see --vary); >1 reports mean +- std and in how many seeds MELO wins")
     add("--vary", default="random_seed", choices=("random_seed", "model_init_seed", "both"),
@@ -167,10 +172,10 @@ def parse(argv=None):
         raise MeloError(f"compare.py sets {', '.join('--' + c for c in controlled)} for each run itself; "
                         "leave them out (its own flags: python compare.py --help)")
     models = [m.strip() for m in known.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in options.MODELS]
+    unknown = [m for m in models if m not in BACKBONES]
     if unknown or not models:
         raise MeloError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                        f"{', '.join(options.MODELS)}")
+                        f"{', '.join(BACKBONES)}")
     extra = [f"--rating_head={known.rating_head}", *extra]  # every run's, before the passed-through flags
     defaults = options.parse_args([f"--mode={known.mode}", *extra])
     data_path = known.data_path if known.data_path is not None else defaults.data_path
@@ -496,7 +501,7 @@ def figure_reports(config, reports):
             per_rating[rating] = {key: mean_std([row[key] for row in rows])[0] for key in ("rmse", "mean_prediction")}
         return {"per_rating": per_rating}
 
-    return {DISPLAY[model]: {method_label(config, method): averaged(reports_of(reports, model, method))
+    return {display(model): {method_label(config, method): averaged(reports_of(reports, model, method))
                              for method in list(baselines.BASELINES) + methods(config)}
             for model in config.models}
 
@@ -518,7 +523,7 @@ def build_tables(config, reports, predictions=None, validation=None):
 
     def metric_table(per_user):
         store = summary["per_user" if per_user else "rmse_mae"]
-        header = "| Method | " + " | ".join(f"{DISPLAY[m]} RMSE | {DISPLAY[m]} MAE" for m in models) + " |"
+        header = "| Method | " + " | ".join(f"{display(m)} RMSE | {display(m)} MAE" for m in models) + " |"
         lines = [header, "|---|" + "---:|---:|" * len(models)]
         notes = []
         for method in rows_methods:
@@ -533,7 +538,7 @@ def build_tables(config, reports, predictions=None, validation=None):
                 store[model][method]["at_edge"] = edges
                 if any(edges) and (method not in baselines.BASELINES or model == models[0]):
                     axes = sorted({f"{axis} ({side})" for found in edges for axis, side in found.items()})
-                    where = "" if method in baselines.BASELINES else f" on {DISPLAY[model]}"
+                    where = "" if method in baselines.BASELINES else f" on {display(model)}"
                     notes.append(f"† {method_label(config, method)}{where}: still on the edge of its grid after "
                                  f"{tuning.MAX_EXTENSIONS} extensions ({', '.join(axes)}) in "
                                  f"{sum(map(bool, edges))} of {len(edges)} seeds.")
@@ -570,7 +575,7 @@ def build_tables(config, reports, predictions=None, validation=None):
         per_rating_row("all", None, method)
     for model in models:
         for method in methods(config):
-            per_rating_row(DISPLAY[model], model, method)
+            per_rating_row(display(model), model, method)
 
     def support_table(title, columns, labels, readers, store):
         """A table of (backbone, label, one cell per column) rows from each reader's {column: value} of
@@ -582,7 +587,7 @@ def build_tables(config, reports, predictions=None, validation=None):
                 picked = [read(r) for r in reports[(model, method)]]
                 if not any(picked):
                     continue
-                row, cells = [DISPLAY[model], label], store(model, method, key)
+                row, cells = [display(model), label], store(model, method, key)
                 for column in columns:
                     vals = [found.get(column) for found in picked if found]
                     row.append(cell(vals, seeds=len(picked)))
@@ -613,7 +618,7 @@ def build_tables(config, reports, predictions=None, validation=None):
 
     paired = []
     if predictions is not None:
-        paired = ["| Difference | " + " | ".join(f"{DISPLAY[m]} RMSE | {DISPLAY[m]} mean per-rating RMSE"
+        paired = ["| Difference | " + " | ".join(f"{display(m)} RMSE | {display(m)} mean per-rating RMSE"
                                                  for m in models) + " |", "|---|" + "---:|---:|" * len(models)]
         for other in [m for m in PAIRED if m in methods(config)]:
             row = [f"MELO − {METHOD_NAMES[other]}"]
@@ -687,7 +692,7 @@ def fold_in_figures(config, reports, store):
     the method's (negative: the fold-in is better): the figures the real MovieLens-100K gave (issue 21;
     docs/comparison.md), to check a generator against."""
     fold_in = [r["rmse"] for r in reports[(None, FOLD_IN)]]
-    header = "| Fold-in vs | " + " | ".join(DISPLAY[m] for m in config.models) + " |"
+    header = "| Fold-in vs | " + " | ".join(display(m) for m in config.models) + " |"
     lines = ["", "### The fold-in against each method", "",
              f"{METHOD_NAMES[FOLD_IN]} RMSE against each method's, (fold-in − method) / method, mean ± std "
              "over seeds (negative: the fold-in is better):", "", header, "|---|" + "---:|" * len(config.models)]
@@ -719,7 +724,7 @@ def beyond_biases(config, reports, predictions, validation, store):
                       for seed, (name, scores) in zip(config.seeds, chosen)) + ". Meta-learner − that baseline, "
                   f"and − {METHOD_NAMES[FOLD_IN]} in every seed, on the same test users (negative: the network's "
                   "error is lower), intervals as above.", "",
-                  "| Difference | " + " | ".join(f"{DISPLAY[m]} RMSE | {DISPLAY[m]} mean per-rating RMSE"
+                  "| Difference | " + " | ".join(f"{display(m)} RMSE | {display(m)} mean per-rating RMSE"
                                                 for m in models) + " |", "|---|" + "---:|---:|" * len(models)]
         against = [("best no-network", "best_no_network", [name for name, _ in chosen]),
                    (METHOD_NAMES[FOLD_IN], FOLD_IN, [FOLD_IN] * len(chosen))]
@@ -756,7 +761,7 @@ def beyond_biases(config, reports, predictions, validation, store):
                 store.setdefault("blend", {}).setdefault(model, {})[method] = {
                     "w": summary_of(weights), "rmse": summary_of(blended), "method_rmse": summary_of(own),
                     "fold_in_rmse": summary_of(fold_in), "vs_fold_in_percent": summary_of(reduction(blended, fold_in))}
-                row = [DISPLAY[model], f"{method_label(config, method)} + fold-in", cell(own), cell(fold_in),
+                row = [display(model), f"{method_label(config, method)} + fold-in", cell(own), cell(fold_in),
                        cell(weights, seeds=len(per_seed)), cell(blended, seeds=len(per_seed)),
                        cell(reduction(blended, fold_in), percent=True)]
                 rows.append("| " + " | ".join(row) + " |")

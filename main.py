@@ -27,13 +27,12 @@ from analysis import (SHARE_NAMES, mean_weight_by_rating, query_gradient_by_rati
 from dataloader import SPLIT_OPTIONS, MetaDataset, duplicates_note, load_data
 from meta_learner import build_meta_learner, last_step_weights, multi_step_loss_weights
 from options import MeloError, run_cli
-from runtime import (Distributed, check_stop, configure_cpu, interruption, progress, seed_everything,
-                     stop_signals_as_flag)
+from runtime import Distributed, check_stop, configure_cpu, interruption, progress, seed_everything
+from trainers import Trainer, state_copy, step_alias, train_run
 
 # Naming, shape options, random streams, the optimizer and the TensorBoard writer live in runs.py (shared
 # with train_original.py and the study scripts); these names stay for code that knew them here.
 run_prefix, report_path, shape_options = runs.meta_prefix, runs.meta_report_path, runs.meta_shape_options
-SHAPE_OPTIONS, TRAINING_OPTIONS = runs.SHAPE_OPTIONS, runs.TRAINING_OPTIONS
 stream_seed, cosine, build_optimizer = runs.stream_seed, runs.cosine, runs.build_optimizer
 LogWriter, open_writer, log_hparams = runs.LogWriter, runs.open_writer, runs.log_hparams
 
@@ -71,72 +70,45 @@ def load_pretrained(args, learner, fingerprint):
     load_pretrained_weights(learner.backbone, exported, embedding_only=not args.load_pretrained, source=path)
 
 
-class MetaTrainer:
+class MetaTrainer(Trainer):
+    required = ("meta_state", "best_meta_state")
+    iteration = step_alias()
+
     def __init__(self, args, dist):
-        self.args, self.dist, self.device = args, dist, dist.device
-        self.data = dist.main_first(load_data, args)
-        self.dataset = MetaDataset(self.data, args)
+        super().__init__(args, dist)
         self.learner = build_meta_learner(args, self.data.num_items, self.data.max_rating).to(self.device)
         if args.rating_head == "bias":
             self.learner.backbone.set_bias_start(*baselines.bias_start(self.data, self.dataset, args))
         self.optimizer, self.scheduler = build_optimizer(args, self.learner)
         self.prefix = run_prefix(args)
         self.shape = shape_options(args, self.data)
-        self.fingerprint = self.data.fingerprint()
-        self.iteration = 0
         self.validated = 0  # the last step whose validation finished (None: the resumed step's did not)
         self.recent = []  # outer losses since the last validation, for its "train loss"
-        self.best = {"rmse": float("inf"), "step": None, "state": None}
-        self.earlier_run = []  # an earlier run's files that this one replaces (--overwrite)
-        self.log_folder = None  # the run's TensorBoard folder under --log_dir (open_writer)
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self):
+    def extra_state(self):
         return {
-            "format": checkpointing.CHECKPOINT_FORMAT,
-            "step": self.iteration,
-            "log_folder": self.log_folder,
-            "data_fingerprint": self.fingerprint,
-            "shape_options": self.shape,
-            "training_options": {key: getattr(self.args, key) for key in TRAINING_OPTIONS},
+            "training_options": {key: getattr(self.args, key) for key in runs.training_option_names()},
             "pending_validation": self.validation_pending(),
             "recent_losses": list(self.recent),
-            "meta_state": {k: v.detach().cpu().clone() for k, v in self.learner.state_dict().items()},
+            "meta_state": state_copy(self.learner),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "best_rmse": self.best["rmse"],
-            "best_step": self.best["step"],
             "best_meta_state": self.best["state"],
             "best_report": self.best.get("report"),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
-    def save(self):
-        if self.dist.is_main:
-            path = checkpointing.checkpoint_path(self.args.checkpoint_dir, self.prefix, self.iteration)
-            checkpointing.save_atomic(self.state(), path)
-            self.earlier_run = checkpointing.replace_earlier_run(self.earlier_run, path)
-            return path
-        return None
-
-    def load(self, step, restore_training):
-        checkpoint = checkpointing.load_checkpoint(self.args.checkpoint_dir, self.prefix, step)
-        path = checkpointing.checkpoint_path(self.args.checkpoint_dir, self.prefix, step)
-        checkpointing.require_keys(checkpoint, ("step", "shape_options", "meta_state", "best_rmse", "best_step",
-                                                "best_meta_state"), path)
-        checkpointing.check_compatible(checkpoint["shape_options"], self.shape, path)
-        checkpointing.check_data(checkpoint.get("data_fingerprint"), self.fingerprint, path)
+    def restore(self, checkpoint, path, restore_training):
         checkpointing.load_state(self.learner, checkpoint["meta_state"], path, "weights")
-        self.iteration = checkpoint["step"]
-        self.log_folder = checkpointing.checked_log_folder(checkpoint.get("log_folder"), path)
         self.best = {"rmse": checkpoint["best_rmse"], "step": checkpoint["best_step"],
                      "state": checkpoint["best_meta_state"], "report": checkpoint.get("best_report")}
         self.validated = None if checkpoint.get("pending_validation") else self.iteration
         if restore_training:
             checkpointing.require_keys(checkpoint, ("optimizer", "scheduler", "torch_rng", "cuda_rng"), path)
             saved = checkpoint.get("training_options", {})
-            differing = checkpointing.option_differences(saved, vars(self.args), TRAINING_OPTIONS)
+            differing = checkpointing.option_differences(saved, vars(self.args), runs.training_option_names())
             if differing and self.dist.is_main:
                 best = ("; the best weights so far were chosen on other validation tasks, and later steps are "
                         "compared with them" if "val_size" in saved and saved["val_size"] != self.args.val_size
@@ -150,7 +122,18 @@ class MetaTrainer:
             torch.set_rng_state(checkpoint["torch_rng"])
             if checkpoint["cuda_rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
-        return checkpoint
+
+    def fresh_start(self):
+        if self.args.load_pretrained or self.args.load_pretrained_embedding:
+            load_pretrained(self.args, self.learner, self.fingerprint)
+
+    def check_resume(self):
+        if not self.validation_pending():  # else its validation is left to do
+            super().check_resume()
+
+    def finish(self, writer):
+        if writer is not None:
+            log_hparams(writer, self.args, self.best)
 
     # ------------------------------------------------------------------ evaluation
     def predictions(self, tasks, with_weights=False):
@@ -277,11 +260,6 @@ class MetaTrainer:
                   f"--checkpoint_step={self.iteration}", file=sys.stderr)
             raise SystemExit(status)
 
-    def diverged(self, what, bad_step):
-        """The error that stops a run whose loss or validation score is no longer finite; nothing is saved."""
-        return checkpointing.diverged(what, self.args.checkpoint_dir, self.prefix, bad_step, self.earlier_run,
-                                      "--outer_lr or --lstm_lr")
-
     def validate_and_save(self, val_tasks, writer):
         report = self.evaluate(val_tasks)
         if not math.isfinite(report["rmse"]):
@@ -290,7 +268,7 @@ class MetaTrainer:
         # best["rmse"] holds the best validation --select_by (RMSE by default; the name is the checkpoint's)
         if report[self.args.select_by] < self.best["rmse"]:
             self.best = {"rmse": report[self.args.select_by], "step": self.iteration, "report": report,
-                         "state": {k: v.detach().cpu().clone() for k, v in self.learner.state_dict().items()}}
+                         "state": state_copy(self.learner)}
         self.validated, self.recent = self.iteration, []
         path = self.save()
         if self.dist.is_main:
@@ -381,28 +359,7 @@ def main(args):
             return test_baseline(trainer)
         if args.test:
             return test(trainer)
-        with checkpointing.RunLock(args.checkpoint_dir, trainer.prefix, "--checkpoint_dir") as lock:
-            checkpointing.claim_run(dist, lock, {"--checkpoint_dir": args.checkpoint_dir, "--log_dir": args.log_dir})
-            if args.checkpoint_step >= 0:
-                trainer.load(args.checkpoint_step, restore_training=True)
-                if not trainer.validation_pending():  # else its validation is left to do
-                    checkpointing.check_left_to_train(trainer.iteration, args.num_train_iterations, "step",
-                                                      "--num_train_iterations")
-            else:
-                trainer.earlier_run = checkpointing.start_fresh(args.checkpoint_dir, trainer.prefix,
-                                                                "--checkpoint_dir", args.overwrite)
-                if args.load_pretrained or args.load_pretrained_embedding:
-                    load_pretrained(args, trainer.learner, trainer.fingerprint)
-            writer = open_writer(args, trainer.prefix, trainer.log_folder, trainer.iteration) if dist.is_main else None
-            try:
-                with stop_signals_as_flag():
-                    trainer.train(writer)
-                if writer is not None:
-                    log_hparams(writer, args, trainer.best)
-            finally:
-                if writer is not None:
-                    writer.close()
-        return trainer
+        return train_run(trainer)
 
 
 if __name__ == "__main__":

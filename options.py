@@ -12,8 +12,6 @@ import os
 import sys
 
 MODES = ("ml-1m", "ml-10m", "ml-100k", "amazon", "yelp")
-MODELS = ("bert4rec", "sasrec", "gru4rec", "narm")
-BASELINE_CHOICES = ("mean-rating", "user-mean", "shrunk-user-mean", "user-item-bias", "mf-fold-in", "all")
 
 # The four columns of a ratings file, in the order MELO reads them (--csv_columns names them in file order).
 COLUMN_ROLES = ("user", "item", "rating", "timestamp")
@@ -145,23 +143,16 @@ def build_parser():
     # ---------------------------------------------------------------- model
     model = parser.add_argument_group("backbone")
     add = model.add_argument
-    add("--model", default="bert4rec", choices=MODELS, help="sequential backbone")
+    from models import BACKBONES, backbone_flags  # here, not at import: the models import this module
+
+    add("--model", default="bert4rec", choices=tuple(BACKBONES), help="sequential backbone")
     add("--model_init_seed", type=int, default=0, help="seeds the backbone's initial weights")
     add("--rating_head", default="plain", choices=("plain", "bias"),
         help="how a backbone outputs a rating: plain = 0.1 + sigmoid(head), in stars / 5; bias = mu + b_user + "
              "b_item + head, with mu the training users' mean, b_item an item-bias table and b_user a per-user "
              "bias adapted in the inner loop (and by fine-tuning) with its own rate, the network a residual")
-    add("--bert_num_blocks", type=positive_int, default=2, help="transformer blocks (bert4rec, sasrec)")
-    add("--bert_num_heads", type=positive_int, default=4, help="attention heads (bert4rec, sasrec)")
-    add("--bert_hidden_units", type=positive_int, default=32, help="hidden size (bert4rec, sasrec)")
-    add("--bert_dropout", type=_checked(float, 0.0, ">= 0"), default=0.1,
-        help="dropout (bert4rec, sasrec)")
-    add("--gru4rec_embedding_dim", type=positive_int, default=32, help="item embedding size (gru4rec)")
-    add("--gru4rec_hidden_size", type=positive_int, default=32, help="GRU hidden size (gru4rec)")
-    add("--gru4rec_n_layers", type=positive_int, default=2, help="GRU layers (gru4rec)")
-    add("--narm_embedding_dim", type=positive_int, default=32, help="item embedding size (narm)")
-    add("--narm_hidden_size", type=positive_int, default=32, help="GRU hidden size (narm)")
-    add("--narm_n_layers", type=positive_int, default=1, help="GRU layers (narm)")
+    for flag, declared_by in backbone_flags():  # each backbone's own flags (models/backbones.py)
+        add(f"--{flag.name}", type=flag.type, default=flag.default, help=f"{flag.help} ({', '.join(declared_by)})")
 
     # ---------------------------------------------------------------- meta-learning
     meta = parser.add_argument_group("meta-training (main.py)")
@@ -254,7 +245,9 @@ def build_parser():
              "(False: the weights of exactly that step)")
     add("--test_baseline", action="store_true",
         help="score the baselines without a network (--baseline) on the test targets")
-    add("--baseline", default="all", choices=BASELINE_CHOICES,
+    from baselines import BASELINES  # here, not at import: baselines imports this module (through metrics)
+
+    add("--baseline", default="all", choices=(*BASELINES, "all"),
         help="with --test_baseline: mean-rating (the training users' global mean), user-mean (the mean of "
              "the user's support items), shrunk-user-mean (pulled toward the global mean, strength chosen "
              "on validation), user-item-bias (item biases from training users, the user's bias from the "

@@ -10,16 +10,15 @@ import numpy as np
 import torch
 
 from dataloader import SPLIT_OPTIONS
+from models import backbone_option_names
 from options import MeloError
 
 # Options that change the shape or meaning of what a checkpoint holds; resuming or testing with other
 # values is refused with the names of the ones that differ.
-SHAPE_OPTIONS = (
+# The backbones' own size flags join them (`shape_option_names`).
+META_SHAPE_OPTIONS = (
     "model", "mode", "max_seq_len", "num_inner_steps", "use_adaptive_loss", "use_learnable_params",
     "rating_head", "inner_params", "adapt_user_bias", "adapt_item_bias",
-    "bert_num_blocks", "bert_num_heads", "bert_hidden_units",
-    "gru4rec_embedding_dim", "gru4rec_hidden_size", "gru4rec_n_layers",
-    "narm_embedding_dim", "narm_hidden_size", "narm_n_layers",
     "lstm_input_size", "lstm_hidden", "lstm_num_layers", "use_mlp", "use_mlp_mean", "use_step_loss",
     "loss_num_layers", "task_info_loss", "task_info_rating_mean", "task_info_rating_std",
     "task_info_labels", "task_info_predictions", "adaptive_weights", "task_state",
@@ -28,15 +27,22 @@ SHAPE_OPTIONS = (
 
 # Options that shape the training trajectory but not the checkpoint: resuming with other values works
 # (extending --num_train_iterations, say), but is no longer "as if never stopped", so it is pointed out.
-TRAINING_OPTIONS = (
+# The backbones' own training flags (dropout) join them (`training_option_names`).
+META_TRAINING_OPTIONS = (
     "num_train_iterations", "batch_size", "outer_lr", "min_outer_lr", "learn_lr", "lstm_lr", "min_lstm_lr",
     "task_info_lr", "loss_lr", "loss_weight_decay", "outer_weight_decay", "grad_clip", "use_multi_step",
     "multi_step_loss_num_epochs", "first_order_iterations", "num_samples", "num_query_set", "bias_start",
-    "use_random_sequence_length", "bert_dropout", "val_size", "query_loss",
+    "use_random_sequence_length", "val_size", "query_loss",
 )
 
-# Of the checkpoint-shaping options, those that shape a plain backbone (the rest are meta-learning's).
-BACKBONE_SHAPE_PREFIXES = ("bert_", "gru4rec_", "narm_")
+
+def shape_option_names():
+    return META_SHAPE_OPTIONS + backbone_option_names(shape=True)
+
+
+def training_option_names():
+    return META_TRAINING_OPTIONS + backbone_option_names(shape=False)
+
 LEARNED_LOSS_OPTIONS = ("lstm_input_size", "lstm_hidden", "lstm_num_layers")
 
 
@@ -87,7 +93,7 @@ def basic_report_path(args, step):
 def meta_shape_options(args, data):
     """What a main.py checkpoint must agree on: its shapes and meaning, and the user split (testing under
     another split would score users the checkpoint was trained on)."""
-    options = {key: getattr(args, key) for key in SHAPE_OPTIONS + SPLIT_OPTIONS}
+    options = {key: getattr(args, key) for key in shape_option_names() + SPLIT_OPTIONS}
     options.update(num_items=int(data.num_items), max_rating=float(data.max_rating))
     return options
 
@@ -97,7 +103,7 @@ def basic_shape_options(args, data):
     the learned-loss encoder's sizes when it is used, and the options of the user split."""
     everything = meta_shape_options(args, data)
     keys = ["model", "mode", "max_seq_len", "num_items", "max_rating", "select_by", "rating_head", *SPLIT_OPTIONS]
-    keys += [k for k in SHAPE_OPTIONS if k.startswith(BACKBONE_SHAPE_PREFIXES)]
+    keys += backbone_option_names(shape=True)
     if args.use_learned_loss_baseline:
         keys += LEARNED_LOSS_OPTIONS
     options = {key: everything[key] for key in keys}

@@ -63,13 +63,13 @@ import checkpointing
 import metrics
 import runs
 import tuning
-from dataloader import STREAM_WINDOWS, MetaDataset, load_data
+from dataloader import STREAM_WINDOWS
 from meta_learner import adapt
 from models import export_weights, model_factory
 from models.loss_networks import RatingSequenceEncoder, masked_mean
 from options import MeloError, build_parser, run_cli
-from runtime import (Distributed, check_stop, configure_cpu, interruption, progress, seed_everything,
-                     stop_signals_as_flag)
+from runtime import Distributed, check_stop, configure_cpu, interruption, progress, seed_everything
+from trainers import Trainer, state_copy, step_alias, train_run
 
 # Naming and shape options live in runs.py (shared with main.py and the study scripts); these names stay
 # for code that knew them here.
@@ -83,10 +83,6 @@ def normalised_weights(logits, mask):
     log_weights = torch.nn.functional.logsigmoid(logits).masked_fill(~mask, torch.finfo(logits.dtype).min)
     log_mean = torch.logsumexp(log_weights.flatten(), 0) - torch.log(mask.sum().clamp_min(1).to(logits.dtype))
     return torch.exp(log_weights - log_mean) * mask
-
-
-def state_copy(module):
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 class WindowLoss(nn.Module):
@@ -109,13 +105,13 @@ class WindowLoss(nn.Module):
         return (errors * mask).sum(), mask.sum()
 
 
-class BaselineTrainer:
+class BaselineTrainer(Trainer):
+    folder_flag, unit, total_flag, remedy = "--pretrain_log_dir", "epoch", "--pretrain_epochs", "--pretraining_lr"
+    required = ("model_state", "encoder_state", "best_model_state")
+    epoch = step_alias()
+
     def __init__(self, args, dist=None):
-        self.args = args
-        self.dist = dist if dist is not None else Distributed(args.device)
-        self.device = self.dist.device
-        self.data = self.dist.main_first(load_data, args)
-        self.dataset = MetaDataset(self.data, args)
+        super().__init__(args, dist if dist is not None else Distributed(args.device))
         self.max_rating = float(self.data.max_rating)
         self.model = model_factory(args, self.data.num_items).to(self.device)
         if args.rating_head == "bias":
@@ -132,11 +128,6 @@ class BaselineTrainer:
         self.optimizer = torch.optim.Adam(self.window_loss.parameters(), lr=args.pretraining_lr)
         self.prefix = run_prefix(args)
         self.shape = shape_options(args, self.data)
-        self.fingerprint = self.data.fingerprint()
-        self.epoch = 0
-        self.best = {"rmse": float("inf"), "step": None, "state": None}
-        self.earlier_run = []  # an earlier run's files that this one replaces (--overwrite)
-        self.log_folder = None  # the run's TensorBoard folder under --log_dir (runs.open_writer)
 
     # ------------------------------------------------------------------ loss
     def loss(self, items, ratings):
@@ -170,54 +161,36 @@ class BaselineTrainer:
             yield items[index].to(self.device), ratings[index].to(self.device)
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self):
+    def extra_state(self):
         return {
-            "format": checkpointing.CHECKPOINT_FORMAT,
-            "step": self.epoch,
-            "log_folder": self.log_folder,
-            "data_fingerprint": self.fingerprint,
-            "shape_options": self.shape,
             "model_state": state_copy(self.model),
             "encoder_state": state_copy(self.encoder) if self.encoder is not None else None,
             "optimizer": self.optimizer.state_dict(),
-            "best_rmse": self.best["rmse"],
-            "best_step": self.best["step"],
             "best_model_state": self.best["state"],
         }
 
     def save(self):
-        """Save this epoch's checkpoint, then remove this run's other step files but the best epoch's.
-        Rank 0 only."""
-        if not self.dist.is_main:
-            return None
-        directory = self.args.pretrain_log_dir
-        path = checkpointing.checkpoint_path(directory, self.prefix, self.epoch)
-        checkpointing.save_atomic(self.state(), path)
-        self.earlier_run = checkpointing.replace_earlier_run(self.earlier_run, path)
-        for step in checkpointing.available_steps(directory, self.prefix):
-            if step not in (self.epoch, self.best["step"]):
-                os.remove(checkpointing.checkpoint_path(directory, self.prefix, step))
+        """Save this epoch's checkpoint, then remove this run's other step files but the best epoch's."""
+        path = super().save()
+        if path is not None:
+            for step in checkpointing.available_steps(self.directory, self.prefix):
+                if step not in (self.epoch, self.best["step"]):
+                    os.remove(checkpointing.checkpoint_path(self.directory, self.prefix, step))
         return path
 
-    def load(self, step, restore_training):
-        directory = self.args.pretrain_log_dir
-        checkpoint = checkpointing.load_checkpoint(directory, self.prefix, step)
-        path = checkpointing.checkpoint_path(directory, self.prefix, step)
-        checkpointing.require_keys(checkpoint, ("step", "shape_options", "model_state", "encoder_state", "best_rmse",
-                                                "best_step", "best_model_state"), path)
-        checkpointing.check_compatible(checkpoint["shape_options"], self.shape, path)
-        checkpointing.check_data(checkpoint.get("data_fingerprint"), self.fingerprint, path)
+    def restore(self, checkpoint, path, restore_training):
         checkpointing.load_state(self.model, checkpoint["model_state"], path, "weights")
         if self.encoder is not None:
             checkpointing.load_state(self.encoder, checkpoint["encoder_state"], path, "encoder weights")
-        self.epoch = checkpoint["step"]
-        self.log_folder = checkpointing.checked_log_folder(checkpoint.get("log_folder"), path)
         self.best = {"rmse": checkpoint["best_rmse"], "step": checkpoint["best_step"],
                      "state": checkpoint["best_model_state"]}
         if restore_training:
             checkpointing.require_keys(checkpoint, ("optimizer",), path)
             checkpointing.load_state(self.optimizer, checkpoint["optimizer"], path, "optimizer state")
-        return checkpoint
+
+    def finish(self, writer):
+        if self.args.save_pretrained and self.dist.is_main:
+            self.export()
 
     # ------------------------------------------------------------------ evaluation
     def predict(self, tasks, lr=None, record=None):
@@ -326,9 +299,7 @@ class BaselineTrainer:
             sums = self.dist.sum_(torch.stack([error_sum.detach().double(), positions.double()]))
             loss = (sums[0] / sums[1].clamp_min(1)).item()
             if not math.isfinite(loss):
-                raise checkpointing.diverged(f"the training loss became {loss} in epoch {self.epoch + 1}",
-                                             self.args.pretrain_log_dir, self.prefix, self.epoch + 1,
-                                             self.earlier_run, "--pretraining_lr")
+                raise self.diverged(f"the training loss became {loss} in epoch {self.epoch + 1}", self.epoch + 1)
             self.optimizer.zero_grad(set_to_none=True)
             # DDP divides the summed gradients by the world size; multiplying by it here leaves the gradient
             # of the global mean.
@@ -357,9 +328,8 @@ class BaselineTrainer:
                 train_loss = self.train_epoch(bar)
                 report = self.evaluate(val_tasks)
                 if not math.isfinite(report["rmse"]):
-                    raise checkpointing.diverged(f"the validation RMSE became {report['rmse']} after epoch "
-                                                 f"{self.epoch}", args.pretrain_log_dir, self.prefix, self.epoch,
-                                                 self.earlier_run, "--pretraining_lr")
+                    raise self.diverged(f"the validation RMSE became {report['rmse']} after epoch {self.epoch}",
+                                        self.epoch)
                 # best["rmse"] holds the best validation --select_by (the checkpoint's name for it)
                 if report[args.select_by] < self.best["rmse"]:
                     self.best = {"rmse": report[args.select_by], "step": self.epoch, "state": state_copy(self.model)}
@@ -450,26 +420,7 @@ def main(args):
         trainer = BaselineTrainer(args, dist)
         if args.test:
             return test(trainer)
-        with checkpointing.RunLock(args.pretrain_log_dir, trainer.prefix, "--pretrain_log_dir") as lock:
-            checkpointing.claim_run(dist, lock, {"--pretrain_log_dir": args.pretrain_log_dir,
-                                                 "--log_dir": args.log_dir})
-            if args.checkpoint_step >= 0:
-                trainer.load(args.checkpoint_step, restore_training=True)
-                checkpointing.check_left_to_train(trainer.epoch, args.pretrain_epochs, "epoch", "--pretrain_epochs")
-            else:
-                trainer.earlier_run = checkpointing.start_fresh(args.pretrain_log_dir, trainer.prefix,
-                                                                "--pretrain_log_dir", args.overwrite)
-            writer = (runs.open_writer(args, trainer.prefix, trainer.log_folder, trainer.epoch)
-                      if dist.is_main else None)
-            try:
-                with stop_signals_as_flag():
-                    trainer.train(writer)
-            finally:
-                if writer is not None:
-                    writer.close()
-            if args.save_pretrained and dist.is_main:
-                trainer.export()
-        return trainer
+        return train_run(trainer)
 
 
 if __name__ == "__main__":

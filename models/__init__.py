@@ -1,6 +1,7 @@
 """Backbone registry, construction from flags, and the pretrained-weights hand-off.
 
-- `BACKBONES`: model name -> class (each has `from_args(args, num_items)`).
+- `BACKBONES`: model name -> class (each has `from_args(args, num_items)`, a `display_name` and its own
+  `flags`); `register(cls)` adds one, `backbone_flags()` lists every backbone's flags once.
 - `model_factory(args, num_items)`: the backbone named by `args.model`, initialised from
   `args.model_init_seed` without touching the caller's random state.
 - `export_weights(model)` / `load_pretrained_weights(model, exported, embedding_only, source)`: what
@@ -13,9 +14,35 @@ import torch
 
 from options import MeloError
 
-from .backbones import RATING_HEADS, BERT4Rec, GRU4Rec, NARM, SASRec, Backbone
+from .backbones import RATING_HEADS, BERT4Rec, GRU4Rec, NARM, SASRec, Backbone, Flag  # noqa: F401
 
-BACKBONES = {cls.name: cls for cls in (BERT4Rec, SASRec, GRU4Rec, NARM)}
+BACKBONES = {}
+
+
+def register(backbone):
+    """Add a Backbone subclass to the registry under its `name`: --model accepts it, every parser gets its
+    flags, its size flags shape checkpoints, and tables name it by its `display_name`."""
+    BACKBONES[backbone.name] = backbone
+    return backbone
+
+
+for _backbone in (BERT4Rec, SASRec, GRU4Rec, NARM):
+    register(_backbone)
+
+
+def backbone_flags():
+    """[(Flag, names of the backbones that declare it)], each flag once, in registry order (BERT4Rec and
+    SASRec share the transformer's)."""
+    found = {}
+    for name, backbone in BACKBONES.items():
+        for flag in backbone.flags:
+            found.setdefault(flag.name, (flag, []))[1].append(name)
+    return list(found.values())
+
+
+def backbone_option_names(shape):
+    """The names of the backbones' flags that shape the checkpoint (`shape=True`) or only training."""
+    return tuple(flag.name for flag, _ in backbone_flags() if flag.shape == shape)
 
 EXPORT_KEYS = ("item_embedding", "model", "model_name", "num_items")
 

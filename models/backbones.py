@@ -10,13 +10,28 @@ Shared contract (the inner loop relies on every point):
   An all-padding window gives finite outputs and gradients.
 - Second-order gradients and `torch.func.vmap` work everywhere (see `layers.py` for why no fused layers).
 """
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from options import non_negative_float, positive_int
 
 from .layers import GRU, Dropout, LayerNorm, Linear, TransformerBlock, attention_bias, rating_head_output
 
 
 RATING_HEADS = ("plain", "bias")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A flag a backbone declares: `--<name>`, its argparse type, default and help. `shape`: it shapes the
+    checkpoint (a size: other values are refused on resume and test); else only training (dropout)."""
+    name: str
+    type: object
+    default: object
+    help: str
+    shape: bool = True
 
 
 class Backbone(nn.Module):
@@ -36,7 +51,9 @@ class Backbone(nn.Module):
     inner loop diverge at the plain head's rates, 0.1 and above).
     """
 
-    name = None
+    name = None          # the registry name, --model=<name>
+    display_name = None  # in tables and figures
+    flags = ()           # its own flags (Flag), added to every script's parser
 
     def __init__(self, num_items):
         super().__init__()
@@ -97,6 +114,11 @@ class _Transformer(Backbone):
         self.head = Linear(hidden, 1)
         self._init_weights()
 
+    flags = (Flag("bert_num_blocks", positive_int, 2, "transformer blocks"),
+             Flag("bert_num_heads", positive_int, 4, "attention heads"),
+             Flag("bert_hidden_units", positive_int, 32, "hidden size"),
+             Flag("bert_dropout", non_negative_float, 0.1, "dropout", shape=False))
+
     @classmethod
     def from_args(cls, args, num_items):
         return cls(num_items, max_len=args.max_seq_len, hidden=args.bert_hidden_units,
@@ -138,21 +160,24 @@ class _Transformer(Backbone):
 class BERT4Rec(_Transformer):
     """BERT4Rec: bidirectional transformer, every position sees the whole (real part of the) window."""
 
-    name = "bert4rec"
+    name, display_name = "bert4rec", "BERT4Rec"
     causal = False
 
 
 class SASRec(_Transformer):
     """SASRec: the same blocks with causal attention, so a position never sees a later item."""
 
-    name = "sasrec"
+    name, display_name = "sasrec", "SASRec"
     causal = True
 
 
 class GRU4Rec(Backbone):
     """GRU4Rec: item embedding, a stacked GRU, a linear head on the state at every position."""
 
-    name = "gru4rec"
+    name, display_name = "gru4rec", "GRU4Rec"
+    flags = (Flag("gru4rec_embedding_dim", positive_int, 32, "item embedding size"),
+             Flag("gru4rec_hidden_size", positive_int, 32, "GRU hidden size"),
+             Flag("gru4rec_n_layers", positive_int, 2, "GRU layers"))
 
     def __init__(self, num_items, embedding_dim=32, hidden_size=32, num_layers=2):
         super().__init__(num_items)
@@ -178,7 +203,10 @@ class NARM(Backbone):
     α_tj = vᵀ σ(A1 h_t + A2 h_j) (unnormalised, as in NARM); the head reads [c_g; c_l].
     """
 
-    name = "narm"
+    name, display_name = "narm", "NARM"
+    flags = (Flag("narm_embedding_dim", positive_int, 32, "item embedding size"),
+             Flag("narm_hidden_size", positive_int, 32, "GRU hidden size"),
+             Flag("narm_n_layers", positive_int, 1, "GRU layers"))
 
     def __init__(self, num_items, embedding_dim=32, hidden_size=32, num_layers=1):
         super().__init__(num_items)

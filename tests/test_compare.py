@@ -19,6 +19,7 @@ import metrics
 import options
 import study
 from analysis import SHARE_NAMES
+from models import BACKBONES
 
 from synthetic import write_movielens
 
@@ -73,7 +74,7 @@ def markdown_rows(text):
     for line in text.splitlines():
         if line.startswith("| ") and not line.startswith(("| Method", "| Backbone")):
             cells = [c.strip() for c in line.strip("|").split("|")]
-            per_rating = cells[0] == "all" or cells[0] in compare.DISPLAY.values()
+            per_rating = cells[0] == "all" or cells[0] in [b.display_name for b in BACKBONES.values()]
             rows[(cells[0], cells[1]) if per_rating else cells[0]] = cells
     return rows
 
@@ -161,7 +162,7 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
                                                f"{report['per_user']['mae']:.4f}"]
             assert summary["rmse_mae"][model][method]["rmse"]["mean"] == report["rmse"]
             assert summary["per_user"][model][method]["mae"]["mean"] == report["per_user"]["mae"]
-            per_rating = rows[(compare.DISPLAY[model] if method not in baselines.BASELINES else "all", label)]
+            per_rating = rows[(compare.display(model) if method not in baselines.BASELINES else "all", label)]
             header = [line for line in text.splitlines() if line.startswith("| Backbone")][0]
             columns = [c.strip() for c in header.strip("|").split("|")]
             for rating in report["per_rating"]:
@@ -169,7 +170,7 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
             assert per_rating[-1] == f"{report['mean_per_rating_rmse']:.4f}"
         for method in ("maml", "melo"):  # the query-gradient t by the rating's share of each user's support set
             found = loaded[(method, model)]["query_gradient_by_share"]
-            row = rows[(compare.DISPLAY[model], f"{compare.METHOD_NAMES[method]} query-gradient t by share")]
+            row = rows[(compare.display(model), f"{compare.METHOD_NAMES[method]} query-gradient t by share")]
             assert row[2:] == [f"{found[name]['t']:.4f}" if name in found and found[name]["t"] is not None else "–"
                                for name in SHARE_NAMES]
         # per support rating: MELO's weight and both meta-learners' query-gradient t, from their reports
@@ -184,7 +185,7 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
             section = text.split("## Per support rating", 1)[1].split("\n## ", 1)[0]
             header = [line for line in section.splitlines() if line.startswith("| Backbone")][0]
             support_columns = [c.strip() for c in header.strip("|").split("|")]
-            row = rows[(compare.DISPLAY[model], label)]
+            row = rows[(compare.display(model), label)]
             assert all(row[support_columns.index(f"{rating} ★")] == f"{found[rating]:.4f}" for rating in shown)
             assert {c[:-2] for c in support_columns[2:]} == {  # every support rating of any report, in its columns
                 k for (m, _), r in loaded.items() if m in ("maml", "melo")
@@ -233,7 +234,7 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
             found = summary["beyond_biases"]["blend"][model][method]
             assert found["w"]["mean"] == w and found["rmse"]["mean"] == pytest.approx(blended(1, w))
             assert blended(0, w) <= blended(0, 0.0) and blended(0, w) <= blended(0, 1.0)
-            assert beyond[(compare.DISPLAY[model], f"{labels[method]} + fold-in")][4:6] == [f"{w:.4f}",
+            assert beyond[(compare.display(model), f"{labels[method]} + fold-in")][4:6] == [f"{w:.4f}",
                                                                                            f"{blended(1, w):.4f}"]
             for against, label in ((best, "best no-network"), ("user-item-bias", "User + item bias")):
                 if method not in ("maml", "melo"):

@@ -5,10 +5,10 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 import options
-from models import BACKBONES, export_weights, load_pretrained_weights, model_factory
+from models import BACKBONES, Backbone, Flag, export_weights, load_pretrained_weights, model_factory
 from options import MeloError
 
-NAMES = list(options.MODELS)
+NAMES = list(BACKBONES)
 CAUSAL = ["sasrec", "gru4rec", "narm"]
 NUM_ITEMS = 20
 LENGTH = 6
@@ -53,7 +53,8 @@ def masked_mse(params, model, ids, ratings, mask):
 # ------------------------------------------------------------------------------------------- basics
 
 def test_registry_matches_options_and_unknown_model_is_a_melo_error():
-    assert set(BACKBONES) == set(options.MODELS)
+    model_flag = next(a for a in options.build_parser()._actions if a.dest == "model")
+    assert tuple(model_flag.choices) == tuple(BACKBONES) == ("bert4rec", "sasrec", "gru4rec", "narm")
     args = tiny_args("bert4rec")
     args.model = "transformer-xl"
     with pytest.raises(MeloError, match="known models: bert4rec, sasrec, gru4rec, narm"):
@@ -431,3 +432,52 @@ def test_load_rejects_what_does_not_fit():
         load_pretrained_weights(build("bert4rec", num_items=30), wider_ff, embedding_only=False, source="p.pt")
     with pytest.raises(MeloError, match="not a MELO pretrained export"):
         load_pretrained_weights(build("bert4rec"), {"model": {}}, embedding_only=False, source="p.pt")
+
+
+# ------------------------------------------------------------------------------------------- a fifth backbone
+class BagOfItems(Backbone):
+    """A throwaway fifth backbone: each position's rating from the mean embedding of the window so far."""
+
+    name, display_name = "bag", "Bag of items"
+    flags = (Flag("bag_embedding_dim", options.positive_int, 8, "item embedding size"),)
+
+    def __init__(self, num_items, embedding_dim=8):
+        super().__init__(num_items)
+        self.item_embedding = torch.nn.Embedding(num_items + 1, embedding_dim, padding_idx=0)
+        self.head = torch.nn.Linear(embedding_dim, 1)
+
+    @classmethod
+    def from_args(cls, args, num_items):
+        return cls(num_items, args.bag_embedding_dim)
+
+    def forward(self, item_ids):
+        real = (item_ids > 0).unsqueeze(-1).to(self.item_embedding.weight.dtype)
+        so_far = (self.item_embedding(item_ids) * real).cumsum(1) / real.cumsum(1).clamp_min(1)
+        return self.rating_output(self.head(so_far).squeeze(-1), item_ids)
+
+
+def test_a_fifth_backbone_is_its_class_and_its_registry_entry(tmp_path, monkeypatch):
+    """Registered, the class alone makes --model=bag and --bag_embedding_dim work in every script, shapes
+    checkpoints by its size flag and names its table rows; no other source file knows it."""
+    import main
+    import runs
+    import train_original
+    from synthetic import write_movielens
+
+    monkeypatch.setitem(BACKBONES, BagOfItems.name, BagOfItems)
+    write_movielens(str(tmp_path / "u.data"), fmt="ml-100k", num_users=60, num_items=40, seed=1)
+    argv = ["--mode=ml-100k", f"--data_path={tmp_path}/u.data", f"--data_dir={tmp_path}/Data", "--min_item=1",
+            "--num_test_data=10", "--val_size=5", "--batch_size=4", "--num_samples=4", "--num_query_set=2",
+            "--max_seq_len=8", "--num_train_iterations=2", "--log_interval=2", "--pretrain_epochs=1",
+            "--num_threads=1", f"--checkpoint_dir={tmp_path}/ckpt", f"--log_dir={tmp_path}/runs",
+            f"--pretrain_log_dir={tmp_path}/pre", "--model=bag", "--bag_embedding_dim=6", "--rating_head=bias"]
+    main.main(options.parse_args(argv))
+    report = main.main(options.parse_args(argv + ["--checkpoint_step=2", "--test"]))
+    train_original.main(options.parse_args(argv))
+    basic = train_original.main(options.parse_args(argv + ["--checkpoint_step=1", "--test"]))
+    assert 0 < report["rmse"] < 5 and 0 < basic["rmse"] < 5 and report["model"] == basic["model"] == "bag"
+    assert "bag_embedding_dim" in runs.shape_option_names()
+    with pytest.raises(MeloError, match=r"bag_embedding_dim=6 \(now 4\)"):
+        main.main(options.parse_args(argv + ["--bag_embedding_dim=4", "--checkpoint_step=2", "--test"]))
+    import compare
+    assert compare.display("bag") == "Bag of items"

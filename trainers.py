@@ -1,0 +1,137 @@
+"""The run skeleton that main.py's MetaTrainer and train_original.py's BaselineTrainer share.
+
+`Trainer` holds what every training run has: the data and its user split, the checkpoint's shape
+options and data fingerprint, the step counter, the best-so-far weights, saving and loading a checkpoint
+(with every check a resume or a test needs), and the one-line error of a run whose loss diverged.
+`train_run(trainer)` is the sequence around training: the run lock, resume or a fresh start, the
+TensorBoard writer, stop signals as a flag, and the writer closed whatever happens.
+
+A subclass says what it trains and how: `prefix`, `shape`, its checkpoint folder (`directory`, named
+by `folder_flag`), the extra checkpoint entries (`extra_state` / `restore`), one `train(writer)`, and
+the hooks `fresh_start`, `check_resume` and `finish`.
+"""
+import checkpointing
+import runs
+from dataloader import MetaDataset, load_data
+from runtime import stop_signals_as_flag
+
+
+class Trainer:
+    folder_flag = "--checkpoint_dir"  # the flag of `directory`, for messages
+    unit = "step"                     # what `step` counts: "step" (outer iterations) or "epoch"
+    total_flag = "--num_train_iterations"
+    remedy = "--outer_lr or --lstm_lr"  # what to lower when the run diverges
+    required = ()                     # checkpoint keys of the subclass's own entries
+
+    def __init__(self, args, dist):
+        self.args, self.dist, self.device = args, dist, dist.device
+        self.data = dist.main_first(load_data, args)
+        self.dataset = MetaDataset(self.data, args)
+        self.fingerprint = self.data.fingerprint()
+        self.step = 0
+        self.best = {"rmse": float("inf"), "step": None, "state": None}
+        self.earlier_run = []  # an earlier run's files that this one replaces (--overwrite)
+        self.log_folder = None  # the run's TensorBoard folder under --log_dir (runs.open_writer)
+
+    @property
+    def directory(self):
+        """The checkpoint folder, the value of `folder_flag`."""
+        return getattr(self.args, self.folder_flag[2:])
+
+    @property
+    def total(self):
+        """How many steps the run trains, the value of `total_flag`."""
+        return getattr(self.args, self.total_flag[2:])
+
+    # ------------------------------------------------------------------ the subclass's part
+
+    def extra_state(self):
+        """The subclass's checkpoint entries (weights, optimizer, the best weights, ...)."""
+        raise NotImplementedError
+
+    def restore(self, checkpoint, path, restore_training):
+        """Load the subclass's entries of `checkpoint` (read from `path`; `step` is already set) and
+        `best`; with `restore_training` its training state too."""
+        raise NotImplementedError
+
+    def train(self, writer):
+        raise NotImplementedError
+
+    def fresh_start(self):
+        """Before a fresh (not resumed) run trains."""
+
+    def check_resume(self):
+        """A resumed run must leave something to train."""
+        checkpointing.check_left_to_train(self.step, self.total, self.unit, self.total_flag)
+
+    def finish(self, writer):
+        """After training, before the writer closes (rank 0 has the writer; the others get None)."""
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self):
+        return {"format": checkpointing.CHECKPOINT_FORMAT, "step": self.step, "log_folder": self.log_folder,
+                "data_fingerprint": self.fingerprint, "shape_options": self.shape, **self.extra_state(),
+                "best_rmse": self.best["rmse"], "best_step": self.best["step"]}
+
+    def save(self):
+        """This step's checkpoint (rank 0 only; the others return None); an earlier run's files it replaces
+        go once it is written."""
+        if not self.dist.is_main:
+            return None
+        path = checkpointing.checkpoint_path(self.directory, self.prefix, self.step)
+        checkpointing.save_atomic(self.state(), path)
+        self.earlier_run = checkpointing.replace_earlier_run(self.earlier_run, path)
+        return path
+
+    def load(self, step, restore_training):
+        """The checkpoint of `step`, checked (the same shape options and data) and loaded; with
+        `restore_training` the training state too, to resume."""
+        checkpoint = checkpointing.load_checkpoint(self.directory, self.prefix, step)
+        path = checkpointing.checkpoint_path(self.directory, self.prefix, step)
+        checkpointing.require_keys(checkpoint, ("step", "shape_options", "best_rmse", "best_step", *self.required),
+                                   path)
+        checkpointing.check_compatible(checkpoint["shape_options"], self.shape, path)
+        checkpointing.check_data(checkpoint.get("data_fingerprint"), self.fingerprint, path)
+        self.step = checkpoint["step"]
+        self.log_folder = checkpointing.checked_log_folder(checkpoint.get("log_folder"), path)
+        self.restore(checkpoint, path, restore_training)
+        return checkpoint
+
+    def diverged(self, what, bad_step):
+        """The error that stops a run whose loss or validation score is no longer finite; nothing is saved."""
+        return checkpointing.diverged(what, self.directory, self.prefix, bad_step, self.earlier_run, self.remedy)
+
+
+def step_alias():
+    """A subclass's own name for `step` (main.py's `iteration`, train_original.py's `epoch`)."""
+    return property(lambda self: self.step, lambda self, value: setattr(self, "step", value))
+
+
+def state_copy(module):
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def train_run(trainer):
+    """Train `trainer` as its script's command line asks: under the run lock, resumed at
+    --checkpoint_step or started afresh (refusing to overwrite an earlier run without --overwrite), with
+    TensorBoard on rank 0 and SIGTERM / Ctrl-C as a flag that the training loop checks between steps."""
+    args, dist = trainer.args, trainer.dist
+    with checkpointing.RunLock(trainer.directory, trainer.prefix, trainer.folder_flag) as lock:
+        checkpointing.claim_run(dist, lock, {trainer.folder_flag: trainer.directory, "--log_dir": args.log_dir})
+        if args.checkpoint_step >= 0:
+            trainer.load(args.checkpoint_step, restore_training=True)
+            trainer.check_resume()
+        else:
+            trainer.earlier_run = checkpointing.start_fresh(trainer.directory, trainer.prefix, trainer.folder_flag,
+                                                            args.overwrite)
+            trainer.fresh_start()
+        writer = runs.open_writer(args, trainer.prefix, trainer.log_folder, trainer.step) if dist.is_main else None
+        try:
+            with stop_signals_as_flag():
+                trainer.train(writer)
+            trainer.finish(writer)
+        finally:
+            if writer is not None:
+                writer.close()
+    return trainer
+
