@@ -18,6 +18,7 @@ import compare
 import metrics
 import options
 import study
+import tables
 from analysis import SHARE_NAMES
 from models import BACKBONES
 
@@ -150,19 +151,19 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
     window_table, user_table = (section_rows(text, title) for title in ("## RMSE and MAE per query window",
                                                                         "## RMSE and MAE per user"))
     rows = markdown_rows(text)
-    labels = {**{name: compare.METHOD_NAMES[name] for name in baselines.BASELINES},
+    labels = {**{name: tables.METHOD_NAMES[name] for name in baselines.BASELINES},
               "basic": "Basic", "finetune": "Fine-tune (tuned)", "maml": "MAML", "melo": "MELO"}
     for column, model in enumerate(("gru4rec", "narm")):
         for method, label in labels.items():
             report = loaded[(method, None if method in baselines.BASELINES else model)]
             span = slice(1 + 2 * column, 3 + 2 * column)
-            edge = " †" if compare.at_edge(report) else ""  # still on its grid's edge after the extensions
+            edge = " †" if tables.at_edge(report) else ""  # still on its grid's edge after the extensions
             assert window_table[label][span] == [f"{report['rmse']:.4f}{edge}", f"{report['mae']:.4f}"]
             assert user_table[label][span] == [f"{report['per_user']['rmse']:.4f}{edge}",
                                                f"{report['per_user']['mae']:.4f}"]
             assert summary["rmse_mae"][model][method]["rmse"]["mean"] == report["rmse"]
             assert summary["per_user"][model][method]["mae"]["mean"] == report["per_user"]["mae"]
-            per_rating = rows[(compare.display(model) if method not in baselines.BASELINES else "all", label)]
+            per_rating = rows[(tables.display(model) if method not in baselines.BASELINES else "all", label)]
             header = [line for line in text.splitlines() if line.startswith("| Backbone")][0]
             columns = [c.strip() for c in header.strip("|").split("|")]
             for rating in report["per_rating"]:
@@ -170,7 +171,7 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
             assert per_rating[-1] == f"{report['mean_per_rating_rmse']:.4f}"
         for method in ("maml", "melo"):  # the query-gradient t by the rating's share of each user's support set
             found = loaded[(method, model)]["query_gradient_by_share"]
-            row = rows[(compare.display(model), f"{compare.METHOD_NAMES[method]} query-gradient t by share")]
+            row = rows[(tables.display(model), f"{tables.METHOD_NAMES[method]} query-gradient t by share")]
             assert row[2:] == [f"{found[name]['t']:.4f}" if name in found and found[name]["t"] is not None else "–"
                                for name in SHARE_NAMES]
         # per support rating: MELO's weight and both meta-learners' query-gradient t, from their reports
@@ -185,7 +186,7 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
             section = text.split("## Per support rating", 1)[1].split("\n## ", 1)[0]
             header = [line for line in section.splitlines() if line.startswith("| Backbone")][0]
             support_columns = [c.strip() for c in header.strip("|").split("|")]
-            row = rows[(compare.display(model), label)]
+            row = rows[(tables.display(model), label)]
             assert all(row[support_columns.index(f"{rating} ★")] == f"{found[rating]:.4f}" for rating in shown)
             assert {c[:-2] for c in support_columns[2:]} == {  # every support rating of any report, in its columns
                 k for (m, _), r in loaded.items() if m in ("maml", "melo")
@@ -203,7 +204,7 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
                                                 melo["rating"], 200, 0)
             for offset, key in enumerate(("rmse", "mean_per_rating_rmse")):
                 r = expected[key]
-                assert paired[f"MELO − {compare.METHOD_NAMES[other]}"][1 + 2 * column + offset] == \
+                assert paired[f"MELO − {tables.METHOD_NAMES[other]}"][1 + 2 * column + offset] == \
                     f"{r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
                 assert r["low"] <= r["difference"] <= r["high"]
                 assert r["difference"] == pytest.approx(
@@ -213,7 +214,7 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
                                                                     loaded[(other, model)][key])
     # Beyond the biases: each meta-learner − the no-network baseline better on validation, paired; and each
     # neural method's blend with the fold-in, w chosen on the validation users' CSVs, scored on the test's.
-    scores = {name: min(loaded[(name, None)]["selection"]["validation_scores"]) for name in compare.NO_NETWORK}
+    scores = {name: min(loaded[(name, None)]["selection"]["validation_scores"]) for name in tables.NO_NETWORK}
     best = min(scores, key=scores.get)
     assert summary["beyond_biases"]["best_no_network"][0]["baseline"] == best
     beyond = section_rows(text, "## What the network adds")
@@ -230,11 +231,11 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
                 return math.sqrt(((w * joined["prediction_y"] + (1 - w) * joined["prediction_x"] -
                                    joined["rating"]) ** 2).mean())
 
-            w = min(compare.BLEND_WEIGHTS, key=lambda w: blended(0, w))
+            w = min(tables.BLEND_WEIGHTS, key=lambda w: blended(0, w))
             found = summary["beyond_biases"]["blend"][model][method]
             assert found["w"]["mean"] == w and found["rmse"]["mean"] == pytest.approx(blended(1, w))
             assert blended(0, w) <= blended(0, 0.0) and blended(0, w) <= blended(0, 1.0)
-            assert beyond[(compare.display(model), f"{labels[method]} + fold-in")][4:6] == [f"{w:.4f}",
+            assert beyond[(tables.display(model), f"{labels[method]} + fold-in")][4:6] == [f"{w:.4f}",
                                                                                            f"{blended(1, w):.4f}"]
             for against, label in ((best, "best no-network"), ("user-item-bias", "User + item bias")):
                 if method not in ("maml", "melo"):
@@ -243,7 +244,7 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
                 own = metrics.per_user_errors(mine[1])
                 r = metrics.paired_bootstrap(own["squared_error"], other["squared_error"], own["windows"],
                                              own["rating"], 200, 0)["rmse"]
-                assert beyond[f"{compare.METHOD_NAMES[method]} − {label}"][1 + 2 * column] == \
+                assert beyond[f"{tables.METHOD_NAMES[method]} − {label}"][1 + 2 * column] == \
                     f"{r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
     for name in baselines.BASELINES:
         assert len(pd.read_csv(metrics.validation_predictions_path(str(reports[(name, None)])))) == 10 * 2
@@ -285,7 +286,7 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
         report = fake_report(value, value / 2, per_rating)
         if piece.method == "shrunk-user-mean" and piece.seed.random_seed == 7:  # on its grid's edge
             report["selection"] = {"at_edge": {"shrinkage": "largest"}}
-        if piece.method in compare.NO_NETWORK:  # the fold-in is better on validation in seed 7, MF in seed 8
+        if piece.method in tables.NO_NETWORK:  # the fold-in is better on validation in seed 7, MF in seed 8
             better = (piece.method == "user-item-bias") == (piece.seed.random_seed == 7)
             report["selection"] = {"select_by": "rmse", "validation_scores": [0.9 if better else 1.0, 1.1]}
         # per-target predictions: 8 users, one window each, the error of the user grows with the value
