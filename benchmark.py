@@ -150,7 +150,7 @@ class Case:
         self.args = args = case_args(model, method, extra)
         self.device, self.fast = device, path == "fast"
         torch.manual_seed(args.random_seed)
-        self.dataset = MetaDataset(synthetic_data(num_items, num_users), args)
+        self.dataset = MetaDataset.from_args(synthetic_data(num_items, num_users), args)
         self.learner = build_meta_learner(args, num_items, 5.0).to(device).train()
         self.optimizer, self.scheduler = build_optimizer(args, self.learner)
         self.dist = Distributed(str(device))

@@ -233,7 +233,7 @@ def check_data(config):
     for seed in config.seeds:
         args = options.parse_args(run_flags(config, seed))
         data = load_data(args)
-        dataset = MetaDataset(data, args)
+        dataset = MetaDataset.from_args(data, args)
     print(f"data {config.mode} ({config.data_path}): {data.num_users()} users, {data.num_items} items; "
           f"train / validation / test users {len(dataset.train_users)} / {len(dataset.val_users)} / "
           f"{len(dataset.test_users)}", flush=True)

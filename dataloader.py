@@ -9,7 +9,7 @@ missing), drops items with fewer than ``--min_item`` ratings and then users with
 ratings by time (stably: file order breaks ties) and returns a :class:`RatingData` in CSR layout. The
 result is cached as an ``.npz`` under ``<data_dir>/cache/``, keyed on a hash of the file's bytes and the options.
 
-``MetaDataset(data, args)`` makes the cold-start user split and every task:
+``MetaDataset.from_args(data, args)`` makes the cold-start user split and every task:
 
 * split: a permutation of all users from ``rng(seed, 3)``; the first ``--num_test_data`` are test users,
   ``round(val_fraction * rest)`` of the rest (at least 1, and at most rest - 1) are validation users, the
@@ -205,9 +205,10 @@ def missing_folders(path):
 
 
 # ============================================================================ preprocessing
-def effective_min_sequence(args):
-    """Users need at least this many ratings: a task needs a support window plus a query target."""
-    return max(args.min_sequence, args.min_sub_window_size + 1)
+def effective_min_sequence(options):
+    """Users need at least this many ratings: a task needs a support window plus a query target
+    (`options`: the flags, or a TaskConfig)."""
+    return max(options.min_sequence, options.min_sub_window_size + 1)
 
 
 def drop_duplicates(users, items, ratings, timestamps):
@@ -365,14 +366,38 @@ def candidate_windows(m, min_size):
     return a.astype(np.int64), b.astype(np.int64)
 
 
-class MetaDataset:
-    """The cold-start user split and all task generation (see the module docstring for the rules)."""
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the split and the tasks depend on, the flags of the same names (`from_args`); `min_item` and
+    `min_sequence` only name the filters in an error."""
+    random_seed: int = 222
+    num_test_data: int = 1000
+    val_fraction: float = 0.15
+    val_size: int = 600
+    batch_size: int = 16
+    max_seq_len: int = 30
+    num_samples: int = 25
+    num_query_set: int = 3
+    min_sub_window_size: int = 2
+    use_random_sequence_length: bool = False
+    default_rating: float = 0.0
+    min_item: int = 50
+    min_sequence: int = 5
 
-    def __init__(self, data, args):
-        self.data, self.args = data, args
-        self.seed = args.random_seed
-        self.L, self.S, self.Q = args.max_seq_len, args.num_samples, args.num_query_set
-        self.min_window = args.min_sub_window_size
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+
+class MetaDataset:
+    """The cold-start user split and all task generation (see the module docstring for the rules), from
+    the data and a TaskConfig (`MetaDataset.from_args(data, args)`: from the flags)."""
+
+    def __init__(self, data, config):
+        self.data, self.config = data, config
+        self.seed = config.random_seed
+        self.L, self.S, self.Q = config.max_seq_len, config.num_samples, config.num_query_set
+        self.min_window = config.min_sub_window_size
         self.lengths = data.sequence_lengths()
         num_users = data.num_users()
         if num_users and self.lengths.min() < self.min_window + 1:
@@ -382,26 +407,30 @@ class MetaDataset:
         self._val, self._test = None, None
 
         permutation = task_rng(self.seed, STREAM_SPLIT).permutation(num_users).astype(np.int64)
-        rest = num_users - args.num_test_data
-        num_val = min(max(1, int(round(args.val_fraction * rest))), rest - 1) if rest > 1 else max(rest, 0)
+        rest = num_users - config.num_test_data
+        num_val = min(max(1, int(round(config.val_fraction * rest))), rest - 1) if rest > 1 else max(rest, 0)
         if rest - num_val < 1:
             works = (f"--num_test_data={num_users - 2} at most works here, e.g. "
                      f"--num_test_data={max(1, num_users // 10)}" if num_users >= 3 else "no --num_test_data works")
             raise MeloError(
-                f"data set has {num_users} users after filtering (min_item={args.min_item}, "
-                f"min_sequence={effective_min_sequence(args)}); --num_test_data={args.num_test_data} leaves "
+                f"data set has {num_users} users after filtering (min_item={config.min_item}, "
+                f"min_sequence={effective_min_sequence(config)}); --num_test_data={config.num_test_data} leaves "
                 f"{'no' if rest <= 0 else 'too few'} training/validation users (needs at least 2 more): "
                 f"lower --num_test_data ({works}) or the filters")
-        self.test_users = permutation[:args.num_test_data]
-        self.val_users = permutation[args.num_test_data:args.num_test_data + num_val]
-        self.train_users = permutation[args.num_test_data + num_val:]
+        self.test_users = permutation[:config.num_test_data]
+        self.val_users = permutation[config.num_test_data:config.num_test_data + num_val]
+        self.train_users = permutation[config.num_test_data + num_val:]
+
+    @classmethod
+    def from_args(cls, data, args):
+        return cls(data, TaskConfig.from_args(args))
 
     # ------------------------------------------------------------------ one task's random choices
     def _draw(self, rng, n, training):
         """(start, w, query lengths [Q], support a [k], support b [k]) of one task; the order of the
         draws is part of the reproducibility contract."""
         longest = min(n, self.L)
-        if training and self.args.use_random_sequence_length:
+        if training and self.config.use_random_sequence_length:
             w = int(rng.integers(self.min_window + 1, longest + 1))
         else:
             w = longest
@@ -439,7 +468,7 @@ class MetaDataset:
         index = np.where(real, index, 0)
         items = np.where(real, self.data.items[index], 0)
         ratings = np.where(real, self.data.ratings[index],
-                           np.float32(self.args.default_rating)).astype(np.float32)
+                           np.float32(self.config.default_rating)).astype(np.float32)
         return items, ratings
 
     @staticmethod
@@ -449,7 +478,7 @@ class MetaDataset:
     # ------------------------------------------------------------------ public
     def train_users_of(self, iteration):
         """Positions into train_users of the `batch_size` tasks of `iteration`."""
-        count, size = len(self.train_users), self.args.batch_size
+        count, size = len(self.train_users), self.config.batch_size
         return task_rng(self.seed, STREAM_TRAIN, iteration).choice(count, size, replace=size > count)
 
     def train_batch(self, iteration, task_slice=slice(None)):
@@ -467,7 +496,7 @@ class MetaDataset:
     def val_tasks(self):
         """Fixed validation tasks: the first min(val_size, len(val_users)) validation users."""
         if self._val is None:
-            users = self.val_users[:self.args.val_size]
+            users = self.val_users[:self.config.val_size]
             rngs = [task_rng(self.seed, STREAM_VAL, j) for j in range(len(users))]
             self._val = self._batch(self._build(users, rngs, training=False))
         return self._val
@@ -570,7 +599,7 @@ def duplicates_note(dropped, args):
 def main(args):
     data = load_data(args)
     try:
-        dataset = MetaDataset(data, args)
+        dataset = MetaDataset.from_args(data, args)
     except MeloError:  # no split with these flags: every figure of the data itself, then the reason
         print(format_summary(data_summary(data, args.max_seq_len), args), flush=True)
         raise

@@ -26,7 +26,7 @@ class Trainer:
     def __init__(self, args, dist):
         self.args, self.dist, self.device = args, dist, dist.device
         self.data = dist.main_first(load_data, args)
-        self.dataset = MetaDataset(self.data, args)
+        self.dataset = MetaDataset.from_args(self.data, args)
         self.fingerprint = self.data.fingerprint()
         self.step = 0
         self.best = {"rmse": float("inf"), "step": None, "state": None}

@@ -10,6 +10,9 @@ outside `vmap`, and the part that depends on the adapted parameters is a plain f
 The returned inner loss is always a masked mean over real positions, so its scale does not depend on
 how many windows a user has.
 """
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -138,22 +141,49 @@ class RatingSequenceEncoder(nn.Module):
         return self.head(self.features(labels, mask)).squeeze(-1)
 
 
+TASK_FEATURES = ("loss", "rating_mean", "rating_std", "labels", "predictions")
+
+
 class TaskStatisticsWeightNet(nn.Module):
-    """`--use_mlp`: an MLP weight network fed per-position task statistics (chosen by flags)."""
+    """`--use_mlp`: an MLP weight network fed per-position task statistics (`features`, of TASK_FEATURES)."""
 
-    FEATURES = ("loss", "rating_mean", "rating_std", "labels", "predictions")
-
-    def __init__(self, args):
+    def __init__(self, features, hidden_size):
         super().__init__()
-        self.features = [f for f in self.FEATURES if getattr(args, f"task_info_{f}")]
+        self.features = [f for f in TASK_FEATURES if f in features]
         if not self.features:
             raise ValueError("--use_mlp needs at least one --task_info_* input set to True")
-        self.mlp = _mlp([len(self.features), args.lstm_hidden, 1])
+        self.mlp = _mlp([len(self.features), hidden_size, 1])
 
     def forward(self, errors, labels, predictions, rating_mean, rating_std):
         available = {"loss": errors, "labels": labels, "predictions": predictions,
                      "rating_mean": rating_mean.expand_as(errors), "rating_std": rating_std.expand_as(errors)}
         return self.mlp(torch.stack([available[f] for f in self.features], dim=-1)).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """What shapes MELO's learned inner loss; `from_args` reads it from the flags of the same names
+    (`weight_form`: --adaptive_weights; `task_features`: the --task_info_* set to True)."""
+    num_inner_steps: int
+    weight_form: str = "normalised"
+    task_state: str = "static"
+    use_softmax: bool = False
+    use_focal_loss: bool = False
+    use_mlp: bool = False
+    task_features: tuple = TASK_FEATURES
+    lstm_input_size: int = 16
+    lstm_hidden: int = 32
+    lstm_num_layers: int = 1
+    use_mlp_mean: bool = False
+    use_step_loss: bool = False
+    loss_num_layers: int = 2
+
+    @classmethod
+    def from_args(cls, args):
+        named = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)
+                 if hasattr(args, field.name)}
+        return cls(**named, weight_form=args.adaptive_weights,
+                   task_features=tuple(f for f in TASK_FEATURES if getattr(args, f"task_info_{f}")))
 
 
 class AdaptiveInnerLoss(nn.Module):
@@ -172,25 +202,25 @@ class AdaptiveInnerLoss(nn.Module):
 
     has_weights = True
 
-    def __init__(self, args, max_rating):
+    def __init__(self, config, max_rating):
         super().__init__()
-        self.use_softmax = args.use_softmax
-        self.use_focal_loss = args.use_focal_loss
-        self.weight_form = args.adaptive_weights
-        self.num_steps = args.num_inner_steps
-        self.per_step = args.task_state == "per_step"
-        if args.use_mlp:
-            self.encoder, self.weight_net = None, TaskStatisticsWeightNet(args)
+        self.use_softmax = config.use_softmax
+        self.use_focal_loss = config.use_focal_loss
+        self.weight_form = config.weight_form
+        self.num_steps = config.num_inner_steps
+        self.per_step = config.task_state == "per_step"
+        if config.use_mlp:
+            self.encoder, self.weight_net = None, TaskStatisticsWeightNet(config.task_features, config.lstm_hidden)
         else:
             # per step, the head also reads the prediction, its signed error and a one-hot of the step
             extra = 2 + self.num_steps if self.per_step else 0
-            self.encoder = RatingSequenceEncoder(max_rating, args.lstm_input_size, args.lstm_hidden,
-                                                 args.lstm_num_layers, extra)
+            self.encoder = RatingSequenceEncoder(max_rating, config.lstm_input_size, config.lstm_hidden,
+                                                 config.lstm_num_layers, extra)
             self.weight_net = None
         self.loss_mlps = None
-        if args.use_mlp_mean:
-            count = args.num_inner_steps if args.use_step_loss else 1
-            sizes = [1] + [args.lstm_hidden] * (args.loss_num_layers - 1) + [1]
+        if config.use_mlp_mean:
+            count = config.num_inner_steps if config.use_step_loss else 1
+            sizes = [1] + [config.lstm_hidden] * (config.loss_num_layers - 1) + [1]
             self.loss_mlps = nn.ModuleList(_mlp(sizes) for _ in range(count))
 
     def prepare(self, support_labels, support_mask):
@@ -257,4 +287,4 @@ def build_inner_loss(args, max_rating):
     """The inner loss the flags ask for: MELO's adaptive loss, or MSE with --use_adaptive_loss=False."""
     if not args.use_adaptive_loss:
         return MSEInnerLoss()
-    return AdaptiveInnerLoss(args, max_rating)
+    return AdaptiveInnerLoss(LossConfig.from_args(args), max_rating)

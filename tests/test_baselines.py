@@ -49,7 +49,7 @@ def run_all(tmp_path_factory):
     args = options.parse_args(argv)
     reports = main.main(args)
     data = load_data(args)
-    return args, data, MetaDataset(data, args), reports
+    return args, data, MetaDataset.from_args(data, args), reports
 
 
 def by_hand(data, dataset, users, tasks):

@@ -170,7 +170,7 @@ def test_the_bias_head_starts_at_the_fold_in_and_basic_hands_it_to_maml(ratings_
     args = options.parse_args(run_flags(ratings_file, tmp_path, "--save_pretrained=True"))
     start = train_original.BaselineTrainer(args, Distributed("cpu")).model
     data = load_data(args)
-    dataset = MetaDataset(data, args)
+    dataset = MetaDataset.from_args(data, args)
     fitted = baselines.Fitted(data, dataset.train_users)
     (item_reg, _), _ = baselines.choose("user-item-bias", dataset.val_tasks(), fitted, 5.0, "rmse")
     expected = baselines.item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items) / 5.0

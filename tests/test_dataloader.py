@@ -53,7 +53,7 @@ def ml1m(tmp_path_factory):
     mode, path, frame = write(tmp, "ml-1m")
     args = sy.make_args(mode, path, tmp, default_rating=0.25)
     data = dl.load_data(args)
-    return frame, args, data, dl.MetaDataset(data, args)
+    return frame, args, data, dl.MetaDataset.from_args(data, args)
 
 
 # ============================================================================ reading and preprocessing
@@ -198,12 +198,12 @@ def test_split_is_disjoint_deterministic_and_seeded(ml1m):
     assert len(everyone) == len(np.unique(everyone)) == data.num_users()
     assert len(test) == args.num_test_data
     assert len(val) == round(args.val_fraction * (data.num_users() - args.num_test_data))
-    again = dl.MetaDataset(data, args)
+    again = dl.MetaDataset.from_args(data, args)
     for a, b in ((train, again.train_users), (val, again.val_users), (test, again.test_users)):
         np.testing.assert_array_equal(a, b)
     args.random_seed += 1
     try:
-        other = dl.MetaDataset(data, args)
+        other = dl.MetaDataset.from_args(data, args)
     finally:
         args.random_seed -= 1
     assert set(other.test_users) != set(test)
@@ -214,12 +214,12 @@ def test_too_few_users_is_a_clear_error(ml1m):
     args_small = sy.make_args("ml-1m", "unused", "/tmp", num_test_data=data.num_users() - 1)
     with pytest.raises(MeloError, match=r"data set has \d+ users after filtering \(min_item=10, "
                                         r"min_sequence=5\); --num_test_data=\d+ leaves .*lower --num_test_data"):
-        dl.MetaDataset(data, args_small)
+        dl.MetaDataset.from_args(data, args_small)
     enough = sy.make_args("ml-1m", "unused", "/tmp", num_test_data=data.num_users() - 2)
-    meta = dl.MetaDataset(data, enough)
+    meta = dl.MetaDataset.from_args(data, enough)
     assert len(meta.train_users) == 1 and len(meta.val_users) == 1
     mostly_val = sy.make_args("ml-1m", "unused", "/tmp", num_test_data=data.num_users() - 3, val_fraction=0.9)
-    meta = dl.MetaDataset(data, mostly_val)
+    meta = dl.MetaDataset.from_args(data, mostly_val)
     assert len(meta.train_users) == 1 and len(meta.val_users) == 2
 
 
@@ -308,7 +308,7 @@ def test_short_users_get_fewer_windows_with_padding_masks(tmp_path):
     args = sy.make_args(mode, path, tmp_path, min_sequence=3, min_item=0, default_rating=-1, num_test_data=100)
     data = dl.load_data(args)
     assert data.sequence_lengths().min() == 3
-    test = dl.MetaDataset(data, args).test_tasks()
+    test = dl.MetaDataset.from_args(data, args).test_tasks()
     check_layout(test, args)
     counts = check_positions(test, data, args, evaluation=True)
     assert counts.get(1, 0) > 0 and counts.get(args.num_samples, 0) > 0
@@ -342,7 +342,7 @@ def test_random_sequence_length_and_large_batches(tmp_path):
     args = sy.make_args(mode, path, tmp_path, use_random_sequence_length=True, num_test_data=20,
                         batch_size=64)
     data = dl.load_data(args)
-    meta = dl.MetaDataset(data, args)
+    meta = dl.MetaDataset.from_args(data, args)
     assert len(meta.train_users) < args.batch_size           # sampled with replacement
     batch = meta.train_batch(0)
     assert len(batch) == 64
@@ -364,12 +364,13 @@ def assert_same(a, b):
 
 def test_eval_tasks_are_identical_across_instances_and_processes(ml1m, tmp_path):
     frame, args, data, meta = ml1m
-    fresh = dl.MetaDataset(dl.load_data(sy.make_args("ml-1m", args.data_path, tmp_path, default_rating=0.25)), args)
+    other_cache = sy.make_args("ml-1m", args.data_path, tmp_path, default_rating=0.25)
+    fresh = dl.MetaDataset.from_args(dl.load_data(other_cache), args)
     assert_same(meta.val_tasks(), fresh.val_tasks())
     assert_same(meta.test_tasks(), fresh.test_tasks())
     script = ("import sys, hashlib, dataloader as dl, synthetic as sy\n"
               f"args = sy.make_args('ml-1m', {args.data_path!r}, {str(tmp_path / 'p')!r}, default_rating=0.25)\n"
-              "m = dl.MetaDataset(dl.load_data(args), args)\n"
+              "m = dl.MetaDataset.from_args(dl.load_data(args), args)\n"
               "h = hashlib.sha256()\n"
               "for b in (m.val_tasks(), m.test_tasks(), m.train_batch(3)):\n"
               "    for t in vars(b).values(): h.update(t.numpy().tobytes())\n"
@@ -416,7 +417,7 @@ def test_window_dataset(ml1m):
 def test_batch_building_is_fast(tmp_path):
     mode, path, _ = write(tmp_path, "ml-1m", min_length=60, max_length=120, num_items=400)
     args = sy.make_args(mode, path, tmp_path, max_seq_len=30, num_samples=25, batch_size=16)
-    meta = dl.MetaDataset(dl.load_data(args), args)
+    meta = dl.MetaDataset.from_args(dl.load_data(args), args)
     meta.train_batch(0)
     start = time.perf_counter()
     for iteration in range(50):
@@ -460,7 +461,7 @@ def test_balance_extremes(tmp_path):
     path = tmp_path / "r.dat"
     path.write_text("\n".join(rows) + "\n")
     args = sy.make_args("ml-1m", str(path), tmp_path, num_test_data=5, min_item=0)
-    summary = dl.MetaDataset(dl.load_data(args), args).summary()
+    summary = dl.MetaDataset.from_args(dl.load_data(args), args).summary()
     # half the users give one value (0), half spread evenly over all 5 values (1)
     assert summary["balance"] == pytest.approx(0.5)
 

@@ -139,11 +139,11 @@ def test_duplicate_ratings_keep_the_latest_and_are_counted(ratings_file, tmp_pat
     assert items[-1] == np.flatnonzero(data.item_ids == int(first[1]))[0] + 1 and ratings[-1] == float(again.split("\t")[2])
     assert len(items) == reference.sequence_lengths()[user]
     # no test target stands in its own support windows
-    tasks = dl.MetaDataset(data, args).test_tasks()
+    tasks = dl.MetaDataset.from_args(data, args).test_tasks()
     for k in range(len(tasks)):
         target = int(tasks.query_items[k, 0, -1])
         assert target not in tasks.support_items[k][tasks.support_mask[k]].flatten().tolist()
-    summary = dl.format_summary(dl.MetaDataset(data, args).summary(), args)
+    summary = dl.format_summary(dl.MetaDataset.from_args(data, args).summary(), args)
     assert f"{rows + 1} repeated (user, item) ratings dropped, the latest kept" in summary
     kept = dl.load_data(sy.make_args("ml-100k", str(doubled), tmp_path, min_item=1, keep_duplicates=True))
     assert len(kept.ratings) > 2 * len(reference.ratings) and kept.duplicates_dropped == 0  # another cache entry

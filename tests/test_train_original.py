@@ -145,7 +145,7 @@ def test_test_report_scores_exactly_main_test_targets(ratings_file, tmp_path, mo
     meta_targets = torch.cat([t for t, _ in seen]), torch.cat([m for _, m in seen])
     assert torch.equal(baseline_targets[0], meta_targets[0]) and torch.equal(baseline_targets[1], meta_targets[1])
     args = options.parse_args(argv)
-    tasks = MetaDataset(load_data(args), args).test_tasks()
+    tasks = MetaDataset.from_args(load_data(args), args).test_tasks()
     assert torch.equal(baseline_targets[0], tasks.query_ratings[:, :, -1])
     assert baseline["count"] == meta["count"] == 20 * 2
     assert {k: r["count"] for k, r in baseline["per_rating"].items()} == \
