@@ -53,7 +53,7 @@ import runs
 import runtime
 import study
 from dataloader import MetaDataset, load_data
-from models import BACKBONES
+from models import BACKBONES, RATING_HEADS
 from options import MeloError
 from runtime import write_atomic
 from tables import METHOD_NAMES, NO_NETWORK, PAIRED, build_tables, figure_reports
@@ -92,7 +92,7 @@ def build_parser():
         help="how MAML and MELO start: basic = from the whole Basic model, inner lr 0.1, outer loss on the "
              "query target (--load_pretrained=True --inner_lr=0.1 --query_loss=target); embedding = from "
              "Basic's item embedding (the original recipe); random = from random weights at main.py's defaults")
-    add("--rating_head", default="bias", choices=("plain", "bias"),
+    add("--rating_head", default="bias", choices=RATING_HEADS,
         help="the rating head of every network (Basic, Fine-tune, MAML, MELO; main.py's --rating_head): bias "
              "= mu + b_user + b_item + the network's residual, the item biases starting at the fold-in's "
              "(the ablation's choice; main.py alone defaults to plain)")

@@ -14,7 +14,7 @@ import torch
 
 from options import MeloError
 
-from .backbones import RATING_HEADS, BERT4Rec, GRU4Rec, NARM, SASRec, Backbone, Flag  # noqa: F401
+from .backbones import RATING_HEADS, BERT4Rec, GRU4Rec, NARM, SASRec, Backbone, Flag
 
 BACKBONES = {}
 
@@ -130,5 +130,5 @@ def load_pretrained_weights(model, exported, embedding_only, source):
     return model
 
 
-__all__ = ["BACKBONES", "RATING_HEADS", "Backbone", "BERT4Rec", "SASRec", "GRU4Rec", "NARM", "model_factory",
-           "export_weights", "load_pretrained_weights"]
+__all__ = ["BACKBONES", "RATING_HEADS", "Backbone", "BERT4Rec", "SASRec", "GRU4Rec", "NARM", "Flag", "register",
+           "backbone_flags", "backbone_option_names", "model_factory", "export_weights", "load_pretrained_weights"]
