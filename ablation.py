@@ -258,20 +258,11 @@ def pretraining_steps(known, flags, folder, fingerprints):
 
 
 def execute(known, runs):
-    todo = [(run, step) for run in runs for step in run.steps]
-    for number, (run, (label, script, argv)) in enumerate(todo, 1):
-        seed, name = run.seed, run.name
-        what = f"[{number}/{len(todo)}] seed {seed} {name}: {label}"
-        log_path = os.path.join(seed_folder(known, seed), "logs", f"{name}_{label}.log")
-        if known.dry_run:
-            print(f"{what}\n    python {script} {' '.join(argv)}")
-            continue
-        print(f"{what} ..." + ("" if known.verbose else f" (log: {log_path})"), flush=True)
-        record_settings(run)  # before its first run: from now on the folder holds results of these settings
-        status = study.run_script(script, argv, log_path, known.verbose)
-        if status != 0:
-            detail = "" if known.verbose else f": {study.failure_line(log_path)} (full log: {log_path})"
-            raise MeloError(f"seed {seed} {name} ({label}: python {script}) failed with exit status {status}{detail}")
+    # each run's settings are recorded before its first step: from then on its folder holds results of them
+    study.run_steps([study.Step(f"seed {run.seed} {run.name}: {label}", label,
+                                os.path.join(seed_folder(known, run.seed), "logs", f"{run.name}_{label}.log"),
+                                script, argv, f"seed {run.seed} {run.name}", lambda run=run: record_settings(run))
+                     for run in runs for label, script, argv in run.steps], known.dry_run, known.verbose)
 
 
 def build_table(known, variants, runs, argv, fingerprints=None):

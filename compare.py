@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -326,21 +325,13 @@ def meta_piece(config, seed, model, method, adaptive, fingerprint):
 
 
 def execute(config, pieces):
-    todo = [(piece, step) for piece in pieces for step in piece.steps]
-    for number, (piece, (label, script, argv)) in enumerate(todo, 1):
-        what = f"[{number}/{len(todo)}] {piece.name}: {label}"
-        log_path = os.path.join(seed_dir(config, piece.seed), "logs",
-                                f"{piece.model}_{piece.method}_{label}.log" if piece.model else f"{piece.method}.log")
-        if config.dry_run:
-            print(f"{what}\n    python {script} {' '.join(argv)}")
-            continue
-        print(f"{what} ..." + ("" if config.verbose else f" (log: {log_path})"), flush=True)
-        start = time.time()
-        status = study.run_script(script, argv, log_path, config.verbose)
-        if status != 0:
-            detail = "" if config.verbose else f": {failure_line(log_path)} (full log: {log_path})"
-            raise MeloError(f"{piece.name} ({label}: python {script}) failed with exit status {status}{detail}")
-        print(f"    done in {time.time() - start:.0f} s", flush=True)
+    def log_path(piece, label):
+        name = f"{piece.model}_{piece.method}_{label}.log" if piece.model else f"{piece.method}.log"
+        return os.path.join(seed_dir(config, piece.seed), "logs", name)
+
+    study.run_steps([study.Step(f"{piece.name}: {label}", label, log_path(piece, label), script, argv, piece.name,
+                                None) for piece in pieces for label, script, argv in piece.steps],
+                    config.dry_run, config.verbose)
     if config.dry_run:
         return
     missing = [piece.report for piece in pieces if not os.path.exists(piece.report)]

@@ -9,6 +9,8 @@ import math
 import os
 import shlex
 import sys
+import time
+from collections import namedtuple
 
 import checkpointing
 import metrics
@@ -163,6 +165,31 @@ def run_script(script, argv, log_path, verbose):
     if stopped is not None:
         raise runtime.stop_by(stopped)
     return status
+
+
+# One run of a study: `what` it is (for the progress line), where its log goes, and `python script argv`;
+# `failure` names it in an error, `before` (or None) is called just before it starts.
+Step = namedtuple("Step", "what label log_path script argv failure before")
+
+
+def run_steps(steps, dry_run, verbose):
+    """Run the steps in order, each in a fresh process (run_script), with a progress line each; a failed
+    one stops the study with its log's error line. With `dry_run`, print the commands instead."""
+    for number, step in enumerate(steps, 1):
+        what = f"[{number}/{len(steps)}] {step.what}"
+        if dry_run:
+            print(f"{what}\n    python {step.script} {' '.join(step.argv)}")
+            continue
+        print(f"{what} ..." + ("" if verbose else f" (log: {step.log_path})"), flush=True)
+        if step.before is not None:
+            step.before()
+        start = time.time()
+        status = run_script(step.script, step.argv, step.log_path, verbose)
+        if status != 0:
+            detail = "" if verbose else f": {failure_line(step.log_path)} (full log: {step.log_path})"
+            raise MeloError(f"{step.failure} ({step.label}: python {step.script}) failed with exit status "
+                            f"{status}{detail}")
+        print(f"    done in {time.time() - start:.0f} s", flush=True)
 
 
 # The results folder's lock (lock_results), inherited by every child: a second compare.py is refused for
