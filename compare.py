@@ -94,7 +94,7 @@ def build_parser():
     add("--rating_head", default="bias", choices=RATING_HEADS,
         help="the rating head of every network (Basic, Fine-tune, MAML, MELO; main.py's --rating_head): bias "
              "= mu + b_user + b_item + the network's residual, the item biases starting at the fold-in's "
-             "(the ablation's choice; main.py alone defaults to plain)")
+             "(the default of every script, chosen by the ablation in docs/comparison.md)")
     add("--bootstrap", type=options.positive_int, default=2000,
         help="resamples of the test users for the paired 95%% intervals")
     add("--bootstrap_seed", type=int, default=0, help="seed of the bootstrap resampling")

@@ -61,12 +61,16 @@ def load_pretrained(args, learner, fingerprint):
                         f"--mode={args.mode} --save_pretrained=True first")
     exported = checkpointing.read_saved_dict(path, "pretrained export")
     checkpointing.check_data(exported.get("data_fingerprint"), fingerprint, path, "pretrained export")
-    saved = exported.get("shape_options", {})
+    saved = runs.saved_shape(exported.get("shape_options", {}))
     differing = checkpointing.option_differences(saved, vars(args), SPLIT_OPTIONS)
     if differing:
         raise MeloError(f"pretrained weights {path} were trained under another user split "
                         f"({', '.join(differing)}), so their training users may be test users here: use the "
                         "same flags, or retrain with train_original.py --save_pretrained=True")
+    if args.load_pretrained and saved["rating_head"] != args.rating_head:
+        raise MeloError(f"pretrained weights {path} have the {saved['rating_head']} rating head and this run the "
+                        f"{args.rating_head} one: use --rating_head={saved['rating_head']}, or retrain with "
+                        f"train_original.py --rating_head={args.rating_head} --save_pretrained=True")
     load_pretrained_weights(learner.backbone, exported, embedding_only=not args.load_pretrained, source=path)
 
 

@@ -147,7 +147,7 @@ def build_parser():
 
     add("--model", default="bert4rec", choices=tuple(BACKBONES), help="sequential backbone")
     add("--model_init_seed", type=int, default=0, help="seeds the backbone's initial weights")
-    add("--rating_head", default="plain", choices=RATING_HEADS,
+    add("--rating_head", default="bias", choices=RATING_HEADS,
         help="how a backbone outputs a rating: plain = 0.1 + sigmoid(head), in stars / 5; bias = mu + b_user + "
              "b_item + head, with mu the training users' mean, b_item an item-bias table and b_user a per-user "
              "bias adapted in the inner loop (and by fine-tuning) with its own rate, the network a residual")

@@ -25,6 +25,17 @@ META_SHAPE_OPTIONS = (
     "select_by",  # the meaning of the best weights a checkpoint keeps
 )
 
+# Shape options added after checkpoints were first written, with the value every earlier checkpoint had:
+# an old checkpoint is compared as if it recorded it (so one of the plain head is refused by name under
+# today's default bias head, not loaded half-way).
+PREDATED = {"rating_head": "plain"}
+
+
+def saved_shape(checkpoint_shape):
+    """A checkpoint's or export's recorded shape options, with PREDATED's values for those it predates."""
+    return {**PREDATED, **checkpoint_shape}
+
+
 # Options that shape the training trajectory but not the checkpoint: resuming with other values works
 # (extending --num_train_iterations, say), but is no longer "as if never stopped", so it is pointed out.
 # The backbones' own training flags (dropout) join them (`training_option_names`).

@@ -90,7 +90,7 @@ class Trainer:
         path = checkpointing.checkpoint_path(self.directory, self.prefix, step)
         checkpointing.require_keys(checkpoint, ("step", "shape_options", "best_rmse", "best_step", *self.required),
                                    path)
-        checkpointing.check_compatible(checkpoint["shape_options"], self.shape, path)
+        checkpointing.check_compatible(runs.saved_shape(checkpoint["shape_options"]), self.shape, path)
         checkpointing.check_data(checkpoint.get("data_fingerprint"), self.fingerprint, path)
         self.step = checkpoint["step"]
         self.log_folder = checkpointing.checked_log_folder(checkpoint.get("log_folder"), path)

@@ -6,6 +6,7 @@ import re
 import pytest
 
 import ablation
+import options
 import study
 from options import MeloError
 
@@ -80,14 +81,14 @@ def test_ablation_refuses_unknown_variants_and_flags_it_sets(ratings_file, tmp_p
 def test_ablation_pretrains_basic_once_per_rating_head(ratings_file, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(study, "run_script", in_process(calls))
-    flags = argv(ratings_file, tmp_path, "--variants=maml-ft-start,maml-bias,melo-bias-head-only")
+    flags = argv(ratings_file, tmp_path, "--variants=maml-ft-start,maml-plain,melo-bias-head-only", "--define",
+                 "maml-plain=--use_adaptive_loss=False --rating_head=plain --load_pretrained=True --inner_lr=0.1")
     summary = ablation.main(flags)[1]
     pretrain = [a for script, a in calls if script == "train_original.py"]
     heads = sorted(next(f for f in reversed(a) if f.startswith("--rating_head=")) for a in pretrain)
     assert heads == ["--rating_head=bias", "--rating_head=plain"]  # one Basic per head, shared by its variants
     for script, a in calls:
         if script == "main.py" and "--test" not in a:
-            head = [f for f in a if f.startswith("--rating_head=")]
             folder = next(f for f in reversed(a) if f.startswith("--pretrain_log_dir="))
-            assert folder.endswith("pretrained-bias") == (head[-1:] == ["--rating_head=bias"])
+            assert folder.endswith("pretrained-bias") == (options.parse_args(a).rating_head == "bias")
     assert all(cells["rmse"]["mean"] is not None for cells in summary.values())

@@ -1,6 +1,7 @@
 """The bias rating head (--rating_head=bias): ŷ = μ + b_user + b_item + f(window) on every backbone, its
 place in the inner loop (b_user with its own learned rate, b_item through the per-task item table), what
 --inner_params / --adapt_*_bias adapt, and the Basic -> MAML hand-off with it."""
+import math
 import types
 
 import pytest
@@ -50,7 +51,7 @@ def test_an_untrained_bias_head_predicts_mu_plus_the_biases_and_the_plain_head_h
     expected = MU + 0.05 + backbone.item_bias.weight[items, 0]
     real = items > 0
     torch.testing.assert_close(backbone(items)[real], expected[real], rtol=0, atol=1e-6)
-    plain = dict(make_learner(model).backbone.named_parameters())
+    plain = dict(make_learner(model, "--rating_head=plain").backbone.named_parameters())
     assert ITEM_BIAS not in plain and USER_BIAS not in plain
     # the bias head draws nothing at random: every weight but the (zeroed) output layer is the plain model's
     for name, value in backbone.named_parameters():
@@ -192,7 +193,7 @@ def test_the_bias_head_starts_at_the_fold_in_and_basic_hands_it_to_maml(ratings_
     # a plain model cannot start from a bias-head export: one line, not a partial load
     plain = run_flags(ratings_file, tmp_path, "--load_pretrained=True", "--checkpoint_dir=" + str(tmp_path / "c2"))
     plain[plain.index("--rating_head=bias")] = "--rating_head=plain"
-    with pytest.raises(options.MeloError, match="does not match|other settings"):
+    with pytest.raises(options.MeloError, match="have the bias rating head and this run the plain one"):
         main.main(options.parse_args(plain))
 
 
@@ -208,3 +209,20 @@ def test_model_factory_needs_no_data_for_the_bias_head():
     args = types.SimpleNamespace(**vars(options.parse_args(["--model=narm", "--rating_head=bias"])))
     backbone = model_factory(args, 7)
     assert backbone.item_bias.weight.shape == (8, 1) and backbone.global_mean.item() == 0.0
+
+
+def test_a_checkpoint_from_before_the_rating_head_flag_is_read_as_plain(ratings_file, tmp_path):
+    """Checkpoints made before --rating_head existed do not record it: they are the plain head's, refused
+    by name under the bias head (today's default) and tested as before under the plain one."""
+    argv = run_flags(ratings_file, tmp_path, "--use_adaptive_loss=False")
+    argv[argv.index("--rating_head=bias")] = "--rating_head=plain"
+    main.main(options.parse_args(argv))
+    path = tmp_path / "ckpt" / "gru4rec_ml-100k_maml_step2.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["shape_options"]["rating_head"]
+    torch.save(checkpoint, path)
+    test = ["--checkpoint_step=2", "--test"]
+    assert math.isfinite(main.main(options.parse_args(argv + test))["rmse"])
+    argv[argv.index("--rating_head=plain")] = "--rating_head=bias"
+    with pytest.raises(options.MeloError, match=r"rating_head='plain' \(now 'bias'\)"):
+        main.main(options.parse_args(argv + test))

@@ -15,8 +15,10 @@ LENGTH = 6
 
 
 def tiny_args(name, *extra):
+    """The backbone contract is the network's (the plain head: 0.1 + sigmoid); the bias head has its own
+    tests (test_bias_head.py)."""
     return options.parse_args([
-        f"--model={name}", f"--max_seq_len={LENGTH}", "--bert_hidden_units=8", "--bert_num_heads=2",
+        f"--model={name}", "--rating_head=plain", f"--max_seq_len={LENGTH}", "--bert_hidden_units=8", "--bert_num_heads=2",
         "--bert_num_blocks=2", "--gru4rec_embedding_dim=6", "--gru4rec_hidden_size=8", "--gru4rec_n_layers=2",
         "--narm_embedding_dim=6", "--narm_hidden_size=8", *extra,
     ])
@@ -479,5 +481,5 @@ def test_a_fifth_backbone_is_its_class_and_its_registry_entry(tmp_path, monkeypa
     assert "bag_embedding_dim" in runs.shape_option_names()
     with pytest.raises(MeloError, match=r"bag_embedding_dim=6 \(now 4\)"):
         main.main(options.parse_args(argv + ["--bag_embedding_dim=4", "--checkpoint_step=2", "--test"]))
-    import compare
-    assert compare.display("bag") == "Bag of items"
+    import tables
+    assert tables.display("bag") == "Bag of items"
