@@ -63,8 +63,8 @@ from study import (CONTROLLED, DATA_OPTIONS, NOT_SETTINGS, START_DESCRIPTIONS, S
 
 def build_parser():
     parser = options.CommandLineParser(
-        description="Run (or reuse) Basic, MAML and MELO for each backbone plus the mean-rating baseline, "
-                    "and print the comparison table. Flags not listed here are main.py's (see python "
+        description="Run (or reuse) Basic, Fine-tune, MAML and MELO for each backbone plus the baselines "
+                    "without a network, and print the comparison tables. Flags not listed here are main.py's (see python "
                     "main.py --help) and are passed to every run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument

@@ -28,7 +28,7 @@ Randomness comes only from numpy Generators ``rng(seed, stream, *keys)`` with fi
 is a pure function of (seed, iteration); validation and test tasks are fixed by the seed.
 
 ``python dataloader.py --mode=M [--data_path=P] [data flags]`` prints the data summary (see
-:meth:`MetaDataset.summary`; the balance score is defined there).
+:func:`data_summary`; the balance score is defined there).
 """
 import contextlib
 import dataclasses

@@ -3,8 +3,9 @@
 `build_parser()` builds it and `parse_args(argv)` parses and validates; nothing is parsed at import, so
 tests and scripts can build their own argument sets (`parse_args(["--mode=ml-100k", ...])`).
 
-Flag names, meanings and defaults follow the original MELO project. Booleans are written
-`--flag=True` / `--flag=False`.
+Flag names and meanings follow the original MELO project, and its defaults except where this project's
+ablations chose otherwise (--rating_head, --lstm_lr, --adaptive_weights: docs/comparison.md). Booleans are
+written `--flag=True` / `--flag=False`.
 """
 import argparse
 import math
@@ -149,8 +150,9 @@ def build_parser():
     add("--model_init_seed", type=int, default=0, help="seeds the backbone's initial weights")
     add("--rating_head", default="bias", choices=RATING_HEADS,
         help="how a backbone outputs a rating: plain = 0.1 + sigmoid(head), in stars / 5; bias = mu + b_user + "
-             "b_item + head, with mu the training users' mean, b_item an item-bias table and b_user a per-user "
-             "bias adapted in the inner loop (and by fine-tuning) with its own rate, the network a residual")
+             "b_item + sigmoid(head) - 1/2, with mu the training users' mean, b_item an item-bias table and "
+             "b_user a per-user bias adapted in the inner loop (and by fine-tuning) with its own rate, the "
+             "network a residual")
     for flag, declared_by in backbone_flags():  # each backbone's own flags (models/backbones.py)
         add(f"--{flag.name}", type=flag.type, default=flag.default, help=f"{flag.help} ({', '.join(declared_by)})")
 

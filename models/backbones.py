@@ -2,7 +2,8 @@
 
 Shared contract (the inner loop relies on every point):
 - `forward(item_ids[B, L]) -> [B, L]`: a predicted normalised rating (stars / 5) for every position, in
-  (0.1, 1.1). Windows are left-padded with item id 0; ratings are never an input.
+  (0.1, 1.1) with the plain head, unbounded with the bias head. Windows are left-padded with item id 0;
+  ratings are never an input.
 - `item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)`. The inner loop replaces its weight
   (through `torch.func.functional_call`) by a small per-task table holding only the rows a task uses, with
   remapped ids, so `forward` never depends on the number of rows.
