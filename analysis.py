@@ -8,11 +8,12 @@ meta_learner.py and models/loss_networks.py.
   for the user (`query_gradient_by_share`) and summarised over users (`summarise_query_gradients`).
 """
 import torch
+from torch import nn
 from torch.func import functional_call
 
 from meta_learner import adapt
 from metrics import half_star_buckets, half_star_name, num_half_star_buckets
-from models.loss_networks import POSITION_FACTOR, rating_bucket_ids, task_mean
+from models.loss_networks import masked_mean, rating_bucket_ids, task_mean
 
 
 def support_weights(learner, batch):
@@ -41,6 +42,27 @@ def support_weights(learner, batch):
     return weights, batch.support_ratings, batch.support_items != 0
 
 
+# The context entry [S, L] of each task that multiplies every position's term of its inner loss
+# (WithPositionFactor): only ever 1, it exists so that the query loss can be differentiated with respect to it.
+POSITION_FACTOR = "position_factor"
+
+
+class WithPositionFactor(nn.Module):
+    """An inner loss whose every position's term (`inner_loss.terms`) is multiplied by the task's
+    POSITION_FACTOR from the context before the masked mean."""
+
+    def __init__(self, inner_loss):
+        super().__init__()
+        self.inner_loss = inner_loss
+
+    def prepare(self, support_labels, support_mask):
+        return self.inner_loss.prepare(support_labels, support_mask)
+
+    def forward(self, predictions, labels, mask, context, step):
+        terms = self.inner_loss.terms(predictions, labels, mask, context, step)
+        return masked_mean(terms * context[POSITION_FACTOR], mask)
+
+
 def query_gradient_of_weights(learner, batch):
     """What re-weighting the outer loss would reward, for MAML++ as for MELO: per support position, the
     derivative of the task's outer loss (its query loss after the last inner step, in stars²) with
@@ -54,7 +76,8 @@ def query_gradient_of_weights(learner, batch):
     last = (learner.num_inner_steps - 1,)
     with torch.enable_grad():
         losses, _ = learner.vmap_tasks(batch, lambda params, support, context, query: learner.adapt_task(
-            params, support, context, query, last, first_order=False), {POSITION_FACTOR: factor})
+            params, support, context, query, last, first_order=False, inner_loss=WithPositionFactor(
+                learner.inner_loss)), {POSITION_FACTOR: factor})
         gradient, = torch.autograd.grad(losses.sum() * learner.max_rating ** 2, factor)
     return torch.where(mask, gradient - task_mean(gradient, mask), torch.zeros_like(gradient))
 

@@ -128,13 +128,16 @@ class MetaLearner(nn.Module):
         return adapted, {n: p for n, p in params.items() if n not in adapted}
 
     # ------------------------------------------------------------------ one task
-    def adapt_task(self, params, support, context, query, scored_steps, first_order, merge_query=True):
+    def adapt_task(self, params, support, context, query, scored_steps, first_order, merge_query=True,
+                   inner_loss=None):
         """Adapt `params` on one task's support set; return (query losses [len(scored_steps)],
         query predictions at the last position [Q]). `support`/`query` are (items, labels, mask).
 
         With `merge_query` (second order only), the query scored after step k − 1 goes through the
         backbone together with the support set of step k, which uses the same parameters θ_k: one forward
-        (and its backward) fewer per scored step. Without it, the plain order: a separate query forward."""
+        (and its backward) fewer per scored step. Without it, the plain order: a separate query forward.
+        `inner_loss`: another inner loss than the learner's (the analysis' re-weighted one)."""
+        inner_loss = self.inner_loss if inner_loss is None else inner_loss
         support_items, support_labels, support_mask = support
         query_items, query_labels, query_mask = query
         num_support = support_items.shape[0]
@@ -144,7 +147,7 @@ class MetaLearner(nn.Module):
 
         def support_loss(current, step):
             predictions = functional_call(self.backbone, {**support_fixed, **current}, (support_items,))
-            return self.inner_loss(predictions, support_labels, support_mask, context, step), ()
+            return inner_loss(predictions, support_labels, support_mask, context, step), ()
 
         def support_loss_and_query(current, step):
             # θ_k scores the query of step k − 1 and gives the support loss of step k: one forward over
@@ -153,7 +156,7 @@ class MetaLearner(nn.Module):
                                           (torch.cat([support_items, query_items]),))
             support_predictions, query_predictions = predictions.split(
                 [num_support, predictions.shape[0] - num_support])
-            loss = self.inner_loss(support_predictions, support_labels, support_mask, context, step)
+            loss = inner_loss(support_predictions, support_labels, support_mask, context, step)
             return loss, query_predictions
 
         merge = merge_query and not first_order  # first order: the support gradient is at a detached copy

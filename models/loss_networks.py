@@ -30,19 +30,11 @@ from metrics import half_star_buckets, num_half_star_buckets
 #   unbounded:  |1 + z|, the original MELO's |Linear(LSTM state)|, shifted to start at 1.
 # What each form did on data: docs/design.md (the inner loop) and docs/comparison.md (the ablation).
 WEIGHT_FLOOR = 0.1
-# A context entry [S, L] that multiplies each position's whole term of the inner loss, only ever 1: it exists
-# so that the query loss can be differentiated with respect to it (analysis.query_gradient_of_weights).
-POSITION_FACTOR = "position_factor"
 
 
 def masked_mean(values, mask):
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def with_position_factor(terms, context):
-    """Per-position `terms` of an inner loss times the context's POSITION_FACTOR, where one is given."""
-    return terms * context[POSITION_FACTOR] if POSITION_FACTOR in context else terms
 
 
 def task_mean(values, mask):
@@ -93,8 +85,12 @@ class MSEInnerLoss(nn.Module):
     def prepare(self, support_labels, support_mask):
         return {}
 
+    def terms(self, predictions, labels, mask, context, step):
+        """Each position's term of the loss [S, L] (the loss is their masked mean)."""
+        return (predictions - labels) ** 2
+
     def forward(self, predictions, labels, mask, context, step):
-        return masked_mean(with_position_factor((predictions - labels) ** 2, context), mask)
+        return masked_mean(self.terms(predictions, labels, mask, context, step), mask)
 
 
 class RatingSequenceEncoder(nn.Module):
@@ -272,7 +268,8 @@ class AdaptiveInnerLoss(nn.Module):
             logits = self.weight_net(errors, labels, predictions, context["rating_mean"], context["rating_std"])
         return self._weights(logits, mask)
 
-    def forward(self, predictions, labels, mask, context, step):
+    def terms(self, predictions, labels, mask, context, step):
+        """Each position's whole term of the loss [S, L] (the loss is their masked mean)."""
         errors = (predictions - labels) ** 2
         weighted = self.position_weights(predictions, labels, mask, context, step) * errors
         if self.use_focal_loss:
@@ -280,7 +277,10 @@ class AdaptiveInnerLoss(nn.Module):
         if self.loss_mlps is not None:
             mlp = self.loss_mlps[step if len(self.loss_mlps) > 1 else 0]
             weighted = weighted + mlp(weighted.unsqueeze(-1)).squeeze(-1)
-        return masked_mean(with_position_factor(weighted, context), mask)  # last: the position's whole term
+        return weighted
+
+    def forward(self, predictions, labels, mask, context, step):
+        return masked_mean(self.terms(predictions, labels, mask, context, step), mask)
 
 
 def build_inner_loss(args, max_rating):

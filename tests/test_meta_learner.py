@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import options
-from analysis import (SHARE_NAMES, query_gradient_by_rating, query_gradient_by_share, query_gradient_of_weights,
-                      summarise_query_gradients, support_weights)
+from analysis import (POSITION_FACTOR, SHARE_NAMES, WithPositionFactor, query_gradient_by_rating,
+                      query_gradient_by_share, query_gradient_of_weights, summarise_query_gradients, support_weights)
 from inner_loop_optimizers import LSLRGradientDescent
 from meta_learner import build_meta_learner, last_step_weights, local_item_tables, multi_step_loss_weights
-from models.loss_networks import POSITION_FACTOR, AdaptiveInnerLoss, MSEInnerLoss, masked_mean
+from models.loss_networks import AdaptiveInnerLoss, MSEInnerLoss, masked_mean
 
 NUM_ITEMS = 40
 BACKBONES = ["bert4rec", "sasrec", "gru4rec", "narm"]
@@ -326,7 +326,8 @@ def test_query_gradient_of_weights_matches_finite_differences(float64, adaptive)
     assert found[2, :, 1].sum() == 0 and found[:, 0, 1].sum() == 0  # one rating only; padding never counts
     # a factor of ones changes nothing
     ones, _ = learner.vmap_tasks(batch, lambda params, support, context, query: learner.adapt_task(
-        params, support, context, query, (1,), first_order=False), {POSITION_FACTOR: torch.ones_like(gradients)})
+        params, support, context, query, (1,), first_order=False, inner_loss=WithPositionFactor(learner.inner_loss)),
+        {POSITION_FACTOR: torch.ones_like(gradients)})
     assert torch.equal(ones, plain_losses)
 
     stars = batch.support_ratings[0][mask[0]]
