@@ -64,8 +64,8 @@ from study import (CONTROLLED, DATA_OPTIONS, NOT_SETTINGS, START_DESCRIPTIONS, S
 def build_parser():
     parser = options.CommandLineParser(
         description="Run (or reuse) Basic, Fine-tune, MAML and MELO for each backbone plus the baselines "
-                    "without a network, and print the comparison tables. Flags not listed here are main.py's (see python "
-                    "main.py --help) and are passed to every run.",
+                    "without a network, and print the comparison tables. Flags not listed here are main.py's "
+                    "(see python main.py --help) and are passed to every run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--mode", default="ml-1m", choices=options.MODES, help="data set")

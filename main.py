@@ -24,7 +24,7 @@ import metrics
 import runs
 from analysis import (SHARE_NAMES, mean_weight_by_rating, query_gradient_by_rating, query_gradient_by_share,
                       query_gradient_of_weights, summarise_query_gradients, support_weights, weight_sums_by_rating)
-from dataloader import SPLIT_OPTIONS, MetaDataset, duplicates_note, load_data
+from dataloader import SPLIT_OPTIONS, duplicates_note
 from meta_learner import build_meta_learner, last_step_weights, multi_step_loss_weights
 from options import MeloError, run_cli
 from runtime import Distributed, check_stop, configure_cpu, interruption, progress, seed_everything
@@ -75,7 +75,7 @@ def load_pretrained(args, learner, fingerprint):
 
 
 class MetaTrainer(Trainer):
-    required = ("meta_state", "best_meta_state")
+    required, best_key = ("meta_state", "best_meta_state"), "best_meta_state"
     iteration = step_alias()
 
     def __init__(self, args, dist):
@@ -88,6 +88,10 @@ class MetaTrainer(Trainer):
         self.shape = shape_options(args, self.data)
         self.validated = 0  # the last step whose validation finished (None: the resumed step's did not)
         self.recent = []  # outer losses since the last validation, for its "train loss"
+
+    @property
+    def tested_module(self):
+        return self.learner
 
     # ------------------------------------------------------------------ checkpoints
     def extra_state(self):
@@ -318,14 +322,11 @@ class MetaTrainer(Trainer):
 
 def test(trainer):
     args = trainer.args
-    checkpoint = trainer.load(args.checkpoint_step, restore_training=False)
-    path = checkpointing.checkpoint_path(args.checkpoint_dir, trainer.prefix, args.checkpoint_step)
+    checkpoint, which, from_best = trainer.load_tested()
     if checkpoint.get("pending_validation") and args.test_best:
-        print(f"warning: {path} was saved before its own validation finished: its best weights are those "
-              f"of the steps before; resume it once to validate it", file=sys.stderr)
-    best, which = checkpointing.tested_weights(checkpoint, args.checkpoint_step, args.test_best, "best_meta_state")
-    if best is not None:
-        checkpointing.load_state(trainer.learner, best, path, "best weights")
+        print(f"warning: {trainer.checkpoint_path(args.checkpoint_step)} was saved before its own validation "
+              f"finished: its best weights are those of the steps before; resume it once to validate it",
+              file=sys.stderr)
     tasks = trainer.dataset.test_tasks()
     predicted, weight_sums = trainer.predictions(tasks, with_weights=True)
     report = trainer.report(tasks, predicted, weight_sums)
@@ -335,7 +336,7 @@ def test(trainer):
     report.update(method=trainer.prefix.rsplit("_", 1)[1], model=args.model, mode=args.mode,
                   checkpoint_step=args.checkpoint_step, weights=which, random_seed=args.random_seed,
                   model_init_seed=args.model_init_seed, select_by=args.select_by)
-    if checkpoint.get("best_report") is not None and best is not None:  # what chose these weights
+    if checkpoint.get("best_report") is not None and from_best:  # what chose these weights
         report["validation"] = {key: checkpoint["best_report"][key] for key in ("rmse", "mae", "mean_per_rating_rmse")}
         report["validation"]["step"] = checkpoint["best_step"]
     if trainer.dist.is_main:

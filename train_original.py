@@ -107,7 +107,7 @@ class WindowLoss(nn.Module):
 
 class BaselineTrainer(Trainer):
     folder_flag, unit, total_flag, remedy = "--pretrain_log_dir", "epoch", "--pretrain_epochs", "--pretraining_lr"
-    required = ("model_state", "encoder_state", "best_model_state")
+    required, best_key = ("model_state", "encoder_state", "best_model_state"), "best_model_state"
     epoch = step_alias()
 
     def __init__(self, args, dist=None):
@@ -160,6 +160,10 @@ class BaselineTrainer(Trainer):
             index = mine[first_own(start):first_own(start + size)]
             yield items[index].to(self.device), ratings[index].to(self.device)
 
+    @property
+    def tested_module(self):
+        return self.model
+
     # ------------------------------------------------------------------ checkpoints
     def extra_state(self):
         return {
@@ -175,7 +179,7 @@ class BaselineTrainer(Trainer):
         if path is not None:
             for step in checkpointing.available_steps(self.directory, self.prefix):
                 if step not in (self.epoch, self.best["step"]):
-                    os.remove(checkpointing.checkpoint_path(self.directory, self.prefix, step))
+                    os.remove(self.checkpoint_path(step))
         return path
 
     def restore(self, checkpoint, path, restore_training):
@@ -379,11 +383,7 @@ class BaselineTrainer(Trainer):
 
 def test(trainer):
     args = trainer.args
-    checkpoint = trainer.load(args.checkpoint_step, restore_training=False)
-    best, which = checkpointing.tested_weights(checkpoint, args.checkpoint_step, args.test_best, "best_model_state")
-    if best is not None:
-        checkpointing.load_state(trainer.model, best, checkpointing.checkpoint_path(
-            args.pretrain_log_dir, trainer.prefix, args.checkpoint_step), "best weights")
+    _, which, _ = trainer.load_tested()
     lr, steps, selection = args.finetune_lr, args.finetune_steps, None
     val_tasks = trainer.dataset.val_tasks()
     if tuned_finetuning(args):

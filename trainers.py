@@ -22,6 +22,7 @@ class Trainer:
     total_flag = "--num_train_iterations"
     remedy = "--outer_lr or --lstm_lr"  # what to lower when the run diverges
     required = ()                     # checkpoint keys of the subclass's own entries
+    best_key = None                   # the checkpoint key of the best-so-far weights
 
     def __init__(self, args, dist):
         self.args, self.dist, self.device = args, dist, dist.device
@@ -44,6 +45,10 @@ class Trainer:
         return getattr(self.args, self.total_flag[2:])
 
     # ------------------------------------------------------------------ the subclass's part
+    @property
+    def tested_module(self):
+        """The module whose weights the checkpoints hold and --test scores."""
+        raise NotImplementedError
 
     def extra_state(self):
         """The subclass's checkpoint entries (weights, optimizer, the best weights, ...)."""
@@ -68,6 +73,9 @@ class Trainer:
         """After training, before the writer closes (rank 0 has the writer; the others get None)."""
 
     # ------------------------------------------------------------------ checkpoints
+    def checkpoint_path(self, step):
+        return checkpointing.checkpoint_path(self.directory, self.prefix, step)
+
     def state(self):
         return {"format": checkpointing.CHECKPOINT_FORMAT, "step": self.step, "log_folder": self.log_folder,
                 "data_fingerprint": self.fingerprint, "shape_options": self.shape, **self.extra_state(),
@@ -78,7 +86,7 @@ class Trainer:
         go once it is written."""
         if not self.dist.is_main:
             return None
-        path = checkpointing.checkpoint_path(self.directory, self.prefix, self.step)
+        path = self.checkpoint_path(self.step)
         checkpointing.save_atomic(self.state(), path)
         self.earlier_run = checkpointing.replace_earlier_run(self.earlier_run, path)
         return path
@@ -87,7 +95,7 @@ class Trainer:
         """The checkpoint of `step`, checked (the same shape options and data) and loaded; with
         `restore_training` the training state too, to resume."""
         checkpoint = checkpointing.load_checkpoint(self.directory, self.prefix, step)
-        path = checkpointing.checkpoint_path(self.directory, self.prefix, step)
+        path = self.checkpoint_path(step)
         checkpointing.require_keys(checkpoint, ("step", "shape_options", "best_rmse", "best_step", *self.required),
                                    path)
         checkpointing.check_compatible(runs.saved_shape(checkpoint["shape_options"]), self.shape, path)
@@ -96,6 +104,17 @@ class Trainer:
         self.log_folder = checkpointing.checked_log_folder(checkpoint.get("log_folder"), path)
         self.restore(checkpoint, path, restore_training)
         return checkpoint
+
+    def load_tested(self):
+        """For --test: the checkpoint of --checkpoint_step, and the weights it says to score (with
+        --test_best the best so far saved with it) loaded into `tested_module`; (checkpoint, a description
+        of those weights for the report, whether they are the best-so-far weights)."""
+        step = self.args.checkpoint_step
+        checkpoint = self.load(step, restore_training=False)
+        best, which = checkpointing.tested_weights(checkpoint, step, self.args.test_best, self.best_key)
+        if best is not None:
+            checkpointing.load_state(self.tested_module, best, self.checkpoint_path(step), "best weights")
+        return checkpoint, which, best is not None
 
     def diverged(self, what, bad_step):
         """The error that stops a run whose loss or validation score is no longer finite; nothing is saved."""

@@ -18,9 +18,9 @@ def tiny_args(name, *extra):
     """The backbone contract is the network's (the plain head: 0.1 + sigmoid); the bias head has its own
     tests (test_bias_head.py)."""
     return options.parse_args([
-        f"--model={name}", "--rating_head=plain", f"--max_seq_len={LENGTH}", "--bert_hidden_units=8", "--bert_num_heads=2",
-        "--bert_num_blocks=2", "--gru4rec_embedding_dim=6", "--gru4rec_hidden_size=8", "--gru4rec_n_layers=2",
-        "--narm_embedding_dim=6", "--narm_hidden_size=8", *extra,
+        f"--model={name}", "--rating_head=plain", f"--max_seq_len={LENGTH}", "--bert_hidden_units=8",
+        "--bert_num_heads=2", "--bert_num_blocks=2", "--gru4rec_embedding_dim=6", "--gru4rec_hidden_size=8",
+        "--gru4rec_n_layers=2", "--narm_embedding_dim=6", "--narm_hidden_size=8", *extra,
     ])
 
 
