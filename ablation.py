@@ -99,6 +99,12 @@ VARIANTS = {
     "maml-bias-dropout": ("MAML++, bias head, transformer dropout 0.3",
                           ["--use_adaptive_loss=False", "--rating_head=bias", "--bert_dropout=0.3",
                            *study.START_FLAGS["basic"]]),
+    "maml-bias-user-rate": ("MAML++, bias head, b_user's inner rate starting at 0.5 (one step: the fold-in)",
+                            ["--use_adaptive_loss=False", "--rating_head=bias", "--user_bias_lr=0.5",
+                             *study.START_FLAGS["basic"]]),
+    "melo-bias-user-rate": ("MELO, bias head, b_user's inner rate starting at 0.5 (one step: the fold-in)",
+                            ["--use_adaptive_loss=True", "--rating_head=bias", "--user_bias_lr=0.5",
+                             *study.START_FLAGS["basic"]]),
 }
 # Set by this script for each run; not allowed among the shared flags.
 CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "log_dir",

@@ -1,7 +1,7 @@
 """MAML++'s learned per-layer, per-step inner learning rates (LSLR), as a functional update.
 
 For every adapted parameter tensor `name` there is a vector `lrs[name]` of `num_inner_steps` learning
-rates, initialised to `--inner_lr`. Inner step k updates a dict of tensors without touching any module:
+rates, initialised to `--inner_lr` (or to a rate of its own: `init_lrs`). Inner step k updates a dict of tensors without touching any module:
 
     new_params[name] = params[name] - lrs[name][k] * grads[name]
 
@@ -17,11 +17,13 @@ def _key(name):
 
 
 class LSLRGradientDescent(nn.Module):
-    def __init__(self, param_names, num_inner_steps, init_lr, learnable=True):
+    def __init__(self, param_names, num_inner_steps, init_lr, learnable=True, init_lrs=None):
         super().__init__()
         self.num_inner_steps = num_inner_steps
+        init_lrs = init_lrs or {}
         self.lrs = nn.ParameterDict({
-            _key(name): nn.Parameter(torch.full((num_inner_steps,), float(init_lr)), requires_grad=learnable)
+            _key(name): nn.Parameter(torch.full((num_inner_steps,), float(init_lrs.get(name, init_lr))),
+                                     requires_grad=learnable)
             for name in param_names
         })
 

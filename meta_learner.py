@@ -109,7 +109,7 @@ class MetaLearner(nn.Module):
     """Everything that is meta-learned: the backbone θ, the inner learning rates α, the inner loss φ."""
 
     def __init__(self, backbone, inner_loss, num_inner_steps, inner_lr, learnable_lrs, max_rating,
-                 query_loss="all", adapted=None):
+                 query_loss="all", adapted=None, init_lrs=None):
         super().__init__()
         self.backbone = backbone
         self.inner_loss = inner_loss
@@ -120,7 +120,7 @@ class MetaLearner(nn.Module):
         if EMBEDDING not in names:
             raise ValueError(f"backbone {type(backbone).__name__} has no {EMBEDDING}")
         self.adapted = tuple(names if adapted is None else adapted)  # what the inner loop adapts
-        self.lslr = LSLRGradientDescent(self.adapted, num_inner_steps, inner_lr, learnable_lrs)
+        self.lslr = LSLRGradientDescent(self.adapted, num_inner_steps, inner_lr, learnable_lrs, init_lrs)
 
     def split_adapted(self, params):
         """(the parameters the inner loop adapts, the rest, which it holds fixed) of a parameter dict."""
@@ -253,5 +253,8 @@ def build_meta_learner(args, num_items, max_rating):
         torch.default_generator.manual_seed(args.model_init_seed + 1)
         inner_loss = build_inner_loss(args, max_rating)
     adapted = adapted_parameter_names(backbone, args.inner_params, args.adapt_user_bias, args.adapt_item_bias)
+    # b_user's own starting rate: ½ makes one inner step on it alone the Newton step of the (weighted,
+    # mean-one) squared loss, i.e. the support set's mean residual, the un-shrunk user-bias fold-in
+    init_lrs = {USER_BIAS: args.user_bias_lr} if args.user_bias_lr is not None else None
     return MetaLearner(backbone, inner_loss, args.num_inner_steps, args.inner_lr,
-                       args.use_learnable_params, max_rating, args.query_loss, adapted)
+                       args.use_learnable_params, max_rating, args.query_loss, adapted, init_lrs)

@@ -163,6 +163,9 @@ def build_parser():
     add("--num_inner_steps", type=positive_int, default=3, help="inner-loop gradient steps per task")
     add("--inner_lr", type=learning_rate, default=1e-3,
         help="initial value of every learned inner learning rate")
+    add("--user_bias_lr", type=learning_rate, default=None,
+        help="--rating_head=bias: initial inner learning rate of b_user (default: --inner_lr); 0.5 makes one "
+             "inner step on b_user alone the support set's mean residual (the squared loss's Newton step)")
     add("--bias_start", default="fold-in", choices=("fold-in", "zero"),
         help="--rating_head=bias: the item biases start at the user + item bias fold-in's (closed form on the "
              "training users, regularisation chosen on validation) or at zero; mu is the training users' mean")

@@ -92,3 +92,13 @@ def test_ablation_pretrains_basic_once_per_rating_head(ratings_file, tmp_path, m
             folder = next(f for f in reversed(a) if f.startswith("--pretrain_log_dir="))
             assert folder.endswith("pretrained-bias") == (options.parse_args(a).rating_head == "bias")
     assert all(cells["rmse"]["mean"] is not None for cells in summary.values())
+
+
+@pytest.mark.parametrize("name", sorted(ablation.VARIANTS))
+def test_every_preset_variant_is_a_valid_main_py_command(name):
+    # a preset with a misspelt flag or value would only fail after the runs before it had trained
+    description, flags = ablation.VARIANTS[name]
+    args = options.parse_args(flags)
+    for flag in flags:
+        dest = flag[2:].split("=", 1)[0]
+        assert hasattr(args, dest), f"{name}: {flag} is not main.py's own spelling"  # not an abbreviation

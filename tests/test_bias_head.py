@@ -76,12 +76,13 @@ def test_the_bias_head_on_a_small_item_table_gives_the_same_output(model):
 
 
 def test_one_inner_step_on_the_user_bias_is_the_closed_form_fold_in(float64):
-    # f ≡ 0 (the untrained output layer), fixed item biases, equal weights (MSE), b_user alone adapted with
-    # rate 1/2: the step b_u − ½ · 2 · mean(ŷ − y) lands on mean(y − μ − b_item), the least-squares user bias.
+    # f ≡ 0 (the untrained output layer, kept there by a zero rate), fixed item biases, equal weights (MSE),
+    # b_user stepped with --user_bias_lr=0.5: the step b_u − ½ · 2 · mean(ŷ − y) lands on
+    # mean(y − μ − b_item), the least-squares user bias.
     learner = bias_learner("gru4rec", "--use_adaptive_loss=False", "--num_inner_steps=1", "--inner_params=head",
-                           "--adapt_item_bias=False").eval()
-    learner.adapted = (USER_BIAS,)
-    learner.lslr = type(learner.lslr)(learner.adapted, 1, 0.5, learnable=False)
+                           "--adapt_item_bias=False", "--inner_lr=0", "--user_bias_lr=0.5").eval()
+    assert learner.lslr.rates_by_parameter()[USER_BIAS] == [0.5]
+    assert {rates[0] for name, rates in learner.lslr.rates_by_parameter().items() if name != USER_BIAS} == {0.0}
     backbone = learner.backbone
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
