@@ -362,6 +362,10 @@ def build_parser():
     parser.add_argument("--format", default="ml-100k", choices=("ml-100k", "ml-1m"), help="file format")
     parser.add_argument("--profile", default="ml-100k", choices=sorted(PROFILES), help="generator setting")
     parser.add_argument("--seed", type=int, default=100, help="generator seed")
+    for scale in ("item_quality_scale", "user_bias_scale"):
+        parser.add_argument(f"--{scale}", type=float, default=None,
+                            help="override the profile's (0.64 and 0.48 give the ml-100k profile before its "
+                                 "bias scales were fitted to the real file's baselines)")
     return parser
 
 
@@ -369,10 +373,13 @@ def main(argv=None):
     """`python tests/synthetic.py u.data`: a calibrated, GroupLens-format u.data for studies."""
     args = build_parser().parse_args(argv)
     sizes = PROFILES[args.profile]
+    overrides = {k: v for k, v in (("item_quality_scale", args.item_quality_scale),
+                                   ("user_bias_scale", args.user_bias_scale)) if v is not None}
     frame = write_movielens(args.path, fmt=args.format, num_users=sizes["num_users"],
-                            num_items=sizes["num_items"], seed=args.seed, profile=args.profile)
+                            num_items=sizes["num_items"], seed=args.seed, profile=args.profile, **overrides)
+    changed = "".join(f", {k} {v:g}" for k, v in overrides.items())
     print(f"wrote {args.path}: {frame['user'].nunique()} users, {frame['item'].nunique()} items, "
-          f"{len(frame)} ratings ({args.profile} profile, seed {args.seed})")
+          f"{len(frame)} ratings ({args.profile} profile{changed}, seed {args.seed})")
 
 
 if __name__ == "__main__":
