@@ -1,7 +1,8 @@
 """MAML++'s learned per-layer, per-step inner learning rates (LSLR), as a functional update.
 
 For every adapted parameter tensor `name` there is a vector `lrs[name]` of `num_inner_steps` learning
-rates, initialised to `--inner_lr` (or to a rate of its own: `init_lrs`). Inner step k updates a dict of tensors without touching any module:
+rates, initialised to `--inner_lr` (or to a rate of its own: `init_lrs`). Inner step k updates a dict of
+tensors without touching any module:
 
     new_params[name] = params[name] - lrs[name][k] * grads[name]
 
