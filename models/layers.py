@@ -28,6 +28,31 @@ def masked_fill_value(dtype):
 DROPOUT_LEVELS = 2 ** 16
 
 
+def dtype_view_batches():
+    """Can `vmap` batch `Tensor.view(dtype)`? torch 2.13 can; torch 2.11 has no batching rule for it."""
+    try:
+        torch.func.vmap(lambda t: t.view(torch.int16))(torch.zeros(1, 1, dtype=torch.int64))
+    except RuntimeError:
+        return False
+    return True
+
+
+DTYPE_VIEW_BATCHES = dtype_view_batches()
+
+
+def sixteen_bit_quarters(bits, width):
+    """The first `width` 16-bit quarters of int64 `bits` along the last dimension, as signed values.
+
+    The same numbers as `bits.view(torch.int16)` (little-endian: the low quarter first), which costs
+    nothing; where vmap cannot batch that view, shifts and masks give them (u ^ 2¹⁵ − 2¹⁵ is the signed
+    reading of the unsigned quarter u), so the masks and every result stay the same on either torch.
+    """
+    if DTYPE_VIEW_BATCHES:
+        return bits.view(torch.int16)[..., :width]
+    quarters = torch.stack([(bits >> shift) & 0xFFFF for shift in (0, 16, 32, 48)], dim=-1)
+    return (quarters.flatten(-2)[..., :width] ^ 0x8000) - 0x8000
+
+
 class Dropout(nn.Dropout):
     """`nn.Dropout` with a cheaper CPU mask: one 64-bit draw gives four elements' 16-bit uniforms.
 
@@ -51,7 +76,7 @@ class Dropout(nn.Dropout):
         # empty_like keeps vmap's batch dimension (randomness="different" draws per task)
         bits = torch.empty_like(x[..., :(width + 3) // 4], dtype=torch.int64,
                                 memory_format=torch.contiguous_format).random_(-2 ** 63, None)  # 64 bits
-        keep = bits.view(torch.int16)[..., :width] >= threshold - DROPOUT_LEVELS // 2
+        keep = sixteen_bit_quarters(bits, width) >= threshold - DROPOUT_LEVELS // 2
         return x * keep.to(x.dtype).mul_(DROPOUT_LEVELS / (DROPOUT_LEVELS - threshold))
 
 

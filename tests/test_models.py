@@ -112,6 +112,27 @@ def test_dropout_keeps_each_element_with_probability_one_minus_p_and_rescales():
     torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 65536 / (65536 - 6554)))
 
 
+def test_dropout_masks_are_the_same_where_vmap_cannot_view_int64_as_int16(monkeypatch):
+    """torch 2.11's vmap has no rule for `view(dtype)`: the shift-and-mask path gives the same masks."""
+    from models import layers
+
+    bits = torch.randint(-2 ** 63, 2 ** 63 - 1, (5, 3), dtype=torch.int64)
+    viewed = bits.view(torch.int16)[..., :11]
+    monkeypatch.setattr(layers, "DTYPE_VIEW_BATCHES", False)
+    assert torch.equal(layers.sixteen_bit_quarters(bits, 11), viewed)
+
+    def masks(tasks):
+        torch.manual_seed(3)
+        return vmap(lambda row: layers.Dropout(0.3).train()(row), randomness="different")(tasks)
+
+    tasks = torch.ones(4, 7, 10)
+    shifted = masks(tasks)
+    monkeypatch.setattr(layers, "DTYPE_VIEW_BATCHES", True)
+    if layers.dtype_view_batches():  # this torch can check the other path against it
+        assert torch.equal(masks(tasks), shifted)
+    assert 0.6 < (shifted != 0).float().mean().item() < 0.8
+
+
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
 def test_gru_equals_a_plain_layer_by_layer_loop(num_layers):
     """The wavefront (several layers) and the single-layer loop against the equations, step by step."""
