@@ -448,7 +448,7 @@ YELP_RECORD = '{"user_id": "a", "business_id": "b", "stars": 4, "date": "2016-01
     ("yelp", YELP_RECORD + "[1,2,3]\n" + YELP_RECORD, "line 2: expected one JSON object per line"),
     ("yelp", YELP_RECORD + YELP_RECORD + "42\n", "line 3: expected one JSON object per line"),
     ("yelp", YELP_RECORD + "null\n", "line 2: expected one JSON object per line"),
-    ("ml-100k", gzip.compress(b"1\t2\t4\t1000\n"), "is gzip-compressed: unpack it first (gunzip -k FILE)"),
+    ("ml-100k", gzip.compress(b"1\t2\t4\t1000\n", mtime=0), "is gzip-compressed: unpack it first (gunzip -k FILE)"),
     ("amazon", b"\xef\xbb\xbfreviewerID,product_id,rating,date\n" + ROWS.encode(),
      "line 1: starts with a UTF-8 byte-order mark (BOM), which is not part of the data: remove it"),
     ("amazon", b"u,i,4.0,1000\nu,j\xe9,4.0,1001\nu,k,4.0,1002\n",
