@@ -99,7 +99,14 @@ def synthetic_ratings(num_users=300, num_items=200, seed=0, min_length=30, max_l
 # shaped (skewed to 5 stars, shorter histories, noisier). Studies report on more than one, so that no
 # default is tuned to one generator.
 ML_100K_BIASES = dict(item_quality_scale=0.8, user_bias_scale=0.56)
-BIAS_SCALES = tuple(ML_100K_BIASES)  # the CLI's overrides of a profile
+# The CLI's overrides of a profile, with their help. selection_strength is how far a user's picks follow
+# their genre tastes: lower leaves a window's items less telling of its ratings.
+OVERRIDES = {
+    "item_quality_scale": "override the profile's item bias scale (0.64, with --user_bias_scale=0.48, gives "
+                          "the ml-100k profile before its bias scales were fitted to the real file's baselines)",
+    "user_bias_scale": "override the profile's user bias scale",
+    "selection_strength": "override how strongly a user's picks follow their genre tastes (default 1.5)",
+}
 PROFILES = {
     "ml-100k": dict(num_users=943, num_items=1682, shares=(0.045, 0.102, 0.264, 0.359, 0.231), num_genres=40,
                     **ML_100K_BIASES),
@@ -363,10 +370,8 @@ def build_parser():
     parser.add_argument("--format", default="ml-100k", choices=("ml-100k", "ml-1m"), help="file format")
     parser.add_argument("--profile", default="ml-100k", choices=sorted(PROFILES), help="generator setting")
     parser.add_argument("--seed", type=int, default=100, help="generator seed")
-    for scale in BIAS_SCALES:
-        parser.add_argument(f"--{scale}", type=float, default=None,
-                            help="override the profile's (0.64 and 0.48 give the ml-100k profile before its "
-                                 "bias scales were fitted to the real file's baselines)")
+    for name, text in OVERRIDES.items():
+        parser.add_argument(f"--{name}", type=float, default=None, help=text)
     return parser
 
 
@@ -374,7 +379,7 @@ def main(argv=None):
     """`python tests/synthetic.py u.data`: a calibrated, GroupLens-format u.data for studies."""
     args = build_parser().parse_args(argv)
     sizes = PROFILES[args.profile]
-    overrides = {scale: getattr(args, scale) for scale in BIAS_SCALES if getattr(args, scale) is not None}
+    overrides = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
     frame = write_movielens(args.path, fmt=args.format, num_users=sizes["num_users"],
                             num_items=sizes["num_items"], seed=args.seed, profile=args.profile, **overrides)
     changed = "".join(f", {k} {v:g}" for k, v in overrides.items())

@@ -655,3 +655,15 @@ def test_cli_with_too_many_test_users_prints_the_summary_then_what_works(tmp_pat
     works = run_cli(f"--mode={mode}", f"--data_path={path}", f"--num_test_data={users - 2}", "--min_item=10",
                     f"--data_dir={tmp_path / 'Data'}", cwd=tmp_path)
     assert works.returncode == 0 and "validation 1, test" in works.stdout, works.stderr
+
+
+def test_the_generator_cli_overrides_reach_the_profile(tmp_path, capsys):
+    """`tests/synthetic.py u.data --selection_strength=0.75` is the profile with that one setting changed."""
+    default, changed, direct = (tmp_path / name for name in ("default.data", "changed.data", "direct.data"))
+    sy.main([str(default)])
+    sy.main([str(changed), "--selection_strength=0.75"])
+    assert "ml-100k profile, selection_strength 0.75, seed 100" in capsys.readouterr().out
+    sizes = sy.PROFILES["ml-100k"]
+    sy.write_movielens(str(direct), fmt="ml-100k", num_users=sizes["num_users"], num_items=sizes["num_items"],
+                       seed=100, profile="ml-100k", selection_strength=0.75)
+    assert changed.read_bytes() == direct.read_bytes() != default.read_bytes()
