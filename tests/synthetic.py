@@ -89,29 +89,38 @@ def synthetic_ratings(num_users=300, num_items=200, seed=0, min_length=30, max_l
 # Calibrated so that, after the default filters (min_item=50, min_sequence=5), MovieLens-100K's published
 # figures come out within a few points: star shares 4.5 / 10.2 / 26.4 / 35.9 / 23.1 %, balance score 0.79,
 # ~89 ratings per user (28 within a 30-item window), the latest rating no easier than the rest (~10 % of the
-# latest ratings are 1 star). The user and item bias scales of the ml-100k profiles are fitted to the
-# no-network figures of the real file (seed 222: the user mean 9.8 % and the user + item bias fold-in
-# 22.4 % below the global mean's RMSE on the test users' query windows); over 2 data seeds x 2 splits they
-# give 9.9 % and 22.8 % (the function's defaults, 9.2 % and 18.3 %, left the biases weaker than real
-# users' and the networks' residual larger). With 40 genres (the default) a user's taste is too spread
+# latest ratings are 1 star). The ml-100k profiles' tastes and bias scales are fitted to the figures issue 21
+# measured on the real file. Most of a user's taste is for the single item (idiosyncrasy), little follows
+# the genres (taste_scale), since on real users a network adds little beyond the biases: with the plain
+# head, BERT4Rec's MAML++ lost to the user + item bias fold-in by 3.0 %, where with genre tastes alone
+# (taste_scale 0.72, no idiosyncrasy) it won by 7.9 % and 1.9 % (seeds 222, 223) and now gives -3.8 % and
+# +1.3 % (the fold-in vs Basic -16.4 %, -11.1 %, real -12.8 %; vs tuned Fine-tune -5.3 %, -1.8 %, real
+# -3.3 %). The bias scales then bring the no-network figures back to the real file's (data seed 100, split
+# seeds 222-224: the user mean 9.8 % and the fold-in 22.8 % below the global mean's RMSE on the test
+# users' query windows; real 9.8 % and 22.4 %). With 40 genres (the default) a user's taste is too spread
 # for a 30-item window to reveal much of it, as with real users. "ml-100k-12-genres" is the same story
 # with 12 genres, where tastes are shared and meta-learning has it easier; "amazon-like" is differently
 # shaped (skewed to 5 stars, shorter histories, noisier). Studies report on more than one, so that no
-# default is tuned to one generator.
-ML_100K_BIASES = dict(item_quality_scale=0.8, user_bias_scale=0.56)
+# default is tuned to one generator. "ml-100k-genre-tastes" is the ml-100k profile before its tastes were
+# refitted (all taste by genre): kinder to the networks than real users, kept so that results made on it
+# can be remade and so that a gain that holds only there shows.
+ML_100K_TASTES = dict(taste_scale=0.25, idiosyncrasy=0.675, item_quality_scale=0.78, user_bias_scale=0.74)
 # The CLI's overrides of a profile, with their help. selection_strength is how far a user's picks follow
 # their genre tastes: lower leaves a window's items less telling of its ratings.
 OVERRIDES = {
-    "item_quality_scale": "override the profile's item bias scale (0.64, with --user_bias_scale=0.48, gives "
-                          "the ml-100k profile before its bias scales were fitted to the real file's baselines)",
+    "item_quality_scale": "override the profile's item bias scale",
     "user_bias_scale": "override the profile's user bias scale",
     "selection_strength": "override how strongly a user's picks follow their genre tastes (default 1.5)",
+    "taste_scale": "override how much a user's genre tastes move their ratings",
+    "idiosyncrasy": "override how much a user's taste for the single item, not its genre, moves a rating",
 }
 PROFILES = {
     "ml-100k": dict(num_users=943, num_items=1682, shares=(0.045, 0.102, 0.264, 0.359, 0.231), num_genres=40,
-                    **ML_100K_BIASES),
+                    **ML_100K_TASTES),
     "ml-100k-12-genres": dict(num_users=943, num_items=1682, shares=(0.045, 0.102, 0.264, 0.359, 0.231),
-                              num_genres=12, **ML_100K_BIASES),
+                              num_genres=12, **ML_100K_TASTES),
+    "ml-100k-genre-tastes": dict(num_users=943, num_items=1682, shares=(0.045, 0.102, 0.264, 0.359, 0.231),
+                                 num_genres=40, taste_scale=0.72, item_quality_scale=0.8, user_bias_scale=0.56),
     "amazon-like": dict(num_users=1500, num_items=2000, shares=(0.08, 0.05, 0.08, 0.19, 0.60), mean_length=60,
                         noise_scale=0.7, taste_scale=0.9, item_quality_scale=0.5, late_drift=-0.3),
 }
@@ -121,7 +130,7 @@ def realistic_ratings(num_users=943, num_items=1682, seed=0, shares=(0.045, 0.10
                       mean_length=134, min_length=20, num_genres=12, genre_concentration=0.5,
                       selection_strength=1.5, taste_scale=0.72, item_quality_scale=0.64, user_bias_scale=0.48,
                       scale_spread=0.14, noise_scale=0.56, late_drift=-0.64, late_noise=0.75,
-                      popularity_exponent=1.39, calibrate_min_item=50, tie_fraction=0.1,
+                      popularity_exponent=1.39, calibrate_min_item=50, tie_fraction=0.1, idiosyncrasy=0.0,
                       start_time=874_724_710):
     """Ratings that behave like real users' (integer ids 1.., whole stars, time order per user).
 
@@ -130,14 +139,17 @@ def realistic_ratings(num_users=943, num_items=1682, seed=0, shares=(0.045, 0.10
     random genre mix tilted towards the genres they like, so the items a user picks carry information
     about their ratings, and the few picks from disliked genres are their rare low ratings. A rating is
 
-        user bias + item quality + spread * taste[genre] + late_drift * t^2
-        + noise * spread * (1 + late_noise * t^2),            t = position in the history / its length,
+        user bias + item quality + spread * (taste[genre] + idiosyncrasy * taste for this item)
+        + late_drift * t^2 + noise * spread * (1 + late_noise * t^2),     t = position in the history / its length,
 
     cut into stars at the quantiles that give `shares` on the items with at least `calibrate_min_item`
     ratings (those the default filter keeps). Later ratings are lower and noisier, as the latest ratings
-    of real users are: the cold-start target is not the easy part of a history.
+    of real users are: the cold-start target is not the easy part of a history. The taste for the single
+    item shows in that rating alone, so no model can learn it; it has its own random stream, so that
+    idiosyncrasy=0 writes the same file as before the setting existed.
     """
     rng = np.random.default_rng(seed)
+    item_taste_rng = np.random.default_rng([seed, 17])
     genre = rng.integers(0, num_genres, num_items)
     popularity = (1.0 / (np.arange(num_items) + 10.0) ** popularity_exponent)[rng.permutation(num_items)]
     popularity /= popularity.sum()
@@ -157,8 +169,9 @@ def realistic_ratings(num_users=943, num_items=1682, seed=0, shares=(0.045, 0.10
         chosen_p = popularity * genre_mix[genre]
         chosen = rng.choice(num_items, lengths[u], replace=False, p=chosen_p / chosen_p.sum())
         late = (np.arange(lengths[u]) / max(lengths[u] - 1, 1)) ** 2
-        values.append(user_bias[u] + quality[chosen] + taste_scale * spread[u] * taste[u, genre[chosen]]
-                      + late_drift * late
+        item_taste = idiosyncrasy * item_taste_rng.normal(0.0, 1.0, lengths[u]) if idiosyncrasy else 0.0
+        values.append(user_bias[u] + quality[chosen]
+                      + spread[u] * (taste_scale * taste[u, genre[chosen]] + item_taste) + late_drift * late
                       + rng.normal(0.0, 1.0, lengths[u]) * noise_scale * spread[u] * (1 + late_noise * late))
         items.append(chosen)
     user_of = np.repeat(np.arange(num_users), lengths)

@@ -11,6 +11,7 @@ import threading
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -667,3 +668,16 @@ def test_the_generator_cli_overrides_reach_the_profile(tmp_path, capsys):
     sy.write_movielens(str(direct), fmt="ml-100k", num_users=sizes["num_users"], num_items=sizes["num_items"],
                        seed=100, profile="ml-100k", selection_strength=0.75)
     assert changed.read_bytes() == direct.read_bytes() != default.read_bytes()
+
+
+def test_the_taste_for_the_single_item_changes_ratings_alone():
+    """idiosyncrasy draws from its own stream: the same users pick the same items at the same times, only
+    the ratings move (so that profiles differing in it differ in nothing else), and at 0 nothing moves."""
+    kwargs = dict(num_users=60, num_items=300, seed=5, mean_length=40)
+    plain = sy.realistic_ratings(**kwargs, idiosyncrasy=0.0)
+    again = sy.realistic_ratings(**kwargs, idiosyncrasy=0.0)
+    noisy = sy.realistic_ratings(**kwargs, idiosyncrasy=0.7)
+    pd.testing.assert_frame_equal(plain, again)
+    pd.testing.assert_frame_equal(plain.drop(columns="rating"), noisy.drop(columns="rating"))
+    moved = (plain["rating"] != noisy["rating"]).mean()
+    assert 0.2 < moved < 0.9, moved
