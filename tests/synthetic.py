@@ -114,13 +114,12 @@ OVERRIDES = {
     "taste_scale": "override how much a user's genre tastes move their ratings",
     "idiosyncrasy": "override how much a user's taste for the single item, not its genre, moves a rating",
 }
+ML_100K_SHAPE = dict(num_users=943, num_items=1682, shares=(0.045, 0.102, 0.264, 0.359, 0.231))
 PROFILES = {
-    "ml-100k": dict(num_users=943, num_items=1682, shares=(0.045, 0.102, 0.264, 0.359, 0.231), num_genres=40,
-                    **ML_100K_TASTES),
-    "ml-100k-12-genres": dict(num_users=943, num_items=1682, shares=(0.045, 0.102, 0.264, 0.359, 0.231),
-                              num_genres=12, **ML_100K_TASTES),
-    "ml-100k-genre-tastes": dict(num_users=943, num_items=1682, shares=(0.045, 0.102, 0.264, 0.359, 0.231),
-                                 num_genres=40, taste_scale=0.72, item_quality_scale=0.8, user_bias_scale=0.56),
+    "ml-100k": dict(**ML_100K_SHAPE, num_genres=40, **ML_100K_TASTES),
+    "ml-100k-12-genres": dict(**ML_100K_SHAPE, num_genres=12, **ML_100K_TASTES),
+    "ml-100k-genre-tastes": dict(**ML_100K_SHAPE, num_genres=40, taste_scale=0.72, item_quality_scale=0.8,
+                                 user_bias_scale=0.56),
     "amazon-like": dict(num_users=1500, num_items=2000, shares=(0.08, 0.05, 0.08, 0.19, 0.60), mean_length=60,
                         noise_scale=0.7, taste_scale=0.9, item_quality_scale=0.5, late_drift=-0.3),
 }

@@ -26,6 +26,10 @@ from synthetic import write_movielens  # noqa: E402
 
 RECORDED = os.path.join(HERE, "recorded_numbers.json")
 BACKBONES = ("bert4rec", "sasrec", "gru4rec", "narm")
+HEADS = ("plain", "bias")
+# what a report says about the method: the errors, the step whose weights were tested, and the analysis
+KEYS = ("rmse", "mae", "mean_per_rating_rmse", "adaptive_weight_by_rating", "query_gradient_by_rating",
+        "query_gradient_by_share")
 # Recorded with requirements.txt's torch. Another release rounds the transformers' float kernels
 # differently and a few training steps amplify it (torch 2.11: every BERT4Rec and SASRec run is off by
 # up to a few per cent, while GRU4Rec, NARM and the baselines agree to the last bit), so there only those
@@ -42,10 +46,6 @@ def pinned_torch():
 
 def on_pinned_torch():
     return torch.__version__.startswith(pinned_torch())
-HEADS = ("plain", "bias")
-# what a report says about the method: the errors, the step whose weights were tested, and the analysis
-KEYS = ("rmse", "mae", "mean_per_rating_rmse", "adaptive_weight_by_rating", "query_gradient_by_rating",
-        "query_gradient_by_share")
 
 
 def flags(folder, out, *extra):
