@@ -258,14 +258,19 @@ def choose(name, val_tasks, fitted, max_rating, select_by):
 
 def bias_start(data, dataset, args):
     """Where the bias rating head starts (`Backbone.set_bias_start`), normalised: the training users' mean
-    μ and, with --bias_start=fold-in, the user + item bias fold-in's item biases, its regularisation
-    chosen on the validation users as for its own report (zero biases with --bias_start=zero)."""
+    μ; with --bias_start=fold-in, the user + item bias fold-in's item biases (zero biases with
+    --bias_start=zero); with --user_bias_start=fold-in, its user-bias shrinkage λ_user (else None). The
+    fold-in's regularisation is chosen on the validation users as for its own report."""
     fitted = Fitted(data, dataset.train_users, args.random_seed)
-    biases = None
-    if args.bias_start == "fold-in":
-        (item_reg, _), _ = choose("user-item-bias", dataset.val_tasks(), fitted, data.max_rating, args.select_by)
-        biases = item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items) / data.max_rating
-    return fitted.mean / data.max_rating, biases
+    biases = user_reg = None
+    if args.bias_start == "fold-in" or args.user_bias_start == "fold-in":
+        (item_reg, chosen_user_reg), _ = choose("user-item-bias", dataset.val_tasks(), fitted, data.max_rating,
+                                                args.select_by)
+        if args.bias_start == "fold-in":
+            biases = item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items) / data.max_rating
+        if args.user_bias_start == "fold-in":
+            user_reg = chosen_user_reg
+    return fitted.mean / data.max_rating, biases, user_reg
 
 
 def chosen_fields(name, value):

@@ -61,7 +61,7 @@ def load_pretrained(args, learner, fingerprint):
                         f"--mode={args.mode} --save_pretrained=True first")
     exported = checkpointing.read_saved_dict(path, "pretrained export")
     checkpointing.check_data(exported.get("data_fingerprint"), fingerprint, path, "pretrained export")
-    saved = runs.saved_shape(exported.get("shape_options", {}))
+    saved = runs.saved_shape(exported.get("shape_options", {}), vars(args))
     differing = checkpointing.option_differences(saved, vars(args), SPLIT_OPTIONS)
     if differing:
         raise MeloError(f"pretrained weights {path} were trained under another user split "

@@ -49,6 +49,30 @@ def adapted_parameter_names(backbone, inner_params="all", adapt_user_bias=True, 
     return names
 
 
+def fold_in_shift(residuals, items, mask, reg):
+    """The fold-in's user bias from a support set's residuals y − ŷ [..., L] at item ids `items` and real
+    positions `mask`: Σ over its distinct items of their mean residual, / (number of distinct items + reg).
+    An item in several (overlapping) windows counts once, as in baselines.user_item_bias; 0 if nothing
+    is real and reg = 0. Pure tensor code (no data-dependent shapes), so it runs under vmap."""
+    items, real = items.flatten(), mask.flatten()
+    multiplicity = ((items[:, None] == items[None, :]) & real[None, :]).sum(1).clamp_min(1)
+    share = real.to(residuals.dtype) / multiplicity  # 1/m at each of an item's m real positions
+    total, count = (residuals.flatten() * share).sum(), share.sum() + reg
+    return torch.where(count > 0, total / count.clamp_min(1e-12), torch.zeros_like(total))
+
+
+def start_user_bias(backbone, params, items, labels, mask):
+    """`params` with b_user moved, for this task, to the fold-in's shrunk estimate from its support set
+    (items, labels, mask): b_user + fold_in_shift of the residuals at b_user, with the backbone's
+    `user_bias_reg` as λ. With f ≡ 0 and b_user = 0 that is the user + item bias fold-in exactly: the
+    inner loop (or fine-tuning) starts where the fold-in ends. `params` unchanged without that start."""
+    if getattr(backbone, "user_bias_reg", None) is None:
+        return params
+    predictions = functional_call(backbone, params, (items,))
+    shift = fold_in_shift(labels - predictions, items, mask, backbone.user_bias_reg)
+    return {**params, USER_BIAS: params[USER_BIAS] + shift}
+
+
 def multi_step_loss_weights(iteration, num_steps, msl_iterations):
     """MAML++'s importance vector over inner steps at `iteration`.
 
@@ -141,6 +165,7 @@ class MetaLearner(nn.Module):
         support_items, support_labels, support_mask = support
         query_items, query_labels, query_mask = query
         num_support = support_items.shape[0]
+        params = start_user_bias(self.backbone, params, support_items, support_labels, support_mask)
         params, fixed = self.split_adapted(params)
         # first order: the support gradient is taken at detached copies of every parameter, fixed ones too
         support_fixed = {n: p.detach() for n, p in fixed.items()} if first_order else fixed

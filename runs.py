@@ -18,7 +18,7 @@ from options import MeloError
 # The backbones' own size flags join them (`shape_option_names`).
 META_SHAPE_OPTIONS = (
     "model", "mode", "max_seq_len", "num_inner_steps", "use_adaptive_loss", "use_learnable_params",
-    "rating_head", "inner_params", "adapt_user_bias", "adapt_item_bias",
+    "rating_head", "user_bias_start", "inner_params", "adapt_user_bias", "adapt_item_bias",
     "lstm_input_size", "lstm_hidden", "lstm_num_layers", "use_mlp", "use_mlp_mean", "use_step_loss",
     "loss_num_layers", "task_info_loss", "task_info_rating_mean", "task_info_rating_std",
     "task_info_labels", "task_info_predictions", "adaptive_weights", "task_state",
@@ -28,12 +28,13 @@ META_SHAPE_OPTIONS = (
 # Shape options added after checkpoints were first written, with the value every earlier checkpoint had:
 # an old checkpoint is compared as if it recorded it (so one of the plain head is refused by name under
 # today's default bias head, not loaded half-way).
-PREDATED = {"rating_head": "plain"}
+PREDATED = {"rating_head": "plain", "user_bias_start": "learned"}
 
 
-def saved_shape(checkpoint_shape):
-    """A checkpoint's or export's recorded shape options, with PREDATED's values for those it predates."""
-    return {**PREDATED, **checkpoint_shape}
+def saved_shape(checkpoint_shape, current):
+    """A checkpoint's or export's recorded shape options, with PREDATED's values for those it predates
+    among the `current` ones (a Basic checkpoint never records user_bias_start: nothing to compare)."""
+    return {**{key: value for key, value in PREDATED.items() if key in current}, **checkpoint_shape}
 
 
 # Options that shape the training trajectory but not the checkpoint: resuming with other values works

@@ -64,7 +64,7 @@ import metrics
 import runs
 import tuning
 from dataloader import STREAM_WINDOWS
-from meta_learner import adapt
+from meta_learner import adapt, start_user_bias
 from models import export_weights, model_factory
 from models.loss_networks import RatingSequenceEncoder, masked_mean
 from options import MeloError, build_parser, run_cli
@@ -199,13 +199,14 @@ class BaselineTrainer(Trainer):
     # ------------------------------------------------------------------ evaluation
     def predict(self, tasks, lr=None, record=None):
         """Predicted stars [R, T, Q] for the last position of every query window, after each of the R
-        fine-tuning step counts in `record` (default: --finetune_steps; 0 = the backbone as it is) with
-        SGD learning rate `lr` (default --finetune_lr), a copy of the weights per task."""
+        fine-tuning step counts in `record` (default: --finetune_steps; 0 = the backbone as it is, but for
+        b_user's fold-in start under --user_bias_start=fold-in) with SGD learning rate `lr` (default
+        --finetune_lr), a copy of the weights per task."""
         lr = self.args.finetune_lr if lr is None else lr
         record = (self.args.finetune_steps,) if record is None else tuple(record)
         self.model.eval()
         predictions = []
-        if max(record):
+        if max(record) or self.model.user_bias_reg is not None:  # the fold-in start of b_user needs the support set
             for start in range(0, len(tasks), self.args.batch_size):
                 chunk = tasks.select(slice(start, start + self.args.batch_size)).to(self.device)
                 predictions.append(self.finetuned_predictions(chunk, lr, record).cpu())
@@ -241,13 +242,15 @@ class BaselineTrainer(Trainer):
             def query(current):
                 return functional_call(model, {**current, **buffers}, (query_items,))[:, -1]
 
-            recorded = {0: query(params)} if 0 in record else {}
+            start = start_user_bias(model, {**params, **buffers}, items, labels, items != 0)
+            start = {name: start[name] for name in params}
+            recorded = {0: query(start)} if 0 in record else {}
 
             def after_step(step, current, aux):
                 if step + 1 in record:
                     recorded[step + 1] = query(current)
 
-            adapt(params, support_loss, sgd, max(record), after_step=after_step)
+            adapt(start, support_loss, sgd, max(record), after_step=after_step)
             return torch.stack([recorded[step] for step in record])
 
         labels = tasks.support_ratings / self.max_rating

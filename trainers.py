@@ -98,7 +98,7 @@ class Trainer:
         path = self.checkpoint_path(step)
         checkpointing.require_keys(checkpoint, ("step", "shape_options", "best_rmse", "best_step", *self.required),
                                    path)
-        checkpointing.check_compatible(runs.saved_shape(checkpoint["shape_options"]), self.shape, path)
+        checkpointing.check_compatible(runs.saved_shape(checkpoint["shape_options"], self.shape), self.shape, path)
         checkpointing.check_data(checkpoint.get("data_fingerprint"), self.fingerprint, path)
         self.step = checkpoint["step"]
         self.log_folder = checkpointing.checked_log_folder(checkpoint.get("log_folder"), path)

@@ -46,7 +46,9 @@ class Backbone(nn.Module):
     with μ the training users' mean rating (a buffer, set by the trainer), b_item a table indexed by item
     id like the embedding (`item_bias.weight`, so the inner loop's small per-task item table covers it),
     b_user one scalar parameter that the inner loop adapts per task with its own learned rate (so one
-    inner step on it alone is the user-bias fold-in), and f the network's residual on top. The plain head
+    inner step on it alone is the user-bias fold-in), and f the network's residual on top. With
+    `user_bias_reg` set (--user_bias_start=fold-in), each task's b_user first moves to the fold-in's shrunk
+    estimate from its support set (`meta_learner.start_user_bias`): with f ≡ 0 the head is then the fold-in. The plain head
     is the same with μ + b_user + b_item replaced by the constant 0.6: f keeps the plain head's slope and
     bound, so the step sizes that suit one suit the other (a linear f made BERT4Rec's fine-tuning and
     inner loop diverge at the plain head's rates, 0.1 and above).
@@ -60,6 +62,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.num_items = num_items
         self.rating_head = "plain"
+        self.user_bias_reg = None  # λ of the per-task fold-in start of b_user; None: its meta-learned value
 
     @classmethod
     def from_args(cls, args, num_items):
@@ -78,11 +81,13 @@ class Backbone(nn.Module):
             self.head.bias.zero_()
         return self
 
-    def set_bias_start(self, mean, item_biases=None):
+    def set_bias_start(self, mean, item_biases=None, user_bias_reg=None):
         """Where the bias head starts: μ and (optionally) the item-bias table [num_items + 1], normalised
-        ratings (stars / max rating); nothing for the plain head."""
+        ratings (stars / max rating), and `user_bias_reg`, the shrinkage λ (in items) of each task's fold-in
+        start of b_user (None: no such start); nothing for the plain head."""
         if self.rating_head != "bias":
             return
+        self.user_bias_reg = None if user_bias_reg is None else float(user_bias_reg)
         with torch.no_grad():
             self.global_mean.fill_(float(mean))
             if item_biases is not None:

@@ -26,7 +26,7 @@ MU = 0.7
 
 def bias_learner(model, *flags):
     learner = make_learner(model, "--rating_head=bias", *flags)
-    learner.backbone.set_bias_start(MU)
+    learner.backbone.set_bias_start(MU, user_bias_reg=3.0 if "--user_bias_start=fold-in" in flags else None)
     return learner
 
 
@@ -100,6 +100,39 @@ def test_one_inner_step_on_the_user_bias_is_the_closed_form_fold_in(float64):
         torch.testing.assert_close(user_bias, fold_in.expand_as(user_bias), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("model", ["gru4rec", "bert4rec"])
+def test_the_fold_in_start_of_the_user_bias_is_the_closed_form_fold_in(float64, model):
+    # --user_bias_start=fold-in: f ≡ 0 (untrained), every inner rate 0, b_user's meta-learned value 0: each
+    # task's prediction is the user + item bias fold-in of baselines.py, shrinkage and repeated items alike
+    learner = bias_learner(model, "--use_adaptive_loss=False", "--num_inner_steps=1", "--inner_lr=0",
+                           "--user_bias_lr=0", "--user_bias_start=fold-in").eval()
+    backbone = learner.backbone
+    biases = 0.2 * torch.randn(NUM_ITEMS + 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    biases[0] = 0
+    backbone.set_bias_start(MU, biases, user_bias_reg=2.5)
+    batch = random_batch()
+    batch.support_items[1, 1, -3:] = batch.support_items[1, 0, -3:]  # items in two windows, other ratings
+    predicted = learner.predict(batch)
+    sets = baselines.support_sets(batch.support_items.numpy(), batch.support_ratings.numpy(),
+                                  batch.support_mask.numpy())
+    assert any(len(items) < (batch.support_items[task] > 0).sum() for task, (items, _) in enumerate(sets))
+    expected = baselines.user_item_bias(sets, batch.query_items[:, :, -1].numpy(), MU * 5, biases.numpy() * 5,
+                                        2.5, -math.inf, math.inf)
+    torch.testing.assert_close(predicted, torch.from_numpy(expected), rtol=0, atol=1e-6)
+    # the meta-learned b_user is the prior the shift shrinks towards: b + Σ(r − ŷ(b)) / (n + λ)
+    with torch.no_grad():
+        backbone.user_bias.fill_(0.1)
+    shrunk_towards = learner.predict(batch) - predicted
+    counts = torch.tensor([float(len(items)) for items, _ in sets])
+    torch.testing.assert_close(shrunk_towards, (0.5 * 2.5 / (counts + 2.5))[:, None].expand_as(predicted),
+                               rtol=0, atol=1e-6)
+    # the start keeps its graph: the meta-gradient of b_user's meta-learned value is λ / (n + λ) per task
+    learner.zero_grad()
+    learner.run_tasks(batch, (0,))[1].sum().backward()
+    torch.testing.assert_close(backbone.user_bias.grad, (2.5 / (counts + 2.5)).sum() * batch.query_items.shape[1],
+                               rtol=0, atol=1e-6)
+
+
 def test_the_user_bias_has_its_own_learned_rate_and_second_order_meta_gradients(float64):
     learner = bias_learner("sasrec", "--use_adaptive_loss=False", "--num_inner_steps=2")
     leave_the_start(learner.backbone)
@@ -122,7 +155,8 @@ def test_the_user_bias_has_its_own_learned_rate_and_second_order_meta_gradients(
 
 
 @pytest.mark.parametrize("model", ["bert4rec", "gru4rec"])
-@pytest.mark.parametrize("flags", [[], ["--inner_params=head"], ["--adapt_user_bias=False", "--adapt_item_bias=False"]])
+@pytest.mark.parametrize("flags", [[], ["--inner_params=head"], ["--adapt_user_bias=False", "--adapt_item_bias=False"],
+                                   ["--user_bias_start=fold-in"], ["--user_bias_start=fold-in", "--adapt_user_bias=False"]])
 def test_fast_path_equals_the_per_task_path_with_the_bias_head(float64, model, flags):
     learner = bias_learner(model, "--use_adaptive_loss=True", *flags)
     leave_the_start(learner.backbone)
@@ -196,6 +230,28 @@ def test_the_bias_head_starts_at_the_fold_in_and_basic_hands_it_to_maml(ratings_
     plain[plain.index("--rating_head=bias")] = "--rating_head=plain"
     with pytest.raises(options.MeloError, match="have the bias rating head and this run the plain one"):
         main.main(options.parse_args(plain))
+
+
+def test_basic_and_fine_tuning_start_the_user_bias_at_the_fold_in(ratings_file, tmp_path):
+    # an untrained Basic model (f ≡ 0, item biases from the fold-in) tested without steps is the fold-in
+    # baseline before its clipping; with --user_bias_start=learned it ignores the user: μ + b_item
+    trainer = train_original.BaselineTrainer(
+        options.parse_args(run_flags(ratings_file, tmp_path, "--user_bias_start=fold-in")), Distributed("cpu"))
+    tasks = trainer.dataset.test_tasks()
+    fitted = baselines.Fitted(trainer.data, trainer.dataset.train_users)
+    (item_reg, user_reg), _ = baselines.choose("user-item-bias", trainer.dataset.val_tasks(), fitted, 5.0, "rmse")
+    assert trainer.model.user_bias_reg == user_reg
+    biases = baselines.item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items)
+    expected = torch.from_numpy(baselines.user_item_bias(baselines.sets_of(tasks), tasks.query_items[:, :, -1].numpy(),
+                                                         fitted.mean, biases, user_reg, -math.inf, math.inf))
+    zero_and_two_steps = trainer.predictions(tasks, lr=0.0, record=(0, 2))
+    for predicted in zero_and_two_steps:  # at lr 0, fine-tuning stays at the start
+        torch.testing.assert_close(predicted, expected, rtol=0, atol=1e-4)
+    learned = train_original.BaselineTrainer(options.parse_args(run_flags(ratings_file, tmp_path)), Distributed("cpu"))
+    assert learned.model.user_bias_reg is None
+    torch.testing.assert_close(learned.predictions(tasks, record=(0,))[0],
+                               torch.from_numpy(fitted.mean + biases[tasks.query_items[:, :, -1].numpy()]),
+                               rtol=0, atol=1e-4)
 
 
 def test_a_checkpoint_of_the_other_head_is_refused_by_name(ratings_file, tmp_path):
