@@ -33,6 +33,8 @@ from models import BACKBONES
 from options import MeloError
 from runtime import write_atomic
 
+# the recipe the bias-head variants below were measured with: from Basic, b_user at its meta-learned value
+LEARNED_USER_BASIC = ("--user_bias_start=learned", *study.START_FLAGS["basic"])
 # name: (what it is, its flags). Every variant gets the shared flags first, so its own flags win.
 VARIANTS = {
     "maml": ("MAML++ at the current defaults", ["--use_adaptive_loss=False"]),
@@ -76,35 +78,48 @@ VARIANTS = {
     "melo-ft-start": ("MELO from the whole Basic model, inner lr 0.1, query target",
                       ["--use_adaptive_loss=True", *study.START_FLAGS["basic"]]),
     # The bias rating head (μ + b_user + b_item + f), each from a Basic model trained with the same head,
-    # on the recipe above: what it brings, and what of it the inner loop should adapt.
+    # on the recipe above, b_user starting at its meta-learned value (as they were measured): what the head
+    # brings, and what of it the inner loop should adapt.
     "maml-bias": ("MAML++, bias head, from Basic (bias head)",
-                  ["--use_adaptive_loss=False", "--rating_head=bias", *study.START_FLAGS["basic"]]),
+                  ["--use_adaptive_loss=False", "--rating_head=bias", *LEARNED_USER_BASIC]),
     "melo-bias": ("MELO, bias head, from Basic (bias head)",
-                  ["--use_adaptive_loss=True", "--rating_head=bias", *study.START_FLAGS["basic"]]),
+                  ["--use_adaptive_loss=True", "--rating_head=bias", *LEARNED_USER_BASIC]),
     "maml-bias-user-frozen": ("MAML++, bias head, b_user not adapted",
                               ["--use_adaptive_loss=False", "--rating_head=bias", "--adapt_user_bias=False",
-                               *study.START_FLAGS["basic"]]),
+                               *LEARNED_USER_BASIC]),
     "maml-bias-item-outer": ("MAML++, bias head, b_item only in the outer loop",
                              ["--use_adaptive_loss=False", "--rating_head=bias", "--adapt_item_bias=False",
-                              *study.START_FLAGS["basic"]]),
+                              *LEARNED_USER_BASIC]),
     "maml-bias-head-only": ("MAML++, bias head, inner loop adapts head and biases only (ANIL)",
                             ["--use_adaptive_loss=False", "--rating_head=bias", "--inner_params=head",
-                             *study.START_FLAGS["basic"]]),
+                             *LEARNED_USER_BASIC]),
     "melo-bias-head-only": ("MELO, bias head, inner loop adapts head and biases only (ANIL)",
                             ["--use_adaptive_loss=True", "--rating_head=bias", "--inner_params=head",
-                             *study.START_FLAGS["basic"]]),
+                             *LEARNED_USER_BASIC]),
     "maml-bias-decay": ("MAML++, bias head, outer weight decay 1e-4",
                         ["--use_adaptive_loss=False", "--rating_head=bias", "--outer_weight_decay=1e-4",
-                         *study.START_FLAGS["basic"]]),
+                         *LEARNED_USER_BASIC]),
     "maml-bias-dropout": ("MAML++, bias head, transformer dropout 0.3",
                           ["--use_adaptive_loss=False", "--rating_head=bias", "--bert_dropout=0.3",
-                           *study.START_FLAGS["basic"]]),
+                           *LEARNED_USER_BASIC]),
     "maml-bias-user-rate": ("MAML++, bias head, b_user's inner rate starting at 0.5 (one step: the fold-in)",
                             ["--use_adaptive_loss=False", "--rating_head=bias", "--user_bias_lr=0.5",
-                             *study.START_FLAGS["basic"]]),
+                             *LEARNED_USER_BASIC]),
     "melo-bias-user-rate": ("MELO, bias head, b_user's inner rate starting at 0.5 (one step: the fold-in)",
                             ["--use_adaptive_loss=True", "--rating_head=bias", "--user_bias_lr=0.5",
-                             *study.START_FLAGS["basic"]]),
+                             *LEARNED_USER_BASIC]),
+    # compare.py's default start: the untrained meta-learner is the fold-in (f ≡ 0, b_user at its fold-in
+    # start); and the two halves of that recipe apart
+    "maml-fold-in": ("MAML++ from the fold-in: random weights, f = 0, b_user at the fold-in",
+                     ["--use_adaptive_loss=False", "--user_bias_start=fold-in", *study.START_FLAGS["fold-in"]]),
+    "melo-fold-in": ("MELO from the fold-in: random weights, f = 0, b_user at the fold-in",
+                     ["--use_adaptive_loss=True", "--user_bias_start=fold-in", *study.START_FLAGS["fold-in"]]),
+    "maml-random-learned-user": ("MAML++ from random weights, f = 0, b_user at its meta-learned value",
+                                 ["--use_adaptive_loss=False", "--user_bias_start=learned",
+                                  *study.START_FLAGS["fold-in"]]),
+    "maml-basic-fold-in-user": ("MAML++ from the whole Basic model, b_user at the fold-in",
+                                ["--use_adaptive_loss=False", "--user_bias_start=fold-in",
+                                 *study.START_FLAGS["basic"]]),
 }
 # Set by this script for each run; not allowed among the shared flags.
 CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "log_dir",

@@ -13,8 +13,9 @@ For each seed and backbone it runs, each in a fresh process (`python main.py ...
   lr and steps chosen on the validation users from `--finetune_lr_grid` x `--finetune_steps_grid`;
 * MAML (`--use_adaptive_loss=False`) and MELO: `main.py` for `--num_train_iterations` iterations, then
   `--checkpoint_step=<iterations> --test` (the last checkpoint, holding the best-by-validation weights),
-  both started as `--start` says (START_FLAGS): by default from the whole trained Basic model, which then
-  exports its weights;
+  both started as `--start` says (START_FLAGS): by default from the fold-in (random weights with the bias
+  head's f = 0 and b_user at its fold-in start: the untrained meta-learner is the user + item bias fold-in);
+  with `--start=basic` from the whole trained Basic model, which then exports its weights;
 * once per seed, each baseline of baselines.py (`main.py --test_baseline --baseline=<name>`).
 
 `--vary` says what a seed changes: `random_seed` (the user split, the tasks, the training order: run k
@@ -87,10 +88,12 @@ def build_parser():
              "0 = no Fine-tune row")
     add("--finetune_lr_grid", type=options.comma_list(options.learning_rate), default="0.01,0.03,0.1,0.3",
         help=f"Fine-tune row: SGD learning rates chosen from on the validation users (0 to {options.LR_MAX:g})")
-    add("--start", default="basic", choices=tuple(START_FLAGS),
-        help="how MAML and MELO start: basic = from the whole Basic model, inner lr 0.1, outer loss on the "
-             "query target (--load_pretrained=True --inner_lr=0.1 --query_loss=target); embedding = from "
-             "Basic's item embedding (the original recipe); random = from random weights at main.py's defaults")
+    add("--start", default="fold-in", choices=tuple(START_FLAGS),
+        help="how MAML and MELO start: fold-in = from random weights with the bias head's f = 0 and b_user at "
+             "its fold-in start, so that they start as the user + item bias fold-in, inner lr 0.1, outer loss "
+             "on the query target (--inner_lr=0.1 --query_loss=target); basic = the same from the whole Basic "
+             "model (--load_pretrained=True); embedding = from Basic's item embedding (the original recipe); "
+             "random = from random weights at main.py's defaults")
     add("--rating_head", default="bias", choices=RATING_HEADS,
         help="the rating head of every network (Basic, Fine-tune, MAML, MELO; main.py's --rating_head): bias "
              "= mu + b_user + b_item + the network's residual, the item biases starting at the fold-in's "
@@ -136,7 +139,7 @@ class Config:
     finetune_lr_grid: list
     root: str               # <results_dir>/<mode>
     extra: list             # passed-through main.py flags
-    start: str = "basic"    # a key of START_FLAGS
+    start: str = "fold-in"  # a key of START_FLAGS
     vary: str = "random_seed"
     bootstrap: int = 2000
     bootstrap_seed: int = 0
@@ -284,7 +287,7 @@ def with_predictions(method):
 
 
 def basic_piece(config, seed, shared, model, finetune, fingerprint):
-    """Basic (trains if its last checkpoint is missing, exporting its weights unless --start=random, then
+    """Basic (trains if its last checkpoint is missing, exporting its weights when the start loads them, then
     tests) or Fine-tune (tests the Basic checkpoint, which the Basic piece before it trains, with lr and
     steps chosen on validation)."""
     flags = shared + [f"--model={model}", f"--pretrain_epochs={config.epochs}"]
@@ -299,7 +302,8 @@ def basic_piece(config, seed, shared, model, finetune, fingerprint):
     remake(piece.name, problem)
     piece.steps = [("test", "train_original.py", flags + [f"--checkpoint_step={config.epochs}", "--test"] + tuning)]
     if not finetune:  # Fine-tune tests the checkpoint that the Basic piece before it (re)makes
-        export = ["--save_pretrained=True"] if START_FLAGS[config.start] else []
+        export = ["--save_pretrained=True"] if any(flag.startswith("--load_pretrained")
+                                                   for flag in START_FLAGS[config.start]) else []
         train = training_need("train_original.py", flags + export, args.pretrain_log_dir,
                               runs.basic_prefix(args), config.epochs, fingerprint)
         piece.steps[:0] = [train] if train else []

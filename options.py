@@ -169,7 +169,7 @@ def build_parser():
     add("--bias_start", default="fold-in", choices=("fold-in", "zero"),
         help="--rating_head=bias: the item biases start at the user + item bias fold-in's (closed form on the "
              "training users, regularisation chosen on validation) or at zero; mu is the training users' mean")
-    add("--user_bias_start", default="learned", choices=("learned", "fold-in"),
+    add("--user_bias_start", default="fold-in", choices=("fold-in", "learned"),
         help="--rating_head=bias: where each user's b_user starts before the inner loop (and fine-tuning): at "
              "its meta-learned value (learned), or moved from it to the user + item bias fold-in's shrunk "
              "estimate from the support set's residuals (fold-in; lambda_user chosen on validation as for the "

@@ -247,7 +247,8 @@ def test_basic_and_fine_tuning_start_the_user_bias_at_the_fold_in(ratings_file, 
     zero_and_two_steps = trainer.predictions(tasks, lr=0.0, record=(0, 2))
     for predicted in zero_and_two_steps:  # at lr 0, fine-tuning stays at the start
         torch.testing.assert_close(predicted, expected, rtol=0, atol=1e-4)
-    learned = train_original.BaselineTrainer(options.parse_args(run_flags(ratings_file, tmp_path)), Distributed("cpu"))
+    learned = train_original.BaselineTrainer(
+        options.parse_args(run_flags(ratings_file, tmp_path, "--user_bias_start=learned")), Distributed("cpu"))
     assert learned.model.user_bias_reg is None
     torch.testing.assert_close(learned.predictions(tasks, record=(0,))[0],
                                torch.from_numpy(fitted.mean + biases[tasks.query_items[:, :, -1].numpy()]),

@@ -110,15 +110,17 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
         ("train_original.py", False), ("train_original.py", True), ("train_original.py", True), ("main.py", False),
         ("main.py", True), ("main.py", False), ("main.py", True)] * 2
     assert all("--random_seed=222" in a and "--select_by=mean_per_rating_rmse" in a for _, a in calls)
-    # --start=basic (the default): Basic exports its weights, MAML and MELO start from the whole model with
-    # the recipe's inner lr and outer loss, at training and in their tests' records alike
+    # --start=fold-in (the default): Basic exports nothing, MAML and MELO start from random weights (f ≡ 0,
+    # b_user at its fold-in start) with the recipe's inner lr and outer loss, at training and in their
+    # tests' records alike
     trainings = [a for script, a in calls if "--test" not in a and "--test_baseline" not in a]
-    assert ["--save_pretrained=True" in a for a in trainings] == [True, False, False] * 2
+    assert ["--save_pretrained=True" in a for a in trainings] == [False, False, False] * 2
     meta_runs = [options.parse_args(a) for script, a in calls if script == "main.py" and "--test_baseline" not in a]
-    assert ("from the whole Basic model (inner lr 0.1, outer loss on the query target; MELO's weights "
-            f"{options.parse_args([]).adaptive_weights}, task state static)") in text
-    assert len(meta_runs) == 8 and all(args.load_pretrained and not args.load_pretrained_embedding and
-                                       args.inner_lr == 0.1 and args.query_loss == "target" for args in meta_runs)
+    assert ("from the fold-in (random weights, f = 0) (inner lr 0.1, outer loss on the query target; MELO's "
+            f"weights {options.parse_args([]).adaptive_weights}, task state static)") in text
+    assert len(meta_runs) == 8 and all(not args.load_pretrained and not args.load_pretrained_embedding and
+                                       args.user_bias_start == "fold-in" and args.inner_lr == 0.1 and
+                                       args.query_loss == "target" for args in meta_runs)
 
     root = tmp_path / "results" / "ml-100k"
     assert (root / "comparison.md").read_text() == text
@@ -355,9 +357,13 @@ def test_start_chooses_the_meta_learners_first_weights(ratings_file, tmp_path):
     assert (maml.inner_lr, maml.query_loss) == (1e-3, "all")  # main.py's defaults
     basic, maml = meta_training_args("--start=random")
     assert not (basic.save_pretrained or maml.load_pretrained or maml.load_pretrained_embedding)
-    # the passed-through flags win over the recipe's
-    _, maml = meta_training_args("--inner_lr=0.05")
-    assert maml.load_pretrained and (maml.inner_lr, maml.query_loss) == (0.05, "target")
+    assert (maml.inner_lr, maml.query_loss) == (1e-3, "all")
+    basic, maml = meta_training_args("--start=basic")
+    assert basic.save_pretrained and maml.load_pretrained and (maml.inner_lr, maml.query_loss) == (0.1, "target")
+    # the default: random weights with the recipe's inner lr and outer loss; passed-through flags win
+    basic, maml = meta_training_args("--inner_lr=0.05")
+    assert not (basic.save_pretrained or maml.load_pretrained or maml.load_pretrained_embedding)
+    assert (maml.inner_lr, maml.query_loss, maml.user_bias_start) == (0.05, "target", "fold-in")
 
 
 def test_a_folder_from_before_start_keeps_its_recipe(ratings_file, tmp_path):
@@ -368,7 +374,7 @@ def test_a_folder_from_before_start_keeps_its_recipe(ratings_file, tmp_path):
     settings.pop("start")
     compare.record_settings(config, {**settings, "pretrained": False})
     compare.check_settings(config)  # the same recipe: accepted
-    with pytest.raises(options.MeloError, match=r"other settings: .*start='random' \(now 'basic'\)"):
+    with pytest.raises(options.MeloError, match=r"other settings: .*start='random' \(now 'fold-in'\)"):
         compare.check_settings(compare.parse(argv(ratings_file, tmp_path)))
 
 

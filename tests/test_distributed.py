@@ -24,8 +24,9 @@ def data_flags(tmp_path, ratings):
             "--num_train_iterations=1", "--log_interval=1",
             # Normalised weights at their neutral start make the loss network's last bias' meta-gradient
             # zero in exact arithmetic; Adam would scale the float noise in it to a full step, which
-            # differs with the process count. Bounded weights give that bias a real gradient.
-            "--adaptive_weights=bounded"]
+            # differs with the process count. Bounded weights give that bias a real gradient. Likewise b_user's
+            # fold-in start, unshrunk here (λ = 0), leaves b_user and the head's bias next to no meta-gradient.
+            "--adaptive_weights=bounded", "--user_bias_start=learned"]
 
 
 def launch(processes, argv, script="main.py"):

@@ -189,6 +189,14 @@ def test_finetuning_adapts_each_user_on_its_support_set(ratings_file, tmp_path):
         model = copy.deepcopy(trainer.model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         items, labels = tasks.support_items[t], tasks.support_ratings[t] / trainer.max_rating
+        # b_user's fold-in start (the default): each distinct support item's mean residual, shrunk by λ
+        with torch.no_grad():
+            residuals = labels - model(items) + model.user_bias
+            by_item = {}
+            for item, residual in zip(items[items != 0].tolist(), residuals[items != 0].tolist()):
+                by_item.setdefault(item, []).append(residual)
+            total = sum(sum(r) / len(r) for r in by_item.values()) + model.user_bias_reg * model.user_bias
+            model.user_bias.copy_(total / (len(by_item) + model.user_bias_reg))
         for _ in range(2):
             optimizer.zero_grad()
             mask = items != 0
