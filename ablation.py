@@ -70,7 +70,7 @@ VARIANTS = {
                        "--query_loss=all"]),
     "melo-pretrained": ("MELO from Basic's item embedding",
                         ["--use_adaptive_loss=True", "--load_pretrained_embedding=True"]),
-    # The recipe of the fine-tuning baseline, meta-learned (compare.py's default --start=basic): start from
+    # The recipe of the fine-tuning baseline, meta-learned (compare.py's --start=basic): start from
     # the whole trained Basic model, inner rates from Fine-tune's lr, and (since the backbone already fits
     # the support items) the outer loss on the held-out target only.
     "maml-ft-start": ("MAML++ from the whole Basic model, inner lr 0.1, query target",
@@ -111,12 +111,12 @@ VARIANTS = {
     # compare.py's default start: the untrained meta-learner is the fold-in (f ≡ 0, b_user at its fold-in
     # start); and the two halves of that recipe apart
     "maml-fold-in": ("MAML++ from the fold-in: random weights, f = 0, b_user at the fold-in",
-                     ["--use_adaptive_loss=False", "--user_bias_start=fold-in", *study.START_FLAGS["fold-in"]]),
+                     ["--use_adaptive_loss=False", *study.START_FLAGS["fold-in"]]),
     "melo-fold-in": ("MELO from the fold-in: random weights, f = 0, b_user at the fold-in",
-                     ["--use_adaptive_loss=True", "--user_bias_start=fold-in", *study.START_FLAGS["fold-in"]]),
+                     ["--use_adaptive_loss=True", *study.START_FLAGS["fold-in"]]),
     "maml-random-learned-user": ("MAML++ from random weights, f = 0, b_user at its meta-learned value",
-                                 ["--use_adaptive_loss=False", "--user_bias_start=learned",
-                                  *study.START_FLAGS["fold-in"]]),
+                                 ["--use_adaptive_loss=False", *study.START_FLAGS["fold-in"],
+                                  "--user_bias_start=learned"]),
     "maml-basic-fold-in-user": ("MAML++ from the whole Basic model, b_user at the fold-in",
                                 ["--use_adaptive_loss=False", "--user_bias_start=fold-in",
                                  *study.START_FLAGS["basic"]]),
@@ -246,8 +246,9 @@ def check_settings(folder, name, args):
     current = resolved_settings(args)
     if os.path.exists(path):
         with open(path) as handle:
-            saved = json.load(handle)
-        differing = checkpointing.option_differences(saved, current, sorted(set(saved) & set(current)))
+            saved = runs.comparable(json.load(handle))  # user_bias_start's value from before the flag
+        compared = runs.comparable(current)
+        differing = checkpointing.option_differences(saved, compared, sorted(set(saved) & set(compared)))
         if differing:
             raise MeloError(f"variant {name} in {folder} was run with other settings: {', '.join(differing)}; "
                             f"use another --results_dir or remove {folder}")

@@ -25,7 +25,7 @@ def support_weights(learner, batch):
 
     def weights_of_task(params, support, context, query):
         items, labels, mask = support
-        params, fixed = learner.split_adapted(params)
+        params, fixed = learner.task_start(params, support)
 
         def loss_and_weights(current, step):  # one forward gives the step's loss and its weights
             predictions = functional_call(learner.backbone, {**fixed, **current}, (items,))

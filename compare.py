@@ -214,8 +214,10 @@ def check_settings(config):
             saved = json.load(handle)
         if "start" not in saved and "pretrained" in saved:  # a folder from before --start
             saved["start"] = "embedding" if saved.pop("pretrained") else "random"
-        # Flags only one side knows (the code gained or lost one since) are not compared.
-        differing = checkpointing.option_differences(saved, current, sorted(set(saved) & set(current)))
+        # Flags only one side knows (the code gained or lost one since) are not compared, but for
+        # user_bias_start, whose value before the flag is known (runs.comparable).
+        saved, compared = runs.comparable(saved), runs.comparable(current)
+        differing = checkpointing.option_differences(saved, compared, sorted(set(saved) & set(compared)))
         if differing:
             raise MeloError(f"the results in {config.root} were made with other settings: "
                             f"{', '.join(differing)}; use the same flags, another --results_dir, "

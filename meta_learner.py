@@ -151,6 +151,11 @@ class MetaLearner(nn.Module):
         adapted = {n: p for n, p in params.items() if n in self.adapted}
         return adapted, {n: p for n, p in params.items() if n not in adapted}
 
+    def task_start(self, params, support):
+        """Where a task's inner loop starts: `params` with b_user at its fold-in start on `support`
+        (items, labels, mask; `start_user_bias`), split into (adapted, fixed)."""
+        return self.split_adapted(start_user_bias(self.backbone, params, *support))
+
     # ------------------------------------------------------------------ one task
     def adapt_task(self, params, support, context, query, scored_steps, first_order, merge_query=True,
                    inner_loss=None):
@@ -165,8 +170,7 @@ class MetaLearner(nn.Module):
         support_items, support_labels, support_mask = support
         query_items, query_labels, query_mask = query
         num_support = support_items.shape[0]
-        params = start_user_bias(self.backbone, params, support_items, support_labels, support_mask)
-        params, fixed = self.split_adapted(params)
+        params, fixed = self.task_start(params, support)
         # first order: the support gradient is taken at detached copies of every parameter, fixed ones too
         support_fixed = {n: p.detach() for n, p in fixed.items()} if first_order else fixed
 

@@ -178,7 +178,7 @@ def build_parser():
         help="what the inner loop adapts: all = every backbone parameter; head = only the output layer and "
              "the bias head's biases (ANIL-style), the rest is learned by the outer loop alone")
     add("--adapt_user_bias", type=str2bool, default=True,
-        help="--rating_head=bias: the inner loop adapts b_user (False: it stays at its meta-learned value)")
+        help="--rating_head=bias: the inner loop adapts b_user (False: it stays where --user_bias_start puts it)")
     add("--adapt_item_bias", type=str2bool, default=True,
         help="--rating_head=bias: the inner loop adapts b_item (False: only the outer loop learns it)")
     add("--use_learnable_params", type=str2bool, default=True,

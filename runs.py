@@ -28,13 +28,29 @@ META_SHAPE_OPTIONS = (
 # Shape options added after checkpoints were first written, with the value every earlier checkpoint had:
 # an old checkpoint is compared as if it recorded it (so one of the plain head is refused by name under
 # today's default bias head, not loaded half-way).
-PREDATED = {"rating_head": "plain", "user_bias_start": "learned"}
+PREDATED = {"rating_head": "plain"}
+
+
+def comparable(options):
+    """Options (of a checkpoint, a run or a results folder) as they are compared: user_bias_start means
+    nothing to the plain head (None there), and a bias head's from before the flag started b_user at its
+    meta-learned value. Unchanged where user_bias_start is not among them (a Basic checkpoint: its
+    training never uses it)."""
+    if "user_bias_start" not in options and "rating_head" not in options:
+        return options
+    options = dict(options)
+    if options.get("rating_head", PREDATED["rating_head"]) != "bias":
+        options["user_bias_start"] = None
+    else:
+        options.setdefault("user_bias_start", "learned")
+    return options
 
 
 def saved_shape(checkpoint_shape, current):
     """A checkpoint's or export's recorded shape options, with PREDATED's values for those it predates
-    among the `current` ones (a Basic checkpoint never records user_bias_start: nothing to compare)."""
-    return {**{key: value for key, value in PREDATED.items() if key in current}, **checkpoint_shape}
+    among the `current` ones, and user_bias_start as `comparable` reads it where `current` has it."""
+    saved = {**{key: value for key, value in PREDATED.items() if key in current}, **checkpoint_shape}
+    return comparable(saved) if "user_bias_start" in current else saved
 
 
 # Options that shape the training trajectory but not the checkpoint: resuming with other values works
@@ -107,7 +123,7 @@ def meta_shape_options(args, data):
     another split would score users the checkpoint was trained on)."""
     options = {key: getattr(args, key) for key in shape_option_names() + SPLIT_OPTIONS}
     options.update(num_items=int(data.num_items), max_rating=float(data.max_rating))
-    return options
+    return comparable(options)
 
 
 def basic_shape_options(args, data):

@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # adds to it; inner lr 0.1 and the outer loss on the held-out target. `basic` meta-learns from the
 # fine-tuning baseline's own start, the whole Basic model, whose residual f, learned without the user,
 # starts far from the fold-in. `embedding` is the original's recipe.
-START_FLAGS = {"fold-in": ("--inner_lr=0.1", "--query_loss=target"),
+START_FLAGS = {"fold-in": ("--user_bias_start=fold-in", "--inner_lr=0.1", "--query_loss=target"),
                "basic": ("--load_pretrained=True", "--inner_lr=0.1", "--query_loss=target"),
                "embedding": ("--load_pretrained_embedding=True",),
                "random": ()}

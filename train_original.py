@@ -197,19 +197,19 @@ class BaselineTrainer(Trainer):
             self.export()
 
     # ------------------------------------------------------------------ evaluation
-    def predict(self, tasks, lr=None, record=None):
+    def predict(self, tasks, lr=None, record=None, user_start=True):
         """Predicted stars [R, T, Q] for the last position of every query window, after each of the R
         fine-tuning step counts in `record` (default: --finetune_steps; 0 = the backbone as it is, but for
-        b_user's fold-in start under --user_bias_start=fold-in) with SGD learning rate `lr` (default
-        --finetune_lr), a copy of the weights per task."""
+        b_user's fold-in start under --user_bias_start=fold-in, unless not `user_start`) with SGD learning
+        rate `lr` (default --finetune_lr), a copy of the weights per task."""
         lr = self.args.finetune_lr if lr is None else lr
         record = (self.args.finetune_steps,) if record is None else tuple(record)
         self.model.eval()
         predictions = []
-        if max(record) or self.model.user_bias_reg is not None:  # the fold-in start of b_user needs the support set
+        if max(record) or (user_start and self.model.user_bias_reg is not None):  # the start needs the support set
             for start in range(0, len(tasks), self.args.batch_size):
                 chunk = tasks.select(slice(start, start + self.args.batch_size)).to(self.device)
-                predictions.append(self.finetuned_predictions(chunk, lr, record).cpu())
+                predictions.append(self.finetuned_predictions(chunk, lr, record, user_start).cpu())
         else:
             per_chunk = max(1, self.args.pretraining_batch_size // max(1, tasks.query_items.shape[1]))
             with torch.no_grad():
@@ -222,9 +222,10 @@ class BaselineTrainer(Trainer):
             return torch.zeros(len(record), *tasks.query_mask.shape)
         return torch.cat(predictions, dim=1)
 
-    def finetuned_predictions(self, tasks, lr=None, record=None):
-        """SGD steps per task on its own copy of the weights (vmapped over tasks); the predictions [R, T, Q]
-        after each step count of `record` (default (--finetune_steps,)), with learning rate `lr`."""
+    def finetuned_predictions(self, tasks, lr=None, record=None, user_start=True):
+        """SGD steps per task on its own copy of the weights (vmapped over tasks), from b_user's fold-in start
+        (with `user_start`); the predictions [R, T, Q] after each step count of `record` (default
+        (--finetune_steps,)), with learning rate `lr`."""
         lr = self.args.finetune_lr if lr is None else lr
         record = (self.args.finetune_steps,) if record is None else tuple(record)
         params = {name: p.detach() for name, p in self.model.named_parameters()}
@@ -242,7 +243,7 @@ class BaselineTrainer(Trainer):
             def query(current):
                 return functional_call(model, {**current, **buffers}, (query_items,))[:, -1]
 
-            start = start_user_bias(model, {**params, **buffers}, items, labels, items != 0)
+            start = start_user_bias(model, {**params, **buffers}, items, labels, items != 0) if user_start else params
             start = {name: start[name] for name in params}
             recorded = {0: query(start)} if 0 in record else {}
 
@@ -258,18 +259,20 @@ class BaselineTrainer(Trainer):
                                                                        tasks.query_items)
         return predicted.detach() * self.max_rating
 
-    def predictions(self, tasks, lr=None, record=None):
+    def predictions(self, tasks, lr=None, record=None, user_start=True):
         """predict() of a whole fixed task set: under torchrun the tasks are sharded and each rank's rows
         added into zeros, so every rank gets all of them (and the report equals a single process's)."""
         part = self.dist.shard(len(tasks))
-        mine = self.predict(tasks.select(part), lr, record)
+        mine = self.predict(tasks.select(part), lr, record, user_start)
         full = torch.zeros(mine.shape[0], *tasks.query_mask.shape, dtype=torch.float64, device=self.device)
         full[:, part] = mine.double().to(self.device)
         return self.dist.sum_(full).cpu()
 
     def evaluate(self, tasks):
-        """Report over a fixed task set (per window, and per user under "per_user")."""
-        return metrics.task_report(self.predictions(tasks)[0], tasks, self.max_rating)
+        """Report over a fixed task set (per window, and per user under "per_user"), of the model as it trains:
+        without b_user's per-user start (its windows carry no user), so the best epoch, and with it a Basic
+        checkpoint, does not depend on --user_bias_start."""
+        return metrics.task_report(self.predictions(tasks, user_start=False)[0], tasks, self.max_rating)
 
     def choose_finetuning(self, tasks):
         """The (lr, steps) of --finetune_lr_grid x --finetune_steps_grid (an empty grid: the single
