@@ -14,7 +14,8 @@ import options
 import train_original
 from dataloader import MetaDataset, load_data
 from runtime import Distributed
-from meta_learner import ITEM_BIAS, USER_BIAS, last_step_weights, local_item_tables
+from analysis import support_weights
+from meta_learner import ITEM_BIAS, USER_BIAS, last_step_weights, local_item_tables, start_user_bias
 from models import model_factory
 
 from test_main import ratings_file  # noqa: F401  (the same generated file)
@@ -131,6 +132,27 @@ def test_the_fold_in_start_of_the_user_bias_is_the_closed_form_fold_in(float64, 
     learner.run_tasks(batch, (0,))[1].sum().backward()
     torch.testing.assert_close(backbone.user_bias.grad, (2.5 / (counts + 2.5)).sum() * batch.query_items.shape[1],
                                rtol=0, atol=1e-6)
+
+
+def test_the_reported_weights_are_the_inner_loops_from_the_fold_in_start(float64):
+    # weights that read the predictions (METAL-style per-step state): the report's step-0 weights are those
+    # of the started parameters, as in the inner loop
+    learner = bias_learner("gru4rec", "--use_adaptive_loss=True", "--task_state=per_step",
+                           "--user_bias_start=fold-in")
+    leave_the_start(learner.backbone)
+    for p in learner.inner_loss.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    batch = random_batch()
+    weights, _, _ = support_weights(learner, batch)
+    support, context, _ = learner._prepare(batch)
+    for task in range(3):
+        items, labels, mask = (x[task] for x in support)
+        params = start_user_bias(learner.backbone, dict(learner.backbone.named_parameters()), items, labels, mask)
+        with torch.no_grad():
+            predictions = functional_call(learner.backbone, params, (items,))
+            expected = learner.inner_loss.position_weights(predictions, labels, mask,
+                                                           {k: v[task] for k, v in context.items()}, 0)
+        torch.testing.assert_close(weights[task, 0], expected)
 
 
 def test_the_user_bias_has_its_own_learned_rate_and_second_order_meta_gradients(float64):

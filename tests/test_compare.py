@@ -378,6 +378,18 @@ def test_a_folder_from_before_start_keeps_its_recipe(ratings_file, tmp_path):
         compare.check_settings(compare.parse(argv(ratings_file, tmp_path)))
 
 
+def test_a_folder_from_before_the_user_bias_start_is_not_reused_under_the_fold_in_start(ratings_file, tmp_path):
+    """settings.json written before --user_bias_start: a bias-head folder had the learned start, so it is
+    refused under the fold-in start (not mixed with it), and accepted under the learned one."""
+    config = compare.parse(argv(ratings_file, tmp_path, "--start=basic", "--user_bias_start=learned"))
+    settings = compare.check_settings(config)
+    settings.pop("user_bias_start")
+    compare.record_settings(config, settings)
+    compare.check_settings(config)
+    with pytest.raises(options.MeloError, match=r"other settings: .*user_bias_start='learned' \(now 'fold-in'\)"):
+        compare.check_settings(compare.parse(argv(ratings_file, tmp_path, "--start=basic")))
+
+
 def test_seeds_can_vary_the_initial_weights_only(ratings_file, tmp_path):
     config = compare.parse(argv(ratings_file, tmp_path, "--models=gru4rec", "--seeds=2", "--vary=model_init_seed",
                                 "--model_init_seed=5", "--dry_run"))
