@@ -404,7 +404,7 @@ def test(trainer):
     report.update(method="finetune" if steps or selection else method_name(args), model=args.model,
                   mode=args.mode, checkpoint_step=args.checkpoint_step, weights=which,
                   random_seed=args.random_seed, model_init_seed=args.model_init_seed, select_by=args.select_by,
-                  finetune_steps=steps, finetune_lr=lr)
+                  finetune_steps=steps, finetune_lr=lr, user_bias_reg=trainer.backbone.user_bias_reg)
     if selection is not None:
         report["finetune_selection"] = selection
     if trainer.dist.is_main:

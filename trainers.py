@@ -50,6 +50,11 @@ class Trainer:
         """The module whose weights the checkpoints hold and --test scores."""
         raise NotImplementedError
 
+    @property
+    def backbone(self):
+        """The backbone inside `tested_module` (the meta-learner's, or the module itself)."""
+        return getattr(self.tested_module, "backbone", self.tested_module)
+
     def extra_state(self):
         """The subclass's checkpoint entries (weights, optimizer, the best weights, ...)."""
         raise NotImplementedError
@@ -79,6 +84,9 @@ class Trainer:
     def state(self):
         return {"format": checkpointing.CHECKPOINT_FORMAT, "step": self.step, "log_folder": self.log_folder,
                 "data_fingerprint": self.fingerprint, "shape_options": self.shape, **self.extra_state(),
+                # λ of b_user's fold-in start, chosen on the validation tasks at the run's start: kept, so a
+                # test or resume under other --val_size / window flags starts b_user as the run trained it
+                "user_bias_reg": self.backbone.user_bias_reg,
                 "best_rmse": self.best["rmse"], "best_step": self.best["step"]}
 
     def save(self):
@@ -103,6 +111,8 @@ class Trainer:
         self.step = checkpoint["step"]
         self.log_folder = checkpointing.checked_log_folder(checkpoint.get("log_folder"), path)
         self.restore(checkpoint, path, restore_training)
+        if "user_bias_reg" in checkpoint:  # (checkpoints from before it keep the one chosen now)
+            self.backbone.user_bias_reg = checkpoint["user_bias_reg"]
         return checkpoint
 
     def load_tested(self):

@@ -277,6 +277,22 @@ def test_basic_and_fine_tuning_start_the_user_bias_at_the_fold_in(ratings_file, 
                                rtol=0, atol=1e-4)
 
 
+def test_a_checkpoint_keeps_the_shrinkage_of_the_user_bias_start_it_trained_with(ratings_file, tmp_path):
+    # λ_user is chosen on the validation tasks when a run starts; its checkpoints keep it, so a test (or a
+    # resume) under other validation flags starts b_user as the run trained it, and the report says which
+    argv = run_flags(ratings_file, tmp_path, "--use_adaptive_loss=False")
+    chosen = main.main(options.parse_args(argv)).learner.backbone.user_bias_reg
+    path = tmp_path / "ckpt" / "gru4rec_ml-100k_maml_step2.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert chosen is not None and checkpoint["user_bias_reg"] == chosen
+    tested = main.main(options.parse_args(argv + ["--test", "--checkpoint_step=2"]))
+    assert tested["user_bias_reg"] == chosen
+    checkpoint["user_bias_reg"] = chosen + 7.0  # as if chosen on other validation tasks
+    torch.save(checkpoint, path)
+    retested = main.main(options.parse_args(argv + ["--test", "--checkpoint_step=2", "--val_size=5"]))
+    assert retested["user_bias_reg"] == chosen + 7.0 and retested["rmse"] != tested["rmse"]
+
+
 def test_a_checkpoint_of_the_other_head_is_refused_by_name(ratings_file, tmp_path):
     main.main(options.parse_args(run_flags(ratings_file, tmp_path, "--use_adaptive_loss=False")))
     argv = run_flags(ratings_file, tmp_path, "--use_adaptive_loss=False", "--test", "--checkpoint_step=2")
