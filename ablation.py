@@ -23,7 +23,6 @@ import shlex
 import sys
 from collections import namedtuple
 
-import checkpointing
 import metrics
 import options
 import runs
@@ -246,9 +245,8 @@ def check_settings(folder, name, args):
     current = resolved_settings(args)
     if os.path.exists(path):
         with open(path) as handle:
-            saved = runs.comparable(json.load(handle))  # user_bias_start's value from before the flag
-        compared = runs.comparable(current)
-        differing = checkpointing.option_differences(saved, compared, sorted(set(saved) & set(compared)))
+            saved = json.load(handle)
+        differing = runs.settings_differences(saved, current)
         if differing:
             raise MeloError(f"variant {name} in {folder} was run with other settings: {', '.join(differing)}; "
                             f"use another --results_dir or remove {folder}")

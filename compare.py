@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 import baselines
-import checkpointing
 import figures
 import metrics
 import options
@@ -215,9 +214,8 @@ def check_settings(config):
         if "start" not in saved and "pretrained" in saved:  # a folder from before --start
             saved["start"] = "embedding" if saved.pop("pretrained") else "random"
         # Flags only one side knows (the code gained or lost one since) are not compared, but for
-        # user_bias_start, whose value before the flag is known (runs.comparable).
-        saved, compared = runs.comparable(saved), runs.comparable(current)
-        differing = checkpointing.option_differences(saved, compared, sorted(set(saved) & set(compared)))
+        # user_bias_start, whose value before the flag is known.
+        differing = runs.settings_differences(saved, current)
         if differing:
             raise MeloError(f"the results in {config.root} were made with other settings: "
                             f"{', '.join(differing)}; use the same flags, another --results_dir, "

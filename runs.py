@@ -9,6 +9,7 @@ import time
 import numpy as np
 import torch
 
+import checkpointing
 from dataloader import SPLIT_OPTIONS
 from models import backbone_option_names
 from options import MeloError
@@ -44,6 +45,14 @@ def comparable(options):
     else:
         options.setdefault("user_bias_start", "learned")
     return options
+
+
+def settings_differences(saved, current):
+    """'key=saved (now current)' for each setting that a results folder's `saved` settings and the `current`
+    ones both know and that differs; user_bias_start compared as `comparable` reads it (so a folder from
+    before the flag is not reused under the fold-in start)."""
+    saved, current = comparable(saved), comparable(current)
+    return checkpointing.option_differences(saved, current, sorted(set(saved) & set(current)))
 
 
 def saved_shape(checkpoint_shape, current):

@@ -243,8 +243,7 @@ class BaselineTrainer(Trainer):
             def query(current):
                 return functional_call(model, {**current, **buffers}, (query_items,))[:, -1]
 
-            start = start_user_bias(model, {**params, **buffers}, items, labels, items != 0) if user_start else params
-            start = {name: start[name] for name in params}
+            start = start_user_bias(model, params, items, labels, items != 0) if user_start else params
             recorded = {0: query(start)} if 0 in record else {}
 
             def after_step(step, current, aux):
