@@ -273,6 +273,13 @@ def bias_start(data, dataset, args):
     return fitted.mean / data.max_rating, biases, user_reg
 
 
+def start_bias_head(backbone, data, dataset, args):
+    """Set the bias rating head's start (`bias_start`) on `backbone`, as every trainer does; nothing for
+    the plain head."""
+    if args.rating_head == "bias":
+        backbone.set_bias_start(*bias_start(data, dataset, args))
+
+
 def chosen_fields(name, value):
     if name == "shrunk-user-mean":
         return {"shrinkage": value}

@@ -144,14 +144,19 @@ class Case:
     """One (backbone, method, catalog, path) set up as main.py would: data, learner, optimizer, schedule."""
 
     def __init__(self, model, method, num_items, path, device, extra, num_users):
+        import baselines
         from dataloader import MetaDataset
         from meta_learner import build_meta_learner, multi_step_loss_weights
 
         self.args = args = case_args(model, method, extra)
         self.device, self.fast = device, path == "fast"
         torch.manual_seed(args.random_seed)
-        self.dataset = MetaDataset.from_args(synthetic_data(num_items, num_users), args)
-        self.learner = build_meta_learner(args, num_items, 5.0).to(device).train()
+        data = synthetic_data(num_items, num_users)
+        self.dataset = MetaDataset.from_args(data, args)
+        self.learner = build_meta_learner(args, num_items, 5.0)
+        # the bias head as main.py starts it (b_user's fold-in start costs a forward per task)
+        baselines.start_bias_head(self.learner.backbone, data, self.dataset, args)
+        self.learner = self.learner.to(device).train()
         self.optimizer, self.scheduler = build_optimizer(args, self.learner)
         self.dist = Distributed(str(device))
         # iteration 0: the multi-step loss scores the query after every inner step (the costliest case)

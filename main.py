@@ -81,8 +81,7 @@ class MetaTrainer(Trainer):
     def __init__(self, args, dist):
         super().__init__(args, dist)
         self.learner = build_meta_learner(args, self.data.num_items, self.data.max_rating).to(self.device)
-        if args.rating_head == "bias":
-            self.learner.backbone.set_bias_start(*baselines.bias_start(self.data, self.dataset, args))
+        baselines.start_bias_head(self.learner.backbone, self.data, self.dataset, args)
         self.optimizer, self.scheduler = build_optimizer(args, self.learner)
         self.prefix = run_prefix(args)
         self.shape = shape_options(args, self.data)

@@ -114,8 +114,7 @@ class BaselineTrainer(Trainer):
         super().__init__(args, dist if dist is not None else Distributed(args.device))
         self.max_rating = float(self.data.max_rating)
         self.model = model_factory(args, self.data.num_items).to(self.device)
-        if args.rating_head == "bias":
-            self.model.set_bias_start(*baselines.bias_start(self.data, self.dataset, args))
+        baselines.start_bias_head(self.model, self.data, self.dataset, args)
         self.encoder = None
         if args.use_learned_loss_baseline:
             with torch.random.fork_rng(devices=[]), torch.device("cpu"):

@@ -54,3 +54,14 @@ def test_bad_arguments_are_refused_before_any_case_runs(capsys):
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert benchmark.parse(["--methods=maml", "--models=narm,gru4rec", "--items=5"]).device == torch.device("cpu")
+
+
+def test_a_case_starts_the_bias_head_as_main_py_does():
+    """The timed learner is main.py's: μ, the fold-in's item biases and λ_user set, so that the timing
+    includes each task's b_user start (one forward of its support set)."""
+    case = benchmark.Case("gru4rec", "maml", 200, "fast", torch.device("cpu"), TINY, num_users=150)
+    backbone = case.learner.backbone
+    assert case.args.rating_head == "bias" and case.args.user_bias_start == "fold-in"
+    assert backbone.user_bias_reg is not None
+    assert 0.5 < float(backbone.global_mean) < 1.0  # μ of ratings 1..5 around 3.6, over 5
+    assert backbone.item_bias.weight.abs().max() > 0
