@@ -113,6 +113,8 @@ VARIANTS = {
                      ["--use_adaptive_loss=False", *study.START_FLAGS["fold-in"]]),
     "melo-fold-in": ("MELO from the fold-in: random weights, f = 0, b_user at the fold-in",
                      ["--use_adaptive_loss=True", *study.START_FLAGS["fold-in"]]),
+    "melo-fold-in-per-step": ("MELO from the fold-in, weights read the current prediction and error per step",
+                              ["--use_adaptive_loss=True", *study.START_FLAGS["fold-in"], "--task_state=per_step"]),
     "maml-random-learned-user": ("MAML++ from random weights, f = 0, b_user at its meta-learned value",
                                  ["--use_adaptive_loss=False", *study.START_FLAGS["fold-in"],
                                   "--user_bias_start=learned"]),
