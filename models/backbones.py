@@ -49,9 +49,9 @@ class Backbone(nn.Module):
     inner step on it alone is the user-bias fold-in), and f the network's residual on top. With
     `user_bias_reg` set (--user_bias_start=fold-in), each task's b_user first moves to the fold-in's shrunk
     estimate from its support set (`meta_learner.start_user_bias`): with f ≡ 0 the head is then the
-    fold-in. The plain head is the same with μ + b_user + b_item replaced by the constant 0.6: f keeps the plain head's slope and
-    bound, so the step sizes that suit one suit the other (a linear f made BERT4Rec's fine-tuning and
-    inner loop diverge at the plain head's rates, 0.1 and above).
+    fold-in. The plain head is the same with μ + b_user + b_item replaced by the constant 0.6: f keeps the
+    plain head's slope and bound, so the step sizes that suit one suit the other (a linear f made
+    BERT4Rec's fine-tuning and inner loop diverge at the plain head's rates, 0.1 and above).
     """
 
     name = None          # the registry name, --model=<name>
