@@ -115,16 +115,18 @@ VARIANTS = {
                      ["--use_adaptive_loss=True", *study.START_FLAGS["fold-in"]]),
     "melo-fold-in-per-step": ("MELO from the fold-in, weights read the current prediction and error per step",
                               ["--use_adaptive_loss=True", *study.START_FLAGS["fold-in"], "--task_state=per_step"]),
-    # issue 21's ablation at that start, the same for both meta-learners: what the inner loop adapts, and
-    # dropout against the transformers' overfitting (a transformer's flag: BERT4Rec and SASRec only)
+    # issue 21's ablation at that start, the same for both meta-learners: what the inner loop adapts, how
+    # fast, and dropout against the transformers' overfitting (a transformer's flag: BERT4Rec and SASRec)
     **{f"{method}-fold-in-{variant}": (f"{label} from the fold-in, {what}",
                                        [f"--use_adaptive_loss={method == 'melo'}", *study.START_FLAGS["fold-in"],
-                                        flag])
+                                        *flags])
        for method, label in (("maml", "MAML++"), ("melo", "MELO"))
-       for variant, what, flag in (
-           ("head-only", "inner loop adapts the output layer and the biases only (ANIL)", "--inner_params=head"),
-           ("user-frozen", "b_user not adapted (it stays at its fold-in start)", "--adapt_user_bias=False"),
-           ("dropout", "transformer dropout 0.3", "--bert_dropout=0.3"))},
+       for variant, what, flags in (
+           ("head-only", "inner loop adapts the output layer and the biases only (ANIL)", ["--inner_params=head"]),
+           ("head-only-lr0.03", "ANIL, inner rates starting at 0.03", ["--inner_params=head", "--inner_lr=0.03"]),
+           ("head-only-lr0.3", "ANIL, inner rates starting at 0.3", ["--inner_params=head", "--inner_lr=0.3"]),
+           ("user-frozen", "b_user not adapted (it stays at its fold-in start)", ["--adapt_user_bias=False"]),
+           ("dropout", "transformer dropout 0.3", ["--bert_dropout=0.3"]))},
     "maml-random-learned-user": ("MAML++ from random weights, f = 0, b_user at its meta-learned value",
                                  ["--use_adaptive_loss=False", *study.START_FLAGS["fold-in"],
                                   "--user_bias_start=learned"]),
