@@ -23,6 +23,7 @@ import shlex
 import sys
 from collections import namedtuple
 
+import checkpointing
 import metrics
 import options
 import runs
@@ -225,7 +226,8 @@ def plan(known, extra, variants, fingerprints=None):
                               f"--log_dir={os.path.join(folder, 'runs')}", *own,
                               f"--num_train_iterations={known.num_train_iterations}"]
             args = options.parse_args(flags)
-            check_settings(folder, name, args)
+            settings = resolved_settings(args, known.pretrain_epochs)
+            check_settings(folder, name, settings)
             prefix = runs.meta_prefix(args)
             report = runs.meta_report_path(args, prefix, known.num_train_iterations)
             fingerprint = lambda args=args: study.data_fingerprint(args, fingerprints)  # read when needed
@@ -243,20 +245,24 @@ def plan(known, extra, variants, fingerprints=None):
                     steps.append(train)
                 steps.append(("test", "main.py", flags + [f"--checkpoint_step={known.num_train_iterations}",
                                                          "--test"]))
-            planned.append(Run(seed, name, report, steps, folder, resolved_settings(args), flags))
+            planned.append(Run(seed, name, report, steps, folder, settings, flags))
     return planned
 
 
-def resolved_settings(args):
-    """Every option of a run that can change its numbers (main.py's defaults filled in)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in study.NOT_SETTINGS + ("test", "test_best")}
+def resolved_settings(args, pretrain_epochs):
+    """Every option of a run that can change its numbers (main.py's defaults filled in): its length, and
+    the Basic training it starts from (`pretrain_epochs`) when it loads one."""
+    settings = {k: v for k, v in vars(args).items() if k not in study.NOT_SETTINGS + ("test", "test_best")}
+    settings["num_train_iterations"] = args.num_train_iterations
+    if args.load_pretrained or args.load_pretrained_embedding:
+        settings["pretrain_epochs"] = pretrain_epochs
+    return dict(sorted(settings.items()))
 
 
-def check_settings(folder, name, args):
-    """A variant's folder is reused only for the settings it was made with (a default that changed since
-    would silently relabel its results): the first plan records them, later plans study."""
+def check_settings(folder, name, current):
+    """A variant's folder is reused only for the settings it was made with, `current` now (a default that
+    changed since would silently relabel its results): the first plan records them, later plans study."""
     path = os.path.join(folder, "settings.json")
-    current = resolved_settings(args)
     if os.path.exists(path):
         with open(path) as handle:
             saved = json.load(handle)
@@ -286,8 +292,13 @@ def pretraining_steps(known, flags, folder, fingerprints):
     export = runs.pretrained_path(args)
     if not os.path.exists(export):
         return [("pretrain", "train_original.py", flags)]
-    if study.checkpoint_is_stale(export, lambda: study.data_fingerprint(args, fingerprints)):
+    saved = checkpointing.read_saved_dict(export, "pretrained export")
+    if study.checkpoint_is_stale(export, lambda: study.data_fingerprint(args, fingerprints), saved):
         return [("pretrain", "train_original.py", flags + ["--overwrite=True"])]
+    # (exports from before they recorded it pass)
+    if saved.get("pretrain_epochs", known.pretrain_epochs) != known.pretrain_epochs:
+        raise MeloError(f"{export} was made with --pretrain_epochs={saved['pretrain_epochs']}, not "
+                        f"{known.pretrain_epochs}: use another --results_dir, or the same --pretrain_epochs")
     return []
 
 

@@ -200,7 +200,10 @@ def settings_of(config):
     # compare.py's own choices that change results (an old settings.json without them is not compared)
     settings.update(finetune_steps_grid=config.finetune_steps_grid, finetune_lr_grid=config.finetune_lr_grid,
                     start=config.start, vary=config.vary,
-                    model_init_seed=config.seeds[0].model_init_seed)
+                    model_init_seed=config.seeds[0].model_init_seed,
+                    # the reports are named by them, but not the Basic export the meta-learners may start
+                    # from, and a checkpoint of a longer run has the same name as a shorter run's last
+                    num_train_iterations=config.iterations, pretrain_epochs=config.epochs)
     return settings
 
 

@@ -117,10 +117,24 @@ def read_report(path, fingerprint, with_predictions=False):
         return json.load(handle)
 
 
-def checkpoint_is_stale(path, fingerprint):
-    """Was the checkpoint (or export) at `path` made from other data, or before fingerprints were saved?"""
+def checkpoint_is_stale(path, fingerprint, saved=None):
+    """Was the checkpoint (or export) at `path` (its dict `saved`, when already read) made from other
+    data, or before fingerprints were saved?"""
     fingerprint = fingerprint() if callable(fingerprint) else fingerprint
-    return checkpointing.read_saved_dict(path, "checkpoint").get("data_fingerprint") != fingerprint
+    saved = checkpointing.read_saved_dict(path, "checkpoint") if saved is None else saved
+    return saved.get("data_fingerprint") != fingerprint
+
+
+def check_schedule(saved, path, last_step):
+    """Refuse a main.py checkpoint (its dict `saved`, at `path`) of a run of another
+    --num_train_iterations than `last_step`: its outer learning rates were annealed over that many, so it
+    is not a step of a run of `last_step`, to be tested or resumed as one (and training over it would
+    lose that run). Checkpoints that record no such option (train_original.py's, whose epochs follow no
+    schedule) pass."""
+    total = saved.get("training_options", {}).get("num_train_iterations")
+    if total is not None and total != last_step:
+        raise MeloError(f"{path} is from a run of {total} iterations, not {last_step} (its learning rates were "
+                        f"annealed over {total}): use another --results_dir, or remove that run's checkpoints")
 
 
 def remake(piece_name, problem):
@@ -130,25 +144,36 @@ def remake(piece_name, problem):
 
 
 def training_need(script, flags, directory, prefix, last_step, fingerprint):
-    """The training step a test of `last_step` needs first: none when its checkpoint exists and was made
-    from this data; a fresh run over a stale one (--overwrite=True); else training_step."""
+    """The training step a test of `last_step` needs first: none when its checkpoint exists, was made from
+    this data by a run of `last_step` iterations (check_schedule) and finished its validation; resuming
+    it when it was stopped before that validation (its best weights would miss that step); a fresh run
+    over a stale one (--overwrite=True); else training_step."""
     final = checkpointing.checkpoint_path(directory, prefix, last_step)
     if not os.path.exists(final):
         return training_step(script, flags, directory, prefix, last_step, fingerprint)
-    if checkpoint_is_stale(final, fingerprint):
+    saved = checkpointing.read_saved_dict(final, "checkpoint")
+    if checkpoint_is_stale(final, fingerprint, saved):
         print(f"    {final} was trained on other data: training it again", flush=True)
         return ("train", script, flags + ["--overwrite=True"])
+    check_schedule(saved, final, last_step)
+    if saved.get("pending_validation"):
+        print(f"    {final} was saved before its validation finished: resuming it to validate it", flush=True)
+        return ("train", script, flags + [f"--checkpoint_step={last_step}"])
     return None
 
 
 def training_step(script, flags, directory, prefix, last_step, fingerprint=None):
     """The step that makes a missing final checkpoint: a fresh run, or, after an interrupted one, resuming
     from the last checkpoint it saved (exactly as if it had never stopped), unless that checkpoint was
-    made from other data than `fingerprint`'s: then a fresh run over it."""
+    made from other data than `fingerprint`'s: then a fresh run over it. One of a run of another length
+    is refused (check_schedule)."""
     earlier = [step for step in checkpointing.available_steps(directory, prefix) if step < last_step]
-    if earlier and fingerprint is not None and checkpoint_is_stale(
-            checkpointing.checkpoint_path(directory, prefix, earlier[-1]), fingerprint):
-        return ("train", script, flags + ["--overwrite=True"])
+    if earlier and fingerprint is not None:
+        last = checkpointing.checkpoint_path(directory, prefix, earlier[-1])
+        saved = checkpointing.read_saved_dict(last, "checkpoint")
+        if checkpoint_is_stale(last, fingerprint, saved):
+            return ("train", script, flags + ["--overwrite=True"])
+        check_schedule(saved, last, last_step)
     return ("train", script, flags + ([f"--checkpoint_step={earlier[-1]}"] if earlier else []))
 
 

@@ -374,7 +374,8 @@ class BaselineTrainer(Trainer):
         exported = export_weights(model)
         # Extra context for people reading the file; main.py checks the model name and every shape.
         exported.update(mode=self.args.mode, shape_options=self.shape, best_step=self.best["step"],
-                        random_seed=self.args.random_seed, data_fingerprint=self.fingerprint)
+                        random_seed=self.args.random_seed, data_fingerprint=self.fingerprint,
+                        pretrain_epochs=self.args.pretrain_epochs)  # ablation.py reuses it only for these
         path = pretrained_path(self.args)
         checkpointing.save_atomic(exported, path)
         folder = ("" if self.args.pretrain_log_dir == build_parser().get_default("pretrain_log_dir")

@@ -63,6 +63,16 @@ def test_ablation_trains_every_variant_and_tabulates_its_reports(ratings_file, t
     # results made with other settings are refused, not relabelled
     with pytest.raises(MeloError, match=r"variant maml in .* other settings: lstm_lr=0.01 \(now 0.5\)"):
         ablation.main(flags + ["--lstm_lr=0.5"])
+    # so are other lengths: a checkpoint of a longer run has a shorter run's name, and the export none
+    with pytest.raises(MeloError, match=r"variant maml in .* other settings: num_train_iterations=2 \(now 3\)"):
+        ablation.main(flags + ["--num_train_iterations=3"])
+    with pytest.raises(MeloError, match=r"variant melo-pretrained in .* other settings: pretrain_epochs=1 \(now 2\)"):
+        ablation.main(flags + ["--pretrain_epochs=2"])
+    # the Basic export is shared: a new variant that loads it is refused when it was made for other epochs
+    new = [f for f in flags if not f.startswith("--variants")] + [
+        "--variants=maml-basic", "--define", "maml-basic=--use_adaptive_loss=False --load_pretrained=True"]
+    with pytest.raises(MeloError, match=r"pretrained.pt was made with --pretrain_epochs=1, not 2: use another "):
+        ablation.main(new + ["--pretrain_epochs=2"])
 
 
 def test_ablation_refuses_unknown_variants_and_flags_it_sets(ratings_file, tmp_path):

@@ -424,6 +424,12 @@ def test_refusals_are_one_line_errors(ratings_file, tmp_path, monkeypatch, capsy
     compare.record_settings(config, compare.check_settings(config))
     with pytest.raises(options.MeloError, match=r"other settings: max_seq_len=10 \(now 12\)"):
         compare.check_settings(compare.parse(argv(ratings_file, tmp_path, "--max_seq_len=12")))
+    # and other lengths: the meta-learners' reports may start from a Basic export of other epochs, and a
+    # checkpoint of a longer run bears a shorter run's name
+    for flag, message in (("--num_train_iterations=3", r"num_train_iterations=\d+ \(now 3\)"),
+                          ("--pretrain_epochs=3", r"pretrain_epochs=\d+ \(now 3\)")):
+        with pytest.raises(options.MeloError, match="other settings: " + message):
+            compare.check_settings(compare.parse(argv(ratings_file, tmp_path, flag)))
 
 
 def test_a_failed_run_stops_with_its_last_line(ratings_file, tmp_path, monkeypatch):
@@ -467,6 +473,35 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path):
     (folder / "gru4rec_ml-100k_maml_step3.pt").write_bytes(b"")  # another run's file
     assert compare.training_step("main.py", ["--x"], str(folder), "gru4rec_ml-100k_melo", 4) == \
         ("train", "main.py", ["--x", "--checkpoint_step=2"])
+
+
+def test_a_checkpoint_of_another_length_or_stopped_before_its_validation_is_not_taken_as_final(tmp_path):
+    """The final checkpoint's name says only its step: one of a longer run (its learning rates annealed over
+    more iterations) is refused, not tested as this run's, nor resumed; one saved before its validation
+    finished is resumed to validate it (its best weights would miss that step)."""
+    prefix, flags = "gru4rec_ml-100k_melo", ["--x"]
+
+    def save(step, total, pending=False):
+        torch.save({"data_fingerprint": "abc", "pending_validation": pending,
+                    "training_options": {"num_train_iterations": total}}, tmp_path / f"{prefix}_step{step}.pt")
+
+    save(4, 4)
+    assert compare.training_need("main.py", flags, str(tmp_path), prefix, 4, "abc") is None
+    save(4, 4, pending=True)
+    assert compare.training_need("main.py", flags, str(tmp_path), prefix, 4, "abc") == \
+        ("train", "main.py", ["--x", "--checkpoint_step=4"])
+    save(4, 8)
+    with pytest.raises(options.MeloError, match=r"step4.pt is from a run of 8 iterations, not 4 \(its learning "
+                                                r"rates were annealed over 8\): use another --results_dir"):
+        compare.training_need("main.py", flags, str(tmp_path), prefix, 4, "abc")
+    with pytest.raises(options.MeloError, match=r"step4.pt is from a run of 8 iterations, not 6"):
+        compare.training_need("main.py", flags, str(tmp_path), prefix, 6, "abc")  # would resume from it
+    save(4, 6)
+    assert compare.training_need("main.py", flags, str(tmp_path), prefix, 6, "abc") == \
+        ("train", "main.py", ["--x", "--checkpoint_step=4"])
+    # other data: trained anew over it, whatever its length
+    assert compare.training_need("main.py", flags, str(tmp_path), prefix, 4, "other") == \
+        ("train", "main.py", ["--x", "--overwrite=True"])
 
 
 def test_paired_bootstrap_covers_a_known_gap_and_is_reproducible():

@@ -109,17 +109,24 @@ def test_a_report_without_a_data_fingerprint_is_tested_again(compared, monkeypat
 
 
 # ============================================================================ a stopped compare.py (item 4)
-def copied(compared, tmp_path, *extra):
-    """compare.py's command on a copy of the finished comparison (same ratings file, so same settings)."""
+def copied(compared, tmp_path, iterations):
+    """compare.py's command on a copy of the finished comparison (same ratings file) whose MAML and MELO are
+    still to train for `iterations` (their runs removed, the folder's settings saying that length): its
+    first step is MAML's training."""
     command, _, seed, _ = compared
+    root = tmp_path / "results" / "ml-100k"
     shutil.copytree(seed.parents[1], tmp_path / "results")
+    for path in (root / "seed222" / "checkpoints").glob("gru4rec_ml-100k_m*"):  # maml_ and melo_
+        path.unlink()
+    settings = json.loads((root / "settings.json").read_text())
+    (root / "settings.json").write_text(json.dumps({**settings, "num_train_iterations": iterations}))
     return [f"--results_dir={tmp_path}/results" if flag.startswith("--results_dir=") else flag
-            for flag in command] + list(extra)
+            for flag in command] + [f"--num_train_iterations={iterations}"]
 
 
 def start_compare(command, until_in_log):
-    """A real `python compare.py` whose first step (MAML's training, resumed towards more iterations)
-    has started: returns it once that child's log shows `until_in_log` (the child prints unbuffered)."""
+    """A real `python compare.py` whose first step (MAML's training) has started: returns it once that
+    child's log shows `until_in_log` (the child prints unbuffered)."""
     log = os.path.join(command_folder(command), "seed222", "logs", "gru4rec_maml_train.log")
     process = subprocess.Popen([sys.executable, "compare.py", *command], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -150,7 +157,7 @@ def processes_naming(text):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_to_compare_stops_its_child_which_saves_and_the_line_says_how_to_resume(compared, tmp_path, capsys):
     """It used to leave the child training on as an orphan (issue 22, item 4)."""
-    command = copied(compared, tmp_path, "--num_train_iterations=400")
+    command = copied(compared, tmp_path, 400)
     process, log = start_compare(command, "training, ")
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=240)
@@ -168,7 +175,7 @@ def test_sigterm_to_compare_stops_its_child_which_saves_and_the_line_says_how_to
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
 def test_a_child_does_not_outlive_a_sigkilled_compare(compared, tmp_path):
-    command = copied(compared, tmp_path, "--num_train_iterations=400")
+    command = copied(compared, tmp_path, 400)
     process, log = start_compare(command, "training, ")
     children = [pid for pid in processes_naming(str(tmp_path)) if pid != process.pid]
     assert children
@@ -197,7 +204,7 @@ def test_a_second_compare_on_one_results_folder_is_refused_up_front(compared):
 
 def test_a_childs_lock_refusal_is_reported_as_a_lock_refusal(compared, tmp_path):
     """Not the last line of its log, which was an orphan's progress bar."""
-    command = copied(compared, tmp_path, "--num_train_iterations=4")
+    command = copied(compared, tmp_path, 4)
     checkpoints = os.path.join(command_folder(command), "seed222", "checkpoints")
     with checkpointing.RunLock(checkpoints, "gru4rec_ml-100k_maml", "--checkpoint_dir") as lock:
         lock.acquire()   # another MAML run of this name, writing there
