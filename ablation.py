@@ -293,7 +293,7 @@ def pretraining_steps(known, flags, folder, fingerprints):
     if not os.path.exists(export):
         return [("pretrain", "train_original.py", flags)]
     saved = checkpointing.read_saved_dict(export, "pretrained export")
-    if study.checkpoint_is_stale(export, lambda: study.data_fingerprint(args, fingerprints), saved):
+    if study.checkpoint_is_stale(saved, lambda: study.data_fingerprint(args, fingerprints)):
         return [("pretrain", "train_original.py", flags + ["--overwrite=True"])]
     # (exports from before they recorded it pass)
     if saved.get("pretrain_epochs", known.pretrain_epochs) != known.pretrain_epochs:

@@ -117,11 +117,10 @@ def read_report(path, fingerprint, with_predictions=False):
         return json.load(handle)
 
 
-def checkpoint_is_stale(path, fingerprint, saved=None):
-    """Was the checkpoint (or export) at `path` (its dict `saved`, when already read) made from other
-    data, or before fingerprints were saved?"""
+def checkpoint_is_stale(saved, fingerprint):
+    """Was a checkpoint or export (its dict `saved`) made from other data than `fingerprint`'s (or a function
+    that gives it), or before fingerprints were saved?"""
     fingerprint = fingerprint() if callable(fingerprint) else fingerprint
-    saved = checkpointing.read_saved_dict(path, "checkpoint") if saved is None else saved
     return saved.get("data_fingerprint") != fingerprint
 
 
@@ -135,6 +134,17 @@ def check_schedule(saved, path, last_step):
     if total is not None and total != last_step:
         raise MeloError(f"{path} is from a run of {total} iterations, not {last_step} (its learning rates were "
                         f"annealed over {total}): use another --results_dir, or remove that run's checkpoints")
+
+
+def usable_checkpoint(path, fingerprint, last_step):
+    """The dict of the checkpoint at `path`, to be tested or resumed in a run of `last_step` iterations;
+    None when it was made from other data (a fresh run goes over it). One of a run of another length is
+    refused (check_schedule)."""
+    saved = checkpointing.read_saved_dict(path, "checkpoint")
+    if checkpoint_is_stale(saved, fingerprint):
+        return None
+    check_schedule(saved, path, last_step)
+    return saved
 
 
 def remake(piece_name, problem):
@@ -151,11 +161,10 @@ def training_need(script, flags, directory, prefix, last_step, fingerprint):
     final = checkpointing.checkpoint_path(directory, prefix, last_step)
     if not os.path.exists(final):
         return training_step(script, flags, directory, prefix, last_step, fingerprint)
-    saved = checkpointing.read_saved_dict(final, "checkpoint")
-    if checkpoint_is_stale(final, fingerprint, saved):
+    saved = usable_checkpoint(final, fingerprint, last_step)
+    if saved is None:
         print(f"    {final} was trained on other data: training it again", flush=True)
         return ("train", script, flags + ["--overwrite=True"])
-    check_schedule(saved, final, last_step)
     if saved.get("pending_validation"):
         print(f"    {final} was saved before its validation finished: resuming it to validate it", flush=True)
         return ("train", script, flags + [f"--checkpoint_step={last_step}"])
@@ -168,12 +177,9 @@ def training_step(script, flags, directory, prefix, last_step, fingerprint=None)
     made from other data than `fingerprint`'s: then a fresh run over it. One of a run of another length
     is refused (check_schedule)."""
     earlier = [step for step in checkpointing.available_steps(directory, prefix) if step < last_step]
-    if earlier and fingerprint is not None:
-        last = checkpointing.checkpoint_path(directory, prefix, earlier[-1])
-        saved = checkpointing.read_saved_dict(last, "checkpoint")
-        if checkpoint_is_stale(last, fingerprint, saved):
-            return ("train", script, flags + ["--overwrite=True"])
-        check_schedule(saved, last, last_step)
+    if earlier and fingerprint is not None and usable_checkpoint(
+            checkpointing.checkpoint_path(directory, prefix, earlier[-1]), fingerprint, last_step) is None:
+        return ("train", script, flags + ["--overwrite=True"])
     return ("train", script, flags + ([f"--checkpoint_step={earlier[-1]}"] if earlier else []))
 
 
