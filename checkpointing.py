@@ -57,8 +57,8 @@ def diverged(what, directory, prefix, bad_step, earlier_run, remedy):
     (a resumed step saved before its validation, whose validation is now NaN), nor an earlier run's files
     that this one has not yet replaced (--overwrite)."""
     good = [] if earlier_run else [step for step in available_steps(directory, prefix) if step < bad_step]
-    return MeloError(f"{what}; stopped without saving step {bad_step} (the last good checkpoint is step "
-                     f"{good[-1] if good else 'none'}); try a lower {remedy}")
+    last = f"the last good checkpoint is step {good[-1]}" if good else "no checkpoint of this run was saved"
+    return MeloError(f"{what}; stopped without saving step {bad_step} ({last}); try a lower {remedy}")
 
 
 def check_output_folder(path, flag):

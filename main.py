@@ -85,7 +85,9 @@ class MetaTrainer(Trainer):
         self.optimizer, self.scheduler = build_optimizer(args, self.learner)
         self.prefix = run_prefix(args)
         self.shape = shape_options(args, self.data)
-        self.validated = 0  # the last step whose validation finished (None: the resumed step's did not)
+        # the last step whose validation finished (None: the resumed step's did not; -1: none yet, so a fresh
+        # run validates and saves step 0, the untrained start, which best-by-validation can then choose)
+        self.validated = -1
         self.recent = []  # outer losses since the last validation, for its "train loss"
 
     @property
@@ -200,12 +202,25 @@ class MetaTrainer(Trainer):
         return self.report(tasks, *self.predictions(tasks, with_weights))
 
     # ------------------------------------------------------------------ training
+    def is_log_step(self, step):
+        """Whether `step` is validated, logged and checkpointed: step 0 (the start), the last step, every
+        --log_interval, and every --early_log_interval up to --early_log_until."""
+        args = self.args
+        return (step % args.log_interval == 0 or step == args.num_train_iterations
+                or (step <= args.early_log_until and step % args.early_log_interval == 0))
+
+    def log_schedule(self):
+        args = self.args
+        if args.early_log_until and args.early_log_interval < args.log_interval:
+            return (f"at step 0, every {args.early_log_interval} iterations up to {args.early_log_until} and every "
+                    f"{args.log_interval} after")
+        return f"at step 0 and every {args.log_interval} iterations"
+
     def validation_pending(self):
-        """Stopped between a log step's update and the end of its validation (or at a resumed step whose
-        validation was stopped): the saved step is marked, and a resume validates it first."""
-        args, step = self.args, self.iteration
-        return self.validated != step and (self.validated is None or step % args.log_interval == 0
-                                           or step == args.num_train_iterations)
+        """At a log step whose validation has not finished: a fresh run's step 0, a step stopped between its
+        update and the end of its validation, or a resumed step whose validation was stopped (the saved
+        step is marked, and a resume validates it first)."""
+        return self.validated != self.iteration and (self.validated is None or self.is_log_step(self.iteration))
 
     def step_weights(self):
         args = self.args
@@ -238,12 +253,12 @@ class MetaTrainer(Trainer):
             capped = f" (--val_size={args.val_size} capped)" if validated < args.val_size else ""
             print(f"{args.mode}: {len(dataset.train_users)} training, {len(dataset.val_users)} validation and "
                   f"{len(dataset.test_users)} test users, {self.data.num_items} items; validating on "
-                  f"{validated} users{capped} every {args.log_interval} iterations; duplicates: "
+                  f"{validated} users{capped} {self.log_schedule()}; duplicates: "
                   f"{duplicates_note(self.data.duplicates_dropped, args)}")
         bar = progress(range(self.iteration, args.num_train_iterations), initial=self.iteration,
                        total=args.num_train_iterations, disable=not self.dist.is_main)
         try:
-            if self.validation_pending():  # resumed at a step whose validation was interrupted
+            if self.validation_pending():  # step 0 of a fresh run, or resumed at a step whose validation was stopped
                 self.validate_and_save(val_tasks, writer)
             for _ in bar:
                 check_stop()  # stop signals act here and between validation batches, never inside torch.func
@@ -271,7 +286,7 @@ class MetaTrainer(Trainer):
         report = self.evaluate(val_tasks)
         if not math.isfinite(report["rmse"]):
             raise self.diverged(f"the validation RMSE became {report['rmse']} at step {self.iteration}", self.iteration)
-        train_loss = sum(self.recent) / len(self.recent) if self.recent else float("nan")
+        train_loss = f"{sum(self.recent) / len(self.recent):.4f}" if self.recent else "-"  # none before step 1
         # best["rmse"] holds the best validation --select_by (RMSE by default; the name is the checkpoint's)
         if report[self.args.select_by] < self.best["rmse"]:
             self.best = {"rmse": report[self.args.select_by], "step": self.iteration, "report": report,
@@ -279,7 +294,7 @@ class MetaTrainer(Trainer):
         self.validated, self.recent = self.iteration, []
         path = self.save()
         if self.dist.is_main:
-            tqdm.write(f"step {self.iteration}: train loss {train_loss:.4f} | val RMSE {report['rmse']:.4f} "
+            tqdm.write(f"step {self.iteration}: train loss {train_loss} | val RMSE {report['rmse']:.4f} "
                        f"MAE {report['mae']:.4f} mean per-rating RMSE {report['mean_per_rating_rmse']:.4f} | "
                        f"best {self.args.select_by} {self.best['rmse']:.4f} at step {self.best['step']} | "
                        f"saved {path}")

@@ -275,7 +275,12 @@ def build_parser():
              "refusing to start: its checkpoints and reports are deleted once the new run saved a checkpoint")
     add("--log_dir", default="./runs", help="TensorBoard logs, one folder per run")
     add("--log_interval", type=positive_int, default=50,
-        help="validate, log and checkpoint every this many iterations")
+        help="validate, log and checkpoint every this many iterations (and at step 0, the untrained start)")
+    add("--early_log_interval", type=positive_int, default=10,
+        help="up to --early_log_until, validate, log and checkpoint every this many iterations instead: the "
+             "curve moves most early on, and the best weights may be those of an early step")
+    add("--early_log_until", type=non_negative_int, default=100,
+        help="the last iteration of the --early_log_interval schedule (0 = none)")
     add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     add("--num_threads", type=non_negative_int, default=0,
         help="torch CPU threads (0 = PyTorch's default, one per core)")

@@ -331,30 +331,13 @@ class BaselineTrainer(Trainer):
         bar = progress(range(self.epoch, args.pretrain_epochs), initial=self.epoch, total=args.pretrain_epochs,
                        desc=f"{self.prefix} epochs", disable=not self.dist.is_main)
         try:
+            if self.epoch == 0:  # a fresh run: epoch 0, the untrained start, is validated and saved too
+                check_stop()
+                self.validate_and_save(val_tasks, writer, None)
             for _ in bar:
                 check_stop()  # after the last finished epoch was saved
                 train_loss = self.train_epoch(bar)
-                report = self.evaluate(val_tasks)
-                if not math.isfinite(report["rmse"]):
-                    raise self.diverged(f"the validation RMSE became {report['rmse']} after epoch {self.epoch}",
-                                        self.epoch)
-                # best["rmse"] holds the best validation --select_by (the checkpoint's name for it)
-                if report[args.select_by] < self.best["rmse"]:
-                    self.best = {"rmse": report[args.select_by], "step": self.epoch, "state": state_copy(self.model)}
-                path = self.save()
-                if self.dist.is_main:
-                    tqdm.write(f"epoch {self.epoch}: train loss {train_loss:.4f} | val RMSE {report['rmse']:.4f} "
-                               f"MAE {report['mae']:.4f} mean per-rating RMSE "
-                               f"{report['mean_per_rating_rmse']:.4f} | best {args.select_by} "
-                               f"{self.best['rmse']:.4f} at "
-                               f"epoch {self.best['step']} | saved {path}")
-                if writer is not None:
-                    writer.add_scalar("train/loss", train_loss, self.epoch)
-                    for key in ("rmse", "mae", "mean_per_rating_rmse"):
-                        writer.add_scalar(f"val/{key}", report[key], self.epoch)
-                    for rating, row in report["per_rating"].items():
-                        writer.add_scalar(f"val_rmse_per_rating/{rating}", row["rmse"], self.epoch)
-                    writer.flush()
+                self.validate_and_save(val_tasks, writer, train_loss)
         except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM, raised by check_stop
             # Mid-epoch state cannot be resumed exactly: the last finished epoch's checkpoint stands.
             what, status = interruption(error)
@@ -363,6 +346,31 @@ class BaselineTrainer(Trainer):
                 print(f"\n{what} in epoch {self.epoch + 1}; resume with --checkpoint_step="
                       f"{saved[-1] if saved else 'none (nothing saved yet)'}", file=sys.stderr)
             raise SystemExit(status)
+
+    def validate_and_save(self, val_tasks, writer, train_loss):
+        """Score this epoch on the validation tasks, keep the best weights and save the epoch's checkpoint;
+        `train_loss`: the epoch's mean training loss (None at epoch 0)."""
+        args = self.args
+        report = self.evaluate(val_tasks)
+        if not math.isfinite(report["rmse"]):
+            raise self.diverged(f"the validation RMSE became {report['rmse']} after epoch {self.epoch}", self.epoch)
+        # best["rmse"] holds the best validation --select_by (the checkpoint's name for it)
+        if report[args.select_by] < self.best["rmse"]:
+            self.best = {"rmse": report[args.select_by], "step": self.epoch, "state": state_copy(self.model)}
+        path = self.save()
+        if self.dist.is_main:
+            loss = "-" if train_loss is None else f"{train_loss:.4f}"
+            tqdm.write(f"epoch {self.epoch}: train loss {loss} | val RMSE {report['rmse']:.4f} MAE {report['mae']:.4f} "
+                       f"mean per-rating RMSE {report['mean_per_rating_rmse']:.4f} | best {args.select_by} "
+                       f"{self.best['rmse']:.4f} at epoch {self.best['step']} | saved {path}")
+        if writer is not None:
+            if train_loss is not None:
+                writer.add_scalar("train/loss", train_loss, self.epoch)
+            for key in ("rmse", "mae", "mean_per_rating_rmse"):
+                writer.add_scalar(f"val/{key}", report[key], self.epoch)
+            for rating, row in report["per_rating"].items():
+                writer.add_scalar(f"val_rmse_per_rating/{rating}", row["rmse"], self.epoch)
+            writer.flush()
 
     def best_weights(self):
         return self.best["state"] if self.best["state"] is not None else state_copy(self.model)

@@ -81,7 +81,7 @@ def test_two_processes_make_the_same_update_as_one(runs):
 
 def test_only_rank_zero_writes_logs_and_checkpoints(runs):
     tmp_path, _ = runs
-    assert os.listdir(tmp_path / "ckpt2") == ["gru4rec_ml-100k_melo_step1.pt"]
+    assert sorted(os.listdir(tmp_path / "ckpt2")) == ["gru4rec_ml-100k_melo_step0.pt", "gru4rec_ml-100k_melo_step1.pt"]
     assert len(os.listdir(tmp_path / "runs2")) == 1
 
 

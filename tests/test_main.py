@@ -59,7 +59,8 @@ def test_training_writes_checkpoints_and_logs_and_test_reports(ratings_file, tmp
     trainer = run(argv)
     assert trainer.iteration == 4
     prefix = main.run_prefix(trainer.args)
-    assert sorted(os.listdir(tmp_path / "ckpt")) == [f"{prefix}_step2.pt", f"{prefix}_step4.pt"]
+    # step 0, the untrained start, is validated and saved too
+    assert sorted(os.listdir(tmp_path / "ckpt")) == [f"{prefix}_step{k}.pt" for k in (0, 2, 4)]
     assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))
     dataset = trainer.dataset
     assert (f"{len(dataset.train_users)} training, {len(dataset.val_users)} validation and 20 test users"
@@ -123,7 +124,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(ratings_file, tmp_pa
     run(argv + [f"--checkpoint_dir={resumed_dir}", "--checkpoint_step=4", "--val_size=5", "--num_train_iterations=6"])
     printed = capsys.readouterr()
     assert "val_size=" in printed.err and "chosen on other validation tasks" in printed.err
-    assert "validating on 5 users every 2 iterations" in printed.out
+    assert "validating on 5 users at step 0 and every 2 iterations" in printed.out
     run(argv + [f"--checkpoint_dir={resumed_dir}", "--checkpoint_step=6", "--val_size=500", "--num_train_iterations=7"])
     assert "(--val_size=500 capped)" in capsys.readouterr().out
     # a run that has nothing left to train says so instead of doing nothing
@@ -155,7 +156,7 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_runs_checkpoints(ratings_file
     (tmp_path / "ckpt" / "gru4rec_ml-100k_maml_step2.pt").write_bytes(b"another run")
     run(argv + ["--overwrite=True", "--num_train_iterations=1", "--log_interval=1"])
     assert sorted(path.name for path in (tmp_path / "ckpt").iterdir()) == \
-        ["gru4rec_ml-100k_maml_step2.pt", "gru4rec_ml-100k_melo_step1.pt"]
+        ["gru4rec_ml-100k_maml_step2.pt", "gru4rec_ml-100k_melo_step0.pt", "gru4rec_ml-100k_melo_step1.pt"]
 
 
 def test_task_chunks_give_the_same_update(ratings_file, tmp_path):
@@ -184,7 +185,7 @@ def test_mean_rating_baseline_reports_on_the_same_targets(ratings_file, tmp_path
 def test_missing_step_lists_the_saved_ones(ratings_file, tmp_path):
     argv = flags(ratings_file, tmp_path, "--model=gru4rec")
     run(argv)
-    with pytest.raises(options.MeloError, match=r"no checkpoint for step 3 .*: 2, 4"):
+    with pytest.raises(options.MeloError, match=r"no checkpoint for step 3 .*: 0, 2, 4"):
         run(argv + ["--checkpoint_step=3", "--test"])
 
 
@@ -212,7 +213,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(ratings_file, 
     with pytest.raises(options.MeloError, match=r"became nan at iteration 3; stopped without saving step 3 \(the last good checkpoint is step 2\)"):
         run(argv)
     good = torch.load(tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step2.pt", weights_only=True)
-    assert good["step"] == 2 and sorted(os.listdir(tmp_path / "ckpt")) == ["gru4rec_ml-100k_melo_step2.pt"]
+    assert good["step"] == 2 and sorted(os.listdir(tmp_path / "ckpt")) == [f"gru4rec_ml-100k_melo_step{k}.pt" for k in (0, 2)]
 
 
 def test_ctrl_c_saves_the_latest_state(ratings_file, tmp_path, monkeypatch):
@@ -357,9 +358,9 @@ def test_select_by_picks_the_best_weights_and_tensorboard_gets_the_per_rating_fi
                  f"--pretrain_log_dir={tmp_path}/pre", "--pretrain_epochs=3")
     trainer = run(argv)
     scalars, images = scalars_and_images(str(tmp_path / "runs" / trainer.log_folder))
-    assert images["val/per_rating"] == [1, 2, 3, 4]
+    assert images["val/per_rating"] == [0, 1, 2, 3, 4]
     chosen = scalars["val/mean_per_rating_rmse"]
-    assert trainer.best["rmse"] == pytest.approx(min(chosen)) and trainer.best["step"] == 1 + chosen.index(min(chosen))
+    assert trainer.best["rmse"] == pytest.approx(min(chosen)) and trainer.best["step"] == chosen.index(min(chosen))
     baseline = train_original.main(options.parse_args(argv))
     chosen = scalars_and_images(str(tmp_path / "runs" / baseline.log_folder))[0]["val/mean_per_rating_rmse"]
     assert baseline.best["rmse"] == pytest.approx(min(chosen)) and baseline.best["step"] == 1 + chosen.index(min(chosen))
@@ -405,3 +406,21 @@ def test_melo_reports_its_weight_per_rating_and_maml_does_not(ratings_file, tmp_
         assert len(report["adaptive_weight_by_rating_per_step"]) == 3
         saved = json.loads((tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step4.test_best.json").read_text())
         assert saved["adaptive_weight_by_rating"] == pytest.approx(weights)
+
+
+def test_step_0_and_the_early_steps_are_validated_and_the_start_can_be_chosen(ratings_file, tmp_path):
+    """Step 0 (the untrained start) and every --early_log_interval up to --early_log_until are validated
+    and saved; when training only makes validation worse (an outer rate far too high), the best weights
+    are step 0's, i.e. the start itself, and --test scores them."""
+    argv = flags(ratings_file, tmp_path, "--model=gru4rec", "--num_train_iterations=5", "--log_interval=4",
+                 "--early_log_interval=1", "--early_log_until=2", "--outer_lr=0.5", "--min_outer_lr=0.5")
+    trainer = run(argv)
+    prefix = main.run_prefix(trainer.args)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == [f"{prefix}_step{k}.pt" for k in (0, 1, 2, 4, 5)]
+    start = torch.load(tmp_path / "ckpt" / f"{prefix}_step0.pt", weights_only=True)
+    assert start["best_step"] == 0 and start["pending_validation"] is False
+    assert trainer.best["step"] == 0 and trainer.best["rmse"] == start["best_rmse"]
+    for key, value in start["meta_state"].items():   # what step 0 saved is the untrained learner
+        assert torch.equal(value, trainer.best["state"][key]), key
+    report = run(argv + ["--checkpoint_step=5", "--test"])
+    assert report["validation"]["step"] == 0 and report["validation"]["rmse"] == pytest.approx(start["best_rmse"])
