@@ -25,7 +25,7 @@ def support_weights(learner, batch):
 
     def weights_of_task(params, support, context, query):
         items, labels, mask = support
-        params, fixed = learner.task_start(params, support)
+        params, fixed = learner.task_start(params, support, context)
 
         def loss_and_weights(current, step):  # one forward gives the step's loss and its weights
             predictions = functional_call(learner.backbone, {**fixed, **current}, (items,))
@@ -55,8 +55,18 @@ class WithPositionFactor(nn.Module):
         super().__init__()
         self.inner_loss = inner_loss
 
-    def prepare(self, support_labels, support_mask):
-        return self.inner_loss.prepare(support_labels, support_mask)
+    def prepare(self, support_labels, support_mask, support_age=None):
+        return self.inner_loss.prepare(support_labels, support_mask, support_age)
+
+    @property
+    def has_weights(self):
+        return True
+
+    def position_weights(self, predictions, labels, mask, context, step):
+        """The wrapped loss's weights (1 for MAML++'s) times the factor: what a weighted fold-in start fits."""
+        if not self.inner_loss.has_weights:
+            return context[POSITION_FACTOR]
+        return self.inner_loss.position_weights(predictions, labels, mask, context, step) * context[POSITION_FACTOR]
 
     def forward(self, predictions, labels, mask, context, step):
         terms = self.inner_loss.terms(predictions, labels, mask, context, step)

@@ -26,7 +26,11 @@ records the grid searched, every value's validation score, the choice and any ax
 Each report is `<checkpoint_dir>/<name>_<mode>.test.json`, with the per-target CSV beside it (and the
 validation users' per-target CSV, `.validation.csv`, for compare.py's blend).
 """
+import dataclasses
+import hashlib
+import json
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +38,7 @@ import torch
 
 import metrics
 import tuning
+from runtime import write_atomic
 
 SHRINKAGE_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 ITEM_REG_GRID = (0.0, 5.0, 25.0, 100.0)
@@ -43,19 +48,46 @@ MF_REG_GRID = (1.0, 5.0, 25.0)              # λ of the ALS fit: > 0, so an item
 FOLD_IN_REG_GRID = (1.0, 3.0, 10.0, 30.0)   # λ_u on a new user's factor: > 0, so rank > n stays solvable
 FOLD_IN_BIAS_REG_GRID = (0.0, 1.0, 3.0, 10.0, 30.0)  # λ_b on a new user's bias
 ALS_SWEEPS = 10
+# γ of the fold-ins' recency weights γ^age (mean 1 per user): 1 weighs every support rating alike; never
+# extended past 1 (older ratings weighing more)
+DECAY_AXIS = tuning.Axis("decay", (1.0, 0.95, 0.9, 0.8), ceiling=1.0)
 
 
 # ============================================================================ pure functions
-def support_sets(support_items, support_ratings, support_mask):
-    """Per task, (distinct item ids, their ratings) in its real support windows (numpy [T, S, L] / [T, S]).
-    An item that occurs with several ratings (a repeated rating) gets their mean."""
-    sets = []
-    for items, ratings, real in zip(support_items, support_ratings, support_mask):
+class SupportSets(list):
+    """Per task, (distinct item ids, their ratings); `ages[t]`: the recency of each of task t's items, how
+    many items back from the user's latest support item it was rated (TaskBatch.support_age)."""
+
+    def __init__(self, sets, ages):
+        super().__init__(sets)
+        self.ages = ages
+
+    def decay_weights(self, decay):
+        """Per task, decay ** age of each item, scaled to mean 1 over the task's items (so a fold-in's
+        shrinkage λ keeps its meaning: the decay only moves weight from old ratings to recent ones);
+        None for decay 1 (every item alike)."""
+        if decay == 1:
+            return None
+        weights = [decay ** ages.astype(np.float64) for ages in self.ages]
+        return [w / w.mean() if len(w) else w for w in weights]
+
+
+def support_sets(support_items, support_ratings, support_mask, support_age=None):
+    """Per task, (distinct item ids, their ratings) in its real support windows (numpy [T, S, L] / [T, S]),
+    and each item's recency from `support_age` [T, S, L] (0 without it). An item that occurs with several
+    ratings (a repeated rating) gets their mean, and its latest recency."""
+    sets, ages = [], []
+    if support_age is None:
+        support_age = np.zeros(np.shape(support_items), np.int64)
+    for items, ratings, real, age in zip(support_items, support_ratings, support_mask, support_age):
         keep = real[:, None] & (items != 0)
         distinct, inverse = np.unique(items[keep], return_inverse=True)
         counts = np.bincount(inverse, minlength=len(distinct))
         sets.append((distinct, np.bincount(inverse, ratings[keep].astype(np.float64), len(distinct)) / counts))
-    return sets
+        latest = np.full(len(distinct), np.iinfo(np.int64).max)
+        np.minimum.at(latest, inverse, age[keep].astype(np.int64))
+        ages.append(latest)
+    return SupportSets(sets, ages)
 
 
 def user_mean(sets, fallback):
@@ -77,11 +109,16 @@ def item_biases(items, ratings, mean, reg, num_items):
     return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
 
 
-def user_item_bias(sets, target_items, mean, biases, reg, low, high):
+def user_item_bias(sets, target_items, mean, biases, reg, low, high, weights=None):
     """μ + b_u + b_target per target ([T, Q] for target_items [T, Q]), clipped to [low, high];
-    b_u = Σ (r − μ − b_i) / (n + reg) over the task's support items (0 when n + reg = 0)."""
-    user = np.array([(ratings - mean - biases[items]).sum() / (len(items) + reg) if len(items) + reg > 0 else 0.0
-                     for items, ratings in sets])
+    b_u = Σ (r − μ − b_i) / (n + reg) over the task's support items (0 when n + reg = 0); with `weights`
+    (per task, one per item, mean 1: SupportSets.decay_weights), b_u = Σ w (r − μ − b_i) / (Σ w + reg)."""
+    if weights is None:
+        user = np.array([(ratings - mean - biases[items]).sum() / (len(items) + reg) if len(items) + reg > 0
+                         else 0.0 for items, ratings in sets])
+    else:
+        user = np.array([(w * (ratings - mean - biases[items])).sum() / (w.sum() + reg) if w.sum() + reg > 0
+                         else 0.0 for (items, ratings), w in zip(sets, weights)])
     return np.clip(mean + user[:, None] + biases[target_items], low, high)
 
 
@@ -125,17 +162,20 @@ def als(users, items, ratings, mean, num_users, num_items, rank, reg, sweeps, se
     return biases, factors
 
 
-def mf_fold_in(sets, target_items, mean, biases, factors, reg, low, high, bias_reg=None):
+def mf_fold_in(sets, target_items, mean, biases, factors, reg, low, high, bias_reg=None, weights=None):
     """μ + b_u + b_target + p·q_target per target ([T, Q]), clipped to [low, high]; (p, b_u) per task from
     its support items by ridge regression with penalty `reg` on p and `bias_reg` (default `reg`) on b_u
-    (0 for a task without support items)."""
+    (0 for a task without support items); with `weights` (per task, one per item), weighted least squares."""
     task = np.concatenate([np.full(len(items), t) for t, (items, _) in enumerate(sets)]).astype(np.int64)
     items = np.concatenate([items for items, _ in sets]).astype(np.int64)
     ratings = np.concatenate([ratings for _, ratings in sets]).astype(np.float64)
     rank = factors.shape[1]
     penalty = [reg] * rank + [reg if bias_reg is None else bias_reg]
-    user = ridge(*normal_equations(task, with_bias(factors)[items], ratings - mean - biases[items], len(sets)),
-                 penalty)
+    x, y = with_bias(factors)[items], ratings - mean - biases[items]
+    if weights is not None:  # rows scaled by √w: Σ w x xᵀ and Σ w x y
+        root = np.sqrt(np.concatenate(weights))
+        x, y = x * root[:, None], y * root
+    user = ridge(*normal_equations(task, x, y, len(sets)), penalty)
     predicted = (mean + user[:, None, rank] + biases[target_items]
                  + np.einsum("tk,tqk->tq", user[:, :rank], factors[target_items]))
     return np.clip(predicted, low, high)
@@ -183,17 +223,18 @@ def predict_shrunk_user_mean(tasks, sets, fitted, value):
 
 
 def predict_user_item_bias(tasks, sets, fitted, value):
-    item_reg, user_reg = value
+    item_reg, user_reg, decay = value
     biases = item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items)
     targets = tasks.query_items[:, :, -1].numpy()
-    return torch.from_numpy(user_item_bias(sets, targets, fitted.mean, biases, user_reg, fitted.low, fitted.high))
+    return torch.from_numpy(user_item_bias(sets, targets, fitted.mean, biases, user_reg, fitted.low, fitted.high,
+                                           sets.decay_weights(decay)))
 
 
 def predict_mf_fold_in(tasks, sets, fitted, value):
-    rank, reg, user_reg, user_bias_reg = value
+    rank, reg, user_reg, user_bias_reg, decay = value
     targets = tasks.query_items[:, :, -1].numpy()
     return torch.from_numpy(mf_fold_in(sets, targets, fitted.mean, *fitted.factorisation(rank, reg), user_reg,
-                                       fitted.low, fitted.high, user_bias_reg))
+                                       fitted.low, fitted.high, user_bias_reg, sets.decay_weights(decay)))
 
 
 @dataclass(frozen=True)
@@ -212,11 +253,12 @@ BASELINES = {
     "shrunk-user-mean": Baseline("Shrunk user mean", predict_shrunk_user_mean,
                                  (tuning.Axis("shrinkage", SHRINKAGE_GRID),)),
     "user-item-bias": Baseline("User + item bias", predict_user_item_bias,
-                               (tuning.Axis("item_reg", ITEM_REG_GRID), tuning.Axis("user_reg", USER_REG_GRID))),
+                               (tuning.Axis("item_reg", ITEM_REG_GRID), tuning.Axis("user_reg", USER_REG_GRID),
+                                DECAY_AXIS)),
     "mf-fold-in": Baseline("MF fold-in", predict_mf_fold_in,
                            (tuning.Axis("rank", RANK_GRID, integer=True, floor=1), tuning.Axis("reg", MF_REG_GRID),
                             tuning.Axis("user_reg", FOLD_IN_REG_GRID),
-                            tuning.Axis("user_bias_reg", FOLD_IN_BIAS_REG_GRID))),
+                            tuning.Axis("user_bias_reg", FOLD_IN_BIAS_REG_GRID), DECAY_AXIS)),
 }
 
 
@@ -231,13 +273,15 @@ def predict(name, tasks, sets, fitted, value):
 
 
 def sets_of(tasks):
-    return support_sets(tasks.support_items.numpy(), tasks.support_ratings.numpy(), tasks.support_mask.numpy())
+    return support_sets(tasks.support_items.numpy(), tasks.support_ratings.numpy(), tasks.support_mask.numpy(),
+                        tasks.support_age.numpy())
 
 
-def choose(name, val_tasks, fitted, max_rating, select_by):
+def choose(name, val_tasks, fitted, max_rating, select_by, searched_axes=None):
     """The grid value of `name` with the lowest validation `select_by` (the grid extended where the choice
-    sits on its edge, tuning.search), and the record of the search."""
-    found = axes(name)
+    sits on its edge, tuning.search), and the record of the search; `searched_axes`: other axes than the
+    baseline's own."""
+    found = axes(name) if searched_axes is None else searched_axes
     if not found:
         return None, None
     sets = sets_of(val_tasks)
@@ -256,38 +300,109 @@ def choose(name, val_tasks, fitted, max_rating, select_by):
                             "at_edge": searched["at_edge"]}
 
 
+def factor_axes(max_rank):
+    """The MF fold-in's grid with its ranks capped at `max_rank` (the head's --user_factors)."""
+    rank, *others = axes("mf-fold-in")
+    ranks = tuple(r for r in rank.values if r <= max_rank) or (max_rank,)
+    return [tuning.Axis(rank.name, ranks, rank.integer, rank.floor, max_rank), *others]
+
+
+START_CACHE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class HeadStart:
+    """Where the bias rating head starts (`Backbone.set_bias_start`'s keyword arguments), in normalised
+    ratings: μ, the item biases and factors (None: unchanged), and the fold-in's λs and recency decay for
+    each task's start of (b_user, p_user) (None: no per-task start, or no factor solve)."""
+    mean: float
+    item_biases: np.ndarray = None
+    user_bias_reg: float = None
+    item_factors: np.ndarray = None
+    user_factor_reg: float = None
+    user_decay: float = None
+
+
+def bias_start_cache_path(data, dataset, args):
+    """Where `bias_start`'s result is kept between the runs of a study: keyed on the data's content, the
+    task configuration (the split and the validation tasks), every flag it reads, the grids and the ALS
+    settings, so a change of any of them computes it anew."""
+    key = json.dumps({"fingerprint": data.fingerprint(), "tasks": dataclasses.asdict(dataset.config),
+                      "flags": {name: getattr(args, name) for name in ("rating_head", "user_factors", "bias_start",
+                                                                       "user_bias_start", "select_by")},
+                      "grids": [axes("user-item-bias"), axes("mf-fold-in"), ALS_SWEEPS, tuning.MAX_EXTENSIONS],
+                      "version": START_CACHE_VERSION}, sort_keys=True, default=str)
+    return os.path.join(args.data_dir, "cache", f"bias-start-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
+
+
+def cached_bias_start(data, dataset, args):
+    """`bias_start`, read from its cache file when one was written for the same data, tasks and flags (a
+    study's runs share it; the MF search refits ALS for every rank and λ, minutes on ML-1M), else computed
+    and written. An unreadable cache file is computed anew, never trusted."""
+    path = bias_start_cache_path(data, dataset, args)
+    names = [field.name for field in dataclasses.fields(HeadStart)]
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            found = {name: stored[name] for name in stored.files}
+        return HeadStart(**{name: (found[name] if found[name].ndim else float(found[name]))
+                            for name in names if name in found})
+    except FileNotFoundError:
+        pass
+    except Exception as error:  # noqa: BLE001 (a corrupt or foreign file: recomputed)
+        print(f"warning: ignoring the unreadable start cache {path} ({error})", file=sys.stderr)
+    start = bias_start(data, dataset, args)
+    arrays = {name: np.asarray(getattr(start, name), np.float64) for name in names
+              if getattr(start, name) is not None}
+    try:
+        write_atomic(path, lambda out: np.savez(out, **arrays))
+    except OSError as error:  # a read-only data folder only costs the next run its time
+        print(f"warning: could not write the start cache {path}: {error}", file=sys.stderr)
+    return start
+
+
 def bias_start(data, dataset, args):
-    """Where the bias rating head starts (`Backbone.set_bias_start`), normalised: the training users' mean
-    μ; with --bias_start=fold-in, the user + item bias fold-in's item biases (zero biases with
-    --bias_start=zero); with --user_bias_start=fold-in, its user-bias shrinkage λ_user (else None). The
-    fold-in's regularisation is chosen on the validation users as for its own report."""
+    """Where the bias rating head starts (a HeadStart): the training users' mean μ; with
+    --bias_start=fold-in, the user + item bias fold-in's item biases (zero biases with --bias_start=zero);
+    with --user_bias_start=fold-in, its user-bias shrinkage λ_user and recency decay γ (else None). Each
+    fold-in's regularisation and decay are chosen on the validation users as for its own report.
+
+    With --user_factors=K and --bias_start=fold-in, the MF fold-in of rank <= K competes on the validation
+    users: where it scores better, the item biases and factors are its ALS fit's and (with
+    --user_bias_start=fold-in) λ_b, λ_u and γ its choices, so the head starts as the MF fold-in; else the
+    factors stay 0 and it starts as the user + item bias fold-in."""
     fitted = Fitted(data, dataset.train_users, args.random_seed)
-    biases = user_reg = None
+    start = {"mean": fitted.mean / data.max_rating}
     if args.bias_start == "fold-in" or args.user_bias_start == "fold-in":
-        (item_reg, chosen_user_reg), _ = choose("user-item-bias", dataset.val_tasks(), fitted, data.max_rating,
-                                                args.select_by)
+        val_tasks = dataset.val_tasks()
+        (item_reg, user_reg, decay), searched = choose("user-item-bias", val_tasks, fitted, data.max_rating,
+                                                       args.select_by)
         if args.bias_start == "fold-in":
-            biases = item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items) / data.max_rating
+            start["item_biases"] = item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg,
+                                               fitted.num_items) / data.max_rating
         if args.user_bias_start == "fold-in":
-            user_reg = chosen_user_reg
-    return fitted.mean / data.max_rating, biases, user_reg
+            start.update(user_bias_reg=user_reg, user_decay=decay)
+        if args.rating_head == "bias" and args.user_factors and args.bias_start == "fold-in":
+            (rank, reg, factor_reg, bias_reg, decay), mf_searched = choose(
+                "mf-fold-in", val_tasks, fitted, data.max_rating, args.select_by, factor_axes(args.user_factors))
+            if min(mf_searched["validation_scores"]) < min(searched["validation_scores"]):
+                biases, factors = fitted.factorisation(rank, reg)
+                start.update(item_biases=biases / data.max_rating, item_factors=factors)
+                if args.user_bias_start == "fold-in":
+                    start.update(user_bias_reg=bias_reg, user_factor_reg=factor_reg, user_decay=decay)
+    return HeadStart(**start)
 
 
 def start_bias_head(backbone, data, dataset, args):
     """Set the bias rating head's start (`bias_start`) on `backbone`, as every trainer does; nothing for
     the plain head."""
     if args.rating_head == "bias":
-        backbone.set_bias_start(*bias_start(data, dataset, args))
+        backbone.set_bias_start(**dataclasses.asdict(cached_bias_start(data, dataset, args)))
 
 
 def chosen_fields(name, value):
-    if name == "shrunk-user-mean":
-        return {"shrinkage": value}
-    if name == "user-item-bias":
-        return {"item_reg": value[0], "user_reg": value[1]}
-    if name == "mf-fold-in":
-        return dict(zip(("rank", "reg", "user_reg", "user_bias_reg"), value))
-    return {}
+    """{axis name: chosen value} of baseline `name` (a one-axis baseline's value is the value itself)."""
+    names = [axis.name for axis in axes(name)]
+    return dict(zip(names, value if len(names) > 1 else (value,))) if names else {}
 
 
 def report_path(args, name):

@@ -97,6 +97,13 @@ def build_parser():
         help="the rating head of every network (Basic, Fine-tune, MAML, MELO; main.py's --rating_head): bias "
              "= mu + b_user + b_item + the network's residual, the item biases starting at the fold-in's "
              "(the default of every script, chosen by the ablation in docs/comparison.md)")
+    add("--user_factors", type=options.non_negative_int, default=32,
+        help="every network's bias head gets a p_user . q_item term of this many columns (main.py's "
+             "--user_factors): it starts as the better on the validation users of the user + item bias fold-in "
+             "and the MF fold-in of rank <= K, so the networks start from the strongest classic baseline")
+    add("--bias_outer_lr", type=options.learning_rate, default=0.0,
+        help="Adam lr of the bias head's tables in every network's training (main.py's --bias_outer_lr): 0 "
+             "keeps them at their fold-in start, which Adam's per-row steps would move by noise")
     add("--bootstrap", type=options.positive_int, default=2000,
         help="resamples of the test users for the paired 95%% intervals")
     add("--bootstrap_seed", type=int, default=0, help="seed of the bootstrap resampling")
@@ -160,7 +167,9 @@ def parse(argv=None):
     if unknown or not models:
         raise MeloError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from "
                         f"{', '.join(BACKBONES)}")
-    extra = [f"--rating_head={known.rating_head}", *extra]  # every run's, before the passed-through flags
+    # every run's, before the passed-through flags
+    extra = [f"--rating_head={known.rating_head}", f"--user_factors={known.user_factors}",
+             f"--bias_outer_lr={known.bias_outer_lr:g}", *extra]
     defaults = options.parse_args([f"--mode={known.mode}", *extra])
     data_path = known.data_path if known.data_path is not None else defaults.data_path
     split_varies, init_varies = known.vary in ("random_seed", "both"), known.vary in ("model_init_seed", "both")

@@ -21,6 +21,10 @@ result is cached as an ``.npz`` under ``<data_dir>/cache/``, keyed on a hash of 
   in [min_sub_window_size, w]; the target of each is that last item. The support set is up to
   ``num_samples`` distinct contiguous sub-windows (length >= min_sub_window_size) drawn without
   replacement from the window without its last item, so the query target is never in the support set.
+  A training task with ``--train_query_targets=m`` > 1 holds out the window's last m items instead
+  (fewer where the window is short) and has max(num_query_set, m) query windows: window j ends on the
+  (j mod m)-th of them from the end, the support windows come from the items before them. Validation and
+  test tasks always have one target and num_query_set windows.
 * every window is left-padded to ``max_seq_len`` with item 0 and rating ``--default_rating``.
 
 Randomness comes only from numpy Generators ``rng(seed, stream, *keys)`` with fixed streams
@@ -126,6 +130,8 @@ class TaskBatch:
     query_ratings: torch.Tensor     # float [T, Q, L]
     query_mask: torch.Tensor        # bool  [T, Q]
     users: torch.Tensor             # long  [T], user index u into RatingData
+    support_age: torch.Tensor       # long  [T, S, L], items from each support position to the task's
+    #                                 latest support item (0: that item; 0 at padding): its recency
 
     def _map(self, function):
         return TaskBatch(*(function(getattr(self, f.name)) for f in dataclasses.fields(self)))
@@ -378,6 +384,7 @@ class TaskConfig:
     max_seq_len: int = 30
     num_samples: int = 25
     num_query_set: int = 3
+    train_query_targets: int = 1
     min_sub_window_size: int = 2
     use_random_sequence_length: bool = False
     default_rating: float = 0.0
@@ -427,45 +434,69 @@ class MetaDataset:
 
     # ------------------------------------------------------------------ one task's random choices
     def _draw(self, rng, n, training):
-        """(start, w, query lengths [Q], support a [k], support b [k]) of one task; the order of the
-        draws is part of the reproducibility contract."""
+        """(start, w, query lengths [Q], query offsets [Q], support a [k], support b [k]) of one task: query
+        window j ends `offsets[j]` items before the window's last item. The order of the draws is part of
+        the reproducibility contract."""
         longest = min(n, self.L)
         if training and self.config.use_random_sequence_length:
             w = int(rng.integers(self.min_window + 1, longest + 1))
         else:
             w = longest
         start = int(rng.integers(0, n - w + 1)) if training else n - w
-        query_lengths = rng.integers(self.min_window, w + 1, size=self.Q)
-        a, b = self._pairs[w - 1]
+        # a training task may hold out its last m items as query targets (--train_query_targets), keeping
+        # at least one support window of the shortest length before them
+        targets = min(self.config.train_query_targets, w - self.min_window) if training else 1
+        if targets == 1:
+            query_offsets = np.zeros(self.num_query(training), np.int64)
+            query_lengths = rng.integers(self.min_window, w + 1, size=self.num_query(training))
+        else:
+            query_offsets = np.arange(self.num_query(training), dtype=np.int64) % targets
+            query_lengths = rng.integers(self.min_window, w - query_offsets + 1)
+        a, b = self._pairs[w - targets]
         chosen = rng.choice(len(a), size=min(self.S, len(a)), replace=False)
-        return start, w, query_lengths, a[chosen], b[chosen]
+        return start, w, query_lengths, query_offsets, a[chosen], b[chosen]
+
+    def num_query(self, training):
+        """Query windows per task: --num_query_set, and for training tasks at least one per held-out target
+        (--train_query_targets)."""
+        return max(self.Q, self.config.train_query_targets) if training else self.Q
 
     def _build(self, users, rngs, training):
         """numpy arrays of the tasks of `users`, task k drawn from rngs[k]."""
-        T, S, Q = len(users), self.S, self.Q
+        T, S, Q = len(users), self.S, self.num_query(training)
         support_end = np.zeros((T, S), np.int64)      # exclusive end, as an index into data.items
         support_len = np.zeros((T, S), np.int64)      # 0 = no window
+        latest = np.zeros((T, 1, 1), np.int64)        # index of the task's latest support item
         query_end = np.zeros((T, Q), np.int64)
         query_len = np.zeros((T, Q), np.int64)
         offsets, lengths = self.data.offsets, self.lengths
         for k, (u, rng) in enumerate(zip(users, rngs)):
-            start, w, query_lengths, a, b = self._draw(rng, int(lengths[u]), training)
+            start, w, query_lengths, query_offsets, a, b = self._draw(rng, int(lengths[u]), training)
             base = int(offsets[u]) + start
             count = len(a)
             support_end[k, :count] = base + b
             support_len[k, :count] = b - a
-            query_end[k] = base + w
+            query_end[k] = base + w - query_offsets
             query_len[k] = query_lengths
+            latest[k] = base + w - query_offsets.max() - 2  # the item before the earliest target
+        support_index, real = self._positions(support_end, support_len)
         support = self._windows(support_end, support_len)
         query = self._windows(query_end, query_len)
-        return support + (support_len > 0,) + query + (query_len > 0,) + (np.asarray(users, np.int64),)
+        age = np.where(real, latest - support_index, 0)
+        return (support + (support_len > 0,) + query + (query_len > 0,) + (np.asarray(users, np.int64),)
+                + (age,))
 
-    def _windows(self, end, length):
-        """Left-padded [.., L] item and rating windows ending (exclusively) at `end`."""
+    def _positions(self, end, length):
+        """The index into data.items of every position of left-padded [.., L] windows ending (exclusively)
+        at `end`, 0 at padding, and whether each position is real."""
         position = np.arange(self.L)
         index = end[..., None] - self.L + position
         real = position >= self.L - length[..., None]
-        index = np.where(real, index, 0)
+        return np.where(real, index, 0), real
+
+    def _windows(self, end, length):
+        """Left-padded [.., L] item and rating windows ending (exclusively) at `end`."""
+        index, real = self._positions(end, length)
         items = np.where(real, self.data.items[index], 0)
         ratings = np.where(real, self.data.ratings[index],
                            np.float32(self.config.default_rating)).astype(np.float32)
@@ -516,7 +547,7 @@ class MetaDataset:
         for begin in range(0, len(self.train_users), chunk):
             users = self.train_users[begin:begin + chunk]
             rngs = [task_rng(self.seed, STREAM_WINDOWS, epoch, u) for u in users]
-            s_items, s_ratings, s_mask, q_items, q_ratings, q_mask, _ = self._build(users, rngs, True)
+            s_items, s_ratings, s_mask, q_items, q_ratings, q_mask, _, _ = self._build(users, rngs, True)
             mask = np.concatenate([s_mask, q_mask], axis=1)
             items.append(np.concatenate([s_items, q_items], axis=1)[mask])
             ratings.append(np.concatenate([s_ratings, q_ratings], axis=1)[mask])

@@ -81,7 +81,8 @@ class MetaTrainer(Trainer):
     def __init__(self, args, dist):
         super().__init__(args, dist)
         self.learner = build_meta_learner(args, self.data.num_items, self.data.max_rating).to(self.device)
-        baselines.start_bias_head(self.learner.backbone, self.data, self.dataset, args)
+        if args.checkpoint_step < 0 and not args.test_baseline:
+            self.start_head()
         self.optimizer, self.scheduler = build_optimizer(args, self.learner)
         self.prefix = run_prefix(args)
         self.shape = shape_options(args, self.data)
@@ -157,7 +158,7 @@ class MetaTrainer(Trainer):
         for start in range(0, len(mine), self.args.batch_size):
             check_stop()  # a stop signal acts between batches, never inside torch.func
             chunk = mine.select(slice(start, start + self.args.batch_size)).to(self.device)
-            predicted[part.start + start:part.start + start + len(chunk)] = self.learner.predict(chunk).double()
+            predicted[part.start + start:part.start + start + len(chunk)] = self.clipped(self.learner.predict(chunk)).double()
             if with_weights and self.learner.inner_loss.has_weights:
                 found = weight_sums_by_rating(*support_weights(self.learner, chunk), self.data.max_rating)
                 weight_sums = found if weight_sums is None else weight_sums + found
@@ -350,7 +351,7 @@ def test(trainer):
     report.update(method=trainer.prefix.rsplit("_", 1)[1], model=args.model, mode=args.mode,
                   checkpoint_step=args.checkpoint_step, weights=which, random_seed=args.random_seed,
                   model_init_seed=args.model_init_seed, select_by=args.select_by,
-                  user_bias_reg=trainer.backbone.user_bias_reg)
+                  user_bias_reg=trainer.backbone.user_bias_reg, user_factor_reg=trainer.backbone.user_factor_reg)
     if checkpoint.get("best_report") is not None and from_best:  # what chose these weights
         report["validation"] = {key: checkpoint["best_report"][key] for key in ("rmse", "mae", "mean_per_rating_rmse")}
         report["validation"]["step"] = checkpoint["best_step"]

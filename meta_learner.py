@@ -26,9 +26,12 @@ from models.loss_networks import query_loss
 
 EMBEDDING = "item_embedding.weight"
 ITEM_BIAS = "item_bias.weight"
+ITEM_FACTOR = "item_factor.weight"
 # Tensors indexed by item id: each task adapts a small table of only its own items' rows (`vmap_tasks`).
-ITEM_TABLES = (EMBEDDING, ITEM_BIAS)
+ITEM_TABLES = (EMBEDDING, ITEM_BIAS, ITEM_FACTOR)
 USER_BIAS = "user_bias"
+USER_FACTOR = "user_factor"
+SUPPORT_AGE = "support_age"  # the context entry of each support position's recency (TaskBatch.support_age)
 # --inner_params=head adapts these (with the bias head's biases): the output layer, ANIL-style.
 HEAD_PREFIX = "head."
 
@@ -38,9 +41,9 @@ def adapted_parameter_names(backbone, inner_params="all", adapt_user_bias=True, 
     the output layer (`inner_params="head"`), plus the bias head's b_user and b_item unless frozen."""
     names = []
     for name, _ in backbone.named_parameters():
-        if name == USER_BIAS:
+        if name in (USER_BIAS, USER_FACTOR):
             keep = adapt_user_bias
-        elif name == ITEM_BIAS:
+        elif name in (ITEM_BIAS, ITEM_FACTOR):
             keep = adapt_item_bias
         else:
             keep = inner_params == "all" or name.startswith(HEAD_PREFIX)
@@ -49,28 +52,75 @@ def adapted_parameter_names(backbone, inner_params="all", adapt_user_bias=True, 
     return names
 
 
-def fold_in_shift(residuals, items, mask, reg):
+def distinct_item_share(items, mask, dtype, weights=None):
+    """Per position of `items` [..., L] (flattened), 1/m at each of an item's m real positions (`mask`) and 0
+    at padding: an item in several (overlapping) windows counts once, as in the baselines' support sets.
+    With `weights` [..., L], each position's share is scaled by its weight (an item's weight is then the
+    mean of its positions')."""
+    items, real = items.flatten(), mask.flatten()
+    multiplicity = ((items[:, None] == items[None, :]) & real[None, :]).sum(1).clamp_min(1)
+    share = real.to(dtype) / multiplicity
+    return share if weights is None else share * weights.flatten()
+
+
+def fold_in_shift(residuals, items, mask, reg, weights=None):
     """The fold-in's user bias from a support set's residuals y − ŷ [..., L] at item ids `items` and real
     positions `mask`: Σ over its distinct items of their mean residual, / (number of distinct items + reg).
     An item in several (overlapping) windows counts once, as in baselines.user_item_bias; 0 if nothing
-    is real and reg = 0. Pure tensor code (no data-dependent shapes), so it runs under vmap."""
-    items, real = items.flatten(), mask.flatten()
-    multiplicity = ((items[:, None] == items[None, :]) & real[None, :]).sum(1).clamp_min(1)
-    share = real.to(residuals.dtype) / multiplicity  # 1/m at each of an item's m real positions
+    is real and reg = 0; with `weights`, the weighted mean. Pure tensor code (no data-dependent shapes),
+    so it runs under vmap."""
+    share = distinct_item_share(items, mask, residuals.dtype, weights)
     total, count = (residuals.flatten() * share).sum(), share.sum() + reg
     return torch.where(count > 0, total / count.clamp_min(1e-12), torch.zeros_like(total))
 
 
-def start_user_bias(backbone, params, items, labels, mask):
+def fold_in_solve(residuals, factors, items, mask, factor_reg, bias_reg, weights=None):
+    """The MF fold-in's (p_user [K], b_user) from a support set's residuals y − ŷ [..., L] and the item
+    factors at its positions [..., L, K]: the ridge regression of the residuals on [q_item, 1] over its
+    distinct items (each counted once, as in baselines.mf_fold_in; with `weights`, weighted least
+    squares), penalties λ_p on p and λ_b on b. A 1e-9 on the diagonal keeps an empty support set with
+    λ_b = 0 solvable. Runs under vmap."""
+    share = distinct_item_share(items, mask, residuals.dtype, weights)
+    x = torch.cat([factors.flatten(0, -2), torch.ones_like(share)[:, None]], dim=1)  # [N, K + 1]
+    weighted = x * share[:, None]
+    penalty = torch.full((x.shape[1],), float(factor_reg), dtype=x.dtype, device=x.device)
+    penalty[-1] = float(bias_reg)
+    gram = weighted.T @ x + torch.diag(penalty + 1e-9)
+    return torch.linalg.solve(gram, weighted.T @ residuals.flatten())
+
+
+def recency_weights(age, items, mask, decay, dtype):
+    """γ^age per support position [..., L], scaled to mean 1 over the task's distinct items (as
+    baselines.SupportSets.decay_weights), so the start's shrinkage λ keeps its meaning."""
+    weights = decay ** age.to(dtype)
+    share = distinct_item_share(items, mask, dtype)
+    return weights / ((share * weights.flatten()).sum() / share.sum().clamp_min(1e-12)).clamp_min(1e-12)
+
+
+def start_user_bias(backbone, params, items, labels, mask, weights_of=None, age=None):
     """`params` with b_user moved, for this task, to the fold-in's shrunk estimate from its support set
     (items, labels, mask): b_user + fold_in_shift of the residuals at b_user, with the backbone's
     `user_bias_reg` as λ. With f ≡ 0 and b_user = 0 that is the user + item bias fold-in exactly: the
-    inner loop (or fine-tuning) starts where the fold-in ends. `params` unchanged without that start."""
+    inner loop (or fine-tuning) starts where the fold-in ends. With a factor term and `user_factor_reg`
+    set, (p_user, b_user) move jointly by `fold_in_solve`: with f ≡ 0 the MF fold-in exactly.
+    `weights_of(predictions) -> [..., L]`: per-position weights of the fit (MELO's learned weights, with
+    --weighted_start), so the start minimises the weighted inner loss over the user's parameters; with the
+    backbone's `user_decay` γ and the positions' recency `age` [..., L], the fit weighs each rating by
+    γ^age too (`recency_weights`), as the fold-in it starts from. `params` unchanged without that start."""
     if getattr(backbone, "user_bias_reg", None) is None:
         return params
     predictions = functional_call(backbone, params, (items,))
-    shift = fold_in_shift(labels - predictions, items, mask, backbone.user_bias_reg)
-    return {**params, USER_BIAS: params[USER_BIAS] + shift}
+    residuals = labels - predictions
+    weights = None if weights_of is None else weights_of(predictions)
+    if getattr(backbone, "user_decay", None) is not None and age is not None:
+        decayed = recency_weights(age, items, mask, backbone.user_decay, residuals.dtype)
+        weights = decayed if weights is None else weights * decayed
+    if getattr(backbone, "user_factor_reg", None) is None:
+        shift = fold_in_shift(residuals, items, mask, backbone.user_bias_reg, weights)
+        return {**params, USER_BIAS: params[USER_BIAS] + shift}
+    shift = fold_in_solve(residuals, params[ITEM_FACTOR][items], items, mask, backbone.user_factor_reg,
+                          backbone.user_bias_reg, weights)
+    return {**params, USER_FACTOR: params[USER_FACTOR] + shift[:-1], USER_BIAS: params[USER_BIAS] + shift[-1]}
 
 
 def multi_step_loss_weights(iteration, num_steps, msl_iterations):
@@ -133,8 +183,9 @@ class MetaLearner(nn.Module):
     """Everything that is meta-learned: the backbone θ, the inner learning rates α, the inner loss φ."""
 
     def __init__(self, backbone, inner_loss, num_inner_steps, inner_lr, learnable_lrs, max_rating,
-                 query_loss="all", adapted=None, init_lrs=None):
+                 query_loss="all", adapted=None, init_lrs=None, weighted_start=False):
         super().__init__()
+        self.weighted_start = weighted_start  # the fold-in start weighted by the inner loss's step-0 weights
         self.backbone = backbone
         self.inner_loss = inner_loss
         self.num_inner_steps = num_inner_steps
@@ -151,10 +202,18 @@ class MetaLearner(nn.Module):
         adapted = {n: p for n, p in params.items() if n in self.adapted}
         return adapted, {n: p for n, p in params.items() if n not in adapted}
 
-    def task_start(self, params, support):
-        """Where a task's inner loop starts: `params` with b_user at its fold-in start on `support`
-        (items, labels, mask; `start_user_bias`), split into (adapted, fixed)."""
-        return self.split_adapted(start_user_bias(self.backbone, params, *support))
+    def task_start(self, params, support, context=None, inner_loss=None):
+        """Where a task's inner loop starts: `params` with b_user (and p_user) at their fold-in start on
+        `support` (items, labels, mask; `start_user_bias`), weighted with --weighted_start by the inner
+        loss's (default the learner's) step-0 weights of the task (`context`); split into (adapted, fixed)."""
+        inner_loss = self.inner_loss if inner_loss is None else inner_loss
+        weights_of = None
+        if self.weighted_start and inner_loss.has_weights:
+            items, labels, mask = support
+            weights_of = lambda predictions: inner_loss.position_weights(  # noqa: E731
+                predictions, labels, mask, context, 0)
+        age = None if context is None else context.get(SUPPORT_AGE)
+        return self.split_adapted(start_user_bias(self.backbone, params, *support, weights_of=weights_of, age=age))
 
     # ------------------------------------------------------------------ one task
     def adapt_task(self, params, support, context, query, scored_steps, first_order, merge_query=True,
@@ -170,7 +229,7 @@ class MetaLearner(nn.Module):
         support_items, support_labels, support_mask = support
         query_items, query_labels, query_mask = query
         num_support = support_items.shape[0]
-        params, fixed = self.task_start(params, support)
+        params, fixed = self.task_start(params, support, context, inner_loss)
         # first order: the support gradient is taken at detached copies of every parameter, fixed ones too
         support_fixed = {n: p.detach() for n, p in fixed.items()} if first_order else fixed
 
@@ -213,7 +272,10 @@ class MetaLearner(nn.Module):
         support_labels = batch.support_ratings / self.max_rating
         support_mask = batch.support_items != 0
         query = (batch.query_items, batch.query_ratings / self.max_rating, batch.query_items != 0)
-        context = self.inner_loss.prepare(support_labels, support_mask)
+        age = getattr(batch, "support_age", None)
+        context = self.inner_loss.prepare(support_labels, support_mask, age)
+        if age is not None:  # each position's recency, for the fold-in start's decay weights
+            context[SUPPORT_AGE] = age
         return (batch.support_items, support_labels, support_mask), context, query
 
     def run_tasks(self, batch, scored_steps, first_order=False, fast=True):
@@ -286,4 +348,5 @@ def build_meta_learner(args, num_items, max_rating):
     # mean-one) squared loss, i.e. the support set's mean residual, the un-shrunk user-bias fold-in
     init_lrs = {USER_BIAS: args.user_bias_lr} if args.user_bias_lr is not None else None
     return MetaLearner(backbone, inner_loss, args.num_inner_steps, args.inner_lr,
-                       args.use_learnable_params, max_rating, args.query_loss, adapted, init_lrs)
+                       args.use_learnable_params, max_rating, args.query_loss, adapted, init_lrs,
+                       args.weighted_start)

@@ -118,6 +118,11 @@ def build_parser():
         help="support windows per task (fewer when a user's history has fewer distinct windows)")
     add("--num_query_set", type=positive_int, default=3,
         help="query windows per task, all ending on the task's last item")
+    add("--train_query_targets", type=positive_int, default=1,
+        help="query targets of a training task: its window's last m items are held out (query window j ends "
+             "on the (j mod m)-th from the end; the support windows come from the items before them), so each "
+             "meta-batch scores m targets per user instead of one (max(--num_query_set, m) query windows); "
+             "validation and test tasks keep one target, the latest item, and --num_query_set windows")
     add("--num_test_data", type=positive_int, default=1000,
         help="number of cold-start test users")
     add("--val_size", type=positive_int, default=600,
@@ -166,6 +171,16 @@ def build_parser():
     add("--user_bias_lr", type=learning_rate, default=None,
         help="--rating_head=bias: initial inner learning rate of b_user (default: --inner_lr); 0.5 makes one "
              "inner step on b_user alone the support set's mean residual (the squared loss's Newton step)")
+    add("--user_factors", type=_checked(int, 0, "from 0 to 256", 256), default=0,
+        help="--rating_head=bias: K > 0 adds a user x item factor term p_user . q_item (K columns) to the head. "
+             "With --bias_start=fold-in the head starts as the better on the validation users of the user + "
+             "item bias fold-in and the MF fold-in of rank <= K (its item biases and factors from ALS on the "
+             "training users), and with --user_bias_start=fold-in each task's (p_user, b_user) start at that "
+             "fold-in's ridge estimate from its support set: with f = 0 the head is then that fold-in")
+    add("--weighted_start", type=str2bool, default=False,
+        help="MELO with --user_bias_start=fold-in: the fold-in start of b_user (and p_user) is the weighted "
+             "least-squares fit with the learned loss's weights, i.e. the minimum over the user's parameters "
+             "of the (ridge-penalised) adaptive inner loss, so the weights act on the user's estimate too")
     add("--bias_start", default="fold-in", choices=("fold-in", "zero"),
         help="--rating_head=bias: the item biases start at the user + item bias fold-in's (closed form on the "
              "training users, regularisation chosen on validation) or at zero; mu is the training users' mean")
@@ -189,6 +204,11 @@ def build_parser():
         help="Adam weight decay of the backbone in the outer loop (against overfitting the training users)")
     add("--min_outer_lr", type=learning_rate, default=1e-4,
         help="cosine annealing floor of --outer_lr")
+    add("--bias_outer_lr", type=learning_rate, default=None,
+        help="--rating_head=bias: Adam lr of the head's own tables (b_item, q_item and the meta-learned starts "
+             "of b_user, p_user), in main.py annealed like --outer_lr (default: --outer_lr, in the backbone's "
+             "group) and in train_original.py constant (default: --pretraining_lr); 0 keeps them at their "
+             "fold-in start, which Adam's per-row steps on a few users' gradients would otherwise move by noise")
     add("--grad_clip", type=non_negative_float, default=5.0,
         help="clip the meta-gradient norm (0 = off)")
     add("--use_multi_step", type=str2bool, default=True, help="MAML++ multi-step loss")
@@ -212,6 +232,9 @@ def build_parser():
     add("--lstm_input_size", type=positive_int, default=16, help="rating-embedding size of the encoder")
     add("--lstm_hidden", type=positive_int, default=32, help="hidden size of the rating-sequence LSTM")
     add("--lstm_num_layers", type=positive_int, default=1, help="layers of the rating-sequence LSTM")
+    add("--weight_recency", type=str2bool, default=False,
+        help="MELO: the weight network also reads each support position's recency (its distance in items from "
+             "the user's latest support item), so the learned weights can favour recent ratings")
     add("--lstm_lr", type=learning_rate, default=0.01,
         help="Adam lr of the loss networks, cosine-annealed to --min_lstm_lr (the original's 0.1 drives the "
              "weights to their extremes: docs/comparison.md)")

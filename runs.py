@@ -19,24 +19,26 @@ from options import MeloError
 # The backbones' own size flags join them (`shape_option_names`).
 META_SHAPE_OPTIONS = (
     "model", "mode", "max_seq_len", "num_inner_steps", "use_adaptive_loss", "use_learnable_params",
-    "rating_head", "user_bias_start", "inner_params", "adapt_user_bias", "adapt_item_bias",
-    "lstm_input_size", "lstm_hidden", "lstm_num_layers", "use_mlp", "use_mlp_mean", "use_step_loss",
+    "rating_head", "user_factors", "user_bias_start", "weighted_start", "inner_params", "adapt_user_bias", "adapt_item_bias",
+    "lstm_input_size", "lstm_hidden", "lstm_num_layers", "weight_recency", "use_mlp", "use_mlp_mean", "use_step_loss",
     "loss_num_layers", "task_info_loss", "task_info_rating_mean", "task_info_rating_std",
     "task_info_labels", "task_info_predictions", "adaptive_weights", "task_state",
     "select_by",  # the meaning of the best weights a checkpoint keeps
 )
 
-# Shape options added after checkpoints were first written, with the value every earlier checkpoint had:
-# an old checkpoint is compared as if it recorded it (so one of the plain head is refused by name under
-# today's default bias head, not loaded half-way).
-PREDATED = {"rating_head": "plain"}
+# Options added after checkpoints or results folders were first written, with the value every earlier one
+# had: an old checkpoint or folder is compared as if it recorded it (so one of the plain head is refused by
+# name under today's default bias head, not loaded half-way; a folder from before step 0 was validated,
+# early_log_until 0 in effect, is not reused).
+PREDATED = {"rating_head": "plain", "user_factors": 0, "weighted_start": False, "weight_recency": False,
+            "bias_outer_lr": None,
+            "train_query_targets": 1, "early_log_until": 0}
 
 
 def comparable(options):
     """Options (of a checkpoint, a run or a results folder) as they are compared: user_bias_start means
     nothing to the plain head (None there), and a bias head's from before the flag started b_user at its
-    meta-learned value. Unchanged where user_bias_start is not among them (a Basic checkpoint: its
-    training never uses it)."""
+    meta-learned value. Unchanged where neither is among them."""
     if "user_bias_start" not in options and "rating_head" not in options:
         return options
     options = dict(options)
@@ -49,8 +51,9 @@ def comparable(options):
 
 def settings_differences(saved, current):
     """'key=saved (now current)' for each setting that a results folder's `saved` settings and the `current`
-    ones both know and that differs; user_bias_start compared as `comparable` reads it (so a folder from
-    before the flag is not reused under the fold-in start)."""
+    ones both know and that differs, PREDATED's keys known to both; user_bias_start compared as `comparable`
+    reads it (so a folder from before the flag is not reused under the fold-in start)."""
+    saved = {**{key: value for key, value in PREDATED.items() if key in current}, **saved}
     saved, current = comparable(saved), comparable(current)
     return checkpointing.option_differences(saved, current, sorted(set(saved) & set(current)))
 
@@ -68,7 +71,8 @@ def saved_shape(checkpoint_shape, current):
 META_TRAINING_OPTIONS = (
     "num_train_iterations", "batch_size", "outer_lr", "min_outer_lr", "learn_lr", "lstm_lr", "min_lstm_lr",
     "task_info_lr", "loss_lr", "loss_weight_decay", "outer_weight_decay", "grad_clip", "use_multi_step",
-    "multi_step_loss_num_epochs", "first_order_iterations", "num_samples", "num_query_set", "bias_start",
+    "multi_step_loss_num_epochs", "first_order_iterations", "bias_outer_lr", "num_samples", "num_query_set",
+    "train_query_targets", "bias_start",
     "use_random_sequence_length", "val_size", "query_loss",
 )
 
@@ -139,7 +143,8 @@ def basic_shape_options(args, data):
     """The options a train_original.py checkpoint depends on: the shape options that concern the backbone,
     the learned-loss encoder's sizes when it is used, and the options of the user split."""
     everything = meta_shape_options(args, data)
-    keys = ["model", "mode", "max_seq_len", "num_items", "max_rating", "select_by", "rating_head", *SPLIT_OPTIONS]
+    keys = ["model", "mode", "max_seq_len", "num_items", "max_rating", "select_by", "rating_head", "user_factors",
+            "user_bias_start", *SPLIT_OPTIONS]  # (validation scores each epoch with the test's user start)
     keys += backbone_option_names(shape=True)
     if args.use_learned_loss_baseline:
         keys += LEARNED_LOSS_OPTIONS
@@ -174,7 +179,12 @@ def build_optimizer(args, learner):
             schedules.append(cosine(lr, floor, args.num_train_iterations) if floor is not None else (lambda it: 1.0))
 
     loss = learner.inner_loss
-    add(learner.backbone.parameters(), args.outer_lr, args.min_outer_lr, args.outer_weight_decay)
+    head_tables = learner.backbone.bias_head_parameters() if args.bias_outer_lr is not None else {}
+    add([p for name, p in learner.backbone.named_parameters() if name not in head_tables], args.outer_lr,
+        args.min_outer_lr, args.outer_weight_decay)
+    if head_tables:  # annealed in proportion to --outer_lr's schedule
+        floor = args.bias_outer_lr * args.min_outer_lr / args.outer_lr if args.outer_lr else args.bias_outer_lr
+        add(head_tables.values(), args.bias_outer_lr, floor)
     add(learner.lslr.parameters(), args.learn_lr)
     if getattr(loss, "encoder", None) is not None:
         add(loss.encoder.parameters(), args.lstm_lr, args.min_lstm_lr)

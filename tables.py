@@ -289,14 +289,24 @@ def introduction(config, reports, meta_args):
     spread = " (mean ± standard deviation over seeds)" if len(config.seeds) > 1 else ""
     select_by = meta_args.select_by  # shared by every run: the start flags do not set it
     outer_loss = "the query target" if meta_args.query_loss == "target" else "every query position"
+    head = ""
+    if meta_args.rating_head == "bias":
+        head = (f" (item biases starting at {meta_args.bias_start}"
+                + (f", a {meta_args.user_factors}-column user x item factor term" if meta_args.user_factors else "")
+                + (f", its tables held at their start" if meta_args.bias_outer_lr == 0 else "") + ")")
+    adapted = "every parameter" if meta_args.inner_params == "all" else "the output layer"
+    if meta_args.rating_head == "bias" and meta_args.adapt_user_bias:
+        adapted += " and the user's parameters"
+    melo = (f"MELO's weights {meta_args.adaptive_weights}, task state {meta_args.task_state}"
+            + (", fitting the start too" if meta_args.weighted_start else "")
+            + (", reading each rating's recency" if meta_args.weight_recency else ""))
     return [
         f"# Comparison on {config.mode}",
         "",
         f"Data `{config.data_path}`; {seeds}{spread}; every network with the {meta_args.rating_head} rating head"
-        + (f" (item biases starting at {meta_args.bias_start})" if meta_args.rating_head == "bias" else "")
-        + f"; MAML / MELO: {config.iterations} iterations"
-        f" from {START_DESCRIPTIONS[config.start]} (inner lr {meta_args.inner_lr:g}, outer loss on {outer_loss}; "
-        f"MELO's weights {meta_args.adaptive_weights}, task state {meta_args.task_state}), tested at the last "
+        + head + f"; MAML / MELO: {config.iterations} iterations"
+        f" from {START_DESCRIPTIONS[config.start]} (inner loop adapting {adapted}, inner lr from "
+        f"{meta_args.inner_lr:g}, outer loss on {outer_loss}; {melo}), tested at the last "
         f"checkpoint with the best-by-validation weights; Basic: {config.epochs} epochs, best-by-validation "
         f"weights (validation {select_by}); {'/'.join(map(str, counts))} test query windows "
         f"({'/'.join(map(str, users)) or '?'} test users) per seed, in stars. Error reduction: "

@@ -114,7 +114,8 @@ class BaselineTrainer(Trainer):
         super().__init__(args, dist if dist is not None else Distributed(args.device))
         self.max_rating = float(self.data.max_rating)
         self.model = model_factory(args, self.data.num_items).to(self.device)
-        baselines.start_bias_head(self.model, self.data, self.dataset, args)
+        if args.checkpoint_step < 0:
+            self.start_head()
         self.encoder = None
         if args.use_learned_loss_baseline:
             with torch.random.fork_rng(devices=[]), torch.device("cpu"):
@@ -124,7 +125,12 @@ class BaselineTrainer(Trainer):
             self.encoder.to(self.device)
         self.window_loss = WindowLoss(self.model, self.encoder, self.max_rating)
         self.training_loss = self.window_loss  # wrapped in DDP when training under torchrun (train())
-        self.optimizer = torch.optim.Adam(self.window_loss.parameters(), lr=args.pretraining_lr)
+        head_tables = self.model.bias_head_parameters() if args.bias_outer_lr is not None else {}
+        rest = [p for name, p in self.window_loss.named_parameters()
+                if name.removeprefix("backbone.") not in head_tables]
+        groups = [{"params": rest}] + ([{"params": list(head_tables.values()), "lr": args.bias_outer_lr}]
+                                       if head_tables else [])
+        self.optimizer = torch.optim.Adam(groups, lr=args.pretraining_lr)
         self.prefix = run_prefix(args)
         self.shape = shape_options(args, self.data)
 
@@ -219,7 +225,7 @@ class BaselineTrainer(Trainer):
         self.model.train()
         if not predictions:
             return torch.zeros(len(record), *tasks.query_mask.shape)
-        return torch.cat(predictions, dim=1)
+        return self.clipped(torch.cat(predictions, dim=1))
 
     def finetuned_predictions(self, tasks, lr=None, record=None, user_start=True):
         """SGD steps per task on its own copy of the weights (vmapped over tasks), from b_user's fold-in start
@@ -231,7 +237,7 @@ class BaselineTrainer(Trainer):
         buffers = {name: b.detach() for name, b in self.model.named_buffers()}
         model = self.model
 
-        def one_task(items, labels, query_items):
+        def one_task(items, labels, age, query_items):
             def support_loss(current, step):
                 predicted = functional_call(model, {**current, **buffers}, (items,))
                 return masked_mean((predicted - labels) ** 2, items != 0), ()
@@ -242,7 +248,7 @@ class BaselineTrainer(Trainer):
             def query(current):
                 return functional_call(model, {**current, **buffers}, (query_items,))[:, -1]
 
-            start = start_user_bias(model, params, items, labels, items != 0) if user_start else params
+            start = start_user_bias(model, params, items, labels, items != 0, age=age) if user_start else params
             recorded = {0: query(start)} if 0 in record else {}
 
             def after_step(step, current, aux):
@@ -254,7 +260,7 @@ class BaselineTrainer(Trainer):
 
         labels = tasks.support_ratings / self.max_rating
         predicted = vmap(one_task, randomness="different", out_dims=1)(tasks.support_items, labels,
-                                                                       tasks.query_items)
+                                                                       tasks.support_age, tasks.query_items)
         return predicted.detach() * self.max_rating
 
     def predictions(self, tasks, lr=None, record=None, user_start=True):
@@ -267,10 +273,11 @@ class BaselineTrainer(Trainer):
         return self.dist.sum_(full).cpu()
 
     def evaluate(self, tasks):
-        """Report over a fixed task set (per window, and per user under "per_user"), of the model as it trains:
-        without b_user's per-user start (its windows carry no user), so the best epoch, and with it a Basic
-        checkpoint, does not depend on --user_bias_start."""
-        return metrics.task_report(self.predictions(tasks, user_start=False)[0], tasks, self.max_rating)
+        """Report over a fixed task set (per window, and per user under "per_user"), scored as --test scores
+        Basic: with b_user's (and p_user's) fold-in start from each user's support set under
+        --user_bias_start=fold-in, so the best epoch is the best Basic as tested (and epoch 0, the
+        untrained model, is the fold-in itself)."""
+        return metrics.task_report(self.predictions(tasks)[0], tasks, self.max_rating)
 
     def choose_finetuning(self, tasks):
         """The (lr, steps) of --finetune_lr_grid x --finetune_steps_grid (an empty grid: the single
@@ -411,7 +418,8 @@ def test(trainer):
     report.update(method="finetune" if steps or selection else method_name(args), model=args.model,
                   mode=args.mode, checkpoint_step=args.checkpoint_step, weights=which,
                   random_seed=args.random_seed, model_init_seed=args.model_init_seed, select_by=args.select_by,
-                  finetune_steps=steps, finetune_lr=lr, user_bias_reg=trainer.backbone.user_bias_reg)
+                  finetune_steps=steps, finetune_lr=lr, user_bias_reg=trainer.backbone.user_bias_reg,
+                  user_factor_reg=trainer.backbone.user_factor_reg)
     if selection is not None:
         report["finetune_selection"] = selection
     if trainer.dist.is_main:

@@ -10,6 +10,9 @@ A subclass says what it trains and how: `prefix`, `shape`, its checkpoint folder
 by `folder_flag`), the extra checkpoint entries (`extra_state` / `restore`), one `train(writer)`, and
 the hooks `fresh_start`, `check_resume` and `finish`.
 """
+import numpy as np
+
+import baselines
 import checkpointing
 import runs
 from dataloader import MetaDataset, load_data
@@ -33,6 +36,18 @@ class Trainer:
         self.best = {"rmse": float("inf"), "step": None, "state": None}
         self.earlier_run = []  # an earlier run's files that this one replaces (--overwrite)
         self.log_folder = None  # the run's TensorBoard folder under --log_dir (runs.open_writer)
+
+    @property
+    def rating_range(self):
+        """(lowest, highest) rating of the training users: every network's evaluated predictions are
+        clipped to it, as the baselines' are (baselines.Fitted), so no method gains from clipping alone."""
+        if not hasattr(self, "_rating_range"):
+            ratings = np.concatenate([self.data.sequence(u)[1] for u in self.dataset.train_users])
+            self._rating_range = (float(ratings.min()), float(ratings.max()))
+        return self._rating_range
+
+    def clipped(self, predicted):
+        return predicted.clamp(*self.rating_range)
 
     @property
     def directory(self):
@@ -67,6 +82,13 @@ class Trainer:
     def train(self, writer):
         raise NotImplementedError
 
+    def start_head(self):
+        """The bias rating head's start from the data (μ, the item biases and factors, the fold-in's λs;
+        baselines.start_bias_head): before a fresh run trains, and on loading a checkpoint from before the
+        λs were saved in it. A checkpoint holds the rest, so a test or resume skips the fold-in searches.
+        A subclass calls it once its model is built, unless --checkpoint_step names a checkpoint to load."""
+        baselines.start_bias_head(self.backbone, self.data, self.dataset, self.args)
+
     def fresh_start(self):
         """Before a fresh (not resumed) run trains."""
 
@@ -86,7 +108,8 @@ class Trainer:
                 "data_fingerprint": self.fingerprint, "shape_options": self.shape, **self.extra_state(),
                 # λ of b_user's fold-in start, chosen on the validation tasks at the run's start: kept, so a
                 # test or resume under other --val_size / window flags starts b_user as the run trained it
-                "user_bias_reg": self.backbone.user_bias_reg,
+                "user_bias_reg": self.backbone.user_bias_reg, "user_factor_reg": self.backbone.user_factor_reg,
+                "user_decay": self.backbone.user_decay,
                 "best_rmse": self.best["rmse"], "best_step": self.best["step"]}
 
     def save(self):
@@ -104,6 +127,8 @@ class Trainer:
         `restore_training` the training state too, to resume."""
         checkpoint = checkpointing.load_checkpoint(self.directory, self.prefix, step)
         path = self.checkpoint_path(step)
+        if "user_bias_reg" not in checkpoint:  # from before the start's λs were saved: chosen now
+            self.start_head()
         checkpointing.require_keys(checkpoint, ("step", "shape_options", "best_rmse", "best_step", *self.required),
                                    path)
         checkpointing.check_compatible(runs.saved_shape(checkpoint["shape_options"], self.shape), self.shape, path)
@@ -113,6 +138,10 @@ class Trainer:
         self.restore(checkpoint, path, restore_training)
         if "user_bias_reg" in checkpoint:  # (checkpoints from before it keep the one chosen now)
             self.backbone.user_bias_reg = checkpoint["user_bias_reg"]
+        if "user_factor_reg" in checkpoint:
+            self.backbone.user_factor_reg = checkpoint["user_factor_reg"]
+        if "user_decay" in checkpoint:
+            self.backbone.user_decay = checkpoint["user_decay"]
         return checkpoint
 
     def load_tested(self):

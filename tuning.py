@@ -23,9 +23,12 @@ class Axis:
     values: tuple           # as given: their order breaks ties between equal scores
     integer: bool = False
     floor: float = 0        # the natural bound below: never extended past it
+    ceiling: float = math.inf  # the bound above: never extended past it
 
     def up(self, value):
-        return value * 2 if value > 0 else (1 if self.integer else None)
+        """The next larger value, or None past the ceiling."""
+        bigger = value * 2 if value > 0 else (1 if self.integer else None)
+        return None if bigger is None or bigger > self.ceiling else bigger
 
     def down(self, value):
         """The next smaller value, or None at the natural bound."""

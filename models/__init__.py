@@ -67,7 +67,7 @@ def model_factory(args, num_items):
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.default_generator.manual_seed(args.model_init_seed)
         backbone = BACKBONES[name].from_args(args, num_items)
-    return backbone.add_bias_head() if args.rating_head == "bias" else backbone
+    return backbone.add_bias_head(args.user_factors) if args.rating_head == "bias" else backbone
 
 
 def export_weights(model):

@@ -82,7 +82,7 @@ class MSEInnerLoss(nn.Module):
 
     has_weights = False
 
-    def prepare(self, support_labels, support_mask):
+    def prepare(self, support_labels, support_mask, support_age=None):
         return {}
 
     def terms(self, predictions, labels, mask, context, step):
@@ -103,18 +103,21 @@ class RatingSequenceEncoder(nn.Module):
     the inner loop and `nn.LSTM` (cuDNN included) is fine here.
     """
 
-    def __init__(self, max_rating, input_size, hidden_size, num_layers, extra_inputs=0):
+    def __init__(self, max_rating, input_size, hidden_size, num_layers, extra_inputs=0, recency=False):
         super().__init__()
         self.max_rating = max_rating
         self.rating_embedding = nn.Embedding(num_half_star_buckets(max_rating), input_size, padding_idx=0)
         self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)
         self.initial_hidden = nn.Parameter(torch.zeros(num_layers, 1, hidden_size))
         self.initial_cell = nn.Parameter(torch.zeros(num_layers, 1, hidden_size))
-        self.head = _mlp([2 * hidden_size + input_size + extra_inputs, hidden_size, 1])
+        # --weight_recency: an embedding of each position's recency (its distance in items from the user's
+        # latest support item, the last RECENCY_BUCKETS - 1 and beyond sharing one row)
+        self.recency_embedding = nn.Embedding(RECENCY_BUCKETS, input_size) if recency else None
+        self.head = _mlp([2 * hidden_size + input_size * (2 if recency else 1) + extra_inputs, hidden_size, 1])
 
-    def features(self, labels, mask):
-        """labels, mask: [T, S, L] -> per-position features [T, S, L, 2H + E] (task state, LSTM state at
-        the position, rating embedding)."""
+    def features(self, labels, mask, age=None):
+        """labels, mask (and with recency, age): [T, S, L] -> per-position features [T, S, L, 2H + E (+ E)]
+        (task state, LSTM state at the position, rating embedding, recency embedding)."""
         num_tasks, num_windows, length = labels.shape
         ids = rating_bucket_ids(labels, mask, self.max_rating)
         embedded = self.rating_embedding(ids).flatten(0, 1)  # [T*S, L, E]
@@ -126,18 +129,24 @@ class RatingSequenceEncoder(nn.Module):
         window_state = hidden[-1].view(num_tasks, num_windows, hidden_size)
         real_window = mask.any(dim=2, keepdim=True).to(window_state.dtype)  # [T, S, 1]
         task_state = (window_state * real_window).sum(1) / real_window.sum(1).clamp_min(1.0)  # [T, H]
-        return torch.cat([
+        parts = [
             task_state[:, None, None, :].expand(-1, num_windows, length, -1),
             outputs.view(num_tasks, num_windows, length, hidden_size),
             embedded.view(num_tasks, num_windows, length, embedded.shape[-1]),
-        ], dim=-1)
+        ]
+        if self.recency_embedding is not None:
+            if age is None:
+                raise ValueError("--weight_recency needs the support positions' recency (TaskBatch.support_age)")
+            parts.append(self.recency_embedding(age.clamp(0, RECENCY_BUCKETS - 1)))
+        return torch.cat(parts, dim=-1)
 
-    def forward(self, labels, mask):
-        """labels, mask: [T, S, L] -> per-position logits [T, S, L]."""
-        return self.head(self.features(labels, mask)).squeeze(-1)
+    def forward(self, labels, mask, age=None):
+        """labels, mask (age): [T, S, L] -> per-position logits [T, S, L]."""
+        return self.head(self.features(labels, mask, age)).squeeze(-1)
 
 
 TASK_FEATURES = ("loss", "rating_mean", "rating_std", "labels", "predictions")
+RECENCY_BUCKETS = 64
 
 
 class TaskStatisticsWeightNet(nn.Module):
@@ -173,6 +182,7 @@ class LossConfig:
     use_mlp_mean: bool = False
     use_step_loss: bool = False
     loss_num_layers: int = 2
+    weight_recency: bool = False
 
     @classmethod
     def from_args(cls, args):
@@ -211,7 +221,7 @@ class AdaptiveInnerLoss(nn.Module):
             # per step, the head also reads the prediction, its signed error and a one-hot of the step
             extra = 2 + self.num_steps if self.per_step else 0
             self.encoder = RatingSequenceEncoder(max_rating, config.lstm_input_size, config.lstm_hidden,
-                                                 config.lstm_num_layers, extra)
+                                                 config.lstm_num_layers, extra, config.weight_recency)
             self.weight_net = None
         self.loss_mlps = None
         if config.use_mlp_mean:
@@ -219,13 +229,14 @@ class AdaptiveInnerLoss(nn.Module):
             sizes = [1] + [config.lstm_hidden] * (config.loss_num_layers - 1) + [1]
             self.loss_mlps = nn.ModuleList(_mlp(sizes) for _ in range(count))
 
-    def prepare(self, support_labels, support_mask):
+    def prepare(self, support_labels, support_mask, support_age=None):
         context = {}
         if self.encoder is not None:
             if self.per_step:
-                context["features"] = self.encoder.features(support_labels, support_mask)
+                context["features"] = self.encoder.features(support_labels, support_mask, support_age)
             else:
-                context["weights"] = self._weights(self.encoder(support_labels, support_mask), support_mask)
+                context["weights"] = self._weights(self.encoder(support_labels, support_mask, support_age),
+                                                   support_mask)
         else:
             mask = support_mask.to(support_labels.dtype)
             count = mask.sum((1, 2)).clamp_min(1.0)

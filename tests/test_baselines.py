@@ -55,18 +55,34 @@ def run_all(tmp_path_factory):
 def by_hand(data, dataset, users, tasks):
     """Per task: the user's original id, {item: rating} of the distinct support items (from the user's own
     history, not the windows' ratings), and the target item."""
+    return [row[:4] for row in by_hand_with_ages(data, users, tasks)]
+
+
+def by_hand_with_ages(data, users, tasks):
+    """by_hand's rows, each with {item: age} too: how many items back from the one before the target the
+    user rated it (their position in the user's own history)."""
     rows = []
     for t, u in enumerate(users):
         items, ratings = data.sequence(u)
         rating_of = dict(zip(items.tolist(), ratings.tolist()))
+        position = {item: p for p, item in enumerate(items.tolist())}
         support = {}
         for s in range(tasks.support_items.shape[1]):
             if tasks.support_mask[t, s]:
                 for item in tasks.support_items[t, s].tolist():
                     if item:
                         support[item] = rating_of[item]
-        rows.append((data.user_ids[u], support, int(tasks.query_items[t, 0, -1]), float(tasks.query_ratings[t, 0, -1])))
+        target = int(tasks.query_items[t, 0, -1])
+        ages = {item: position[target] - 1 - position[item] for item in support}
+        rows.append((data.user_ids[u], support, target, float(tasks.query_ratings[t, 0, -1]), ages))
     return rows
+
+
+def decayed(ages, decay):
+    """{item: γ^age, scaled to mean 1 over the user's items}."""
+    weights = {item: decay ** age for item, age in ages.items()}
+    mean = sum(weights.values()) / len(weights)
+    return {item: w / mean for item, w in weights.items()}
 
 
 def predictions(args, name):
@@ -117,24 +133,26 @@ def test_user_item_bias_fold_in_equals_hand_computation(run_all):
     mu = sum(r for _, r in train) / len(train)
     low, high = min(r for _, r in train), max(r for _, r in train)
 
-    def predict(support, target, item_reg, user_reg):
+    def predict(support, target, ages, item_reg, user_reg, decay):
         bias = {}
         for item in set(support) | {target}:
             rated = [r - mu for i, r in train if i == item]
             bias[item] = sum(rated) / (len(rated) + item_reg) if len(rated) + item_reg else 0.0
-        user = sum(r - mu - bias[i] for i, r in support.items()) / (len(support) + user_reg)
+        weight = decayed(ages, decay)  # recent ratings count more for γ < 1 (every weight 1 at γ = 1)
+        user = (sum(weight[i] * (r - mu - bias[i]) for i, r in support.items())
+                / (sum(weight.values()) + user_reg))
         return min(max(mu + user + bias[target], low), high)
 
     report = reports["user-item-bias"]
-    item_reg, user_reg = report["item_reg"], report["user_reg"]
-    val = by_hand(data, dataset, dataset.val_users[:args.val_size], dataset.val_tasks())
-    chosen = rmse([(predict(s, t, item_reg, user_reg), r) for _, s, t, r in val])
+    item_reg, user_reg, decay = report["item_reg"], report["user_reg"], report["decay"]
+    val = by_hand_with_ages(data, dataset.val_users[:args.val_size], dataset.val_tasks())
+    chosen = rmse([(predict(s, t, ages, item_reg, user_reg, decay), r) for _, s, t, r, ages in val])
     assert chosen == pytest.approx(min(report["selection"]["validation_scores"]))
-    other = rmse([(predict(s, t, 25.0, 10.0), r) for _, s, t, r in val])  # a grid point: never better
-    assert chosen <= other + 1e-12
+    for point in ((25.0, 10.0, 1.0), (25.0, 10.0, 0.8)):  # grid points: never better
+        assert chosen <= rmse([(predict(s, t, ages, *point), r) for _, s, t, r, ages in val]) + 1e-12
     table = predictions(args, "user-item-bias")
-    for user, support, target, _ in by_hand(data, dataset, dataset.test_users, dataset.test_tasks()):
-        assert table.loc[user, "min"] == pytest.approx(predict(support, target, item_reg, user_reg))
+    for user, support, target, _, ages in by_hand_with_ages(data, dataset.test_users, dataset.test_tasks()):
+        assert table.loc[user, "min"] == pytest.approx(predict(support, target, ages, item_reg, user_reg, decay))
 
 
 def test_mf_fold_in_equals_a_rank_one_case_on_paper():
@@ -181,20 +199,21 @@ def test_ridge_solves_its_normal_equations_and_als_fits_a_rank_one_matrix():
 def test_mf_fold_in_report_equals_its_functions(run_all):
     args, data, dataset, reports = run_all
     report = reports["mf-fold-in"]
-    assert report["method"] == "mf_fold_in" and {"rank", "reg", "user_reg", "user_bias_reg"} <= set(report)
+    assert report["method"] == "mf_fold_in" and {"rank", "reg", "user_reg", "user_bias_reg", "decay"} <= set(report)
     assert report["count"] == 15 * 3
     fitted = baselines.Fitted(data, dataset.train_users, args.random_seed)
     tasks = dataset.test_tasks()
     biases, factors = baselines.als(fitted.users, fitted.items, fitted.ratings, fitted.mean, fitted.num_users,
                                     fitted.num_items, report["rank"], report["reg"], baselines.ALS_SWEEPS,
                                     args.random_seed)
-    expected = baselines.mf_fold_in(baselines.sets_of(tasks), tasks.query_items[:, :, -1].numpy(), fitted.mean,
+    sets = baselines.sets_of(tasks)
+    expected = baselines.mf_fold_in(sets, tasks.query_items[:, :, -1].numpy(), fitted.mean,
                                     biases, factors, report["user_reg"], fitted.low, fitted.high,
-                                    report["user_bias_reg"])
+                                    report["user_bias_reg"], sets.decay_weights(report["decay"]))
     frame = pd.read_csv(metrics.predictions_path(baselines.report_path(args, "mf-fold-in")))
     assert np.sort(frame["prediction"].to_numpy()) == pytest.approx(np.sort(expected[tasks.query_mask.numpy()]))
     assert min(report["selection"]["validation_scores"]) == pytest.approx(metrics.task_report(
         baselines.predict("mf-fold-in", dataset.val_tasks(), baselines.sets_of(dataset.val_tasks()), fitted,
-                          (report["rank"], report["reg"], report["user_reg"], report["user_bias_reg"])),
+                          (report["rank"], report["reg"], report["user_reg"], report["user_bias_reg"], report["decay"])),
         dataset.val_tasks(),
         data.max_rating)["rmse"])

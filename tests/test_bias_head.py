@@ -2,8 +2,10 @@
 place in the inner loop (b_user with its own learned rate, b_item through the per-task item table), what
 --inner_params / --adapt_*_bias adapt, and the Basic -> MAML hand-off with it."""
 import math
+import os
 import types
 
+import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
@@ -230,7 +232,7 @@ def test_the_bias_head_starts_at_the_fold_in_and_basic_hands_it_to_maml(ratings_
     data = load_data(args)
     dataset = MetaDataset.from_args(data, args)
     fitted = baselines.Fitted(data, dataset.train_users)
-    (item_reg, _), _ = baselines.choose("user-item-bias", dataset.val_tasks(), fitted, 5.0, "rmse")
+    (item_reg, _, _), _ = baselines.choose("user-item-bias", dataset.val_tasks(), fitted, 5.0, "rmse")
     expected = baselines.item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items) / 5.0
     assert start.global_mean.item() == pytest.approx(fitted.mean / 5.0)
     torch.testing.assert_close(start.item_bias.weight[:, 0].double(), torch.from_numpy(expected), rtol=0, atol=1e-6)
@@ -261,11 +263,14 @@ def test_basic_and_fine_tuning_start_the_user_bias_at_the_fold_in(ratings_file, 
         options.parse_args(run_flags(ratings_file, tmp_path, "--user_bias_start=fold-in")), Distributed("cpu"))
     tasks = trainer.dataset.test_tasks()
     fitted = baselines.Fitted(trainer.data, trainer.dataset.train_users)
-    (item_reg, user_reg), _ = baselines.choose("user-item-bias", trainer.dataset.val_tasks(), fitted, 5.0, "rmse")
-    assert trainer.model.user_bias_reg == user_reg
+    (item_reg, user_reg, decay), _ = baselines.choose("user-item-bias", trainer.dataset.val_tasks(), fitted, 5.0,
+                                                      "rmse")
+    assert trainer.model.user_bias_reg == user_reg and trainer.model.user_decay == (None if decay == 1 else decay)
     biases = baselines.item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items)
-    expected = torch.from_numpy(baselines.user_item_bias(baselines.sets_of(tasks), tasks.query_items[:, :, -1].numpy(),
-                                                         fitted.mean, biases, user_reg, -math.inf, math.inf))
+    sets = baselines.sets_of(tasks)
+    expected = torch.from_numpy(baselines.user_item_bias(sets, tasks.query_items[:, :, -1].numpy(), fitted.mean,
+                                                         biases, user_reg, -math.inf, math.inf,
+                                                         sets.decay_weights(decay)))
     zero_and_two_steps = trainer.predictions(tasks, lr=0.0, record=(0, 2))
     for predicted in zero_and_two_steps:  # at lr 0, fine-tuning stays at the start
         torch.testing.assert_close(predicted, expected, rtol=0, atol=1e-4)
@@ -322,3 +327,170 @@ def test_a_checkpoint_from_before_the_rating_head_flag_is_read_as_plain(ratings_
     argv[argv.index("--rating_head=plain")] = "--rating_head=bias"
     with pytest.raises(options.MeloError, match=r"rating_head='plain' \(now 'bias'\)"):
         main.main(options.parse_args(argv + test))
+
+
+@pytest.mark.parametrize("model", ["gru4rec", "sasrec"])
+def test_the_fold_in_start_with_user_factors_is_the_closed_form_mf_fold_in(float64, model):
+    # --user_factors=K with the factor start: f ≡ 0, every inner rate 0, (p_user, b_user) meta-learned at 0:
+    # each task's prediction is baselines.mf_fold_in's, with its ridge penalties and repeated items alike,
+    # on the vmapped fast path (small per-task item tables) and the per-task path over the whole tables
+    learner = bias_learner(model, "--use_adaptive_loss=False", "--num_inner_steps=1", "--inner_lr=0",
+                           "--user_factors=4").eval()
+    backbone = learner.backbone
+    generator = torch.Generator().manual_seed(5)
+    biases = 0.2 * torch.randn(NUM_ITEMS + 1, generator=generator, dtype=torch.float64)
+    factors = 0.5 * torch.randn(NUM_ITEMS + 1, 3, generator=generator, dtype=torch.float64)  # rank 3 of 4 columns
+    biases[0], factors[0] = 0, 0
+    backbone.set_bias_start(MU, biases, user_bias_reg=2.5, item_factors=factors, user_factor_reg=1.5)
+    assert torch.equal(backbone.item_factor.weight[:, 3], torch.zeros(NUM_ITEMS + 1))
+    batch = random_batch()
+    batch.support_items[1, 1, -3:] = batch.support_items[1, 0, -3:]  # items in two windows, other ratings
+    sets = baselines.support_sets(batch.support_items.numpy(), batch.support_ratings.numpy(),
+                                  batch.support_mask.numpy())
+    expected = torch.from_numpy(baselines.mf_fold_in(sets, batch.query_items[:, :, -1].numpy(), MU * 5,
+                                                     biases.numpy() * 5, factors.numpy(), 1.5, -math.inf,
+                                                     math.inf, 2.5))
+    torch.testing.assert_close(learner.predict(batch), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(learner.predict(batch, fast=False), expected, rtol=0, atol=1e-6)
+    # without the factor solve (λ_p None) the same head is the user + item bias fold-in on its biases
+    backbone.user_factor_reg = None
+    plain = baselines.user_item_bias(sets, batch.query_items[:, :, -1].numpy(), MU * 5, biases.numpy() * 5, 2.5,
+                                     -math.inf, math.inf)
+    predicted = learner.predict(batch)
+    torch.testing.assert_close(predicted, torch.from_numpy(plain), rtol=0, atol=1e-6)
+    assert not torch.allclose(predicted, expected, atol=1e-3)  # (the factors do move the predictions)
+
+
+def test_the_factor_start_is_the_better_fold_in_on_validation_and_a_checkpoint_keeps_it(ratings_file, tmp_path):
+    argv = ["--mode=ml-100k", f"--data_path={ratings_file}", f"--data_dir={tmp_path}/Data", "--min_item=1",
+            "--num_test_data=20", "--val_size=10", "--batch_size=4", "--num_samples=5", "--num_query_set=2",
+            "--max_seq_len=10", "--gru4rec_hidden_size=16", "--model=gru4rec", "--user_factors=8",
+            "--num_train_iterations=1", "--log_interval=1", f"--checkpoint_dir={tmp_path}/ckpt",
+            f"--log_dir={tmp_path}/runs", "--inner_lr=0"]
+    args = options.parse_args(argv)
+    data = load_data(args)
+    dataset = MetaDataset.from_args(data, args)
+    start = baselines.bias_start(data, dataset, args)
+    user_reg, factors, factor_reg = start.user_bias_reg, start.item_factors, start.user_factor_reg
+    fitted = baselines.Fitted(data, dataset.train_users, args.random_seed)
+    val_tasks = dataset.val_tasks()
+    _, bias_search = baselines.choose("user-item-bias", val_tasks, fitted, data.max_rating, "rmse")
+    value, mf_search = baselines.choose("mf-fold-in", val_tasks, fitted, data.max_rating, "rmse",
+                                        baselines.factor_axes(8))
+    assert all(rank <= 8 for rank in mf_search["axes"]["rank"])
+    if min(mf_search["validation_scores"]) < min(bias_search["validation_scores"]):
+        assert factors is not None and (user_reg, factor_reg, start.user_decay) == (value[3], value[2], value[4])
+        assert factors.shape[1] == value[0]
+    else:
+        assert factors is None and factor_reg is None
+    trainer = main.main(options.parse_args(argv))
+    saved = torch.load(tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step1.pt", weights_only=True)
+    assert saved["user_factor_reg"] == factor_reg and saved["user_bias_reg"] == user_reg
+    assert saved["meta_state"]["backbone.item_factor.weight"].shape == (data.num_items + 1, 8)
+    # step 0's validation is the chosen fold-in's own (inner rates 0: the start alone)
+    chosen = min(min(mf_search["validation_scores"]), min(bias_search["validation_scores"]))
+    start = torch.load(tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step0.pt", weights_only=True)
+    assert trainer.best["rmse"] <= start["best_rmse"] == pytest.approx(chosen, abs=1e-5)
+
+
+@pytest.mark.parametrize("factors", [0, 3])
+def test_the_weighted_start_fits_the_users_parameters_with_melos_weights(float64, factors):
+    # --weighted_start: the fold-in start is the weighted least-squares fit with the adaptive loss's step-0
+    # weights, each position weighted by its weight over its item's count of positions (an item in m windows
+    # counts once, as in the fold-in); with every weight 1 it is the plain fold-in,
+    # and the weight network gets a meta-gradient through the start alone (every inner rate 0)
+    flags = ["--use_adaptive_loss=True", "--num_inner_steps=1", "--inner_lr=0", f"--user_factors={factors}"]
+    plain = bias_learner("gru4rec", *flags).eval()
+    weighted = bias_learner("gru4rec", *flags, "--weighted_start=True").eval()
+    weighted.load_state_dict(plain.state_dict())
+    generator = torch.Generator().manual_seed(7)
+    table = 0.5 * torch.randn(NUM_ITEMS + 1, factors, generator=generator) if factors else None
+    for learner in (plain, weighted):
+        learner.backbone.set_bias_start(MU, user_bias_reg=2.5, item_factors=table,
+                                        user_factor_reg=1.5 if factors else None)
+    batch = random_batch()
+    torch.testing.assert_close(weighted.predict(batch), plain.predict(batch), rtol=0, atol=1e-12)  # weights 1
+    head = weighted.inner_loss.encoder.head[-1]
+    with torch.no_grad():
+        head.weight.normal_(0, 1.0, generator=generator)
+    support, context, _ = weighted._prepare(batch)
+    predicted = weighted.predict(batch)
+    for task in range(3):
+        items, labels, mask = (x[task].numpy() for x in support)
+        position_weight = context["weights"][task].detach().numpy()
+        real_items = items[mask]
+        counts = {item: (real_items == item).sum() for item in set(real_items.tolist())}
+        w = position_weight[mask] / np.array([counts[item] for item in real_items.tolist()])
+        y = labels[mask] - MU
+        x = (np.ones((len(real_items), 1)) if not factors else
+             np.hstack([table[real_items].numpy(), np.ones((len(real_items), 1))]))
+        penalty = np.diag([1.5] * factors + [2.5])
+        user = np.linalg.solve(x.T @ (w[:, None] * x) + penalty, x.T @ (w * y))
+        targets = batch.query_items[task, :, -1].numpy()
+        features = np.ones((len(targets), 1)) if not factors else np.hstack([table[targets].numpy(),
+                                                                             np.ones((len(targets), 1))])
+        expected = (MU + features @ user) * 5
+        np.testing.assert_allclose(predicted[task].numpy(), expected, rtol=0, atol=1e-6)
+    weighted.zero_grad()
+    weighted.run_tasks(batch, (0,))[0].sum().backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    plain.zero_grad()
+    plain.run_tasks(batch, (0,))[0].sum().backward()
+    assert plain.inner_loss.encoder.head[-1].weight.grad.abs().sum() == 0  # unweighted start: lr 0 leaves it out
+
+
+def test_the_start_is_cached_per_data_tasks_and_flags(ratings_file, tmp_path, monkeypatch):
+    # a study's runs share the fold-in searches: the second start reads the first's file, bit for bit; other
+    # flags or tasks get another file; an unreadable file is computed anew
+    argv = ["--mode=ml-100k", f"--data_path={ratings_file}", f"--data_dir={tmp_path}/Data", "--min_item=1",
+            "--num_test_data=20", "--val_size=10", "--num_samples=5", "--max_seq_len=10", "--user_factors=4"]
+    args = options.parse_args(argv)
+    data = load_data(args)
+    dataset = MetaDataset.from_args(data, args)
+    first = baselines.cached_bias_start(data, dataset, args)
+    path = baselines.bias_start_cache_path(data, dataset, args)
+    assert os.path.exists(path)
+    monkeypatch.setattr(baselines, "bias_start", lambda *a: pytest.fail("recomputed a cached start"))
+    second = baselines.cached_bias_start(data, dataset, args)
+    for name in ("mean", "item_biases", "user_bias_reg", "item_factors", "user_factor_reg", "user_decay"):
+        mine, theirs = getattr(first, name), getattr(second, name)
+        assert (mine is None and theirs is None) or np.array_equal(np.asarray(mine), np.asarray(theirs)), name
+    other = options.parse_args(argv + ["--user_factors=8"])
+    assert baselines.bias_start_cache_path(data, dataset, other) != path
+    other = options.parse_args(argv + ["--val_size=9"])
+    assert baselines.bias_start_cache_path(data, MetaDataset.from_args(data, other), other) != path
+    monkeypatch.undo()
+    with open(path, "wb") as file:
+        file.write(b"not an npz")
+    again = baselines.cached_bias_start(data, dataset, args)
+    assert again.mean == first.mean
+
+
+@pytest.mark.parametrize("factors", [0, 3])
+def test_the_fold_in_start_with_recency_decay_is_the_decayed_fold_in(float64, factors):
+    # the chosen γ of the fold-in (user_decay) weighs each support rating by γ^age, mean 1 per user: the
+    # untrained network is baselines' decayed fold-in (user + item bias, or MF), on both paths
+    learner = bias_learner("gru4rec", "--use_adaptive_loss=False", "--num_inner_steps=1", "--inner_lr=0",
+                           f"--user_factors={factors}").eval()
+    generator = torch.Generator().manual_seed(11)
+    biases = 0.2 * torch.randn(NUM_ITEMS + 1, generator=generator, dtype=torch.float64)
+    table = 0.5 * torch.randn(NUM_ITEMS + 1, max(factors, 1), generator=generator, dtype=torch.float64)[:, :factors]
+    biases[0], table[0] = 0, 0
+    learner.backbone.set_bias_start(MU, biases, user_bias_reg=2.5, item_factors=table if factors else None,
+                                    user_factor_reg=1.5 if factors else None, user_decay=0.8)
+    batch = random_batch()
+    batch.support_age = torch.where(batch.support_items > 0, batch.support_items % 7, 0)  # one age per item
+    sets = baselines.support_sets(batch.support_items.numpy(), batch.support_ratings.numpy(),
+                                  batch.support_mask.numpy(), batch.support_age.numpy())
+    targets = batch.query_items[:, :, -1].numpy()
+    if factors:
+        expected = baselines.mf_fold_in(sets, targets, MU * 5, biases.numpy() * 5, table.numpy(), 1.5, -math.inf,
+                                        math.inf, 2.5, sets.decay_weights(0.8))
+    else:
+        expected = baselines.user_item_bias(sets, targets, MU * 5, biases.numpy() * 5, 2.5, -math.inf, math.inf,
+                                            sets.decay_weights(0.8))
+    torch.testing.assert_close(learner.predict(batch), torch.from_numpy(expected), rtol=0, atol=1e-6)
+    torch.testing.assert_close(learner.predict(batch, fast=False), torch.from_numpy(expected), rtol=0, atol=1e-6)
+    undecayed = baselines.user_item_bias(sets, targets, MU * 5, biases.numpy() * 5, 2.5, -math.inf, math.inf)
+    if not factors:
+        assert not np.allclose(expected, undecayed, atol=1e-3)  # (the decay does move the predictions)

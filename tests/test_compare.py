@@ -116,11 +116,15 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
     trainings = [a for script, a in calls if "--test" not in a and "--test_baseline" not in a]
     assert ["--save_pretrained=True" in a for a in trainings] == [False, False, False] * 2
     meta_runs = [options.parse_args(a) for script, a in calls if script == "main.py" and "--test_baseline" not in a]
-    assert ("from the fold-in (random weights, f = 0) (inner lr 0.1, outer loss on the query target; MELO's "
-            f"weights {options.parse_args([]).adaptive_weights}, task state static)") in text
+    assert ("from the fold-in (random weights, f = 0) (inner loop adapting the output layer, inner lr from 0, "
+            f"outer loss on the query target; MELO's weights {options.parse_args([]).adaptive_weights}, task state "
+            "static, fitting the start too, reading each rating's recency)") in text
+    assert ", a 32-column user x item factor term, its tables held at their start)" in text
     assert len(meta_runs) == 8 and all(not args.load_pretrained and not args.load_pretrained_embedding and
-                                       args.user_bias_start == "fold-in" and args.inner_lr == 0.1 and
-                                       args.query_loss == "target" for args in meta_runs)
+                                       args.user_bias_start == "fold-in" and args.inner_lr == 0 and
+                                       args.query_loss == "target" and not args.adapt_user_bias and
+                                       args.inner_params == "head" and args.user_factors == 32 and
+                                       args.bias_outer_lr == 0 for args in meta_runs)
 
     root = tmp_path / "results" / "ml-100k"
     assert (root / "comparison.md").read_text() == text

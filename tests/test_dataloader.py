@@ -1,5 +1,6 @@
 """dataloader.py on generated files in every supported format (no network: downloads come from a local
 HTTP server)."""
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -681,3 +682,49 @@ def test_the_taste_for_the_single_item_changes_ratings_alone():
     pd.testing.assert_frame_equal(plain.drop(columns="rating"), noisy.drop(columns="rating"))
     moved = (plain["rating"] != noisy["rating"]).mean()
     assert 0.2 < moved < 0.9, moved
+
+
+def test_training_tasks_can_hold_out_several_query_targets(ml1m):
+    """--train_query_targets=m: a training task's query windows end on its window's last m items (window j
+    on the (j mod m)-th from the end), the support windows come only from the items before them, and the
+    validation and test tasks are those of m = 1 (one target, the latest item)."""
+    _, args, data, _ = ml1m
+    held = dataclasses.replace(dl.TaskConfig.from_args(args), train_query_targets=3, num_query_set=6)
+    meta = dl.MetaDataset(data, held)
+    batch = meta.train_batch(4)
+    more = dl.MetaDataset(data, dataclasses.replace(held, train_query_targets=8, num_query_set=2))
+    assert more.train_batch(4).query_items.shape[1] == 8 and more.val_tasks().query_items.shape[1] == 2
+    seen_offsets = set()
+    for k in range(len(batch)):
+        items, _ = data.sequence(int(batch.users[k]))
+        where = {item: p for p, item in enumerate(items)}
+        ends = [where[int(row[-1])] for row in batch.query_items[k].numpy()]
+        last = max(ends)
+        targets = min(3, min(len(items), args.max_seq_len) - args.min_sub_window_size)
+        assert ends == [last - (j % targets) for j in range(6)]
+        seen_offsets.update(last - end for end in ends)
+        support = batch.support_items[k][batch.support_mask[k]]
+        support_positions = [where[int(item)] for item in support[support > 0]]
+        assert max(support_positions) < last - targets + 1           # no target in the support windows
+    assert seen_offsets == {0, 1, 2}
+    plain = dl.MetaDataset(data, dataclasses.replace(held, train_query_targets=1))
+    assert_same(meta.val_tasks(), plain.val_tasks())
+    assert_same(meta.test_tasks(), plain.test_tasks())
+
+
+def test_support_age_is_each_positions_distance_from_the_latest_support_item(ml1m):
+    """TaskBatch.support_age: 0 at the user's latest item before the earliest target (in a support window or
+    not: the windows are a sample), one more per item back, 0 at padding; for validation, test and
+    multi-target training tasks alike."""
+    _, args, data, meta = ml1m
+    held = dl.MetaDataset(data, dataclasses.replace(dl.TaskConfig.from_args(args), train_query_targets=3))
+    for batch in (meta.val_tasks(), meta.test_tasks().select(slice(0, 20)), held.train_batch(2)):
+        assert batch.support_age.shape == batch.support_items.shape and batch.support_age.dtype == torch.long
+        assert bool((batch.support_age[batch.support_items == 0] == 0).all())
+        for k in range(len(batch)):
+            items, _ = data.sequence(int(batch.users[k]))
+            where = {item: p for p, item in enumerate(items)}
+            earliest_target = min(where[int(row[-1])] for row in batch.query_items[k].numpy())
+            real = batch.support_items[k] > 0
+            positions = torch.tensor([where[int(i)] for i in batch.support_items[k][real]])
+            assert torch.equal(batch.support_age[k][real], earliest_target - 1 - positions)

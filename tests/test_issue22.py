@@ -252,7 +252,7 @@ def test_every_learning_rate_flag_is_bounded_to_what_adam_can_use(capsys):
     parser = options.build_parser()
     rate_flags = [action.option_strings[0] for action in parser._actions
                   if action.type is options.learning_rate or action.dest == "finetune_lr_grid"]
-    assert len(rate_flags) == 12 and {"--user_bias_lr", "--outer_lr", "--finetune_lr_grid"} <= set(rate_flags)
+    assert len(rate_flags) == 13 and {"--user_bias_lr", "--outer_lr", "--bias_outer_lr", "--finetune_lr_grid"} <= set(rate_flags)
     for flag in rate_flags:
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:

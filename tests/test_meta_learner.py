@@ -298,8 +298,8 @@ class ReweightedLoss(torch.nn.Module):
         self.loss, self.factor = loss, factor
         self.has_weights = loss.has_weights
 
-    def prepare(self, labels, mask):
-        return self.loss.prepare(labels, mask)
+    def prepare(self, labels, mask, age=None):
+        return self.loss.prepare(labels, mask, age)
 
     def forward(self, predictions, labels, mask, context, step):
         weights = self.loss.position_weights(predictions, labels, mask, context, step) if self.has_weights else 1.0
