@@ -272,10 +272,8 @@ class MetaLearner(nn.Module):
         support_labels = batch.support_ratings / self.max_rating
         support_mask = batch.support_items != 0
         query = (batch.query_items, batch.query_ratings / self.max_rating, batch.query_items != 0)
-        age = getattr(batch, "support_age", None)
-        context = self.inner_loss.prepare(support_labels, support_mask, age)
-        if age is not None:  # each position's recency, for the fold-in start's decay weights
-            context[SUPPORT_AGE] = age
+        context = self.inner_loss.prepare(support_labels, support_mask, batch.support_age)
+        context[SUPPORT_AGE] = batch.support_age  # each position's recency, for the fold-in start's decay weights
         return (batch.support_items, support_labels, support_mask), context, query
 
     def run_tasks(self, batch, scored_steps, first_order=False, fast=True):

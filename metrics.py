@@ -236,19 +236,26 @@ def _scores(weights, squared_error, windows, onehot):
     return rmse, np.nanmean(per_rating, axis=1)  # a rating no drawn user has is left out
 
 
-def paired_bootstrap(squared_a, squared_b, windows, ratings, resamples=1000, seed=0, level=0.95):
+def paired_bootstrap(squared_a, squared_b, windows, ratings, resamples=1000, seed=0, level=0.95, strata=None):
     """The difference A - B of the per-window RMSE and mean per-rating RMSE, with a percentile bootstrap
     interval over users: whole users (all of their windows, which are not independent of each other) are
     drawn with replacement, `resamples` times, from numpy's generator of `seed`, and the same draw scores
     both methods, so the interval is paired. Per user, on the same users: `squared_a`, `squared_b` the sums
-    of its windows' squared errors, `windows` their number, `ratings` its target rating."""
+    of its windows' squared errors, `windows` their number, `ratings` its target rating. `strata` (one id
+    per user, e.g. its seed): users are drawn within each stratum, as many as it has, and the metrics are
+    those of all strata's windows pooled."""
     squared_a, squared_b = np.asarray(squared_a, np.float64), np.asarray(squared_b, np.float64)
     windows = np.asarray(windows, np.float64)
     buckets = half_star_buckets(np.asarray(ratings, np.float64))
     onehot = (buckets[:, None] == np.unique(buckets)[None, :]).astype(np.float64)
     users = len(squared_a)
     rng = np.random.default_rng(seed)
-    weights = np.stack([np.bincount(rng.integers(0, users, users), minlength=users) for _ in range(resamples)])
+    if strata is None:
+        weights = np.stack([np.bincount(rng.integers(0, users, users), minlength=users) for _ in range(resamples)])
+    else:
+        groups = [np.flatnonzero(np.asarray(strata) == stratum) for stratum in np.unique(strata)]
+        weights = np.stack([sum(np.bincount(members[rng.integers(0, len(members), len(members))], minlength=users)
+                                for members in groups) for _ in range(resamples)])
     weights = weights.astype(np.float64)
     everyone = np.ones((1, users))
 

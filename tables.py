@@ -9,6 +9,7 @@ the blend). The statistics are metrics.py's; reading and running the reports is 
 import math
 
 import numpy as np
+import pandas as pd
 
 import baselines
 import metrics
@@ -45,13 +46,34 @@ def same_targets(melo, other):
     return joined
 
 
-def paired_difference(melo, other, resamples, seed):
-    """metrics.paired_bootstrap of MELO − other on the same test targets (matched by user and window)."""
+def per_user_pair(melo, other):
+    """(MELO's, other's) metrics.per_user_errors on the same test targets (matched by user and window)."""
     keys = ["user", "window"]
     joined = same_targets(melo, other)
-    a = metrics.per_user_errors(joined[keys + ["rating", "prediction"]])
-    b = metrics.per_user_errors(joined[keys + ["rating"]].assign(prediction=joined["prediction_other"]))
+    return (metrics.per_user_errors(joined[keys + ["rating", "prediction"]]),
+            metrics.per_user_errors(joined[keys + ["rating"]].assign(prediction=joined["prediction_other"])))
+
+
+def paired_difference(melo, other, resamples, seed):
+    """metrics.paired_bootstrap of MELO − other on the same test targets (matched by user and window)."""
+    a, b = per_user_pair(melo, other)
     return metrics.paired_bootstrap(a["squared_error"], b["squared_error"], a["windows"], a["rating"], resamples, seed)
+
+
+def pooled_difference(pairs, resamples, seed):
+    """MELO − other over every seed's test users pooled (`pairs`: per seed, the two prediction frames):
+    the difference of the pooled metrics, its bootstrap interval drawing users within each seed
+    (metrics.paired_bootstrap's strata), and its half width, the smallest difference it resolves."""
+    per_seed = [per_user_pair(melo, other) for melo, other in pairs]
+    a = pd.concat([a for a, _ in per_seed])
+    b = pd.concat([b for _, b in per_seed])
+    strata = np.concatenate([np.full(len(a_seed), k) for k, (a_seed, _) in enumerate(per_seed)])
+    found = metrics.paired_bootstrap(a["squared_error"], b["squared_error"], a["windows"], a["rating"], resamples,
+                                     seed, strata=strata)
+    for result in found.values():
+        result["half_width"] = (result["high"] - result["low"]) / 2
+        result["users"] = len(a)
+    return found
 
 
 def blend(method_val, fold_in_val, method_test, fold_in_test):
@@ -74,17 +96,23 @@ def best_no_network(reports, seed_index):
     return min(scores, key=scores.get), scores
 
 
-def paired_cell(results):
+def paired_cell(results, pooled=None):
     """One seed: `difference [low, high]`; several: the mean of the differences with its 95% t interval
-    over the seeds, in how many seeds MELO is lower, and in how many its own interval lies below 0."""
+    over the seeds, in how many seeds MELO is lower, and in how many its own interval lies below 0; and with
+    `pooled` (pooled_difference's result for this metric) the pooled difference, its bootstrap interval
+    and the smallest difference that interval resolves (its half width)."""
     differences = [r["difference"] for r in results]
     if len(results) == 1:
         r = results[0]
         return f"{r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
     mean, low, high = metrics.seed_interval(differences)
     below = sum(r["high"] < 0 for r in results)
-    return (f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] over seeds; lower in {sum(d < 0 for d in differences)}/"
+    text = (f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] over seeds; lower in {sum(d < 0 for d in differences)}/"
             f"{len(results)}, interval below 0 in {below}/{len(results)}")
+    if pooled is not None:
+        text += (f"; pooled over {pooled['users']} users {pooled['difference']:+.4f} [{pooled['low']:+.4f}, "
+                 f"{pooled['high']:+.4f}], resolves ±{pooled['half_width']:.4f}")
+    return text
 
 
 def summary_of(values):
@@ -265,17 +293,18 @@ def paired_table(config, predictions, summary):
     for other in [m for m in PAIRED if m in methods(config)]:
         row = [f"MELO − {METHOD_NAMES[other]}"]
         for model in models:
-            results = [paired_difference(melo, base, config.bootstrap, config.bootstrap_seed)
-                       for melo, base in zip(predictions[(model, "melo")], predictions[(model, other)])]
+            pairs = list(zip(predictions[(model, "melo")], predictions[(model, other)]))
+            results = [paired_difference(melo, base, config.bootstrap, config.bootstrap_seed) for melo, base in pairs]
+            pooled = pooled_difference(pairs, config.bootstrap, config.bootstrap_seed) if len(pairs) > 1 else None
             for key in ("rmse", "mean_per_rating_rmse"):
                 per_seed = [r[key] for r in results]
-                row.append(paired_cell(per_seed))
+                row.append(paired_cell(per_seed, pooled and pooled[key]))
                 differences = [r["difference"] for r in per_seed]
                 over_seeds = metrics.seed_interval(differences)
                 summary["paired"].setdefault(model, {}).setdefault(f"melo_minus_{other}", {})[key] = {
                     **summary_of(differences), "intervals": per_seed,
                     "seed_interval": None if over_seeds is None else list(over_seeds[1:]),
-                    "melo_lower": sum(d < 0 for d in differences)}
+                    "pooled": pooled and pooled[key], "melo_lower": sum(d < 0 for d in differences)}
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -345,7 +374,10 @@ def build_tables(config, reports, meta_args, predictions=None, validation=None):
     if predictions is not None:
         text += ["", "## Paired differences per user, 95% bootstrap intervals", "",
                  f"MELO − other on the same test users (negative: MELO's error is lower); percentile interval of "
-                 f"{config.bootstrap} resamples of the test users (seed {config.bootstrap_seed}).", "",
+                 f"{config.bootstrap} resamples of the test users (seed {config.bootstrap_seed}). Over several "
+                 "seeds: the mean of the seeds' differences with a t interval over the seeds, and the difference "
+                 "of all seeds' test users pooled, with a bootstrap interval drawing users within each seed, and "
+                 "the smallest difference that interval resolves (its half width).", "",
                  *paired_table(config, predictions, summary)]
     text += beyond_biases(config, reports, predictions, validation, summary["beyond_biases"])
     return "\n".join(text) + "\n", summary
@@ -396,18 +428,22 @@ def beyond_biases(config, reports, predictions, validation, store):
             for method in ("maml", "melo"):
                 row = [f"{METHOD_NAMES[method]} − {label}"]
                 for model in models:
-                    results = [paired_difference(mine, predictions[(None, name)][index], config.bootstrap,
-                                                 config.bootstrap_seed)
-                               for index, (mine, name) in enumerate(zip(predictions[(model, method)], baselines))]
+                    pairs = [(mine, predictions[(None, name)][index])
+                             for index, (mine, name) in enumerate(zip(predictions[(model, method)], baselines))]
+                    results = [paired_difference(mine, theirs, config.bootstrap, config.bootstrap_seed)
+                               for mine, theirs in pairs]
+                    pooled = (pooled_difference(pairs, config.bootstrap, config.bootstrap_seed) if len(pairs) > 1
+                              else None)
                     for key in ("rmse", "mean_per_rating_rmse"):
                         per_seed = [r[key] for r in results]
-                        row.append(paired_cell(per_seed))
+                        row.append(paired_cell(per_seed, pooled and pooled[key]))
                         differences = [r["difference"] for r in per_seed]
                         over_seeds = metrics.seed_interval(differences)
                         store.setdefault("paired", {}).setdefault(model, {}).setdefault(
                             f"{method}_minus_{key_name}", {})[key] = {
                             **summary_of(differences), "intervals": per_seed,
-                            "seed_interval": None if over_seeds is None else list(over_seeds[1:])}
+                            "seed_interval": None if over_seeds is None else list(over_seeds[1:]),
+                            "pooled": pooled and pooled[key]}
                 lines.append("| " + " | ".join(row) + " |")
     lines += fold_in_figures(config, reports, store)
     if validation is not None and predictions is not None:

@@ -552,3 +552,37 @@ def test_the_interval_over_seeds_is_students_t():
     covered = [low <= 0.3 <= high for _, low, high in
                (metrics.seed_interval(rng.normal(0.3, 2.0, 5)) for _ in range(4000))]
     assert 0.935 < np.mean(covered) < 0.965
+
+
+def test_the_pooled_interval_draws_users_within_each_seed_and_narrows_with_more_users():
+    """tables.pooled_difference: the point is the difference of the metrics over every seed's users pooled,
+    its bootstrap draws each seed's users from that seed alone (so each resample holds as many of each), and
+    twice the users (a second seed) narrows the interval."""
+    import numpy as np
+    import pandas as pd
+
+    import tables
+
+    def frames(seed, users=300, shift=0.0):
+        rng = np.random.default_rng(seed)
+        rating = rng.integers(1, 6, users).astype(float)
+        other = rating + rng.normal(0, 1.0, users)
+        melo = other - shift + rng.normal(0, 0.3, users)
+        make = lambda prediction: pd.DataFrame({"user": np.arange(users), "window": 0, "item": 1,  # noqa: E731
+                                                "rating": rating, "prediction": prediction})
+        return make(melo), make(other)
+
+    one = tables.pooled_difference([frames(1)], 500, 0)["rmse"]
+    two = tables.pooled_difference([frames(1), frames(2)], 500, 0)["rmse"]
+    assert two["users"] == 600 and one["users"] == 300
+    assert two["half_width"] < one["half_width"]
+    pooled_melo = pd.concat([frames(1)[0], frames(2)[0]])
+    pooled_other = pd.concat([frames(1)[1], frames(2)[1]])
+    rmse = lambda frame: float(np.sqrt(((frame["prediction"] - frame["rating"]) ** 2).mean()))  # noqa: E731
+    assert two["difference"] == pytest.approx(rmse(pooled_melo) - rmse(pooled_other))
+    assert two["low"] <= two["difference"] <= two["high"]
+    # users drawn within their seed: every resample keeps 300 of each
+    squared = np.concatenate([np.zeros(300), np.ones(300)])
+    found = tables.metrics.paired_bootstrap(squared, np.zeros(600), np.ones(600), np.full(600, 3.0), 200, 0,
+                                            strata=np.repeat([0, 1], 300))
+    assert found["rmse"]["low"] == found["rmse"]["high"] == pytest.approx(np.sqrt(0.5))

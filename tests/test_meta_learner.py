@@ -41,6 +41,7 @@ def random_batch(num_tasks=3, num_support=4, num_query=2, length=8, seed=0):
     return types.SimpleNamespace(
         support_items=support_items, support_ratings=support_ratings,
         support_mask=support_items.ne(0).any(-1), query_items=query_items, query_ratings=query_ratings,
+        support_age=torch.where(support_items > 0, torch.arange(length).flip(0).expand_as(support_items), 0),
         query_mask=torch.ones(num_tasks, num_query, dtype=torch.bool))
 
 
