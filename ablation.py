@@ -158,7 +158,7 @@ def build_parser():
         help="a variant of your own, run when --variants names it: its name, '=', and its main.py flags in "
              "one quoted argument; repeatable")
     add("--seeds", type=options.positive_int, default=1, help="number of seeds from --random_seed")
-    add("--random_seed", type=int, default=222, help="first seed")
+    add("--random_seed", type=options.seed, default=222, help="first seed")
     add("--vary_init", type=options.str2bool, default=False,
         help="seed s also sets --model_init_seed=s (else every seed starts from the same weights)")
     add("--num_train_iterations", type=options.positive_int, default=300, help="main.py outer iterations")

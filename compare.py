@@ -76,8 +76,8 @@ def build_parser():
     add("--vary", default="random_seed", choices=("random_seed", "model_init_seed", "both"),
         help="what seed k changes: --random_seed + k (split, tasks, training order), --model_init_seed + k "
              "(initial weights only), or both")
-    add("--random_seed", type=int, default=222, help="first (or only) --random_seed")
-    add("--model_init_seed", type=int, default=0, help="first (or only) --model_init_seed")
+    add("--random_seed", type=options.seed, default=222, help="first (or only) --random_seed")
+    add("--model_init_seed", type=options.seed, default=0, help="first (or only) --model_init_seed")
     add("--num_train_iterations", type=options.positive_int, default=2000, help="main.py outer iterations")
     add("--pretrain_epochs", type=options.positive_int, default=100, help="train_original.py epochs")
     add("--finetune_steps_grid", type=options.comma_list(options.non_negative_int), default="1,2,5,10",
@@ -106,7 +106,7 @@ def build_parser():
              "keeps them at their fold-in start, which Adam's per-row steps would move by noise")
     add("--bootstrap", type=options.positive_int, default=2000,
         help="resamples of the test users for the paired 95%% intervals")
-    add("--bootstrap_seed", type=int, default=0, help="seed of the bootstrap resampling")
+    add("--bootstrap_seed", type=options.seed, default=0, help="seed of the bootstrap resampling")
     add("--results_dir", default="./results", help="root of every run's files and of the table")
     add("--dry_run", action="store_true", help="print the commands that would run, run nothing")
     add("--verbose", action="store_true", help="show the runs' output instead of writing it to logs/")

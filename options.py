@@ -22,6 +22,17 @@ FLOAT32_MAX = 3.4028234663852886e38
 # rates near FLOAT32_MAX overflowed there; any rate near this bound already moves weights by ~1e4 per step
 # (normalised ratings are at most 1), far past anything that trains.
 LR_MAX = 1e4
+# The largest value of the size flags (in --help). Far above anything that trains here (the defaults are 1
+# to 32), so that a slip of the keyboard is one line at once: --gru4rec_n_layers=100000 built its layers for
+# minutes without a word, and a hidden size or window length of 10**6 ended in the allocator's traceback.
+# A meta-batch and its support windows are bounded by the data instead (dataloader.MetaDataset).
+WIDTH_MAX = 4096  # hidden and embedding sizes, window length, query windows per task
+DEPTH_MAX = 64    # layers, blocks, attention heads, inner steps
+# Seeds go to torch.manual_seed, which takes 64-bit integers (a larger one raised "Overflow").
+SEED_MAX = 2 ** 63 - 1
+# The largest weight decay (Adam adds decay x weight to the gradient: one near FLOAT32_MAX overflowed there,
+# and a decay near this bound already pulls every weight to zero).
+DECAY_MAX = 1e4
 
 # Where each mode's ratings live when --data_path is not given (MovieLens is downloaded there).
 DEFAULT_DATA_PATHS = {
@@ -45,8 +56,8 @@ def str2bool(text):
 
 def _checked(kind, minimum, what, maximum=None):
     """An argparse type that converts with `kind` and rejects values below `minimum` (`None`: no bound)
-    or above `maximum`; floats must be finite within float32's range (nan, inf or 1e300 would fail deep
-    inside training)."""
+    or above `maximum` (then `bounds` says both, for --help); floats must be finite within float32's range
+    (nan, inf or 1e300 would fail deep inside training)."""
 
     def convert(text):
         try:
@@ -59,14 +70,22 @@ def _checked(kind, minimum, what, maximum=None):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
 
+    convert.bounds = (minimum, maximum) if maximum is not None else None
     return convert
+
+
+def size(maximum, minimum=1):
+    """An argparse type for a size flag: an integer from `minimum` to `maximum`."""
+    return _checked(int, minimum, f"from {minimum} to {maximum}", maximum)
 
 
 non_negative_int = _checked(int, 0, ">= 0")
 positive_int = _checked(int, 1, ">= 1")
 non_negative_float = _checked(float, 0.0, ">= 0")
-finite_float = _checked(float, None, "")
 learning_rate = _checked(float, 0.0, f"a learning rate from 0 to {LR_MAX:g}", LR_MAX)
+weight_decay = _checked(float, 0.0, f"from 0 to {DECAY_MAX:g}", DECAY_MAX)
+width, depth = size(WIDTH_MAX), size(DEPTH_MAX)
+seed = _checked(int, 0, f"a seed from 0 to {SEED_MAX} (2**63 - 1)", SEED_MAX)
 
 
 def comma_list(convert):
@@ -80,14 +99,15 @@ def comma_list(convert):
 
 
 class CommandLineParser(argparse.ArgumentParser):
-    """argparse with a one-line error (not the whole usage block above it) and no abbreviated flags
+    """argparse with a one-line error in the form of every other error (`error: ...`, as run_cli prints a
+    MeloError; not argparse's `main.py: error:` under the whole usage block) and no abbreviated flags
     (`--num_train_iteration=5` would silently mean `--num_train_iterations`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+        self.exit(2, f"error: {message} (--help lists the options)\n")
 
 
 def build_parser():
@@ -110,15 +130,15 @@ def build_parser():
         help="drop items with fewer ratings than this (applied first)")
     add("--min_sequence", type=positive_int, default=5,
         help="then drop users with fewer ratings than this")
-    add("--max_seq_len", type=_checked(int, 3, ">= 3"), default=30,
+    add("--max_seq_len", type=size(WIDTH_MAX, minimum=3), default=30,
         help="length L of every window; a task uses at most this many of a user's latest items")
     add("--min_sub_window_size", type=_checked(int, 2, ">= 2"), default=2,
         help="shortest support / query window")
     add("--num_samples", type=positive_int, default=25,
         help="support windows per task (fewer when a user's history has fewer distinct windows)")
-    add("--num_query_set", type=positive_int, default=3,
+    add("--num_query_set", type=width, default=3,
         help="query windows per task, all ending on the task's last item")
-    add("--train_query_targets", type=positive_int, default=1,
+    add("--train_query_targets", type=width, default=1,
         help="query targets of a training task: its window's last m items are held out (query window j ends "
              "on the (j mod m)-th from the end; the support windows come from the items before them), so each "
              "meta-batch scores m targets per user instead of one (max(--num_query_set, m) query windows); "
@@ -131,8 +151,8 @@ def build_parser():
     add("--val_fraction", type=_checked(float, 0.0, "in (0, 1)"), default=0.15,
         help="share of the non-test users held out as validation users")
     add("--batch_size", type=positive_int, default=16,
-        help="tasks (users) per meta-batch")
-    add("--random_seed", type=int, default=222,
+        help="tasks (users) per meta-batch (at most the number of training users)")
+    add("--random_seed", type=seed, default=222,
         help="seeds the user split, every task, dropout and the training order")
     add("--use_random_sequence_length", type=str2bool, default=False,
         help="training tasks use a random window length instead of max_seq_len")
@@ -143,8 +163,11 @@ def build_parser():
         help="Amazon / Yelp CSV: what the file's four columns hold, in file order, e.g. "
              "item,user,rating,timestamp (overrides the header names; needed for a header MELO does not "
              "know; empty = from the header, or user,item,rating,timestamp without one)")
-    add("--default_rating", type=finite_float, default=0,
-        help="rating value written at padded positions (masks come from item id 0)")
+    from readers import MAX_RATING  # here, not at import: readers imports this module
+
+    # (masked, yet it passes through the squared error: a value near FLOAT32_MAX overflowed there)
+    add("--default_rating", type=_checked(float, -MAX_RATING, f"from {-MAX_RATING:g} to {MAX_RATING:g}", MAX_RATING),
+        default=0, help="rating value written at padded positions (masks come from item id 0)")
 
     # ---------------------------------------------------------------- model
     model = parser.add_argument_group("backbone")
@@ -152,7 +175,7 @@ def build_parser():
     from models import BACKBONES, RATING_HEADS, backbone_flags  # here, not at import: the models import this module
 
     add("--model", default="bert4rec", choices=tuple(BACKBONES), help="sequential backbone")
-    add("--model_init_seed", type=int, default=0, help="seeds the backbone's initial weights")
+    add("--model_init_seed", type=seed, default=0, help="seeds the backbone's initial weights")
     add("--rating_head", default="bias", choices=RATING_HEADS,
         help="how a backbone outputs a rating: plain = 0.1 + sigmoid(head), in stars / 5; bias = mu + b_user + "
              "b_item + sigmoid(head) - 1/2, with mu the training users' mean, b_item an item-bias table and "
@@ -165,7 +188,7 @@ def build_parser():
     meta = parser.add_argument_group("meta-training (main.py)")
     add = meta.add_argument
     add("--num_train_iterations", type=positive_int, default=2000, help="outer iterations")
-    add("--num_inner_steps", type=positive_int, default=3, help="inner-loop gradient steps per task")
+    add("--num_inner_steps", type=depth, default=3, help="inner-loop gradient steps per task")
     add("--inner_lr", type=learning_rate, default=1e-3,
         help="initial value of every learned inner learning rate")
     add("--user_bias_lr", type=learning_rate, default=None,
@@ -200,7 +223,7 @@ def build_parser():
         help="meta-learn the per-layer, per-step inner learning rates (MAML++ LSLR)")
     add("--learn_lr", type=learning_rate, default=1e-3, help="Adam lr of the inner learning rates")
     add("--outer_lr", type=learning_rate, default=1e-3, help="Adam lr of the backbone")
-    add("--outer_weight_decay", type=non_negative_float, default=0.0,
+    add("--outer_weight_decay", type=weight_decay, default=0.0,
         help="Adam weight decay of the backbone in the outer loop (against overfitting the training users)")
     add("--min_outer_lr", type=learning_rate, default=1e-4,
         help="cosine annealing floor of --outer_lr")
@@ -229,9 +252,9 @@ def build_parser():
     add = loss.add_argument
     add("--use_adaptive_loss", type=str2bool, default=True,
         help="MELO's learned, task-adaptive inner loss; False = plain MAML++ with MSE")
-    add("--lstm_input_size", type=positive_int, default=16, help="rating-embedding size of the encoder")
-    add("--lstm_hidden", type=positive_int, default=32, help="hidden size of the rating-sequence LSTM")
-    add("--lstm_num_layers", type=positive_int, default=1, help="layers of the rating-sequence LSTM")
+    add("--lstm_input_size", type=width, default=16, help="rating-embedding size of the encoder")
+    add("--lstm_hidden", type=width, default=32, help="hidden size of the rating-sequence LSTM")
+    add("--lstm_num_layers", type=depth, default=1, help="layers of the rating-sequence LSTM")
     add("--weight_recency", type=str2bool, default=False,
         help="MELO: the weight network also reads each support position's recency (its distance in items from "
              "the user's latest support item), so the learned weights can favour recent ratings")
@@ -251,9 +274,9 @@ def build_parser():
         help="METAL-style: an MLP turns the weighted losses into the inner loss")
     add("--use_step_loss", type=str2bool, default=False,
         help="with --use_mlp_mean: one loss MLP per inner step")
-    add("--loss_num_layers", type=positive_int, default=2, help="layers of the loss MLP")
+    add("--loss_num_layers", type=depth, default=2, help="layers of the loss MLP")
     add("--loss_lr", type=learning_rate, default=1e-3, help="Adam lr of the loss MLP")
-    add("--loss_weight_decay", type=non_negative_float, default=0.0, help="weight decay of the loss MLP")
+    add("--loss_weight_decay", type=weight_decay, default=0.0, help="weight decay of the loss MLP")
     add("--adaptive_weights", default="normalised", choices=("normalised", "centred", "bounded", "unbounded"),
         help="how the weight network's output z becomes a position's weight: normalised = 0.1 + 2·sigmoid(z) "
              "divided by its mean over the task's support positions (the loss moves weight between "
@@ -315,7 +338,7 @@ def build_parser():
     base = parser.add_argument_group("non-meta baseline (train_original.py) and pretraining")
     add = base.add_argument
     add("--pretraining_batch_size", type=positive_int, default=128, help="windows per batch")
-    add("--pretrain_epochs", type=non_negative_int, default=100, help="training epochs")
+    add("--pretrain_epochs", type=positive_int, default=100, help="training epochs")  # 0: nothing to train
     add("--pretraining_lr", type=learning_rate, default=1e-3, help="Adam lr")
     add("--pretrain_log_dir", default="./pretrained",
         help="checkpoints and exported weights of train_original.py")
@@ -338,8 +361,11 @@ def build_parser():
         help="main.py starts from the item embedding saved by train_original.py")
     add("--load_pretrained", type=str2bool, default=False,
         help="main.py starts from the whole model saved by train_original.py")
-    for action in parser._actions:  # every rate flag says its bound (argparse checks it through the type)
-        if action.type is learning_rate or action.dest == "finetune_lr_grid":
+    for action in parser._actions:  # every bounded flag says its bounds (argparse checks them through the type)
+        if getattr(action.type, "bounds", None):
+            action.help += " ({} to {})".format(*(f"{bound:g}" if isinstance(bound, float) else bound
+                                                  for bound in action.type.bounds))
+        elif action.dest == "finetune_lr_grid":
             action.help += f" (0 to {LR_MAX:g})"
     return parser
 

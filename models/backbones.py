@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from options import non_negative_float, positive_int
+from options import depth, non_negative_float, width
 
 from .layers import GRU, Dropout, LayerNorm, Linear, TransformerBlock, attention_bias, rating_head_output
 
@@ -149,9 +149,9 @@ class _Transformer(Backbone):
         self.head = Linear(hidden, 1)
         self._init_weights()
 
-    flags = (Flag("bert_num_blocks", positive_int, 2, "transformer blocks"),
-             Flag("bert_num_heads", positive_int, 4, "attention heads"),
-             Flag("bert_hidden_units", positive_int, 32, "hidden size"),
+    flags = (Flag("bert_num_blocks", depth, 2, "transformer blocks"),
+             Flag("bert_num_heads", depth, 4, "attention heads"),
+             Flag("bert_hidden_units", width, 32, "hidden size"),
              Flag("bert_dropout", non_negative_float, 0.1, "dropout", shape=False))
 
     @classmethod
@@ -210,9 +210,9 @@ class GRU4Rec(Backbone):
     """GRU4Rec: item embedding, a stacked GRU, a linear head on the state at every position."""
 
     name, display_name = "gru4rec", "GRU4Rec"
-    flags = (Flag("gru4rec_embedding_dim", positive_int, 32, "item embedding size"),
-             Flag("gru4rec_hidden_size", positive_int, 32, "GRU hidden size"),
-             Flag("gru4rec_n_layers", positive_int, 2, "GRU layers"))
+    flags = (Flag("gru4rec_embedding_dim", width, 32, "item embedding size"),
+             Flag("gru4rec_hidden_size", width, 32, "GRU hidden size"),
+             Flag("gru4rec_n_layers", depth, 2, "GRU layers"))
 
     def __init__(self, num_items, embedding_dim=32, hidden_size=32, num_layers=2):
         super().__init__(num_items)
@@ -239,9 +239,9 @@ class NARM(Backbone):
     """
 
     name, display_name = "narm", "NARM"
-    flags = (Flag("narm_embedding_dim", positive_int, 32, "item embedding size"),
-             Flag("narm_hidden_size", positive_int, 32, "GRU hidden size"),
-             Flag("narm_n_layers", positive_int, 1, "GRU layers"))
+    flags = (Flag("narm_embedding_dim", width, 32, "item embedding size"),
+             Flag("narm_hidden_size", width, 32, "GRU hidden size"),
+             Flag("narm_n_layers", depth, 1, "GRU layers"))
 
     def __init__(self, num_items, embedding_dim=32, hidden_size=32, num_layers=1):
         super().__init__(num_items)
