@@ -180,8 +180,9 @@ class Case:
         args = self.args
         self.sync()
         start = time.perf_counter()
-        loss = outer_step(self.learner, self.optimizer, self.scheduler, batch, self.weights, args.batch_size,
-                          self.dist, task_chunk=args.task_chunk, grad_clip=args.grad_clip, fast=self.fast)
+        loss = outer_step(self.learner, self.optimizer, self.scheduler, batch, self.weights,
+                          self.dataset.batch_size, self.dist, task_chunk=args.task_chunk, grad_clip=args.grad_clip,
+                          fast=self.fast)
         self.sync()
         return time.perf_counter() - start, loss
 
@@ -192,7 +193,7 @@ def run_case(model, method, num_items, path, repeats, device, extra, num_users):
     baseline = reset_peak_memory(device)  # after the set-up, before the first iteration
     case.iteration(case.build())  # warm-up
     times, losses = zip(*(case.iteration(case.build()) for _ in range(repeats)))
-    return {"model": model, "method": method, "items": num_items, "path": path, "tasks": case.args.batch_size,
+    return {"model": model, "method": method, "items": num_items, "path": path, "tasks": case.dataset.batch_size,
             "median_s": statistics.median(times), "min_s": min(times), "times": list(times),
             "peak_bytes": peak_memory(device, baseline), "build_s": statistics.median(case.build_times),
             "finite": bool(np.isfinite(losses).all()), "threads": torch.get_num_threads()}

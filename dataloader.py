@@ -25,6 +25,8 @@ result is cached as an ``.npz`` under ``<data_dir>/cache/``, keyed on a hash of 
   (fewer where the window is short) and has max(num_query_set, m) query windows: window j ends on the
   (j mod m)-th of them from the end, the support windows come from the items before them. Validation and
   test tasks always have one target and num_query_set windows.
+* a training meta-batch is ``--batch_size`` distinct training users, at most all of them; the task arrays
+  hold at most as many support windows as the longest task window has (``--num_samples`` capped there).
 * every window is left-padded to ``max_seq_len`` with item 0 and rating ``--default_rating``.
 
 Randomness comes only from numpy Generators ``rng(seed, stream, *keys)`` with fixed streams
@@ -366,10 +368,22 @@ def task_rng(seed, stream, *keys):
     return np.random.default_rng([int(seed) % 2 ** 64, stream, len(keys), *map(int, keys)])
 
 
-def candidate_windows(m, min_size):
-    """All (a, b) with 0 <= a < b <= m and b - a >= min_size, as two int64 arrays (a-major order)."""
-    a, b = np.triu_indices(m + 1, k=min_size)
-    return a.astype(np.int64), b.astype(np.int64)
+def window_count(m, min_size):
+    """How many (a, b) there are with 0 <= a < b <= m and b - a >= min_size: m - d + 1 of each length d."""
+    lengths = m - min_size + 1
+    return lengths * (lengths + 1) // 2 if lengths > 0 else 0
+
+
+def candidate_windows(index, m, min_size):
+    """The (a, b) at positions `index` of all those window_count counts, in a-major order (numpy's
+    triu_indices(m + 1, k=min_size)), as two int64 arrays. Without making all ~m²/2 of them: kept for every
+    m below --max_seq_len, they grew as its cube (a numpy MemoryError at --max_seq_len=10**5)."""
+    index = np.asarray(index, np.int64)
+    rows = m - min_size + 1                       # a = 0 .. rows - 1; row a holds rows - a windows
+    a = np.arange(rows, dtype=np.int64)
+    first = a * rows - a * (a - 1) // 2           # position of row a's first window
+    a = np.searchsorted(first, index, side="right") - 1
+    return a, a + min_size + (index - first[a])
 
 
 @dataclass(frozen=True)
@@ -410,8 +424,11 @@ class MetaDataset:
         if num_users and self.lengths.min() < self.min_window + 1:
             raise MeloError(f"some users have fewer than min_sub_window_size + 1 = {self.min_window + 1} "
                             "ratings: load the data with the same flags as the task generation")
-        self._pairs = {m: candidate_windows(m, self.min_window) for m in range(self.min_window, self.L)}
         self._val, self._test = None, None
+        # No task has more distinct support windows than its longest window holds: larger arrays would be
+        # padding only (--num_samples=100000 asked for terabytes)
+        longest = min(int(self.lengths.max()), self.L) if num_users else self.L
+        self.S = min(self.S, window_count(longest - 1, self.min_window))
 
         permutation = task_rng(self.seed, STREAM_SPLIT).permutation(num_users).astype(np.int64)
         rest = num_users - config.num_test_data
@@ -427,6 +444,8 @@ class MetaDataset:
         self.test_users = permutation[:config.num_test_data]
         self.val_users = permutation[config.num_test_data:config.num_test_data + num_val]
         self.train_users = permutation[config.num_test_data + num_val:]
+        # a meta-batch holds each training user at most once (--batch_size=100000 of 80 users ran out of memory)
+        self.batch_size = min(config.batch_size, len(self.train_users))
 
     @classmethod
     def from_args(cls, data, args):
@@ -452,9 +471,9 @@ class MetaDataset:
         else:
             query_offsets = np.arange(self.num_query(training), dtype=np.int64) % targets
             query_lengths = rng.integers(self.min_window, w - query_offsets + 1)
-        a, b = self._pairs[w - targets]
-        chosen = rng.choice(len(a), size=min(self.S, len(a)), replace=False)
-        return start, w, query_lengths, query_offsets, a[chosen], b[chosen]
+        count = window_count(w - targets, self.min_window)
+        chosen = rng.choice(count, size=min(self.S, count), replace=False)
+        return (start, w, query_lengths, query_offsets) + candidate_windows(chosen, w - targets, self.min_window)
 
     def num_query(self, training):
         """Query windows per task: --num_query_set, and for training tasks at least one per held-out target
@@ -508,9 +527,9 @@ class MetaDataset:
 
     # ------------------------------------------------------------------ public
     def train_users_of(self, iteration):
-        """Positions into train_users of the `batch_size` tasks of `iteration`."""
-        count, size = len(self.train_users), self.config.batch_size
-        return task_rng(self.seed, STREAM_TRAIN, iteration).choice(count, size, replace=size > count)
+        """Positions into train_users of the `batch_size` tasks of `iteration` (distinct users)."""
+        return task_rng(self.seed, STREAM_TRAIN, iteration).choice(len(self.train_users), self.batch_size,
+                                                                   replace=False)
 
     def train_batch(self, iteration, task_slice=slice(None)):
         """The meta-batch of `iteration` (a pure function of seed and iteration), or the tasks of it at

@@ -155,9 +155,10 @@ class MetaTrainer(Trainer):
         mine = tasks.select(part)
         predicted = torch.zeros(tasks.query_mask.shape, dtype=torch.float64, device=self.device)
         weight_sums = None
-        for start in range(0, len(mine), self.args.batch_size):
+        size = self.dataset.batch_size  # --batch_size, at most the training users
+        for start in range(0, len(mine), size):
             check_stop()  # a stop signal acts between batches, never inside torch.func
-            chunk = mine.select(slice(start, start + self.args.batch_size)).to(self.device)
+            chunk = mine.select(slice(start, start + size)).to(self.device)
             predicted[part.start + start:part.start + start + len(chunk)] = self.clipped(self.learner.predict(chunk)).double()
             if with_weights and self.learner.inner_loss.has_weights:
                 found = weight_sums_by_rating(*support_weights(self.learner, chunk), self.data.max_rating)
@@ -178,7 +179,7 @@ class MetaTrainer(Trainer):
         by_rating = torch.zeros(len(tasks), metrics.num_half_star_buckets(self.data.max_rating), 2, dtype=torch.float64,
                                 device=self.device)
         by_share = torch.zeros(len(tasks), len(SHARE_NAMES), 2, dtype=torch.float64, device=self.device)
-        size = self.args.task_chunk or self.args.batch_size
+        size = self.args.task_chunk or self.dataset.batch_size
         for start in range(0, len(mine), size):
             chunk = mine.select(slice(start, start + size)).to(self.device)
             rows = slice(part.start + start, part.start + start + len(chunk))
@@ -235,9 +236,10 @@ class MetaTrainer(Trainer):
         # Dropout draws from a stream that is a pure function of (seed, iteration, rank): a resumed run
         # repeats it exactly, and ranks do not share masks.
         torch.manual_seed(stream_seed(args.random_seed, self.iteration, self.dist.rank))
-        batch = self.dataset.train_batch(self.iteration, self.dist.shard(args.batch_size)).to(self.device)
+        size = self.dataset.batch_size  # --batch_size, at most the training users
+        batch = self.dataset.train_batch(self.iteration, self.dist.shard(size)).to(self.device)
         weights = self.step_weights()
-        loss = runs.outer_step(self.learner, self.optimizer, self.scheduler, batch, weights, args.batch_size,
+        loss = runs.outer_step(self.learner, self.optimizer, self.scheduler, batch, weights, size,
                                self.dist, self.iteration < args.first_order_iterations, args.task_chunk,
                                args.grad_clip)
         if math.isfinite(loss):
@@ -252,8 +254,10 @@ class MetaTrainer(Trainer):
         if self.dist.is_main:
             dataset, validated = self.dataset, len(val_tasks.support_items)
             capped = f" (--val_size={args.val_size} capped)" if validated < args.val_size else ""
+            batch = (f"; every meta-batch all {dataset.batch_size} of them (--batch_size={args.batch_size} "
+                     "capped)" if dataset.batch_size < args.batch_size else "")
             print(f"{args.mode}: {len(dataset.train_users)} training, {len(dataset.val_users)} validation and "
-                  f"{len(dataset.test_users)} test users, {self.data.num_items} items; validating on "
+                  f"{len(dataset.test_users)} test users, {self.data.num_items} items{batch}; validating on "
                   f"{validated} users{capped} {self.log_schedule()}; duplicates: "
                   f"{duplicates_note(self.data.duplicates_dropped, args)}")
         bar = progress(range(self.iteration, args.num_train_iterations), initial=self.iteration,

@@ -10,6 +10,7 @@ written `--flag=True` / `--flag=False`.
 import argparse
 import math
 import os
+import re
 import sys
 
 MODES = ("ml-1m", "ml-10m", "ml-100k", "amazon", "yelp")
@@ -407,13 +408,31 @@ class MeloError(Exception):
     """A problem with the user's input or files: reported as one line, without a traceback."""
 
 
+def out_of_memory(error):
+    """The one-line error of an allocation that failed (torch's CPU allocator, CUDA, numpy), or None when
+    `error` is something else."""
+    text = str(error)
+    if not (isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text):
+        return None
+    in_bytes = re.search(r"allocate (\d+) bytes", text)    # torch's CPU allocator
+    in_units = re.search(r"allocate ([\d.]+ \w+)", text)   # numpy, CUDA: "4.00 TiB", "20.00 GiB"
+    size = f"{int(in_bytes.group(1)) / 2 ** 30:.1f} GiB" if in_bytes else in_units.group(1) if in_units else None
+    return MeloError(f"out of memory{f' (an allocation of {size} failed)' if size else ''}: use smaller sizes "
+                     "(--batch_size, --num_samples, --num_query_set, --max_seq_len, the hidden sizes) or, for "
+                     "main.py, --task_chunk; what was saved before is intact")
+
+
 def run_cli(main_function, argv=None, parse=parse_args):
-    """Run a script's main(parse(argv)); a MeloError becomes `error: ...` on stderr and exit status 2.
-    Output piped into a reader that stops early (`| head`) ends the run quietly, as other commands do."""
+    """Run a script's main(parse(argv)); a MeloError, or an allocation that failed (sizes past memory),
+    becomes `error: ...` on stderr and exit status 2. Output piped into a reader that stops early (`| head`)
+    ends the run quietly, as other commands do."""
     try:
         main_function(parse(argv))
-    except MeloError as error:
-        sys.stderr.write(f"error: {error}\n")  # one write: the lines of several ranks do not interleave
+    except (MeloError, MemoryError, RuntimeError) as error:
+        message = error if isinstance(error, MeloError) else out_of_memory(error)
+        if message is None:
+            raise
+        sys.stderr.write(f"error: {message}\n")  # one write: the lines of several ranks do not interleave
         sys.exit(2)
     except BrokenPipeError:
         # Python would report the broken pipe again when it flushes stdout at exit (Python docs, signal)

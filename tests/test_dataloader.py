@@ -345,9 +345,10 @@ def test_random_sequence_length_and_large_batches(tmp_path):
                         batch_size=64)
     data = dl.load_data(args)
     meta = dl.MetaDataset.from_args(data, args)
-    assert len(meta.train_users) < args.batch_size           # sampled with replacement
+    assert len(meta.train_users) < args.batch_size           # capped: each training user once (issue 35)
     batch = meta.train_batch(0)
-    assert len(batch) == 64
+    assert len(batch) == meta.batch_size == len(meta.train_users)
+    assert sorted(batch.users.tolist()) == sorted(meta.train_users.tolist())
     check_layout(batch, args)
     check_positions(batch, data, args, evaluation=False)
     longest = [int((batch.query_items[k] > 0).sum(-1).max()) for k in range(len(batch))]
