@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from tqdm import tqdm
 
-from options import MeloError
+from options import MeloError, out_of_memory
 
 
 TEMPORARY_PREFIX = ".tmp-"
@@ -269,8 +269,14 @@ def select_device(name):
     return device
 
 
+class LostPeer(MeloError):
+    """A collective operation failed: another process of the torchrun job stopped or crashed."""
+
+
 class Distributed:
-    """Rank, world size and the few collectives MELO needs; a single process when not under torchrun."""
+    """Rank, world size and the few collectives MELO needs; a single process when not under torchrun.
+    A collective that fails because another process is gone (gloo: "Connection closed by peer") raises
+    LostPeer, one line instead of gloo's traceback."""
 
     def __init__(self, device_name):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -310,9 +316,11 @@ class Distributed:
                 result = function(*args)
             except Exception as error:
                 failure = [str(error) if isinstance(error, MeloError) else f"{type(error).__name__}: {error}"]
-                dist.broadcast_object_list(failure, src=0)
+                with self.communicating():
+                    dist.broadcast_object_list(failure, src=0)
                 raise
-        dist.broadcast_object_list(failure, src=0)  # also the barrier that makes the others wait
+        with self.communicating():
+            dist.broadcast_object_list(failure, src=0)  # also the barrier that makes the others wait
         if failure[0] is not None:
             raise MeloError(f"rank 0 failed: {failure[0]}")
         if not self.is_main:
@@ -322,12 +330,28 @@ class Distributed:
     def sum_(self, tensor):
         """In-place sum over ranks (a no-op for one process); returns the tensor."""
         if self.enabled:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            with self.communicating():
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def barrier(self):
         if self.enabled:
-            dist.barrier()
+            with self.communicating():
+                dist.barrier()
+
+    @contextlib.contextmanager
+    def communicating(self):
+        """Around collectives (and DistributedDataParallel's, inside its forward and backward): their
+        RuntimeError is LostPeer. A failed allocation stays itself (run_cli says so)."""
+        try:
+            yield
+        except RuntimeError as error:
+            if not self.enabled or out_of_memory(error) is not None:
+                raise
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = reason.split("] ", 1)[-1].split(". ")[0]  # gloo: "[.../pair.cc:553] Connection closed ..."
+            raise LostPeer(f"lost another process of this torchrun job ({reason}): it stopped or crashed (its "
+                           "own output says why), so this one stops too") from None
 
     def __enter__(self):
         return self
@@ -338,7 +362,9 @@ class Distributed:
         report) can kill that rank ("terminate called without an active exception"). After an error
         nobody waits, since the other ranks may never arrive."""
         if self.enabled and dist.is_initialized():
-            if error_type is None:
-                dist.barrier()
-            dist.destroy_process_group()
+            try:
+                if error_type is None:
+                    self.barrier()
+            finally:
+                dist.destroy_process_group()
         return False

@@ -309,7 +309,8 @@ class BaselineTrainer(Trainer):
         total, count = 0.0, 0
         for items, ratings in self.epoch_batches(self.epoch):
             check_stop()  # a stop signal acts between batches, never inside autograd or torch.func
-            error_sum, positions = self.training_loss(items, ratings)
+            with self.dist.communicating():  # DDP's forward and backward talk to the other ranks
+                error_sum, positions = self.training_loss(items, ratings)
             # The loss is the mean over the real positions of the whole global batch, on every rank alike.
             sums = self.dist.sum_(torch.stack([error_sum.detach().double(), positions.double()]))
             loss = (sums[0] / sums[1].clamp_min(1)).item()
@@ -318,7 +319,8 @@ class BaselineTrainer(Trainer):
             self.optimizer.zero_grad(set_to_none=True)
             # DDP divides the summed gradients by the world size; multiplying by it here leaves the gradient
             # of the global mean.
-            (error_sum * (self.dist.world_size / sums[1].clamp_min(1).to(error_sum.dtype))).backward()
+            with self.dist.communicating():
+                (error_sum * (self.dist.world_size / sums[1].clamp_min(1).to(error_sum.dtype))).backward()
             self.optimizer.step()
             total, count = total + sums[0].item(), count + sums[1].item()
             bar.set_postfix(loss=f"{loss:.4f}")

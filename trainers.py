@@ -16,7 +16,8 @@ import baselines
 import checkpointing
 import runs
 from dataloader import MetaDataset, load_data
-from runtime import stop_signals_as_flag
+from options import MeloError
+from runtime import LostPeer, stop_signals_as_flag
 
 
 class Trainer:
@@ -155,6 +156,13 @@ class Trainer:
             checkpointing.load_state(self.tested_module, best, self.checkpoint_path(step), "best weights")
         return checkpoint, which, best is not None
 
+    def resume_hint(self):
+        """How to go on after a stop that saved nothing: from this run's latest checkpoint (not an earlier
+        run's, which a fresh --overwrite run has not replaced yet)."""
+        steps = [] if self.earlier_run else checkpointing.available_steps(self.directory, self.prefix)
+        return (f"resume with --checkpoint_step={steps[-1]}" if steps
+                else "no checkpoint of this run was saved: run it again")
+
     def diverged(self, what, bad_step):
         """The error that stops a run whose loss or validation score is no longer finite; nothing is saved."""
         return checkpointing.diverged(what, self.directory, self.prefix, bad_step, self.earlier_run, self.remedy)
@@ -188,6 +196,8 @@ def train_run(trainer):
             with stop_signals_as_flag():
                 trainer.train(writer)
             trainer.finish(writer)
+        except LostPeer as error:  # under torchrun: another process is gone, and what it saved stands
+            raise MeloError(f"{error}; {trainer.resume_hint()}") from None
         finally:
             if writer is not None:
                 writer.close()

@@ -75,7 +75,8 @@ def test_every_size_flag_is_bounded_and_says_so_in_help(capsys):
             options.parse_args([f"{flag}={maximum + 1}"])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1, err
-        assert err[0].startswith(f"error: argument {flag}: must be from ") and f" to {maximum}, got {maximum + 1}" in err[0]
+        assert err[0].startswith(f"error: argument {flag}: must be from ")
+        assert f" to {maximum}, got {maximum + 1}" in err[0]
         options.parse_args([f"{flag}={maximum}"] + (["--bert_hidden_units=4096"] * (flag == "--bert_num_heads")))
     assert all(action.help.endswith(f"(1 to {options.DEPTH_MAX})") for action in depths)
     assert "(3 to 4096)" in " ".join(options.build_parser().format_help().split())
@@ -221,3 +222,54 @@ def test_numpys_memory_error_is_one_line(capsys):
 
     line = one_line_error([], capsys, huge)
     assert line.startswith("error: out of memory (an allocation of ") and "TiB failed)" in line
+
+
+# ============================================================================ a lost torchrun process (item 2)
+KILLED_AT_STEP_2 = """
+import os, signal, sys
+import options, {module}
+trainer = {module}.{trainer}
+step = trainer.{method}
+def killed_at_step_2(self, *args):
+    if self.dist.rank == 1 and self.step == 2:  # after step 2 was saved, before the next collective
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, *args)
+setattr(trainer, "{method}", killed_at_step_2)
+options.run_cli({module}.main, sys.argv[1:])
+"""
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("module, trainer, method, folder", [
+    ("main", "MetaTrainer", "train_step", "ckpt"), ("train_original", "BaselineTrainer", "train_epoch", "pre")])
+def test_a_lost_torchrun_process_is_one_line_that_says_where_to_resume(ratings_file, tmp_path, module, trainer,
+                                                                      method, folder):
+    """The surviving rank printed gloo's 'RuntimeError ... Connection closed by peer' traceback and exited 1
+    (item 2). Two processes as torchrun starts them (its environment variables), so that each one's own
+    output and exit status can be read."""
+    port = free_port()
+    argv = small(ratings_file, tmp_path, "--num_train_iterations=6", "--pretrain_epochs=4", "--device=cpu",
+                 "--pretraining_batch_size=64")
+    script = KILLED_AT_STEP_2.format(module=module, trainer=trainer, method=method)
+    ranks = [subprocess.Popen([sys.executable, "-c", script, *argv], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)))
+             for rank in (0, 1)]
+    outputs = [process.communicate(timeout=300) for process in ranks]
+    assert ranks[1].returncode == -9
+    err = outputs[0][1]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert ranks[0].returncode == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("error: lost another process of this torchrun job (") and " by peer" in errors[0]
+    assert errors[0].endswith("; resume with --checkpoint_step=2"), errors[0]
+    saved = sorted(name for name in os.listdir(tmp_path / folder) if not name.startswith("."))
+    assert saved[-1].endswith("_step2.pt") and all(name.endswith(".pt") for name in saved), saved  # no temporary files
+    assert torch.load(tmp_path / folder / saved[-1], weights_only=True)["step"] == 2
