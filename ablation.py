@@ -16,6 +16,11 @@ again, with its training when its checkpoint is stale too. The table (validation
 RMSE, mean per-rating RMSE, the learned loss's mean weight per support rating; mean ± standard deviation
 over seeds) is printed and written to `<results_dir>/<mode>/<model>/ablation.md`.
 """
+import options
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    options.say_when_terminated()
+
 import argparse
 import json
 import os
@@ -25,7 +30,6 @@ from collections import namedtuple
 
 import checkpointing
 import metrics
-import options
 import runs
 import runtime
 import study

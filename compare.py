@@ -36,6 +36,11 @@ its grid's edge; mean +- standard deviation over seeds when `--seeds` > 1) are p
 `<results_dir>/<mode>/comparison.md` (and `comparison.json`; tables.py makes them), the per-rating figure as
 `comparison.png`.
 """
+import options
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    options.say_when_terminated()
+
 import argparse
 import json
 import os
@@ -47,7 +52,6 @@ import pandas as pd
 import baselines
 import figures
 import metrics
-import options
 import runs
 import runtime
 import study

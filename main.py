@@ -10,6 +10,11 @@
 Every `--log_interval` iterations the fixed validation tasks are scored, TensorBoard is written under
 `--log_dir`, and a checkpoint of that step (with the best-so-far weights) is saved in `--checkpoint_dir`.
 """
+import options
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    options.say_when_terminated()
+
 import math
 import os
 import sys

@@ -47,6 +47,11 @@ positions (the normaliser is part of the graph, computed in log space so it stay
 sigmoid is tiny): the encoder can only move weight between positions, and the loss keeps the scale of the
 plain MSE. Its head starts at zero, so training starts as the plain MSE.
 """
+import options
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    options.say_when_terminated()
+
 import math
 import os
 import sys

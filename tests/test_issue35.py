@@ -273,3 +273,46 @@ def test_a_lost_torchrun_process_is_one_line_that_says_where_to_resume(ratings_f
     saved = sorted(name for name in os.listdir(tmp_path / folder) if not name.startswith("."))
     assert saved[-1].endswith("_step2.pt") and all(name.endswith(".pt") for name in saved), saved  # no temporary files
     assert torch.load(tmp_path / folder / saved[-1], weights_only=True)["step"] == 2
+
+
+# ============================================================================ SIGTERM while starting (item 14)
+# Runs a script as `python SCRIPT ARGV` does (runpy, as __main__), paused where the test sends SIGTERM: in
+# the import of torch, or in reading the ratings file; "paused" on stdout says it got there.
+PAUSED = """
+import runpy, sys, time
+where, script, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+def pause(*args, **kwargs):
+    print("paused", flush=True)
+    time.sleep(120)
+class PauseInTorchsImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            pause()
+if where == "import":
+    sys.meta_path.insert(0, PauseInTorchsImport())
+else:
+    import readers
+    readers.read_ratings = pause
+    import dataloader  # takes the paused reader
+sys.argv = [script, *argv]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["main.py", "train_original.py"])
+@pytest.mark.parametrize("where", ["import", "loading"])
+def test_sigterm_while_starting_is_one_line(ratings_file, tmp_path, where, script):
+    """SIGTERM in the first seconds (imports, reading the data) killed the run without a word (item 14)."""
+    argv = small(str(tmp_path / "copy.data"), tmp_path)
+    with open(ratings_file) as source, open(tmp_path / "copy.data", "w") as copy:  # read anew: no cache
+        copy.write(source.read())
+    process = subprocess.Popen([sys.executable, "-c", PAUSED, where, script, *argv], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline() == "paused\n"
+    process.send_signal(15)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines() == ["terminated (SIGTERM) outside the training loop (starting, loading data, "
+                                        "testing): nothing was saved, and nothing saved before was changed"], err
+    for folder in ("ckpt", "pre"):
+        assert not os.path.exists(tmp_path / folder) or os.listdir(tmp_path / folder) == []
