@@ -187,7 +187,12 @@ def parse(argv):
         name, _, flags = definition.partition("=")
         if not name.strip() or not flags.strip():
             raise MeloError(f"--define {definition!r}: expected NAME=FLAGS, e.g. --define 'melo-lr=--lstm_lr=0.01'")
-        variants[name.strip()] = ("defined on the command line", shlex.split(flags))
+        try:
+            flags = shlex.split(flags)
+        except ValueError as error:  # "No closing quotation", "No escaped character"
+            raise MeloError(f"--define {definition!r}: its flags cannot be split as a shell would ({error}): "
+                            "check the quotes") from None
+        variants[name.strip()] = ("defined on the command line", flags)
     unknown = [n for n in names if n not in variants]
     if unknown or not names:
         raise MeloError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(variants)} "
@@ -238,7 +243,7 @@ def plan(known, extra, variants, fingerprints=None):
             steps = []
             problem = study.report_problem(report, fingerprint, with_predictions=False)
             if problem:
-                study.remake(f"seed {seed} {name}", problem)
+                study.remake(f"seed {seed} {name}", report, problem)
                 train = study.training_need("main.py", flags, args.checkpoint_dir, prefix,
                                               known.num_train_iterations, fingerprint)
                 if train:

@@ -88,7 +88,11 @@ class RunLock:
         self.handle = None
 
     def acquire(self):
-        os.makedirs(self.directory, exist_ok=True)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as error:  # a file where the folder (or one above it) should be
+            raise MeloError(f"cannot make the folder {self.directory} ({error.strerror or error}): pass another "
+                            f"{self.flag}") from None
         while self.handle is None:
             handle = open(self.path, "a")
             try:

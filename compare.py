@@ -284,10 +284,12 @@ def plan(config, fingerprint=None):
         shared = run_flags(config, seed)
         args = options.parse_args(shared)
         for name in baselines.BASELINES:
-            report = baselines.report_path(args, name)
-            steps = [("test", "main.py", shared + ["--test_baseline", f"--baseline={name}"])]
-            pieces.append(Piece(seed, None, name, report, steps if report_problem(report, fingerprint, False)
-                                else []))
+            piece = Piece(seed, None, name, baselines.report_path(args, name), [])
+            problem = report_problem(piece.report, fingerprint, with_predictions=True)
+            if problem:  # tested again, as the networks' reports are
+                remake(piece.name, piece.report, problem)
+                piece.steps = [("test", "main.py", shared + ["--test_baseline", f"--baseline={name}"])]
+            pieces.append(piece)
         for model in config.models:
             pieces += [basic_piece(config, seed, shared, model, False, fingerprint)]
             if config.finetune_steps_grid:
@@ -298,7 +300,8 @@ def plan(config, fingerprint=None):
 
 
 def with_predictions(method):
-    """Is the per-target CSV of this method read (for the paired intervals)?"""
+    """Is the per-target CSV of this method read for the paired intervals? (Every report's CSVs must be the
+    ones written with it, read or not: report_problem checks them all.)"""
     return method in ("melo",) + PAIRED + NO_NETWORK
 
 
@@ -312,10 +315,10 @@ def basic_piece(config, seed, shared, model, finetune, fingerprint):
     args = options.parse_args(flags + tuning)
     method = "finetune" if finetune else "basic"
     piece = Piece(seed, model, method, runs.basic_report_path(args, config.epochs), [])
-    problem = report_problem(piece.report, fingerprint, with_predictions(method))
+    problem = report_problem(piece.report, fingerprint, with_predictions=True)
     if problem is None:
         return piece
-    remake(piece.name, problem)
+    remake(piece.name, piece.report, problem)
     piece.steps = [("test", "train_original.py", flags + [f"--checkpoint_step={config.epochs}", "--test"] + tuning)]
     if not finetune:  # Fine-tune tests the checkpoint that the Basic piece before it (re)makes
         export = ["--save_pretrained=True"] if any(flag.startswith("--load_pretrained")
@@ -334,10 +337,10 @@ def meta_piece(config, seed, model, method, adaptive, fingerprint):
     args = options.parse_args(flags)
     prefix = runs.meta_prefix(args)
     piece = Piece(seed, model, method, runs.meta_report_path(args, prefix, config.iterations), [])
-    problem = report_problem(piece.report, fingerprint, with_predictions(method))
+    problem = report_problem(piece.report, fingerprint, with_predictions=True)
     if problem is None:
         return piece
-    remake(piece.name, problem)
+    remake(piece.name, piece.report, problem)
     train = training_need("main.py", flags, args.checkpoint_dir, prefix, config.iterations, fingerprint)
     piece.steps = ([train] if train else []) + [
         ("test", "main.py", flags + [f"--checkpoint_step={config.iterations}", "--test"])]
@@ -365,7 +368,7 @@ def read_reports(pieces, fingerprint):
     found = {}
     for piece in pieces:
         found.setdefault((piece.model, piece.method), []).append(
-            read_report(piece.report, fingerprint, with_predictions(piece.method)))
+            read_report(piece.report, fingerprint, with_predictions=True))
     return found
 
 

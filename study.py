@@ -153,9 +153,9 @@ def usable_checkpoint(path, fingerprint, last_step):
     return saved
 
 
-def remake(piece_name, problem):
-    """Say why a report that exists is made again."""
-    if not problem.endswith(" is missing"):
+def remake(piece_name, report, problem):
+    """Say why a report that exists is made again (its `problem`: report_problem's, which may name its CSV)."""
+    if os.path.exists(report):
         print(f"{piece_name}: {problem}: making it again", flush=True)
 
 

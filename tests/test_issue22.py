@@ -97,6 +97,31 @@ def test_a_truncated_report_or_per_target_csv_is_named_and_made_again(compared, 
     assert read(written.read_text()) == read(content) and again == text
 
 
+@pytest.mark.parametrize("name, damage, message", [
+    ("user-item-bias_ml-100k.test.csv", "truncate", "is not the one written with"),
+    ("user-mean_ml-100k.test.csv", "truncate", "is not the one written with"),
+    ("mf-fold-in_ml-100k.test.csv", "remove", "is missing"),
+    ("shrunk-user-mean_ml-100k.test.validation.csv", "truncate", "is not the one written with"),
+])
+def test_a_baselines_damaged_csv_is_named_and_made_again(compared, monkeypatch, capsys, name, damage, message):
+    """A truncated user-item-bias CSV made compare.py loop ('remove it, and run the same command again', then
+    '... is missing'), and a truncated user-mean CSV was never noticed (issue 35, item 8): a baseline's
+    CSVs are checked like every other report's, and a damaged one is tested again."""
+    command, _, seed, text = compared
+    written = seed / "checkpoints" / name
+    content = written.read_text()
+    if damage == "remove":
+        written.unlink()
+    else:
+        written.write_text(content[:len(content) // 3])
+    capsys.readouterr()
+    again, calls = rerun(command, monkeypatch)
+    baseline = name.split("_")[0]
+    assert f"{baselines.BASELINES[baseline].label.lower()}: {written} {message}" in capsys.readouterr().out
+    assert [(script, argv[-1]) for script, argv in calls] == [("main.py", f"--baseline={baseline}")]
+    assert written.read_text() == content and again == text
+
+
 def test_a_report_without_a_data_fingerprint_is_tested_again(compared, monkeypatch):
     command, _, seed, text = compared
     report = seed / "pretrained" / "gru4rec_ml-100k_basic_step2.test_best.json"

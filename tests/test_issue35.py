@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import ablation
+import compare
 import dataloader as dl
 import main
 import options
@@ -36,11 +38,12 @@ def small(ratings_file, tmp_path, *extra):
             *extra]
 
 
-def one_line_error(argv, capsys, main_function):
-    """Run `main_function` through run_cli with `argv`; return its single stderr line (exit status 2)."""
+def one_line_error(argv, capsys, main_function, parse=options.parse_args):
+    """Run `main_function` through run_cli with `argv` (`parse`d: the study scripts parse their own); return
+    its single stderr line (exit status 2)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        options.run_cli(main_function, argv)
+        options.run_cli(main_function, argv, parse)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -316,3 +319,26 @@ def test_sigterm_while_starting_is_one_line(ratings_file, tmp_path, where, scrip
                                         "testing): nothing was saved, and nothing saved before was changed"], err
     for folder in ("ckpt", "pre"):
         assert not os.path.exists(tmp_path / folder) or os.listdir(tmp_path / folder) == []
+
+
+# ============================================================================ study commands (items 6, 7)
+@pytest.mark.parametrize("script", ["compare", "ablation"])
+def test_a_file_as_results_dir_is_one_line(ratings_file, tmp_path, script, capsys):
+    """compare.py --results_dir=<a file>: NotADirectoryError (item 6), as main.py gives for its folders."""
+    (tmp_path / "a_file").write_text("kept")
+    argv = [f"--results_dir={tmp_path / 'a_file'}", "--mode=ml-100k", f"--data_path={ratings_file}",
+            f"--data_dir={tmp_path}/Data", "--min_item=1", "--num_test_data=20", "--models=gru4rec"]
+    if script == "ablation":
+        argv = argv[:-1] + ["--model=gru4rec"]
+    line = one_line_error(argv, capsys, {"compare": compare.main, "ablation": ablation.main}[script], list)
+    assert line.startswith(f"error: cannot make the folder {tmp_path / 'a_file' / 'ml-100k'}"), line
+    assert "Not a directory" in line
+    assert line.endswith("pass another --results_dir") and (tmp_path / "a_file").read_text() == "kept"
+
+
+def test_an_unclosed_quote_in_a_defined_variant_is_one_line(capsys):
+    """shlex's 'ValueError: No closing quotation' (item 7)."""
+    line = one_line_error(["--mode=ml-100k", "--define=foo=--inner_lr='0.1", "--variants=foo"], capsys,
+                          ablation.main, list)
+    assert line == ("error: --define \"foo=--inner_lr='0.1\": its flags cannot be split as a shell would (No "
+                    "closing quotation): check the quotes")
