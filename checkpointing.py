@@ -11,6 +11,7 @@ import re
 import sys
 import tempfile
 import warnings
+import zipfile
 
 import torch
 
@@ -242,6 +243,9 @@ def check_data(saved, current, path, what="checkpoint"):
 def read_saved_dict(path, what):
     """`torch.load` a dict that MELO saved (a checkpoint, a pretrained export); anything else at `path` (a
     truncated, empty or foreign file) is a one-line MeloError naming it."""
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; torch.load read anything else as a
+        # pickle, whose errors say nothing ('101', 'pop from empty list': a text file's bytes as opcodes)
+        raise MeloError(f"cannot read {what} {path} (truncated, or not a file MELO wrote)")
     try:
         with warnings.catch_warnings():  # garbage can look like an unusual pickle protocol
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

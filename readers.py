@@ -118,6 +118,9 @@ class _Format:
             for name, value in (("user id", user), ("item id", item)):
                 if not _is_int(value):
                     return f"{name} {value!r} is not an integer"
+                if not INT64_MIN <= int(value) <= INT64_MAX:
+                    return (f"{name} {value} does not fit the 64-bit integers MELO stores ids in: number the "
+                            f"{name.split()[0]}s anew")
         if not _is_number(rating):
             return f"rating {rating!r} is not a number"
         if not np.isfinite(float(rating)) or not 0 < float(rating) <= MAX_RATING:
@@ -222,6 +225,10 @@ def _validated(frame, path, fmt, skip_rows):
                 bad = pd.to_numeric(frame[name], errors="coerce")
                 bad = (bad.isna() | (bad != np.floor(bad))).to_numpy()
                 raise _diagnose(path, fmt, skip_rows, row=int(np.argmax(bad)) if bad.any() else None)
+        for name in ("user", "item"):  # an unsigned column beyond int64 would wrap to negative ids
+            column = frame[name]
+            if column.dtype.kind == "u" and column.max() > INT64_MAX:
+                raise _diagnose(path, fmt, skip_rows, row=int(np.argmax(column.to_numpy() > INT64_MAX)))
         users, items = frame["user"].to_numpy(np.int64), frame["item"].to_numpy(np.int64)
     else:
         users = frame["user"].astype(str).str.strip().to_numpy(dtype=object)

@@ -342,3 +342,30 @@ def test_an_unclosed_quote_in_a_defined_variant_is_one_line(capsys):
                           ablation.main, list)
     assert line == ("error: --define \"foo=--inner_lr='0.1\": its flags cannot be split as a shell would (No "
                     "closing quotation): check the quotes")
+
+
+# ============================================================================ vague errors (item 11)
+@pytest.mark.parametrize("mode, line, name", [
+    ("ml-100k", f"{2 ** 70}\t4\t4\t1002", "user id"),
+    ("ml-100k", f"{2 ** 64 - 1}\t4\t4\t1002", "user id"),   # was read, silently, as user -1
+    ("ml-100k", f"1\t{-2 ** 63 - 1}\t4\t1002", "item id"),
+    ("ml-1m", f"1::{2 ** 70}::4::1002", "item id")])
+def test_an_id_beyond_64_bits_is_named_with_its_line(tmp_path, mode, line, name):
+    """A user id of 2**70 gave 'FILE: could not be parsed' (item 11)."""
+    sep = "\t" if mode == "ml-100k" else "::"
+    path = tmp_path / "ratings.txt"
+    path.write_text(f"1{sep}2{sep}4{sep}1000\n1{sep}3{sep}4{sep}1001\n{line}\n")
+    with pytest.raises(options.MeloError) as error:
+        dl.load_data(sy.make_args(mode, str(path), tmp_path, min_item=1, min_sequence=2))
+    value = line.split(sep)[0 if name == "user id" else 1]
+    assert str(error.value) == (f"{path} line 3: {name} {value} does not fit the 64-bit integers MELO stores ids "
+                                f"in: number the {name.split()[0]}s anew")
+
+
+def test_a_text_file_as_a_checkpoint_says_why_without_a_bare_number(ratings_file, tmp_path, capsys):
+    """'... (truncated, or not a file MELO wrote): 101', the pickle opcode of its first letter (item 11)."""
+    (tmp_path / "ckpt").mkdir()
+    checkpoint = tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step4.pt"
+    checkpoint.write_text("e.g. notes saved under a checkpoint's name\n")
+    line = one_line_error(small(ratings_file, tmp_path, "--checkpoint_step=4", "--test"), capsys, main.main)
+    assert line == f"error: cannot read checkpoint {checkpoint} (truncated, or not a file MELO wrote)"
