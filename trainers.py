@@ -10,6 +10,8 @@ A subclass says what it trains and how: `prefix`, `shape`, its checkpoint folder
 by `folder_flag`), the extra checkpoint entries (`extra_state` / `restore`), one `train(writer)`, and
 the hooks `fresh_start`, `check_resume` and `finish`.
 """
+import sys
+
 import numpy as np
 
 import baselines
@@ -24,7 +26,7 @@ class Trainer:
     folder_flag = "--checkpoint_dir"  # the flag of `directory`, for messages
     unit = "step"                     # what `step` counts: "step" (outer iterations) or "epoch"
     total_flag = "--num_train_iterations"
-    remedy = "--outer_lr or --lstm_lr"  # what to lower when the run diverges
+    remedy = "--inner_lr, --outer_lr or --lstm_lr"  # what to lower when the run diverges
     required = ()                     # checkpoint keys of the subclass's own entries
     best_key = None                   # the checkpoint key of the best-so-far weights
 
@@ -37,6 +39,7 @@ class Trainer:
         self.best = {"rmse": float("inf"), "step": None, "state": None}
         self.earlier_run = []  # an earlier run's files that this one replaces (--overwrite)
         self.log_folder = None  # the run's TensorBoard folder under --log_dir (runs.open_writer)
+        self.warned_diverging = False
 
     @property
     def rating_range(self):
@@ -155,6 +158,27 @@ class Trainer:
         if best is not None:
             checkpointing.load_state(self.tested_module, best, self.checkpoint_path(step), "best weights")
         return checkpoint, which, best is not None
+
+    def warn_if_diverging(self, report):
+        """Say once, in a line on stderr, when `report` (this step's validation, before it is compared with
+        the best so far) shows the run diverging; a validation RMSE of 2.9e12 at --inner_lr=10000 went by
+        without a word. Diverging: an RMSE above the rating scale's maximum (predictions within the scale
+        cannot be that far off), or a score more than twice the best so far (the start, step 0, among
+        them). Such a step is not the best while an earlier one scored lower; the run goes on."""
+        if self.warned_diverging:
+            return
+        name = {"rmse": "RMSE", "mean_per_rating_rmse": "mean per-rating RMSE"}[self.args.select_by]
+        score, best, best_step = report[self.args.select_by], self.best["rmse"], self.best["step"]
+        if report["rmse"] > self.data.max_rating:
+            why = f"RMSE {report['rmse']:.4g} is above the rating scale's {self.data.max_rating:g} stars"
+        elif score > 2 * best:
+            why = f"{name} {score:.4g} is more than twice the best so far ({best:.4f} at {self.unit} {best_step})"
+        else:
+            return
+        self.warned_diverging = True
+        kept = "" if best_step is None else f"; the best weights stay those of {self.unit} {best_step}"
+        print(f"warning: the run diverges: at {self.unit} {self.step} the validation {why}{kept}; try a lower "
+              f"{self.remedy}", file=sys.stderr)
 
     def resume_hint(self):
         """How to go on after a stop that saved nothing: from this run's latest checkpoint (not an earlier

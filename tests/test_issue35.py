@@ -369,3 +369,43 @@ def test_a_text_file_as_a_checkpoint_says_why_without_a_bare_number(ratings_file
     checkpoint.write_text("e.g. notes saved under a checkpoint's name\n")
     line = one_line_error(small(ratings_file, tmp_path, "--checkpoint_step=4", "--test"), capsys, main.main)
     assert line == f"error: cannot read checkpoint {checkpoint} (truncated, or not a file MELO wrote)"
+
+
+# ============================================================================ a diverging run (item 12)
+def warnings_of(err):
+    return [line for line in err.splitlines() if line.startswith("warning: the run diverges")]
+
+
+@pytest.mark.parametrize("flag, where", [("--inner_lr=10000", 0), ("--outer_lr=10000", 2)])
+def test_a_diverging_run_says_so_once_and_keeps_the_start_as_best(ratings_file, tmp_path, capsys, flag, where):
+    """--inner_lr=10000 or --outer_lr=10000 exited 0 with a validation RMSE of 2.9e12 kept as the best
+    checkpoint, without a word (item 12)."""
+    capsys.readouterr()
+    trainer = main.main(options.parse_args(small(ratings_file, tmp_path, flag, "--num_train_iterations=6")))
+    found = warnings_of(capsys.readouterr().err)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"warning: the run diverges: at step {where} the validation RMSE ")
+    assert "is above the rating scale's 5 stars" in found[0]
+    assert found[0].endswith(("" if where == 0 else "; the best weights stay those of step 0")
+                             + "; try a lower --inner_lr, --outer_lr or --lstm_lr")
+    assert trainer.best["step"] == 0  # no later step scored below the start
+
+
+def test_a_score_twice_the_best_so_far_is_diverging_and_a_healthy_run_says_nothing(ratings_file, tmp_path, capsys):
+    capsys.readouterr()
+    trainer = main.main(options.parse_args(small(ratings_file, tmp_path)))
+    assert warnings_of(capsys.readouterr().err) == []
+    report = {"rmse": 2.1 * trainer.best["rmse"], "mae": 1.0, "mean_per_rating_rmse": 1.0}
+    trainer.warn_if_diverging(report)
+    trainer.warn_if_diverging(report)  # once
+    found = warnings_of(capsys.readouterr().err)
+    assert len(found) == 1 and f"more than twice the best so far ({trainer.best['rmse']:.4f} at step " in found[0]
+
+
+def test_train_original_says_so_too(ratings_file, tmp_path, capsys):
+    capsys.readouterr()
+    train_original.main(options.parse_args(small(ratings_file, tmp_path, "--pretraining_lr=10000",
+                                                  "--pretrain_epochs=2", "--pretraining_batch_size=64")))
+    found = warnings_of(capsys.readouterr().err)
+    assert len(found) == 1 and found[0].startswith("warning: the run diverges: at epoch 1 the validation RMSE ")
+    assert found[0].endswith("; the best weights stay those of epoch 0; try a lower --pretraining_lr")
