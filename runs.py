@@ -4,6 +4,7 @@ ablation.py import these from here, never from each other)."""
 import contextlib
 import math
 import os
+import threading
 import time
 
 import numpy as np
@@ -234,14 +235,27 @@ def outer_step(learner, optimizer, scheduler, batch, step_weights, batch_size, d
 
 
 # ------------------------------------------------------------------ TensorBoard
+class LogWriteError(MeloError):
+    """The TensorBoard log could not be written (a full --log_dir disk); train_run adds where to resume."""
+
+
+def _quiet_log_thread(hook_args, report=threading.excepthook):
+    """threading.excepthook: TensorBoard writes its events in a thread of its own, which printed a full disk's
+    OSError as 'Exception in thread ...' and its traceback (interleaved with the one-line error) before the
+    main thread's next write raised it again, which LogWriter reports. Other threads' errors are printed."""
+    if not (issubclass(hook_args.exc_type, OSError) and type(hook_args.thread).__module__.startswith("tensorboard.")):
+        report(hook_args)
+
+
 class LogWriter:
     """A TensorBoard writer whose write errors (a full disk on --log_dir: OSError) are a one-line
-    MeloError, as a full checkpoint disk is; the checkpoints saved before are intact. After one failure,
+    LogWriteError, as a full checkpoint disk is; the checkpoints saved before are intact. After one failure,
     close() gives up quietly instead of raising the same error again."""
 
     def __init__(self, folder, **kwargs):
         from torch.utils.tensorboard import SummaryWriter
 
+        threading.excepthook = _quiet_log_thread
         self.folder, self.failed = folder, False
         self.writer = self._guarded(SummaryWriter, folder, **kwargs)
         self.log_dir = self.writer.log_dir
@@ -251,9 +265,8 @@ class LogWriter:
             return method(*args, **kwargs)
         except OSError as error:
             self.failed = True
-            raise MeloError(f"could not write the TensorBoard log in {self.folder} ({error.strerror or error}): "
-                            "is the disk full? The checkpoints saved before are intact; resume with "
-                            "--checkpoint_step=<the last saved step>") from None
+            raise LogWriteError(f"could not write the TensorBoard log in {self.folder} ({error.strerror or error}): "
+                                "is the disk full? The checkpoints saved before are intact") from None
 
     def __getattr__(self, name):  # add_scalar, add_figure, add_text, add_hparams, flush
         method = getattr(self.writer, name)

@@ -215,13 +215,14 @@ def train_run(trainer):
             trainer.earlier_run = checkpointing.start_fresh(trainer.directory, trainer.prefix, trainer.folder_flag,
                                                             args.overwrite)
             trainer.fresh_start()
-        writer = runs.open_writer(args, trainer.prefix, trainer.log_folder, trainer.step) if dist.is_main else None
+        writer = None
         try:
+            writer = runs.open_writer(args, trainer.prefix, trainer.log_folder, trainer.step) if dist.is_main else None
             with stop_signals_as_flag():
                 trainer.train(writer)
             trainer.finish(writer)
-        except LostPeer as error:  # under torchrun: another process is gone, and what it saved stands
-            raise MeloError(f"{error}; {trainer.resume_hint()}") from None
+        except (LostPeer, runs.LogWriteError) as error:  # another torchrun process is gone, a full log disk:
+            raise MeloError(f"{error}; {trainer.resume_hint()}") from None  # what was saved stands
         finally:
             if writer is not None:
                 writer.close()

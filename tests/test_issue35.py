@@ -409,3 +409,38 @@ def test_train_original_says_so_too(ratings_file, tmp_path, capsys):
     found = warnings_of(capsys.readouterr().err)
     assert len(found) == 1 and found[0].startswith("warning: the run diverges: at epoch 1 the validation RMSE ")
     assert found[0].endswith("; the best weights stay those of epoch 0; try a lower --pretraining_lr")
+
+
+# ============================================================================ a full log disk (item 1)
+FULL_AFTER_STEP_2 = """
+import errno, os, sys
+import checkpointing, main, options
+from tensorboard.summary.writer import record_writer
+full, save, write = [False], checkpointing.save_atomic, record_writer.RecordWriter.write
+def save_then_fill(state, path):
+    save(state, path)
+    full[0] = full[0] or state["step"] == 2
+def write_unless_full(self, data):  # in TensorBoard's writer thread
+    if full[0]:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write(self, data)
+checkpointing.save_atomic, record_writer.RecordWriter.write = save_then_fill, write_unless_full
+options.run_cli(main.main, sys.argv[1:])
+"""
+
+
+def test_a_log_disk_that_fills_mid_run_is_one_line_naming_the_last_saved_step(ratings_file, tmp_path):
+    """TensorBoard's writer thread printed 'Exception in thread ... OSError: [Errno 28] No space left on
+    device' with its traceback around the error line, which said 'resume with --checkpoint_step=<the last
+    saved step>' (item 1)."""
+    done = subprocess.run([sys.executable, "-c", FULL_AFTER_STEP_2, *small(ratings_file, tmp_path,
+                                                                          "--num_train_iterations=10")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr
+    assert "Exception in thread" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    saved = sorted(int(name.split("step")[1][:-3]) for name in os.listdir(tmp_path / "ckpt"))
+    assert saved[:2] == [0, 2] and all(name.endswith(".pt") for name in os.listdir(tmp_path / "ckpt"))
+    assert errors[0].startswith(f"error: could not write the TensorBoard log in {tmp_path}/runs/")
+    assert "(No space left on device)" in errors[0]
+    assert errors[0].endswith(f"The checkpoints saved before are intact; resume with --checkpoint_step={saved[-1]}")
