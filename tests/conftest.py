@@ -3,8 +3,8 @@ the tests on the CPU.
 
 The tests run on the CPU (their fixed seeds give the same numbers there) and their runs use main.py's
 `--device=auto`. On a machine with a GPU that would mean CUDA, in this process and in the torchrun
-processes the tests start, so the GPU is hidden before torch sees it. `MELO_TEST_DEVICE=cuda` (the GPU
-checks of tests/test_meta_learner.py, README) keeps it.
+processes the tests start, so the GPU is hidden before torch sees it. `MELO_TEST_DEVICE=cuda` keeps it, for
+the GPU checks of tests/test_meta_learner.py (docs/reproducibility.md, Checking a GPU machine).
 """
 import os
 import sys

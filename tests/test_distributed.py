@@ -38,7 +38,8 @@ def launch(processes, argv, script="main.py"):
     environment = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, timeout=300)
     if processes > 1 and done.returncode != 0 and GLOO_TEARDOWN_ABORT in done.stderr:
-        # gloo's rare abort while two ranks shut down (README, torchrun): once more, and only for it
+        # gloo's rare abort while two ranks shut down (docs/reproducibility.md, Several processes): once more,
+        # and only for it
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, timeout=300)
     assert done.returncode == 0, done.stderr[-10000:]
     return done

@@ -312,7 +312,7 @@ def test_write_atomic_leaves_the_old_file_on_failure_and_makes_readable_files(tm
 
 @pytest.mark.skipif(sys.platform != "linux" or not os.confstr("CS_GNU_LIBC_VERSION"), reason="mallopt is glibc's")
 def test_keep_freed_memory_takes_effect_under_glibc():
-    # in a fresh process: mallopt's settings are process-wide (README, Performance, for what they buy)
+    # in a fresh process: mallopt's settings are process-wide (docs/performance.md, Threads and memory)
     done = subprocess.run([sys.executable, "-c", "import runtime; print(runtime.keep_freed_memory())"], cwd=REPO,
                           capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["True"]

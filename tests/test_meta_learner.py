@@ -15,7 +15,8 @@ from models.loss_networks import AdaptiveInnerLoss, MSEInnerLoss, masked_mean
 
 NUM_ITEMS = 40
 BACKBONES = ["bert4rec", "sasrec", "gru4rec", "narm"]
-# MELO_TEST_DEVICE=cuda runs the float64 checks of the second-order meta-gradient on a GPU (README, GPU).
+# MELO_TEST_DEVICE=cuda runs the float64 checks of the second-order meta-gradient on a GPU
+# (docs/reproducibility.md, Checking a GPU machine).
 DEVICE = torch.device(os.environ.get("MELO_TEST_DEVICE", "cpu"))
 
 

@@ -13,7 +13,8 @@ use as `$NAME`. Then:
 * `torchrun ... script.py ...`: torchrun's own parser, then the script's flags as above;
 * `python -m pytest ...`: the test files exist and each word of `-k` names something in them;
 * `python -c "..."`: compiles, and a call of `write_movielens` binds to its signature;
-* `pip install -r FILE`: FILE exists; a few other programs (`tensorboard`, ...) are not checked.
+* `pip install -r FILE`: FILE exists; `python3.11 -m venv DIR` and a few other programs (`tensorboard`,
+  `source`, ...) are not checked.
 
 A command with a `...` placeholder is skipped, and counted. A renamed or removed flag fails the test.
 """
@@ -37,7 +38,7 @@ import synthetic
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCUMENTS = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
 OPTIONS_SCRIPTS = ("main.py", "train_original.py", "dataloader.py")
-NOT_CHECKED = ("tensorboard", "nvidia-smi", "cat", "ls", "cd", "export", "git", "head", "tail")
+NOT_CHECKED = ("tensorboard", "nvidia-smi", "cat", "ls", "cd", "export", "git", "head", "tail", "source")
 OUTPUT_BLOCKS = ("text", "mermaid", "console-output", "output")
 SEPARATORS = ("&&", "||", ";", "|")
 
@@ -197,7 +198,9 @@ def check(argv, where):
     while argv and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", argv[0]):  # VAR=value command
         argv = argv[1:]
     program, rest = os.path.basename(argv[0]), argv[1:]
-    if program in ("python", "python3"):
+    if re.fullmatch(r"python(3(\.\d+)?)?", program):  # python, python3, python3.11
+        if rest[:2] == ["-m", "venv"]:
+            return "venv"
         if rest[:1] == ["-c"]:
             return check_python_c(rest[1], where)
         if rest[:2] == ["-m", "pytest"]:
@@ -344,3 +347,22 @@ def test_relative_links_and_anchors_exist(path):
         assert os.path.exists(os.path.join(REPO, linked)), f"{path}: link to missing {linked}"
         if anchor and linked.endswith(".md"):
             assert anchor[1:] in heading_anchors(os.path.join(REPO, linked)), f"{path}: no heading {linked}{anchor}"
+
+
+def headings(path):
+    """The text of every heading of a markdown file, in lower case."""
+    with open(path, encoding="utf-8") as handle:
+        return {match.group(1).strip().lower() for match in map(re.compile(r"^#+ (.*)").match, handle) if match}
+
+
+def test_the_tests_point_to_sections_that_exist():
+    """A test's comment that sends its reader to a section, as '(README, Set-up)' or with a docs file's
+    path, names a heading of that document (three named README sections that did not exist, issue 35)."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(REPO, "tests", "*.py"))):
+        text = " ".join(read(path).replace("#", " ").split())  # comments may wrap a pointer over two lines
+        for document, heading in re.findall(r"\((README|docs/[\w-]+\.md), ([^()]+)\)", text):
+            document = "README.md" if document == "README" else document
+            assert heading.lower() in headings(os.path.join(REPO, document)), f"{path}: no {heading!r} in {document}"
+            found.append(heading)
+    assert len(found) >= 4, found
