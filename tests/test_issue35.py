@@ -1,6 +1,8 @@
-"""One line for the last tracebacks (issue 35): every bad input, lost process and stop signal below ends in
-one `error: ...` line with exit status 2 (a warning for a diverging run), and nothing saved is changed."""
+"""One line for the last tracebacks (issue 35): every bad input, lost process and full disk below ends in one
+`error: ...` line with exit status 2, a SIGTERM while starting in one line with 143, a diverging run in a
+warning; nothing saved is changed."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -312,7 +314,7 @@ def test_sigterm_while_starting_is_one_line(ratings_file, tmp_path, where, scrip
     process = subprocess.Popen([sys.executable, "-c", PAUSED, where, script, *argv], cwd=REPO, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout.readline() == "paused\n"
-    process.send_signal(15)
+    process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143, err
     assert err.strip().splitlines() == ["terminated (SIGTERM) outside the training loop (starting, loading data, "
