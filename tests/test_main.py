@@ -363,6 +363,7 @@ def test_select_by_picks_the_best_weights_and_tensorboard_gets_the_per_rating_fi
     assert trainer.best["rmse"] == pytest.approx(min(chosen)) and trainer.best["step"] == chosen.index(min(chosen))
     baseline = train_original.main(options.parse_args(argv))
     chosen = scalars_and_images(str(tmp_path / "runs" / baseline.log_folder))[0]["val/mean_per_rating_rmse"]
+    # (epoch 0, the untrained start, is validated and logged too)
     assert baseline.best["rmse"] == pytest.approx(min(chosen)) and baseline.best["step"] == chosen.index(min(chosen))
     # A checkpoint keeps the weights best by its --select_by: testing it under another one is refused.
     with pytest.raises(options.MeloError, match=r"select_by='mean_per_rating_rmse' \(now 'rmse'\)"):
