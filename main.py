@@ -296,7 +296,7 @@ class MetaTrainer(Trainer):
         report = self.evaluate(val_tasks)
         if not math.isfinite(report["rmse"]):
             raise self.diverged(f"the validation RMSE became {report['rmse']} at step {self.iteration}", self.iteration)
-        self.warn_if_diverging(report)
+        self.warn_if_diverging(report, val_tasks)
         train_loss = f"{sum(self.recent) / len(self.recent):.4f}" if self.recent else "-"  # none before step 1
         # best["rmse"] holds the best validation --select_by (RMSE by default; the name is the checkpoint's)
         if report[self.args.select_by] < self.best["rmse"]:

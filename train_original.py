@@ -368,7 +368,7 @@ class BaselineTrainer(Trainer):
         report = self.evaluate(val_tasks)
         if not math.isfinite(report["rmse"]):
             raise self.diverged(f"the validation RMSE became {report['rmse']} after epoch {self.epoch}", self.epoch)
-        self.warn_if_diverging(report)
+        self.warn_if_diverging(report, val_tasks)
         # best["rmse"] holds the best validation --select_by (the checkpoint's name for it)
         if report[args.select_by] < self.best["rmse"]:
             self.best = {"rmse": report[args.select_by], "step": self.epoch, "state": state_copy(self.model)}

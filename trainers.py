@@ -159,18 +159,28 @@ class Trainer:
             checkpointing.load_state(self.tested_module, best, self.checkpoint_path(step), "best weights")
         return checkpoint, which, best is not None
 
-    def warn_if_diverging(self, report):
-        """Say once, in a line on stderr, when `report` (this step's validation, before it is compared with
-        the best so far) shows the run diverging; a validation RMSE of 2.9e12 at --inner_lr=10000 went by
-        without a word. Diverging: an RMSE above the rating scale's maximum (predictions within the scale
-        cannot be that far off), or a score more than twice the best so far (the start, step 0, among
+    def mean_rating_rmse(self, tasks):
+        """The validation RMSE (per window) of predicting the training users' mean rating for everyone."""
+        if not hasattr(self, "_mean_rating_rmse"):
+            mean = np.concatenate([self.data.sequence(u)[1] for u in self.dataset.train_users]).mean()
+            targets = tasks.query_ratings[..., -1][tasks.query_mask].double()
+            self._mean_rating_rmse = float(((targets - mean) ** 2).mean().sqrt())
+        return self._mean_rating_rmse
+
+    def warn_if_diverging(self, report, tasks):
+        """Say once, in a line on stderr, when `report` (this step's validation on `tasks`, before it is
+        compared with the best so far) shows the run diverging; a validation RMSE of 2.9e12 at
+        --inner_lr=10000 went by without a word. Diverging: an RMSE above that of predicting the training
+        users' mean rating for everyone (clipped predictions cannot blow up, but they can be worse than
+        knowing nothing of the user), or a score more than twice the best so far (the start, step 0, among
         them). Such a step is not the best while an earlier one scored lower; the run goes on."""
         if self.warned_diverging:
             return
         name = {"rmse": "RMSE", "mean_per_rating_rmse": "mean per-rating RMSE"}[self.args.select_by]
         score, best, best_step = report[self.args.select_by], self.best["rmse"], self.best["step"]
-        if report["rmse"] > self.data.max_rating:
-            why = f"RMSE {report['rmse']:.4g} is above the rating scale's {self.data.max_rating:g} stars"
+        if report["rmse"] > self.mean_rating_rmse(tasks):
+            why = (f"RMSE {report['rmse']:.4g} is worse than predicting the training users' mean rating "
+                   f"({self.mean_rating_rmse(tasks):.4f})")
         elif score > 2 * best:
             why = f"{name} {score:.4g} is more than twice the best so far ({best:.4f} at {self.unit} {best_step})"
         else:

@@ -387,7 +387,7 @@ def test_a_diverging_run_says_so_once_and_keeps_the_start_as_best(ratings_file, 
     found = warnings_of(capsys.readouterr().err)
     assert len(found) == 1, found
     assert found[0].startswith(f"warning: the run diverges: at step {where} the validation RMSE ")
-    assert "is above the rating scale's 5 stars" in found[0]
+    assert "is worse than predicting the training users' mean rating" in found[0]
     assert found[0].endswith(("" if where == 0 else "; the best weights stay those of step 0")
                              + "; try a lower --inner_lr, --outer_lr or --lstm_lr")
     assert trainer.best["step"] == 0  # no later step scored below the start
@@ -397,9 +397,12 @@ def test_a_score_twice_the_best_so_far_is_diverging_and_a_healthy_run_says_nothi
     capsys.readouterr()
     trainer = main.main(options.parse_args(small(ratings_file, tmp_path)))
     assert warnings_of(capsys.readouterr().err) == []
-    report = {"rmse": 2.1 * trainer.best["rmse"], "mae": 1.0, "mean_per_rating_rmse": 1.0}
-    trainer.warn_if_diverging(report)
-    trainer.warn_if_diverging(report)  # once
+    tasks = trainer.dataset.val_tasks()
+    knowing_nothing = trainer.mean_rating_rmse(tasks)
+    trainer.best["rmse"] = 0.3 * knowing_nothing  # a step scoring between twice that and knowing nothing
+    report = {"rmse": 0.8 * knowing_nothing, "mae": 1.0, "mean_per_rating_rmse": 1.0}
+    trainer.warn_if_diverging(report, tasks)
+    trainer.warn_if_diverging(report, tasks)  # once
     found = warnings_of(capsys.readouterr().err)
     assert len(found) == 1 and f"more than twice the best so far ({trainer.best['rmse']:.4f} at step " in found[0]
 
