@@ -16,10 +16,10 @@ again, with its training when its checkpoint is stale too. The table (validation
 RMSE, mean per-rating RMSE, the learned loss's mean weight per support rating; mean ± standard deviation
 over seeds) is printed and written to `<results_dir>/<mode>/<model>/ablation.md`.
 """
-import options
+import errors
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch)
-    options.say_when_terminated()
+    errors.say_when_terminated()
 
 import argparse
 import json
@@ -29,12 +29,14 @@ import sys
 from collections import namedtuple
 
 import checkpointing
+import flag_types
 import metrics
+import options
 import runs
 import runtime
 import study
+from errors import MeloError
 from models import BACKBONES
-from options import MeloError
 from runtime import write_atomic
 
 # the recipe the bias-head variants below were measured with: from Basic, b_user at its meta-learned value
@@ -161,12 +163,12 @@ def build_parser():
     add("--define", action="append", default=[], metavar="NAME=FLAGS",
         help="a variant of your own, run when --variants names it: its name, '=', and its main.py flags in "
              "one quoted argument; repeatable")
-    add("--seeds", type=options.positive_int, default=1, help="number of seeds from --random_seed")
-    add("--random_seed", type=options.seed, default=222, help="first seed")
-    add("--vary_init", type=options.str2bool, default=False,
+    add("--seeds", type=flag_types.positive_int, default=1, help="number of seeds from --random_seed")
+    add("--random_seed", type=flag_types.seed, default=222, help="first seed")
+    add("--vary_init", type=flag_types.str2bool, default=False,
         help="seed s also sets --model_init_seed=s (else every seed starts from the same weights)")
-    add("--num_train_iterations", type=options.positive_int, default=300, help="main.py outer iterations")
-    add("--pretrain_epochs", type=options.positive_int, default=20,
+    add("--num_train_iterations", type=flag_types.positive_int, default=300, help="main.py outer iterations")
+    add("--pretrain_epochs", type=flag_types.positive_int, default=20,
         help="train_original.py epochs, for variants that load pretrained weights")
     add("--results_dir", default="./results/ablation", help="root of every run's files and of the table")
     add("--dry_run", action="store_true", help="print the commands that would run, run nothing")

@@ -7,7 +7,7 @@
 One outer iteration is what `main.py`'s `MetaTrainer.train_step` does: the outer loss of every task of a
 meta-batch (inner loop, second order, multi-step loss of iteration 0, so the query set is scored after
 every inner step), its backward, gradient clipping and one Adam step over every meta-learned parameter,
-the whole item table included, with `runs.build_optimizer`'s optimizer and schedule. Building the
+the whole item table included, with `meta_learner.build_optimizer`'s optimizer and schedule. Building the
 meta-batch (`MetaDataset.train_batch`) is timed apart.
 
 The data are generated (no download): `--num_users` users with 40..200 ratings each over a catalog of
@@ -41,10 +41,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import flag_types  # noqa: E402
 import options  # noqa: E402
-from options import MeloError  # noqa: E402
+from errors import MeloError  # noqa: E402
+from meta_learner import build_meta_learner, build_optimizer, outer_step, step_weights  # noqa: E402
 from models import BACKBONES  # noqa: E402
-from runs import build_optimizer, outer_step  # noqa: E402
 from runtime import Distributed, configure_cpu, select_device  # noqa: E402
 
 METHODS = ("melo", "maml")
@@ -146,7 +147,6 @@ class Case:
     def __init__(self, model, method, num_items, path, device, extra, num_users):
         import baselines
         from dataloader import MetaDataset
-        from meta_learner import build_meta_learner, multi_step_loss_weights
 
         self.args = args = case_args(model, method, extra)
         self.device, self.fast = device, path == "fast"
@@ -159,7 +159,7 @@ class Case:
         self.optimizer, self.scheduler = build_optimizer(args, self.learner)
         self.dist = Distributed(str(device))
         # iteration 0: the multi-step loss scores the query after every inner step (the costliest case)
-        self.weights = multi_step_loss_weights(0, args.num_inner_steps, args.multi_step_loss_num_epochs)
+        self.weights = step_weights(args, 0)
         self.build_times, self.next_index = [], 0
 
     def sync(self):
@@ -176,7 +176,8 @@ class Case:
         return batch
 
     def iteration(self, batch):
-        """runs.outer_step, main.py's outer iteration (one process); returns (seconds, loss)."""
+        """meta_learner.outer_step, main.py's outer iteration (one process, second order); returns (seconds,
+        loss)."""
         args = self.args
         self.sync()
         start = time.perf_counter()
@@ -264,13 +265,13 @@ def parse(argv):
     parser.add_argument("--models", default=",".join(BACKBONES), help="comma-separated backbones")
     parser.add_argument("--methods", default="melo,maml", help="comma-separated: melo, maml")
     parser.add_argument("--items", default="1000,50000", help="comma-separated catalog sizes")
-    parser.add_argument("--repeats", type=options.positive_int, default=7,
+    parser.add_argument("--repeats", type=flag_types.positive_int, default=7,
                         help="timed iterations of the fast path (after a warm-up)")
-    parser.add_argument("--reference", type=options.str2bool, default=True,
+    parser.add_argument("--reference", type=flag_types.str2bool, default=True,
                         help="also time the per-task reference path (fast=False)")
-    parser.add_argument("--reference_repeats", type=options.positive_int, default=3,
+    parser.add_argument("--reference_repeats", type=flag_types.positive_int, default=3,
                         help="timed iterations of the reference path (after a warm-up)")
-    parser.add_argument("--num_users", type=options.positive_int, default=2000, help="users of the generated data set")
+    parser.add_argument("--num_users", type=flag_types.positive_int, default=2000, help="users of the generated data set")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0 = PyTorch's default)")
     parser.add_argument("--json", default=None, help="also write the raw results to this file")

@@ -15,7 +15,7 @@ import zipfile
 
 import torch
 
-from options import MeloError
+from errors import MeloError
 from runtime import TEMPORARY_PREFIX, write_atomic
 
 

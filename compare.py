@@ -36,10 +36,10 @@ its grid's edge; mean +- standard deviation over seeds when `--seeds` > 1) are p
 `<results_dir>/<mode>/comparison.md` (and `comparison.json`; tables.py makes them), the per-rating figure as
 `comparison.png`.
 """
-import options
+import errors
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch)
-    options.say_when_terminated()
+    errors.say_when_terminated()
 
 import argparse
 import json
@@ -51,18 +51,19 @@ import pandas as pd
 
 import baselines
 import figures
+import flag_types
 import metrics
+import options
 import runs
 import runtime
 import study
 from dataloader import MetaDataset, load_data
+from errors import MeloError
 from models import BACKBONES, RATING_HEADS
-from options import MeloError
 from runtime import write_atomic
 from tables import METHOD_NAMES, NO_NETWORK, PAIRED, build_tables, figure_reports
-from study import (CONTROLLED, DATA_OPTIONS, NOT_SETTINGS, START_DESCRIPTIONS, START_FLAGS, cell,  # noqa: F401
-                   checkpoint_is_stale, data_fingerprint, failure_line, given_flags, lock_results, mean_std,
-                   read_report, remake, report_problem, run_script, stopped_line, training_need, training_step)
+from study import (CONTROLLED, NOT_SETTINGS, START_FLAGS, data_fingerprint, given_flags, lock_results, read_report,
+                   remake, report_problem, stopped_line, training_need)
 
 
 def build_parser():
@@ -75,22 +76,22 @@ def build_parser():
     add("--mode", default="ml-1m", choices=options.MODES, help="data set")
     add("--data_path", default=None, help="ratings file (default: the mode's default location)")
     add("--models", default=",".join(BACKBONES), help="comma-separated backbones")
-    add("--seeds", type=options.positive_int, default=1,
+    add("--seeds", type=flag_types.positive_int, default=1,
         help="number of seeds (see --vary); >1 reports mean +- std and in how many seeds MELO wins")
     add("--vary", default="random_seed", choices=("random_seed", "model_init_seed", "both"),
         help="what seed k changes: --random_seed + k (split, tasks, training order), --model_init_seed + k "
              "(initial weights only), or both")
-    add("--random_seed", type=options.seed, default=222, help="first (or only) --random_seed")
-    add("--model_init_seed", type=options.seed, default=0, help="first (or only) --model_init_seed")
-    add("--num_train_iterations", type=options.positive_int, default=2000, help="main.py outer iterations")
-    add("--pretrain_epochs", type=options.positive_int, default=100, help="train_original.py epochs")
-    add("--finetune_steps_grid", type=options.comma_list(options.non_negative_int), default="1,2,5,10",
+    add("--random_seed", type=flag_types.seed, default=222, help="first (or only) --random_seed")
+    add("--model_init_seed", type=flag_types.seed, default=0, help="first (or only) --model_init_seed")
+    add("--num_train_iterations", type=flag_types.positive_int, default=2000, help="main.py outer iterations")
+    add("--pretrain_epochs", type=flag_types.positive_int, default=100, help="train_original.py epochs")
+    add("--finetune_steps_grid", type=flag_types.comma_list(flag_types.non_negative_int), default="1,2,5,10",
         help="Fine-tune row: SGD step counts chosen from on the validation users (empty = no Fine-tune row)")
-    add("--finetune_steps", type=options.non_negative_int, default=None,
+    add("--finetune_steps", type=flag_types.non_negative_int, default=None,
         help="the older form of --finetune_steps_grid=K (K steps, lr still chosen on validation); "
              "0 = no Fine-tune row")
-    add("--finetune_lr_grid", type=options.comma_list(options.learning_rate), default="0.01,0.03,0.1,0.3",
-        help=f"Fine-tune row: SGD learning rates chosen from on the validation users (0 to {options.LR_MAX:g})")
+    add("--finetune_lr_grid", type=flag_types.comma_list(flag_types.learning_rate), default="0.01,0.03,0.1,0.3",
+        help=f"Fine-tune row: SGD learning rates chosen from on the validation users (0 to {flag_types.LR_MAX:g})")
     add("--start", default="fold-in", choices=tuple(START_FLAGS),
         help="how MAML and MELO start: fold-in = from random weights with the bias head's f = 0 and b_user at "
              "its fold-in start, so that they start as the user + item bias fold-in, inner lr 0.1, outer loss "
@@ -101,16 +102,16 @@ def build_parser():
         help="the rating head of every network (Basic, Fine-tune, MAML, MELO; main.py's --rating_head): bias "
              "= mu + b_user + b_item + the network's residual, the item biases starting at the fold-in's "
              "(the default of every script, chosen by the ablation in docs/comparison.md)")
-    add("--user_factors", type=options.non_negative_int, default=32,
+    add("--user_factors", type=flag_types.non_negative_int, default=32,
         help="every network's bias head gets a p_user . q_item term of this many columns (main.py's "
              "--user_factors): it starts as the better on the validation users of the user + item bias fold-in "
              "and the MF fold-in of rank <= K, so the networks start from the strongest classic baseline")
-    add("--bias_outer_lr", type=options.learning_rate, default=0.0,
+    add("--bias_outer_lr", type=flag_types.learning_rate, default=0.0,
         help="Adam lr of the bias head's tables in every network's training (main.py's --bias_outer_lr): 0 "
              "keeps them at their fold-in start, which Adam's per-row steps would move by noise")
-    add("--bootstrap", type=options.positive_int, default=2000,
+    add("--bootstrap", type=flag_types.positive_int, default=2000,
         help="resamples of the test users for the paired 95%% intervals")
-    add("--bootstrap_seed", type=options.seed, default=0, help="seed of the bootstrap resampling")
+    add("--bootstrap_seed", type=flag_types.seed, default=0, help="seed of the bootstrap resampling")
     add("--results_dir", default="./results", help="root of every run's files and of the table")
     add("--dry_run", action="store_true", help="print the commands that would run, run nothing")
     add("--verbose", action="store_true", help="show the runs' output instead of writing it to logs/")

@@ -52,7 +52,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from options import MeloError, run_cli
+from errors import MeloError
+from options import run_cli
 from readers import MAX_RATING, read_ratings
 from runtime import write_atomic
 

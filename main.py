@@ -10,10 +10,10 @@
 Every `--log_interval` iterations the fixed validation tasks are scored, TensorBoard is written under
 `--log_dir`, and a checkpoint of that step (with the best-so-far weights) is saved in `--checkpoint_dir`.
 """
-import options
+import errors
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch)
-    options.say_when_terminated()
+    errors.say_when_terminated()
 
 import math
 import os
@@ -30,16 +30,11 @@ import runs
 from analysis import (SHARE_NAMES, mean_weight_by_rating, query_gradient_by_rating, query_gradient_by_share,
                       query_gradient_of_weights, summarise_query_gradients, support_weights, weight_sums_by_rating)
 from dataloader import SPLIT_OPTIONS, duplicates_note
-from meta_learner import build_meta_learner, last_step_weights, multi_step_loss_weights
-from options import MeloError, run_cli
+from meta_learner import build_meta_learner, build_optimizer, meta_train_step, step_weights
+from errors import MeloError
+from options import run_cli
 from runtime import Distributed, check_stop, configure_cpu, interruption, progress, seed_everything
 from trainers import Trainer, state_copy, step_alias, train_run
-
-# Naming, shape options, random streams, the optimizer and the TensorBoard writer live in runs.py (shared
-# with train_original.py and the study scripts); these names stay for code that knew them here.
-run_prefix, report_path, shape_options = runs.meta_prefix, runs.meta_report_path, runs.meta_shape_options
-stream_seed, cosine, build_optimizer = runs.stream_seed, runs.cosine, runs.build_optimizer
-LogWriter, open_writer, log_hparams = runs.LogWriter, runs.open_writer, runs.log_hparams
 
 
 def load_optimizer_state(optimizer, scheduler, checkpoint, path):
@@ -89,8 +84,8 @@ class MetaTrainer(Trainer):
         if args.checkpoint_step < 0 and not args.test_baseline:
             self.start_head()
         self.optimizer, self.scheduler = build_optimizer(args, self.learner)
-        self.prefix = run_prefix(args)
-        self.shape = shape_options(args, self.data)
+        self.prefix = runs.meta_prefix(args)
+        self.shape = runs.meta_shape_options(args, self.data)
         # the last step whose validation finished (None: the resumed step's did not; -1: none yet, so a fresh
         # run validates and saves step 0, the untrained start, which best-by-validation can then choose)
         self.validated = -1
@@ -148,7 +143,7 @@ class MetaTrainer(Trainer):
 
     def finish(self, writer):
         if writer is not None:
-            log_hparams(writer, self.args, self.best)
+            runs.log_hparams(writer, self.args, self.best)
 
     # ------------------------------------------------------------------ evaluation
     def predictions(self, tasks, with_weights=False):
@@ -229,24 +224,16 @@ class MetaTrainer(Trainer):
         step is marked, and a resume validates it first)."""
         return self.validated != self.iteration and (self.validated is None or self.is_log_step(self.iteration))
 
-    def step_weights(self):
-        args = self.args
-        if args.use_multi_step and self.iteration < args.multi_step_loss_num_epochs:
-            return multi_step_loss_weights(self.iteration, args.num_inner_steps, args.multi_step_loss_num_epochs)
-        return last_step_weights(args.num_inner_steps)
-
     def train_step(self):
         """One outer iteration over this rank's share of the meta-batch; returns the mean outer loss."""
         args = self.args
         # Dropout draws from a stream that is a pure function of (seed, iteration, rank): a resumed run
         # repeats it exactly, and ranks do not share masks.
-        torch.manual_seed(stream_seed(args.random_seed, self.iteration, self.dist.rank))
+        torch.manual_seed(runs.stream_seed(args.random_seed, self.iteration, self.dist.rank))
         size = self.dataset.batch_size  # --batch_size, at most the training users
         batch = self.dataset.train_batch(self.iteration, self.dist.shard(size)).to(self.device)
-        weights = self.step_weights()
-        loss = runs.outer_step(self.learner, self.optimizer, self.scheduler, batch, weights, size,
-                               self.dist, self.iteration < args.first_order_iterations, args.task_chunk,
-                               args.grad_clip)
+        loss = meta_train_step(self.learner, self.optimizer, self.scheduler, batch, args, self.iteration, size,
+                               self.dist)
         if math.isfinite(loss):
             self.iteration += 1
         return loss
@@ -322,7 +309,7 @@ class MetaTrainer(Trainer):
         for name, rates in self.learner.lslr.rates_by_parameter().items():
             for k, rate in enumerate(rates):
                 writer.add_scalar(f"inner_lr/step{k}/{name}", rate, step)
-        for k, weight in enumerate(self.step_weights().tolist()):
+        for k, weight in enumerate(step_weights(self.args, self.iteration).tolist()):
             writer.add_scalar(f"multi_step_loss/step{k}", weight, step)
         for i, group in enumerate(self.optimizer.param_groups):
             writer.add_scalar(f"meta_lr/group{i}", group["lr"], step)
@@ -367,7 +354,7 @@ def test(trainer):
         report["validation"]["step"] = checkpoint["best_step"]
     if trainer.dist.is_main:
         metrics.publish(report, f"test {trainer.prefix}, {which}",
-                        report_path(args, trainer.prefix, args.checkpoint_step),
+                        runs.meta_report_path(args, trainer.prefix, args.checkpoint_step),
                         metrics.prediction_frame(tasks, predicted, trainer.data),
                         metrics.prediction_frame(val_tasks, val_predicted, trainer.data), trainer.fingerprint)
     return report

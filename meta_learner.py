@@ -17,6 +17,8 @@ Derivative order: by default the inner gradients keep their graph (second order)
 learning rates then get first-order meta-gradients, while the learned loss, whose parameters enter the
 inner gradient directly, still gets its (second-order, mixed) meta-gradient d²L_inner/dθdφ.
 """
+import math
+
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -348,3 +350,90 @@ def build_meta_learner(args, num_items, max_rating):
     return MetaLearner(backbone, inner_loss, args.num_inner_steps, args.inner_lr,
                        args.use_learnable_params, max_rating, args.query_loss, adapted, init_lrs,
                        args.weighted_start)
+
+# ------------------------------------------------------------------ the outer loop (MAML++)
+def step_weights(args, iteration):
+    """The weights of the query losses after each inner step at outer `iteration`: MAML++'s multi-step
+    loss for the first --multi_step_loss_num_epochs iterations (--use_multi_step), then the last step's."""
+    if args.use_multi_step and iteration < args.multi_step_loss_num_epochs:
+        return multi_step_loss_weights(iteration, args.num_inner_steps, args.multi_step_loss_num_epochs)
+    return last_step_weights(args.num_inner_steps)
+
+
+def cosine(base, floor, total):
+    """Multiplier for LambdaLR: cosine annealing from `base` to `floor` over `total` iterations."""
+    if base == 0:
+        return lambda it: 1.0
+    return lambda it: (floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * min(it, total) / max(total, 1)))) / base
+
+
+def build_optimizer(args, learner):
+    """One Adam over everything meta-learned, one parameter group per part with its own lr schedule."""
+    groups, schedules = [], []
+
+    def add(params, lr, floor=None, weight_decay=0.0):
+        params = [p for p in params if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": lr, "weight_decay": weight_decay})
+            schedules.append(cosine(lr, floor, args.num_train_iterations) if floor is not None else (lambda it: 1.0))
+
+    loss = learner.inner_loss
+    head_tables = learner.backbone.bias_head_parameters() if args.bias_outer_lr is not None else {}
+    add([p for name, p in learner.backbone.named_parameters() if name not in head_tables], args.outer_lr,
+        args.min_outer_lr, args.outer_weight_decay)
+    if head_tables:  # annealed in proportion to --outer_lr's schedule
+        floor = args.bias_outer_lr * args.min_outer_lr / args.outer_lr if args.outer_lr else args.bias_outer_lr
+        add(head_tables.values(), args.bias_outer_lr, floor)
+    add(learner.lslr.parameters(), args.learn_lr)
+    if getattr(loss, "encoder", None) is not None:
+        add(loss.encoder.parameters(), args.lstm_lr, args.min_lstm_lr)
+    if getattr(loss, "weight_net", None) is not None:
+        add(loss.weight_net.parameters(), args.task_info_lr)
+    if getattr(loss, "loss_mlps", None) is not None:
+        add(loss.loss_mlps.parameters(), args.loss_lr, weight_decay=args.loss_weight_decay)
+    optimizer = torch.optim.Adam(groups)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+
+
+def outer_step(learner, optimizer, scheduler, batch, step_weights, batch_size, dist, first_order=False,
+               task_chunk=0, grad_clip=0.0, fast=True):
+    """One outer iteration (main.py's, and benchmark.py's timing of it) on this rank's tasks `batch`, of
+    a meta-batch of `batch_size` tasks over all ranks: the meta-gradient of the mean outer loss, in chunks
+    of `task_chunk` tasks, summed over the ranks, clipped to `grad_clip`, then one optimizer and schedule
+    step. Returns the mean outer loss; a non-finite one takes no step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    chunk = task_chunk or max(len(batch), 1)
+    optimizer.zero_grad(set_to_none=False)
+    total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    for start in range(0, len(batch), chunk):
+        per_task = learner.task_losses(batch.select(slice(start, start + chunk)), step_weights, first_order, fast)
+        # Normalise by the whole meta-batch, so chunks and ranks add up to the mean over all tasks.
+        (per_task.sum() / batch_size).backward()
+        total += per_task.detach().sum().double()
+    for p in params:  # a rank without tasks, or a part the loss did not reach, still all-reduces
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if dist.enabled:
+        # Second-order meta-gradients are averaged explicitly, not through DDP hooks.
+        flat = torch.cat([p.grad.reshape(-1) for p in params] + [total.reshape(1).to(params[0].grad)])
+        dist.sum_(flat)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        total = flat[-1].double()
+    loss = (total / batch_size).item()
+    if not math.isfinite(loss):
+        return loss
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss
+
+
+def meta_train_step(learner, optimizer, scheduler, batch, args, iteration, batch_size, dist):
+    """MAML++'s outer iteration number `iteration` (main.py's): its multi-step loss weights, first-order
+    derivatives for the first --first_order_iterations, then `outer_step`. Returns the mean outer loss."""
+    return outer_step(learner, optimizer, scheduler, batch, step_weights(args, iteration), batch_size, dist,
+                      iteration < args.first_order_iterations, args.task_chunk, args.grad_clip)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from options import MeloError
+from errors import MeloError
 from runtime import write_atomic
 
 # Columns of the per-target CSV written beside every test report (see prediction_frame).

@@ -8,34 +8,20 @@ ablations chose otherwise (--rating_head, --lstm_lr, --adaptive_weights: docs/co
 written `--flag=True` / `--flag=False`.
 """
 import argparse
-import math
 import os
-import re
-import signal
 import sys
+
+from baselines import BASELINES
+from errors import MeloError, out_of_memory
+from flag_types import (LR_MAX, WIDTH_MAX, checked, comma_list, depth, learning_rate, non_negative_float, non_negative_int,
+                        positive_int, seed, size, str2bool, weight_decay, width)
+from models import BACKBONES, RATING_HEADS, backbone_flags, check_flags
+from readers import MAX_RATING
 
 MODES = ("ml-1m", "ml-10m", "ml-100k", "amazon", "yelp")
 
 # The four columns of a ratings file, in the order MELO reads them (--csv_columns names them in file order).
 COLUMN_ROLES = ("user", "item", "rating", "timestamp")
-# Float flags become float32 tensors (learning rates in Adam, ratings): larger values overflow there.
-FLOAT32_MAX = 3.4028234663852886e38
-# The largest learning rate a flag accepts. Adam divides the rate by 1 - beta1 (0.1) at its first step, so
-# rates near FLOAT32_MAX overflowed there; any rate near this bound already moves weights by ~1e4 per step
-# (normalised ratings are at most 1), far past anything that trains.
-LR_MAX = 1e4
-# The largest value of the size flags (in --help). Far above anything that trains here (the defaults are 1
-# to 32), so that a slip of the keyboard is one line at once: --gru4rec_n_layers=100000 built its layers for
-# minutes without a word, and a hidden size or window length of 10**6 ended in the allocator's traceback.
-# A meta-batch and its support windows are bounded by the data instead (dataloader.MetaDataset).
-WIDTH_MAX = 4096  # hidden and embedding sizes, window length, query windows per task
-DEPTH_MAX = 64    # layers, blocks, attention heads, inner steps
-# Seeds go to torch.manual_seed, which takes 64-bit integers (a larger one raised "Overflow").
-SEED_MAX = 2 ** 63 - 1
-# The largest weight decay (Adam adds decay x weight to the gradient: one near FLOAT32_MAX overflowed there,
-# and a decay near this bound already pulls every weight to zero).
-DECAY_MAX = 1e4
-
 # Where each mode's ratings live when --data_path is not given (MovieLens is downloaded there).
 DEFAULT_DATA_PATHS = {
     "ml-1m": "./Data/ml-1m/ratings.dat",
@@ -44,60 +30,6 @@ DEFAULT_DATA_PATHS = {
     "amazon": "./Data/amazon/ratings.csv",
     "yelp": "./Data/yelp/ratings.csv",
 }
-
-
-def str2bool(text):
-    """Parse 'True'/'False' (as the original wrote them; also true/false/1/0/yes/no)."""
-    lowered = str(text).strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
-def _checked(kind, minimum, what, maximum=None):
-    """An argparse type that converts with `kind` and rejects values below `minimum` (`None`: no bound)
-    or above `maximum` (then `bounds` says both, for --help); floats must be finite within float32's range
-    (nan, inf or 1e300 would fail deep inside training)."""
-
-    def convert(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if kind is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
-            raise argparse.ArgumentTypeError(f"must be a finite number of at most {FLOAT32_MAX:.3g}, got {text}")
-        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-
-    convert.bounds = (minimum, maximum) if maximum is not None else None
-    return convert
-
-
-def size(maximum, minimum=1):
-    """An argparse type for a size flag: an integer from `minimum` to `maximum`."""
-    return _checked(int, minimum, f"from {minimum} to {maximum}", maximum)
-
-
-non_negative_int = _checked(int, 0, ">= 0")
-positive_int = _checked(int, 1, ">= 1")
-non_negative_float = _checked(float, 0.0, ">= 0")
-learning_rate = _checked(float, 0.0, f"a learning rate from 0 to {LR_MAX:g}", LR_MAX)
-weight_decay = _checked(float, 0.0, f"from 0 to {DECAY_MAX:g}", DECAY_MAX)
-width, depth = size(WIDTH_MAX), size(DEPTH_MAX)
-seed = _checked(int, 0, f"a seed from 0 to {SEED_MAX} (2**63 - 1)", SEED_MAX)
-
-
-def comma_list(convert):
-    """An argparse type for a comma-separated list of values, each converted (and checked) by `convert`;
-    the empty string is the empty list."""
-
-    def parse(text):
-        return [convert(part.strip()) for part in str(text).split(",") if part.strip()]
-
-    return parse
 
 
 class CommandLineParser(argparse.ArgumentParser):
@@ -134,7 +66,7 @@ def build_parser():
         help="then drop users with fewer ratings than this")
     add("--max_seq_len", type=size(WIDTH_MAX, minimum=3), default=30,
         help="length L of every window; a task uses at most this many of a user's latest items")
-    add("--min_sub_window_size", type=_checked(int, 2, ">= 2"), default=2,
+    add("--min_sub_window_size", type=checked(int, 2, ">= 2"), default=2,
         help="shortest support / query window")
     add("--num_samples", type=positive_int, default=25,
         help="support windows per task (fewer when a user's history has fewer distinct windows)")
@@ -150,7 +82,7 @@ def build_parser():
     add("--val_size", type=positive_int, default=600,
         help="number of fixed validation tasks scored at each --log_interval (at most the number of "
              "validation users)")
-    add("--val_fraction", type=_checked(float, 0.0, "in (0, 1)"), default=0.15,
+    add("--val_fraction", type=checked(float, 0.0, "in (0, 1)"), default=0.15,
         help="share of the non-test users held out as validation users")
     add("--batch_size", type=positive_int, default=16,
         help="tasks (users) per meta-batch (at most the number of training users)")
@@ -165,16 +97,14 @@ def build_parser():
         help="Amazon / Yelp CSV: what the file's four columns hold, in file order, e.g. "
              "item,user,rating,timestamp (overrides the header names; needed for a header MELO does not "
              "know; empty = from the header, or user,item,rating,timestamp without one)")
-    from readers import MAX_RATING  # here, not at import: readers imports this module
 
     # (masked, yet it passes through the squared error: a value near FLOAT32_MAX overflowed there)
-    add("--default_rating", type=_checked(float, -MAX_RATING, f"from {-MAX_RATING:g} to {MAX_RATING:g}", MAX_RATING),
+    add("--default_rating", type=checked(float, -MAX_RATING, f"from {-MAX_RATING:g} to {MAX_RATING:g}", MAX_RATING),
         default=0, help="rating value written at padded positions (masks come from item id 0)")
 
     # ---------------------------------------------------------------- model
     model = parser.add_argument_group("backbone")
     add = model.add_argument
-    from models import BACKBONES, RATING_HEADS, backbone_flags  # here, not at import: the models import this module
 
     add("--model", default="bert4rec", choices=tuple(BACKBONES), help="sequential backbone")
     add("--model_init_seed", type=seed, default=0, help="seeds the backbone's initial weights")
@@ -196,7 +126,7 @@ def build_parser():
     add("--user_bias_lr", type=learning_rate, default=None,
         help="--rating_head=bias: initial inner learning rate of b_user (default: --inner_lr); 0.5 makes one "
              "inner step on b_user alone the support set's mean residual (the squared loss's Newton step)")
-    add("--user_factors", type=_checked(int, 0, "from 0 to 256", 256), default=0,
+    add("--user_factors", type=checked(int, 0, "from 0 to 256", 256), default=0,
         help="--rating_head=bias: K > 0 adds a user x item factor term p_user . q_item (K columns) to the head. "
              "With --bias_start=fold-in the head starts as the better on the validation users of the user + "
              "item bias fold-in and the MF fold-in of rank <= K (its item biases and factors from ALS on the "
@@ -303,7 +233,6 @@ def build_parser():
              "(False: the weights of exactly that step)")
     add("--test_baseline", action="store_true",
         help="score the baselines without a network (--baseline) on the test targets")
-    from baselines import BASELINES  # here, not at import: baselines imports this module (through metrics)
 
     add("--baseline", default="all", choices=(*BASELINES, "all"),
         help="with --test_baseline: mean-rating (the training users' global mean), user-mean (the mean of "
@@ -378,13 +307,11 @@ def validate(parser, args):
         # support windows lie within a task window's first max_seq_len - 1 items
         parser.error(f"--min_sub_window_size ({args.min_sub_window_size}) must be smaller than "
                      f"--max_seq_len ({args.max_seq_len})")
-    if not args.bert_dropout < 1.0:
-        parser.error(f"--bert_dropout must be in [0, 1), got {args.bert_dropout}")
     if not 0.0 < args.val_fraction < 1.0:
         parser.error(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
-    if args.bert_hidden_units % args.bert_num_heads:
-        parser.error(f"--bert_hidden_units ({args.bert_hidden_units}) must be divisible by "
-                     f"--bert_num_heads ({args.bert_num_heads})")
+    backbone_problem = check_flags(args)  # each backbone's own cross-flag checks (models/backbones.py)
+    if backbone_problem:
+        parser.error(backbone_problem)
     if args.checkpoint_step < -1:
         parser.error(f"--checkpoint_step must be a saved step (>= 0) or -1 (none), got {args.checkpoint_step}")
     if args.csv_columns and sorted(args.csv_columns.split(",")) != sorted(COLUMN_ROLES):
@@ -403,39 +330,6 @@ def parse_args(argv=None):
     if args.data_path is None:
         args.data_path = os.path.join(args.data_dir, os.path.relpath(DEFAULT_DATA_PATHS[args.mode], "./Data"))
     return args
-
-
-class MeloError(Exception):
-    """A problem with the user's input or files: reported as one line, without a traceback."""
-
-
-def say_when_terminated():
-    """Called first thing by the scripts (before torch loads, which takes seconds): SIGTERM prints one line
-    and exits with 143 (128 + SIGTERM), where it killed the process without a word while it started, read
-    the data or tested. Training takes SIGTERM over (runtime.stop_signals_as_flag: it saves the step) and
-    gives it back. The exit is an exception, so `finally` blocks still remove temporary files and locks."""
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up on the way out is not stopped
-        sys.stderr.write("terminated (SIGTERM) outside the training loop (starting, loading data, testing): "
-                         "nothing was saved, and nothing saved before was changed\n")
-        raise SystemExit(128 + signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-def out_of_memory(error):
-    """The one-line error of an allocation that failed (torch's CPU allocator, CUDA, numpy), or None when
-    `error` is something else."""
-    text = str(error)
-    if not (isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text):
-        return None
-    in_bytes = re.search(r"allocate (\d+) bytes", text)    # torch's CPU allocator
-    in_units = re.search(r"allocate ([\d.]+ \w+)", text)   # numpy, CUDA: "4.00 TiB", "20.00 GiB"
-    size = f"{int(in_bytes.group(1)) / 2 ** 30:.1f} GiB" if in_bytes else in_units.group(1) if in_units else None
-    return MeloError(f"out of memory{f' (an allocation of {size} failed)' if size else ''}: use smaller sizes "
-                     "(--batch_size, --num_samples, --num_query_set, --max_seq_len, the hidden sizes) or, for "
-                     "main.py, --task_chunk; what was saved before is intact")
 
 
 def run_cli(main_function, argv=None, parse=parse_args):

@@ -1,19 +1,17 @@
 """What the scripts share about a run: its name and files, its random streams, the options a checkpoint
-must agree on, its optimizer and its TensorBoard writer (main.py, train_original.py, compare.py and
-ablation.py import these from here, never from each other)."""
+must agree on and its TensorBoard writer (main.py, train_original.py, compare.py and ablation.py import
+these from here, never from each other). The meta-learning algorithm itself is meta_learner.py."""
 import contextlib
-import math
 import os
 import threading
 import time
 
 import numpy as np
-import torch
 
 import checkpointing
 from dataloader import SPLIT_OPTIONS
 from models import backbone_option_names
-from options import MeloError
+from errors import MeloError
 
 # Options that change the shape or meaning of what a checkpoint holds; resuming or testing with other
 # values is refused with the names of the ones that differ.
@@ -159,79 +157,6 @@ def stream_seed(*keys):
     """A 63-bit seed mixed from integers (numpy's SeedSequence), for per-iteration random streams.
     (A Python int before the shift: numpy 1.x cannot shift a uint64 by an int.)"""
     return int(np.random.SeedSequence([k % 2 ** 63 for k in keys]).generate_state(2, np.uint64)[0]) >> 1
-
-
-# ------------------------------------------------------------------ the meta-learner's optimizer
-def cosine(base, floor, total):
-    """Multiplier for LambdaLR: cosine annealing from `base` to `floor` over `total` iterations."""
-    if base == 0:
-        return lambda it: 1.0
-    return lambda it: (floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * min(it, total) / max(total, 1)))) / base
-
-
-def build_optimizer(args, learner):
-    """One Adam over everything meta-learned, one parameter group per part with its own lr schedule."""
-    groups, schedules = [], []
-
-    def add(params, lr, floor=None, weight_decay=0.0):
-        params = [p for p in params if p.requires_grad]
-        if params:
-            groups.append({"params": params, "lr": lr, "weight_decay": weight_decay})
-            schedules.append(cosine(lr, floor, args.num_train_iterations) if floor is not None else (lambda it: 1.0))
-
-    loss = learner.inner_loss
-    head_tables = learner.backbone.bias_head_parameters() if args.bias_outer_lr is not None else {}
-    add([p for name, p in learner.backbone.named_parameters() if name not in head_tables], args.outer_lr,
-        args.min_outer_lr, args.outer_weight_decay)
-    if head_tables:  # annealed in proportion to --outer_lr's schedule
-        floor = args.bias_outer_lr * args.min_outer_lr / args.outer_lr if args.outer_lr else args.bias_outer_lr
-        add(head_tables.values(), args.bias_outer_lr, floor)
-    add(learner.lslr.parameters(), args.learn_lr)
-    if getattr(loss, "encoder", None) is not None:
-        add(loss.encoder.parameters(), args.lstm_lr, args.min_lstm_lr)
-    if getattr(loss, "weight_net", None) is not None:
-        add(loss.weight_net.parameters(), args.task_info_lr)
-    if getattr(loss, "loss_mlps", None) is not None:
-        add(loss.loss_mlps.parameters(), args.loss_lr, weight_decay=args.loss_weight_decay)
-    optimizer = torch.optim.Adam(groups)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
-
-
-def outer_step(learner, optimizer, scheduler, batch, step_weights, batch_size, dist, first_order=False,
-               task_chunk=0, grad_clip=0.0, fast=True):
-    """One outer iteration (main.py's, and benchmark.py's timing of it) on this rank's tasks `batch`, of
-    a meta-batch of `batch_size` tasks over all ranks: the meta-gradient of the mean outer loss, in chunks
-    of `task_chunk` tasks, summed over the ranks, clipped to `grad_clip`, then one optimizer and schedule
-    step. Returns the mean outer loss; a non-finite one takes no step."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    chunk = task_chunk or max(len(batch), 1)
-    optimizer.zero_grad(set_to_none=False)
-    total = torch.zeros((), dtype=torch.float64, device=params[0].device)
-    for start in range(0, len(batch), chunk):
-        per_task = learner.task_losses(batch.select(slice(start, start + chunk)), step_weights, first_order, fast)
-        # Normalise by the whole meta-batch, so chunks and ranks add up to the mean over all tasks.
-        (per_task.sum() / batch_size).backward()
-        total += per_task.detach().sum().double()
-    for p in params:  # a rank without tasks, or a part the loss did not reach, still all-reduces
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if dist.enabled:
-        # Second-order meta-gradients are averaged explicitly, not through DDP hooks.
-        flat = torch.cat([p.grad.reshape(-1) for p in params] + [total.reshape(1).to(params[0].grad)])
-        dist.sum_(flat)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-        total = flat[-1].double()
-    loss = (total / batch_size).item()
-    if not math.isfinite(loss):
-        return loss
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    scheduler.step()
-    return loss
 
 
 # ------------------------------------------------------------------ TensorBoard

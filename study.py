@@ -17,7 +17,7 @@ import metrics
 import options
 import runtime
 from dataloader import load_data
-from options import MeloError
+from errors import MeloError
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 

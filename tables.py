@@ -16,7 +16,7 @@ import metrics
 import tuning
 from analysis import SHARE_NAMES
 from models import BACKBONES
-from options import MeloError
+from errors import MeloError
 from study import START_DESCRIPTIONS, cell, mean_std
 
 
@@ -322,7 +322,7 @@ def introduction(config, reports, meta_args):
     if meta_args.rating_head == "bias":
         head = (f" (item biases starting at {meta_args.bias_start}"
                 + (f", a {meta_args.user_factors}-column user x item factor term" if meta_args.user_factors else "")
-                + (f", its tables held at their start" if meta_args.bias_outer_lr == 0 else "") + ")")
+                + (", its tables held at their start" if meta_args.bias_outer_lr == 0 else "") + ")")
     adapted = "every parameter" if meta_args.inner_params == "all" else "the output layer"
     if meta_args.rating_head == "bias" and meta_args.adapt_user_bias:
         adapted += " and the user's parameters"
@@ -424,12 +424,12 @@ def beyond_biases(config, reports, predictions, validation, store):
                                                 for m in models) + " |", "|---|" + "---:|---:|" * len(models)]
         against = [("best no-network", "best_no_network", [name for name, _ in chosen]),
                    (METHOD_NAMES[FOLD_IN], FOLD_IN, [FOLD_IN] * len(chosen))]
-        for label, key_name, baselines in against:
+        for label, key_name, compared_with in against:
             for method in ("maml", "melo"):
                 row = [f"{METHOD_NAMES[method]} − {label}"]
                 for model in models:
                     pairs = [(mine, predictions[(None, name)][index])
-                             for index, (mine, name) in enumerate(zip(predictions[(model, method)], baselines))]
+                             for index, (mine, name) in enumerate(zip(predictions[(model, method)], compared_with))]
                     results = [paired_difference(mine, theirs, config.bootstrap, config.bootstrap_seed)
                                for mine, theirs in pairs]
                     pooled = (pooled_difference(pairs, config.bootstrap, config.bootstrap_seed) if len(pairs) > 1

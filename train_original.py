@@ -47,10 +47,10 @@ positions (the normaliser is part of the graph, computed in log space so it stay
 sigmoid is tiny): the encoder can only move weight between positions, and the loss keeps the scale of the
 plain MSE. Its head starts at zero, so training starts as the plain MSE.
 """
-import options
+import errors
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch)
-    options.say_when_terminated()
+    errors.say_when_terminated()
 
 import math
 import os
@@ -63,7 +63,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-import baselines
 import checkpointing
 import metrics
 import runs
@@ -72,14 +71,10 @@ from dataloader import STREAM_WINDOWS
 from meta_learner import adapt, start_user_bias
 from models import export_weights, model_factory
 from models.loss_networks import RatingSequenceEncoder, masked_mean
-from options import MeloError, build_parser, run_cli
+from errors import MeloError
+from options import build_parser, run_cli
 from runtime import Distributed, check_stop, configure_cpu, interruption, progress, seed_everything
 from trainers import Trainer, state_copy, step_alias, train_run
-
-# Naming and shape options live in runs.py (shared with main.py and the study scripts); these names stay
-# for code that knew them here.
-method_name, run_prefix, report_path = runs.basic_method, runs.basic_prefix, runs.basic_report_path
-pretrained_path, tuned_finetuning, shape_options = runs.pretrained_path, runs.tuned_finetuning, runs.basic_shape_options
 
 
 def normalised_weights(logits, mask):
@@ -136,8 +131,8 @@ class BaselineTrainer(Trainer):
         groups = [{"params": rest}] + ([{"params": list(head_tables.values()), "lr": args.bias_outer_lr}]
                                        if head_tables else [])
         self.optimizer = torch.optim.Adam(groups, lr=args.pretraining_lr)
-        self.prefix = run_prefix(args)
-        self.shape = shape_options(args, self.data)
+        self.prefix = runs.basic_prefix(args)
+        self.shape = runs.basic_shape_options(args, self.data)
 
     # ------------------------------------------------------------------ loss
     def loss(self, items, ratings):
@@ -399,7 +394,7 @@ class BaselineTrainer(Trainer):
         exported.update(mode=self.args.mode, shape_options=self.shape, best_step=self.best["step"],
                         random_seed=self.args.random_seed, data_fingerprint=self.fingerprint,
                         pretrain_epochs=self.args.pretrain_epochs)  # ablation.py reuses it only for these
-        path = pretrained_path(self.args)
+        path = runs.pretrained_path(self.args)
         checkpointing.save_atomic(exported, path)
         folder = ("" if self.args.pretrain_log_dir == build_parser().get_default("pretrain_log_dir")
                   else f" --pretrain_log_dir={self.args.pretrain_log_dir}")
@@ -414,7 +409,7 @@ def test(trainer):
     _, which, _ = trainer.load_tested()
     lr, steps, selection = args.finetune_lr, args.finetune_steps, None
     val_tasks = trainer.dataset.val_tasks()
-    if tuned_finetuning(args):
+    if runs.tuned_finetuning(args):
         lr, steps, selection, val_predicted = trainer.choose_finetuning(val_tasks)
     else:  # the validation users' predictions too, for compare.py's blend with the fold-in
         val_predicted = trainer.predictions(val_tasks, lr, (steps,))[0]
@@ -423,7 +418,7 @@ def test(trainer):
     tasks = trainer.dataset.test_tasks()
     predicted = trainer.predictions(tasks, lr, (steps,))[0]
     report = metrics.task_report(predicted, tasks, trainer.max_rating)
-    report.update(method="finetune" if steps or selection else method_name(args), model=args.model,
+    report.update(method="finetune" if steps or selection else runs.basic_method(args), model=args.model,
                   mode=args.mode, checkpoint_step=args.checkpoint_step, weights=which,
                   random_seed=args.random_seed, model_init_seed=args.model_init_seed, select_by=args.select_by,
                   finetune_steps=steps, finetune_lr=lr, user_bias_reg=trainer.backbone.user_bias_reg,
@@ -431,7 +426,7 @@ def test(trainer):
     if selection is not None:
         report["finetune_selection"] = selection
     if trainer.dist.is_main:
-        metrics.publish(report, f"test {trainer.prefix}, {which}", report_path(args, args.checkpoint_step),
+        metrics.publish(report, f"test {trainer.prefix}, {which}", runs.basic_report_path(args, args.checkpoint_step),
                         metrics.prediction_frame(tasks, predicted, trainer.data),
                         metrics.prediction_frame(val_tasks, val_predicted, trainer.data), trainer.fingerprint)
     return report

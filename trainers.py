@@ -18,7 +18,7 @@ import baselines
 import checkpointing
 import runs
 from dataloader import MetaDataset, load_data
-from options import MeloError
+from errors import MeloError
 from runtime import LostPeer, stop_signals_as_flag
 
 

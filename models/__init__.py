@@ -1,7 +1,8 @@
 """Backbone registry, construction from flags, and the pretrained-weights hand-off.
 
-- `BACKBONES`: model name -> class (each has `from_args(args, num_items)`, a `display_name` and its own
-  `flags`); `register(cls)` adds one, `backbone_flags()` lists every backbone's flags once.
+- `BACKBONES`: model name -> class (each has `from_args(args, num_items)`, a `display_name`, its own
+  `flags` and `check_flags(args)`); `register(cls)` adds one and refuses what cannot work,
+  `backbone_flags()` lists every backbone's flags once, `check_flags(args)` runs every backbone's checks.
 - `model_factory(args, num_items)`: the backbone named by `args.model`, initialised from
   `args.model_init_seed` without touching the caller's random state.
 - `export_weights(model)` / `load_pretrained_weights(model, exported, embedding_only, source)`: what
@@ -12,7 +13,7 @@ import operator
 
 import torch
 
-from options import MeloError
+from errors import MeloError
 
 from .backbones import RATING_HEADS, BERT4Rec, GRU4Rec, NARM, SASRec, Backbone, Flag
 
@@ -21,7 +22,33 @@ BACKBONES = {}
 
 def register(backbone):
     """Add a Backbone subclass to the registry under its `name`: --model accepts it, every parser gets its
-    flags, its size flags shape checkpoints, and tables name it by its `display_name`."""
+    flags, its size flags shape checkpoints, and tables name it by its `display_name`.
+
+    What cannot work is refused here with a one-line `MeloError`: not a Backbone, no `name` or
+    `display_name`, a name already taken, no `from_args` of its own, or a flag that another backbone
+    declares with another type, default or shape role (two backbones may share a flag only as one flag:
+    BERT4Rec and SASRec share the transformer's). The parts an instance needs are checked when one is
+    built (`check_contract`)."""
+    label = getattr(backbone, "__name__", repr(backbone))
+    if not (isinstance(backbone, type) and issubclass(backbone, Backbone)):
+        raise MeloError(f"cannot register {label}: a backbone must be a subclass of models.Backbone")
+    for attribute in ("name", "display_name"):
+        if not isinstance(getattr(backbone, attribute), str) or not getattr(backbone, attribute):
+            raise MeloError(f"cannot register {label}: it has no {attribute} (a non-empty string, e.g. "
+                            f"{attribute} = \"mynet\")")
+    if backbone.name in BACKBONES:
+        raise MeloError(f"cannot register {label} as {backbone.name!r}: {BACKBONES[backbone.name].__name__} "
+                        f"already has that name; choose another name")
+    if backbone.from_args.__func__ is Backbone.from_args.__func__:
+        raise MeloError(f"cannot register {label}: it does not define from_args(args, num_items)")
+    declared = {flag.name: (flag, name) for name, known in BACKBONES.items() for flag in known.flags}
+    for flag in backbone.flags:
+        if not isinstance(flag, Flag):
+            raise MeloError(f"cannot register {label}: its flags must be models.Flag, got {flag!r}")
+        other, owner = declared.get(flag.name, (flag, None))
+        if other != flag:
+            raise MeloError(f"cannot register {label}: its flag --{flag.name} clashes with {owner}'s (another "
+                            f"type, default, help or shape role); rename it or declare the same Flag")
     BACKBONES[backbone.name] = backbone
     return backbone
 
@@ -35,9 +62,35 @@ def backbone_flags():
     SASRec share the transformer's)."""
     found = {}
     for name, backbone in BACKBONES.items():
-        for flag in backbone.flags:
+        for flag in backbone.flags:  # register() refused any second declaration that differs
             found.setdefault(flag.name, (flag, []))[1].append(name)
     return list(found.values())
+
+
+def check_flags(args):
+    """The first problem (a one-line message) that a registered backbone finds in the parsed flags, or None.
+    Every backbone's checks run, chosen or not, so that compare.py's several --models are checked too."""
+    for backbone in BACKBONES.values():
+        problem = backbone.check_flags(args)
+        if problem:
+            return problem
+    return None
+
+
+def check_contract(model, num_items):
+    """Refuse, with one line, a built backbone that lacks a part the inner loop and the trainers rely on
+    (models/backbones.py's contract): the item table `item_embedding` (an nn.Embedding of num_items + 1 rows,
+    row 0 the padding) and the output layer `head` (an nn.Linear with one output: --inner_params=head adapts
+    it, the bias head zeroes it)."""
+    table, head = getattr(model, "item_embedding", None), getattr(model, "head", None)
+    label = type(model).__name__
+    if not isinstance(table, torch.nn.Embedding) or table.num_embeddings != num_items + 1 or table.padding_idx != 0:
+        raise MeloError(f"backbone {label} breaks the contract: it needs item_embedding = nn.Embedding(num_items + "
+                        f"1, dim, padding_idx=0) (models/backbones.py)")
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise MeloError(f"backbone {label} breaks the contract: its output layer must be head = nn.Linear(width, "
+                        f"1) (models/backbones.py)")
+    return model
 
 
 def backbone_option_names(shape):
@@ -66,7 +119,7 @@ def model_factory(args, num_items):
         raise MeloError(f"the data set has no items (num_items={num_items}): nothing to build a model for")
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.default_generator.manual_seed(args.model_init_seed)
-        backbone = BACKBONES[name].from_args(args, num_items)
+        backbone = check_contract(BACKBONES[name].from_args(args, num_items), num_items)
     return backbone.add_bias_head(args.user_factors) if args.rating_head == "bias" else backbone
 
 
@@ -131,4 +184,4 @@ def load_pretrained_weights(model, exported, embedding_only, source):
 
 
 __all__ = ["BACKBONES", "RATING_HEADS", "Backbone", "BERT4Rec", "SASRec", "GRU4Rec", "NARM", "Flag", "register",
-           "backbone_flags", "backbone_option_names", "model_factory", "export_weights", "load_pretrained_weights"]
+           "backbone_flags", "backbone_option_names", "check_flags", "check_contract", "model_factory", "export_weights", "load_pretrained_weights"]

@@ -7,6 +7,9 @@ Shared contract (the inner loop relies on every point):
 - `item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)`. The inner loop replaces its weight
   (through `torch.func.functional_call`) by a small per-task table holding only the rows a task uses, with
   remapped ids, so `forward` never depends on the number of rows.
+- The output layer is `head = nn.Linear(width, 1)`, giving the logits of every position: the bias head
+  zeroes it at the start and `--inner_params=head` adapts only it (ANIL). `models.check_contract` refuses
+  a backbone without either part when it is built.
 - Padding never leaks: outputs at real positions do not depend on the padding row or on padded positions.
   An all-padding window gives finite outputs and gradients.
 - Second-order gradients and `torch.func.vmap` work everywhere (see `layers.py` for why no fused layers).
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from options import depth, non_negative_float, width
+from flag_types import depth, non_negative_float, width
 
 from .layers import GRU, Dropout, LayerNorm, Linear, TransformerBlock, attention_bias, rating_head_output
 
@@ -72,6 +75,12 @@ class Backbone(nn.Module):
     @classmethod
     def from_args(cls, args, num_items):
         raise NotImplementedError
+
+    @classmethod
+    def check_flags(cls, args):
+        """A one-line message for a combination of its flags that cannot be built, or None (options.validate
+        shows it as a flag error)."""
+        return None
 
     def add_bias_head(self, user_factors=0):
         """Switch to the `bias` head, with a p_user · q_item term of `user_factors` columns if > 0. Its tables
@@ -158,6 +167,15 @@ class _Transformer(Backbone):
     def from_args(cls, args, num_items):
         return cls(num_items, max_len=args.max_seq_len, hidden=args.bert_hidden_units,
                    num_blocks=args.bert_num_blocks, num_heads=args.bert_num_heads, dropout=args.bert_dropout)
+
+    @classmethod
+    def check_flags(cls, args):
+        if not args.bert_dropout < 1.0:
+            return f"--bert_dropout must be in [0, 1), got {args.bert_dropout}"
+        if args.bert_hidden_units % args.bert_num_heads:
+            return (f"--bert_hidden_units ({args.bert_hidden_units}) must be divisible by --bert_num_heads "
+                    f"({args.bert_num_heads})")
+        return None
 
     def _init_weights(self):
         # BERT's initialisation: small truncated normals, zero biases, identity LayerNorms.

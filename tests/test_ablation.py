@@ -11,7 +11,7 @@ import study
 from options import MeloError
 
 # the same generated file and thread-count guard as compare.py's tests, and its in-process stand-in
-from test_compare import in_process, keep_thread_count, no_runs, ratings_file  # noqa: F401
+from test_compare import in_process, no_runs
 
 
 def argv(ratings_file, tmp_path, *extra):

@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 import baselines
 import main
+import errors
 import options
 import train_original
 from dataloader import MetaDataset, load_data
@@ -20,9 +21,8 @@ from analysis import support_weights
 from meta_learner import ITEM_BIAS, USER_BIAS, last_step_weights, local_item_tables, start_user_bias
 from models import model_factory
 
-from test_main import ratings_file  # noqa: F401  (the same generated file)
-from test_meta_learner import (BACKBONES, NUM_ITEMS, assert_fast_path_equals_the_per_task_path, float64,  # noqa: F401
-                               make_learner, random_batch)
+from test_meta_learner import (BACKBONES, NUM_ITEMS, assert_fast_path_equals_the_per_task_path, make_learner,
+                               random_batch)
 
 MU = 0.7
 
@@ -252,7 +252,7 @@ def test_the_bias_head_starts_at_the_fold_in_and_basic_hands_it_to_maml(ratings_
     # a plain model cannot start from a bias-head export: one line, not a partial load
     plain = run_flags(ratings_file, tmp_path, "--load_pretrained=True", "--checkpoint_dir=" + str(tmp_path / "c2"))
     plain[plain.index("--rating_head=bias")] = "--rating_head=plain"
-    with pytest.raises(options.MeloError, match="have the bias rating head and this run the plain one"):
+    with pytest.raises(errors.MeloError, match="have the bias rating head and this run the plain one"):
         main.main(options.parse_args(plain))
 
 
@@ -302,7 +302,7 @@ def test_a_checkpoint_of_the_other_head_is_refused_by_name(ratings_file, tmp_pat
     main.main(options.parse_args(run_flags(ratings_file, tmp_path, "--use_adaptive_loss=False")))
     argv = run_flags(ratings_file, tmp_path, "--use_adaptive_loss=False", "--test", "--checkpoint_step=2")
     argv[argv.index("--rating_head=bias")] = "--rating_head=plain"
-    with pytest.raises(options.MeloError, match="rating_head"):
+    with pytest.raises(errors.MeloError, match="rating_head"):
         main.main(options.parse_args(argv))
 
 
@@ -325,7 +325,7 @@ def test_a_checkpoint_from_before_the_rating_head_flag_is_read_as_plain(ratings_
     test = ["--checkpoint_step=2", "--test"]
     assert math.isfinite(main.main(options.parse_args(argv + test))["rmse"])
     argv[argv.index("--rating_head=plain")] = "--rating_head=bias"
-    with pytest.raises(options.MeloError, match=r"rating_head='plain' \(now 'bias'\)"):
+    with pytest.raises(errors.MeloError, match=r"rating_head='plain' \(now 'bias'\)"):
         main.main(options.parse_args(argv + test))
 
 

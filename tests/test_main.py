@@ -14,22 +14,16 @@ import torch
 import checkpointing
 import main
 import metrics
+import errors
 import options
+import runs
 from meta_learner import MetaLearner, last_step_weights
 from models import model_factory
 import runtime
 from runtime import Distributed, write_atomic
 
-from synthetic import write_movielens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def ratings_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "u.data"
-    write_movielens(str(path), fmt="ml-100k", num_users=120, num_items=80, seed=3)
-    return str(path)
 
 
 def flags(ratings_file, tmp_path, *extra):
@@ -58,7 +52,7 @@ def test_training_writes_checkpoints_and_logs_and_test_reports(ratings_file, tmp
     argv = flags(ratings_file, tmp_path, f"--model={model}", f"--use_adaptive_loss={adaptive}")
     trainer = run(argv)
     assert trainer.iteration == 4
-    prefix = main.run_prefix(trainer.args)
+    prefix = runs.meta_prefix(trainer.args)
     # step 0, the untrained start, is validated and saved too
     assert sorted(os.listdir(tmp_path / "ckpt")) == [f"{prefix}_step{k}.pt" for k in (0, 2, 4)]
     assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))
@@ -185,17 +179,17 @@ def test_mean_rating_baseline_reports_on_the_same_targets(ratings_file, tmp_path
 def test_missing_step_lists_the_saved_ones(ratings_file, tmp_path):
     argv = flags(ratings_file, tmp_path, "--model=gru4rec")
     run(argv)
-    with pytest.raises(options.MeloError, match=r"no checkpoint for step 3 .*: 0, 2, 4"):
+    with pytest.raises(errors.MeloError, match=r"no checkpoint for step 3 .*: 0, 2, 4"):
         run(argv + ["--checkpoint_step=3", "--test"])
 
 
 def test_checkpoint_of_other_settings_is_refused_by_name(ratings_file, tmp_path):
     run(flags(ratings_file, tmp_path, "--model=bert4rec"))
-    with pytest.raises(options.MeloError, match=r"bert_hidden_units=16 \(now 8\)"):
+    with pytest.raises(errors.MeloError, match=r"bert_hidden_units=16 \(now 8\)"):
         run(flags(ratings_file, tmp_path, "--model=bert4rec", "--bert_hidden_units=8",
                   "--checkpoint_step=4", "--test"))
     # Another user split would score users the checkpoint was trained on.
-    with pytest.raises(options.MeloError, match=r"random_seed=222 \(now 7\)"):
+    with pytest.raises(errors.MeloError, match=r"random_seed=222 \(now 7\)"):
         run(flags(ratings_file, tmp_path, "--model=bert4rec", "--random_seed=7", "--checkpoint_step=4", "--test"))
 
 
@@ -210,7 +204,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(ratings_file, 
         return losses * float("nan") if calls["n"] == 3 else losses
 
     monkeypatch.setattr(MetaLearner, "task_losses", poisoned)
-    with pytest.raises(options.MeloError, match=r"became nan at iteration 3; stopped without saving step 3 \(the last good checkpoint is step 2\)"):
+    with pytest.raises(errors.MeloError, match=r"became nan at iteration 3; stopped without saving step 3 \(the last good checkpoint is step 2\)"):
         run(argv)
     good = torch.load(tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step2.pt", weights_only=True)
     assert good["step"] == 2 and sorted(os.listdir(tmp_path / "ckpt")) == [f"gru4rec_ml-100k_melo_step{k}.pt" for k in (0, 2)]
@@ -243,7 +237,7 @@ def test_command_line_errors_are_one_line_without_traceback(ratings_file, tmp_pa
     ]
     garbage = tmp_path / "garbage"
     garbage.mkdir()
-    (garbage / f"{main.run_prefix(options.parse_args(flags(ratings_file, tmp_path)))}_step7.pt").write_bytes(b"\x80junk")
+    (garbage / f"{runs.meta_prefix(options.parse_args(flags(ratings_file, tmp_path)))}_step7.pt").write_bytes(b"\x80junk")
     cases.append(flags(ratings_file, tmp_path, "--checkpoint_step=7", "--test", f"--checkpoint_dir={garbage}"))
     for argv in cases:
         done = subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, capture_output=True, text=True)
@@ -283,12 +277,12 @@ def test_unreadable_checkpoints_and_exports_are_one_line_errors(tmp_path, conten
         torch.save({"weights": torch.zeros(2)}, path)
     else:
         path.write_bytes(content)
-    with pytest.raises(options.MeloError) as checkpoint_error:
+    with pytest.raises(errors.MeloError) as checkpoint_error:
         checkpointing.load_checkpoint(str(tmp_path), "run", 1)
     assert str(path) in str(checkpoint_error.value) and len(str(checkpoint_error.value).splitlines()) == 1
     args = options.parse_args(["--mode=ml-100k", f"--pretrain_log_dir={tmp_path}", "--load_pretrained=True"])
     os.replace(path, tmp_path / f"{args.model}_{args.mode}_pretrained.pt")
-    with pytest.raises(options.MeloError) as export_error:
+    with pytest.raises(errors.MeloError) as export_error:
         main.load_pretrained(args, SimpleNamespace(backbone=model_factory(args, 10)), "0")
     assert "pretrained" in str(export_error.value) and len(str(export_error.value).splitlines()) == 1
 
@@ -366,7 +360,7 @@ def test_select_by_picks_the_best_weights_and_tensorboard_gets_the_per_rating_fi
     # (epoch 0, the untrained start, is validated and logged too)
     assert baseline.best["rmse"] == pytest.approx(min(chosen)) and baseline.best["step"] == chosen.index(min(chosen))
     # A checkpoint keeps the weights best by its --select_by: testing it under another one is refused.
-    with pytest.raises(options.MeloError, match=r"select_by='mean_per_rating_rmse' \(now 'rmse'\)"):
+    with pytest.raises(errors.MeloError, match=r"select_by='mean_per_rating_rmse' \(now 'rmse'\)"):
         run(flags(ratings_file, tmp_path, "--model=gru4rec", "--checkpoint_step=4", "--test"))
 
 
@@ -416,7 +410,7 @@ def test_step_0_and_the_early_steps_are_validated_and_the_start_can_be_chosen(ra
     argv = flags(ratings_file, tmp_path, "--model=gru4rec", "--num_train_iterations=5", "--log_interval=4",
                  "--early_log_interval=1", "--early_log_until=2", "--outer_lr=0.5", "--min_outer_lr=0.5")
     trainer = run(argv)
-    prefix = main.run_prefix(trainer.args)
+    prefix = runs.meta_prefix(trainer.args)
     assert sorted(os.listdir(tmp_path / "ckpt")) == [f"{prefix}_step{k}.pt" for k in (0, 1, 2, 4, 5)]
     start = torch.load(tmp_path / "ckpt" / f"{prefix}_step0.pt", weights_only=True)
     assert start["best_step"] == 0 and start["pending_validation"] is False

@@ -10,6 +10,7 @@ import options
 from analysis import (POSITION_FACTOR, SHARE_NAMES, WithPositionFactor, query_gradient_by_rating,
                       query_gradient_by_share, query_gradient_of_weights, summarise_query_gradients, support_weights)
 from inner_loop_optimizers import LSLRGradientDescent
+import meta_learner
 from meta_learner import build_meta_learner, last_step_weights, local_item_tables, multi_step_loss_weights
 from models.loss_networks import AdaptiveInnerLoss, MSEInnerLoss, masked_mean
 
@@ -58,14 +59,6 @@ def gradients(learner):
     return {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def test_lslr_with_fixed_rates_is_a_hand_computed_sgd_step():
     params = {"a.weight": torch.tensor([1.0, 2.0]), "b": torch.tensor([[3.0]])}
     grads = {"a.weight": torch.tensor([0.5, -1.0]), "b": torch.tensor([[2.0]])}
@@ -94,6 +87,26 @@ def test_multi_step_loss_vector_sums_to_one_and_anneals_towards_the_last_step():
     assert torch.allclose(previous[:-1], torch.full((steps - 1,), floor, dtype=torch.float64))
     assert previous[-1].item() == pytest.approx(1 - (steps - 1) * floor)
     assert last_step_weights(steps).tolist() == [0, 0, 0, 1]
+
+
+def test_each_outer_iteration_gets_its_step_weights_and_derivative_order(monkeypatch):
+    """MAML++'s schedule, chosen by the iteration in one place: the multi-step loss for
+    --multi_step_loss_num_epochs iterations (none with --use_multi_step=False), first-order derivatives for
+    --first_order_iterations, then the last step's loss at second order."""
+    args = options.parse_args(["--num_inner_steps=3", "--multi_step_loss_num_epochs=4", "--first_order_iterations=2",
+                               "--task_chunk=5", "--grad_clip=7"])
+    calls = []
+    monkeypatch.setattr(meta_learner, "outer_step", lambda *a: calls.append(a) or 0.0)
+    for iteration in (0, 1, 2, 3, 4, 9):
+        meta_learner.meta_train_step("learner", "optimizer", "scheduler", "batch", args, iteration, 16, "dist")
+    weights = [call[4] for call in calls]
+    assert [call[7] for call in calls] == [True, True, False, False, False, False]
+    assert all(call[5:7] == (16, "dist") and call[8:] == (5, 7.0) for call in calls)
+    for iteration, got in zip((0, 1, 2, 3), weights):
+        assert torch.equal(got, multi_step_loss_weights(iteration, 3, 4))
+    assert all(got.tolist() == [0, 0, 1] for got in weights[4:])
+    args.use_multi_step = False
+    assert meta_learner.step_weights(args, 0).tolist() == [0, 0, 1]
 
 
 def test_local_item_tables_hold_exactly_each_tasks_items():

@@ -4,8 +4,10 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
+import flag_types
 import options
-from models import BACKBONES, Backbone, Flag, export_weights, load_pretrained_weights, model_factory
+from models import (BACKBONES, Backbone, Flag, backbone_flags, check_contract, export_weights, load_pretrained_weights, model_factory,
+                    register)
 from options import MeloError
 
 NAMES = list(BACKBONES)
@@ -462,7 +464,7 @@ class BagOfItems(Backbone):
     """A throwaway fifth backbone: each position's rating from the mean embedding of the window so far."""
 
     name, display_name = "bag", "Bag of items"
-    flags = (Flag("bag_embedding_dim", options.positive_int, 8, "item embedding size"),)
+    flags = (Flag("bag_embedding_dim", flag_types.positive_int, 8, "item embedding size"),)
 
     def __init__(self, num_items, embedding_dim=8):
         super().__init__(num_items)
@@ -479,7 +481,16 @@ class BagOfItems(Backbone):
         return self.rating_output(self.head(so_far).squeeze(-1), item_ids)
 
 
-def test_a_fifth_backbone_is_its_class_and_its_registry_entry(tmp_path, monkeypatch):
+@pytest.fixture
+def registry():
+    """The backbone registry, restored after the test whatever it registered."""
+    saved = dict(BACKBONES)
+    yield BACKBONES
+    BACKBONES.clear()
+    BACKBONES.update(saved)
+
+
+def test_a_fifth_backbone_is_its_class_and_its_registry_entry(tmp_path, registry):
     """Registered, the class alone makes --model=bag and --bag_embedding_dim work in every script, shapes
     checkpoints by its size flag and names its table rows; no other source file knows it."""
     import main
@@ -487,7 +498,7 @@ def test_a_fifth_backbone_is_its_class_and_its_registry_entry(tmp_path, monkeypa
     import train_original
     from synthetic import write_movielens
 
-    monkeypatch.setitem(BACKBONES, BagOfItems.name, BagOfItems)
+    register(BagOfItems)
     write_movielens(str(tmp_path / "u.data"), fmt="ml-100k", num_users=60, num_items=40, seed=1)
     argv = ["--mode=ml-100k", f"--data_path={tmp_path}/u.data", f"--data_dir={tmp_path}/Data", "--min_item=1",
             "--num_test_data=10", "--val_size=5", "--batch_size=4", "--num_samples=4", "--num_query_set=2",
@@ -504,3 +515,73 @@ def test_a_fifth_backbone_is_its_class_and_its_registry_entry(tmp_path, monkeypa
         main.main(options.parse_args(argv + ["--bag_embedding_dim=4", "--checkpoint_step=2", "--test"]))
     import tables
     assert tables.display("bag") == "Bag of items"
+
+
+def variant(base=BagOfItems, **attributes):
+    """A subclass of `base` with the given class attributes (a throwaway backbone for the registry tests)."""
+    return type(attributes.pop("class_name", "Variant"), (base,), attributes)
+
+
+def test_the_registry_refuses_what_cannot_work_with_one_line(registry):
+    """A taken name, a missing name or from_args, a flag declared twice in two ways, or not a Backbone:
+    each refused at registration, and the registry is left as it was."""
+    before = dict(registry)
+    cases = [
+        (variant(name="gru4rec"), "GRU4Rec already has that name"),
+        (variant(name=None), "it has no name"),
+        (variant(name="bag2", display_name=""), "it has no display_name"),
+        (type("NoBuilder", (Backbone,), {"name": "nb", "display_name": "NB"}), "does not define from_args"),
+        (variant(name="bag3", flags=(Flag("gru4rec_n_layers", flag_types.depth, 3, "GRU layers"),)),
+         "--gru4rec_n_layers clashes with gru4rec's"),
+        (variant(name="bag4", flags=("bag_width",)), "its flags must be models.Flag"),
+        (torch.nn.Linear, "a subclass of models.Backbone"),
+    ]
+    for backbone, message in cases:
+        with pytest.raises(MeloError, match=message) as caught:
+            register(backbone)
+        assert "\n" not in str(caught.value)
+    assert registry == before
+    # the same flag declared the same way is one flag, shared (as BERT4Rec and SASRec share theirs)
+    shared = variant(name="bag5", display_name="Bag 5", flags=BagOfItems.flags + (BACKBONES["gru4rec"].flags[2],))
+    register(shared)
+    assert [names for flag, names in backbone_flags() if flag.name == "gru4rec_n_layers"] == [["gru4rec", "bag5"]]
+
+
+def test_a_built_backbone_without_the_item_table_or_the_output_layer_is_refused():
+    """--inner_params=head adapts the layer named `head` and the inner loop swaps `item_embedding`'s rows: a
+    backbone that names them otherwise, or shapes them otherwise, is refused when it is built."""
+    good = BagOfItems(NUM_ITEMS)
+    assert check_contract(good, NUM_ITEMS) is good
+
+    def renamed_head(self, num_items, embedding_dim=8):
+        BagOfItems.__init__(self, num_items, embedding_dim)
+        self.output = self.head
+        del self.head
+
+    def wide_head(self, num_items, embedding_dim=8):
+        BagOfItems.__init__(self, num_items, embedding_dim)
+        self.head = torch.nn.Linear(embedding_dim, 2)
+
+    def no_padding_row(self, num_items, embedding_dim=8):
+        BagOfItems.__init__(self, num_items, embedding_dim)
+        self.item_embedding = torch.nn.Embedding(num_items + 1, embedding_dim)
+
+    for init, message in ((renamed_head, "head = nn.Linear"), (wide_head, "head = nn.Linear"),
+                          (no_padding_row, "item_embedding = nn.Embedding")):
+        with pytest.raises(MeloError, match=message):
+            check_contract(variant(__init__=init)(NUM_ITEMS), NUM_ITEMS)
+    with pytest.raises(MeloError, match="item_embedding"):
+        check_contract(good, NUM_ITEMS + 1)  # a table of another data set's size
+
+
+def test_a_backbone_checks_its_own_flags_and_options_reports_them():
+    """BERT4Rec's and SASRec's head-count check lives with the transformer; options.validate shows it as a
+    flag error (exit 2) whatever --model is, so compare.py's several models are covered."""
+    args = options.parse_args(["--model=gru4rec"])
+    assert BACKBONES["bert4rec"].check_flags(args) is None and BACKBONES["gru4rec"].check_flags(args) is None
+    args.bert_hidden_units, args.bert_num_heads = 30, 4
+    assert "must be divisible by --bert_num_heads (4)" in BACKBONES["sasrec"].check_flags(args)
+    assert BACKBONES["gru4rec"].check_flags(args) is None
+    with pytest.raises(SystemExit) as exited:
+        options.parse_args(["--model=gru4rec", "--bert_hidden_units=30", "--bert_num_heads=4"])
+    assert exited.value.code == 2

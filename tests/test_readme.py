@@ -31,6 +31,7 @@ import torch
 import ablation
 import benchmark
 import compare
+import errors
 import options
 import runtime
 import synthetic
@@ -235,7 +236,7 @@ def check_document(path, root=REPO):
             label = "skipped"
         except SystemExit as error:  # argparse's error (one line on stderr)
             pytest.fail(f"{where}: `{' '.join(argv)}` does not parse (exit status {error.code})")
-        except options.MeloError as error:
+        except errors.MeloError as error:
             pytest.fail(f"{where}: `{' '.join(argv)}`: {error}")
         counts[label] = counts.get(label, 0) + 1
     return counts
@@ -250,7 +251,7 @@ def cpu_only_device_check(monkeypatch, tmp_path):
     def select_device(name):
         try:
             return select(name)
-        except options.MeloError:
+        except errors.MeloError:
             if torch.device(name).type == "cuda":
                 return torch.device(name)
             raise
@@ -317,10 +318,6 @@ def test_placeholders_are_skipped_and_counted(tmp_path, cpu_only_device_check, c
     assert check_document("placeholder.md", root=str(tmp_path)) == {"skipped": 1}
 
 
-# Files the README links to that other open issues write (docs/comparison.md: issue 14, docs/reliability.md:
-# issue 16); remove a name once its file is on main.
-PENDING_LINKS = {"docs/comparison.md", "docs/reliability.md"}
-
 
 def heading_anchors(path):
     """GitHub's anchors of the headings of a markdown file."""
@@ -342,8 +339,6 @@ def test_relative_links_and_anchors_exist(path):
         if target.startswith(("http://", "https://")):
             continue
         linked = os.path.normpath(os.path.join(os.path.dirname(path), target)) if target else path
-        if linked in PENDING_LINKS and not os.path.exists(os.path.join(REPO, linked)):
-            continue
         assert os.path.exists(os.path.join(REPO, linked)), f"{path}: link to missing {linked}"
         if anchor and linked.endswith(".md"):
             assert anchor[1:] in heading_anchors(os.path.join(REPO, linked)), f"{path}: no heading {linked}{anchor}"

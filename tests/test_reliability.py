@@ -5,7 +5,6 @@ import gzip
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -17,7 +16,9 @@ import checkpointing
 import dataloader as dl
 import main
 import metrics
+import errors
 import options
+import runs
 import train_original
 from runtime import Distributed, Terminated
 
@@ -104,7 +105,7 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_holds_the_lock
             line = one_line_error(gru4rec(ratings_file, tmp_path, *extra), capsys)
             assert f"another {PREFIX} run is writing to {ckpt}" in line and "another --checkpoint_dir" in line
         # train_original.py holds its own lock in --pretrain_log_dir
-        baseline = train_original.run_prefix(options.parse_args(gru4rec(ratings_file, tmp_path)))
+        baseline = runs.basic_prefix(options.parse_args(gru4rec(ratings_file, tmp_path)))
         with checkpointing.RunLock(str(tmp_path / "pre"), baseline, "--pretrain_log_dir").acquire():
             line = one_line_error(gru4rec(ratings_file, tmp_path, f"--pretrain_log_dir={tmp_path / 'pre'}",
                                           "--pretrain_epochs=1"), capsys, train_original)
@@ -156,12 +157,12 @@ def test_a_non_finite_validation_score_stops_without_saving(ratings_file, tmp_pa
         return {"rmse": float("nan"), "mae": float("nan"), "mean_per_rating_rmse": float("nan"), "per_rating": {}}
 
     monkeypatch.setattr(main.MetaTrainer, "evaluate", diverged)
-    with pytest.raises(options.MeloError, match=r"validation RMSE became nan at step 0; stopped without saving "
+    with pytest.raises(errors.MeloError, match=r"validation RMSE became nan at step 0; stopped without saving "
                                                  r"step 0 \(no checkpoint of this run was saved\)"):
         run(gru4rec(ratings_file, tmp_path))
     assert not any(name.endswith(".pt") for name in os.listdir(tmp_path / "ckpt"))
     monkeypatch.setattr(train_original.BaselineTrainer, "evaluate", diverged)
-    with pytest.raises(options.MeloError, match="validation RMSE became nan after epoch 0; stopped without saving"):
+    with pytest.raises(errors.MeloError, match="validation RMSE became nan after epoch 0; stopped without saving"):
         train_original.main(options.parse_args(gru4rec(ratings_file, tmp_path, f"--pretrain_log_dir={tmp_path}/pre")))
     assert not any(name.endswith(".pt") for name in os.listdir(tmp_path / "pre"))
 
@@ -170,7 +171,7 @@ def test_a_report_never_holds_nan(tmp_path, capsys):
     report = {"count": 2, "rmse": float("nan"), "mae": 1.0, "mean_per_rating_rmse": float("inf"),
               "per_rating": {"4": {"count": 2, "rmse": float("nan"), "mae": 1.0, "mean_prediction": float("nan")}}}
     path = tmp_path / "report.json"
-    with pytest.raises(options.MeloError, match="non-finite numbers .*written as null"):
+    with pytest.raises(errors.MeloError, match="non-finite numbers .*written as null"):
         metrics.publish(report, "test", str(path))
     assert "RMSE nan" in capsys.readouterr().out
     text = path.read_text()
@@ -358,7 +359,7 @@ def test_a_nan_validation_of_a_resumed_step_names_the_step_before_as_last_good(r
         return {"rmse": float("nan"), "mae": float("nan"), "mean_per_rating_rmse": float("nan"), "per_rating": {}}
 
     monkeypatch.setattr(main.MetaTrainer, "evaluate", diverged)
-    with pytest.raises(options.MeloError, match=r"validation RMSE became nan at step 4; stopped without saving step 4 "
+    with pytest.raises(errors.MeloError, match=r"validation RMSE became nan at step 4; stopped without saving step 4 "
                                                  r"\(the last good checkpoint is step 2\)"):
         run(gru4rec(ratings_file, tmp_path, "--checkpoint_step=4", "--num_train_iterations=6"))
 
@@ -395,7 +396,7 @@ def test_damaged_checkpoints_of_the_right_format_are_one_line_errors(ratings_fil
     checkpoint = torch.load(ckpt / f"{PREFIX}_step4.pt", weights_only=True)
     damage(checkpoint)
     torch.save(checkpoint, ckpt / f"{PREFIX}_step4.pt")
-    with pytest.raises(options.MeloError, match=message):
+    with pytest.raises(errors.MeloError, match=message):
         run(gru4rec(ratings_file, tmp_path, "--checkpoint_step=4", "--num_train_iterations=6"))
 
 
@@ -469,7 +470,7 @@ YELP_RECORD = '{"user_id": "a", "business_id": "b", "stars": 4, "date": "2016-01
 def test_bad_ratings_files_are_one_line_errors_with_the_line(tmp_path, mode, content, message):
     path = tmp_path / "ratings.txt"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(options.MeloError) as error:
+    with pytest.raises(errors.MeloError) as error:
         dl.load_data(sy.make_args(mode, str(path), tmp_path, min_item=1, min_sequence=2))
     assert "\n" not in str(error.value) and str(error.value).startswith(str(path))
     assert message in str(error.value), str(error.value)

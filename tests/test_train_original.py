@@ -11,6 +11,7 @@ import torch
 import main
 import metrics
 import options
+import runs
 import train_original
 from dataloader import MetaDataset, load_data
 from runtime import Distributed
@@ -69,7 +70,7 @@ def test_training_lowers_the_loss_and_keeps_best_and_latest(ratings_file, tmp_pa
     trainer = run(argv)
     assert trainer.epoch == 4
     assert fixed_loss(trainer) < 0.7 * before
-    prefix = train_original.run_prefix(trainer.args)
+    prefix = runs.basic_prefix(trainer.args)
     assert prefix.endswith("basic-learned-loss" if learned_loss == "True" else "basic")
     kept = {4, trainer.best["step"]}
     assert sorted(os.listdir(tmp_path / "pre")) == sorted(f"{prefix}_step{s}.pt" for s in kept)
@@ -272,7 +273,7 @@ def test_errors_are_one_line(ratings_file, tmp_path, capsys):
 
 def test_a_fresh_run_replaces_an_earlier_one_only_with_overwrite(ratings_file, tmp_path, capsys):
     argv = flags(ratings_file, tmp_path, "--model=gru4rec", "--pretrain_epochs=3")
-    prefix = train_original.run_prefix(run(argv).args)
+    prefix = runs.basic_prefix(run(argv).args)
     earlier = {name: (tmp_path / "pre" / name).read_bytes() for name in os.listdir(tmp_path / "pre")}
     with pytest.raises(SystemExit):
         options.run_cli(train_original.main, argv[:-1] + ["--pretrain_epochs=1"])

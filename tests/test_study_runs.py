@@ -1,5 +1,6 @@
-"""Stale results never pass as fresh (issue 22): the data cache and every reused report are keyed on the
-ratings file's content; signals, full disks, truncated reports and bad rates end in one line."""
+"""compare.py and ablation.py never pass a stale result as fresh, and stop cleanly: every reused report is
+keyed on the ratings file's content and checked whole (report, per-target CSVs), a damaged one is named
+and made again, SIGTERM reaches the child that saves, a second run on one results folder is refused."""
 import json
 import os
 import shlex
@@ -9,52 +10,22 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-import torch
 
 import ablation
 import baselines
 import checkpointing
 import compare
-import dataloader as dl
-import options
 import study
 
 import synthetic as sy
+from helpers import same_size_edit
 from test_ablation import argv as ablation_argv
-from test_compare import argv as compare_argv, in_process, keep_thread_count, no_runs  # noqa: F401
+from test_compare import argv as compare_argv, in_process, no_runs
 from test_main import REPO
 
 
-def same_size_edit(path):
-    """Change ratings without changing the file's size, then restore its mtime (`touch -r`)."""
-    before = os.stat(path)
-    lines = open(path).read().splitlines(keepends=True)
-    for number in range(0, len(lines), 3):   # every third rating: 5 <-> 1, other values kept
-        user, item, rating, timestamp = lines[number].split("\t")
-        lines[number] = "\t".join((user, item, {"5": "1", "1": "5"}.get(rating, rating), timestamp))
-    with open(path, "w") as handle:
-        handle.write("".join(lines))
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = os.stat(path)
-    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-
-
-def test_the_data_cache_sees_a_same_size_edit_with_its_mtime_restored(tmp_path):
-    path = str(tmp_path / "u.data")
-    sy.write_movielens(path, fmt="ml-100k", num_users=60, num_items=40, seed=4)
-    args = sy.make_args("ml-100k", path, tmp_path, num_test_data=10)
-    before = dl.load_data(args)
-    same_size_edit(path)
-    after = dl.load_data(args)
-    assert not np.array_equal(before.ratings, after.ratings)
-    assert after.fingerprint() != before.fingerprint()   # what checkpoints and reports carry
-    np.testing.assert_array_equal(after.ratings, dl.load_data(sy.make_args("ml-100k", path, tmp_path / "fresh",
-                                                                            num_test_data=10)).ratings)
-
-
-# ============================================================================ reused reports (items 1, 7)
+# ============================================================================ reused reports
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     """A finished gru4rec comparison on its own ratings file. The tests below damage it and check that the
@@ -105,7 +76,7 @@ def test_a_truncated_report_or_per_target_csv_is_named_and_made_again(compared, 
 ])
 def test_a_baselines_damaged_csv_is_named_and_made_again(compared, monkeypatch, capsys, name, damage, message):
     """A truncated user-item-bias CSV made compare.py loop ('remove it, and run the same command again', then
-    '... is missing'), and a truncated user-mean CSV was never noticed (issue 35, item 8): a baseline's
+    '... is missing'), and a truncated user-mean CSV was never noticed: a baseline's
     CSVs are checked like every other report's, and a damaged one is tested again."""
     command, _, seed, text = compared
     written = seed / "checkpoints" / name
@@ -133,7 +104,7 @@ def test_a_report_without_a_data_fingerprint_is_tested_again(compared, monkeypat
     assert again == text
 
 
-# ============================================================================ a stopped compare.py (item 4)
+# ============================================================================ a stopped compare.py
 def copied(compared, tmp_path, iterations):
     """compare.py's command on a copy of the finished comparison (same ratings file) whose MAML and MELO are
     still to train for `iterations` (their runs removed, the folder's settings saying that length): its
@@ -181,7 +152,7 @@ def processes_naming(text):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_to_compare_stops_its_child_which_saves_and_the_line_says_how_to_resume(compared, tmp_path, capsys):
-    """It used to leave the child training on as an orphan (issue 22, item 4)."""
+    """It used to leave the child training on as an orphan."""
     command = copied(compared, tmp_path, 400)
     process, log = start_compare(command, "training, ")
     process.send_signal(signal.SIGTERM)
@@ -270,28 +241,3 @@ def test_ablation_remakes_a_variant_of_an_edited_ratings_file(tmp_path, monkeypa
     _, second = ablation.main(command)
     assert [("--test" in argv, "--overwrite=True" in argv) for _, argv in calls] == [(False, True), (True, False)]
     assert second != first
-
-
-# ============================================================================ learning rates (item 6)
-def test_every_learning_rate_flag_is_bounded_to_what_adam_can_use(capsys):
-    parser = options.build_parser()
-    rate_actions = [action for action in parser._actions
-                    if action.type is options.learning_rate or action.dest == "finetune_lr_grid"]
-    rate_flags = [action.option_strings[0] for action in rate_actions]
-    assert len(rate_flags) == 13 and {"--user_bias_lr", "--outer_lr", "--bias_outer_lr", "--finetune_lr_grid"} <= set(rate_flags)
-    for flag in rate_flags:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_info:
-            options.parse_args([f"{flag}=2e38"])   # passed the float32 check, then overflowed Adam
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"{flag}: must be a learning rate from 0 to 10000, got 2e38" in err[0], err
-    assert all(action.help.endswith("(0 to 10000)") for action in rate_actions)  # what --help shows
-    # the bound itself trains: Adam's first steps at LR_MAX stay finite in float32
-    weight = torch.nn.Parameter(torch.ones(4))
-    adam = torch.optim.Adam([weight], lr=options.LR_MAX)
-    for _ in range(3):
-        adam.zero_grad()
-        (weight ** 2).sum().backward()
-        adam.step()
-    assert torch.isfinite(weight).all()
