@@ -194,7 +194,7 @@ def parse(argv):
         except ValueError as error:  # "No closing quotation", "No escaped character"
             raise MeloError(f"--define {definition!r}: its flags cannot be split as a shell would ({error}): "
                             "check the quotes") from None
-        variants[name.strip()] = ("defined on the command line", flags)
+        variants[name.strip()] = (f"defined: {shlex.join(flags)}", flags)
     unknown = [n for n in names if n not in variants]
     if unknown or not names:
         raise MeloError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(variants)} "
@@ -354,7 +354,7 @@ def build_table(known, variants, runs, argv, fingerprints=None):
              f"iterations, tested at the last checkpoint with the best-by-validation weights; "
              f"{'/'.join(map(str, counts))} test targets (query windows) per seed, in stars. Weight r★: the "
              "learned loss's mean weight on the test users' support positions rated r (over the inner steps; "
-             "– for MAML++).", "", f"Command: `python ablation.py {' '.join(argv)}`", ""]
+             "– for MAML++).", "", f"Command: `python ablation.py {shlex.join(argv)}`", ""]
     return "\n".join(intro + lines) + "\n", summary
 
 

@@ -312,7 +312,7 @@ START_CACHE_VERSION = 2
 
 @dataclass(frozen=True)
 class HeadStart:
-    """Where the bias rating head starts (`Backbone.set_bias_start`'s keyword arguments), in normalised
+    """Where the bias rating head starts (`models.heads.BiasHead.set_start`'s keyword arguments), in normalised
     ratings: μ, the item biases and factors (None: unchanged), and the fold-in's λs and recency decay for
     each task's start of (b_user, p_user) (None: no per-task start, or no factor solve)."""
     mean: float
@@ -381,7 +381,7 @@ def bias_start(data, dataset, args):
                                                fitted.num_items) / data.max_rating
         if args.user_bias_start == "fold-in":
             start.update(user_bias_reg=user_reg, user_decay=decay)
-        if args.rating_head == "bias" and args.user_factors and args.bias_start == "fold-in":
+        if args.user_factors and args.bias_start == "fold-in":
             (rank, reg, factor_reg, bias_reg, decay), mf_searched = choose(
                 "mf-fold-in", val_tasks, fitted, data.max_rating, args.select_by, factor_axes(args.user_factors))
             if min(mf_searched["validation_scores"]) < min(searched["validation_scores"]):
@@ -393,10 +393,11 @@ def bias_start(data, dataset, args):
 
 
 def start_bias_head(backbone, data, dataset, args):
-    """Set the bias rating head's start (`bias_start`) on `backbone`, as every trainer does; nothing for
-    the plain head."""
-    if args.rating_head == "bias":
-        backbone.set_bias_start(**dataclasses.asdict(cached_bias_start(data, dataset, args)))
+    """Set the rating head's start fitted on the training data (`bias_start`) on `backbone`, as every
+    trainer does; nothing for a head that fits none (the plain head)."""
+    head = backbone.rating_head
+    if head.fits_start:
+        head.set_start(backbone, **dataclasses.asdict(cached_bias_start(data, dataset, args)))
 
 
 def chosen_fields(name, value):

@@ -59,7 +59,7 @@ import runtime
 import study
 from dataloader import MetaDataset, load_data
 from errors import MeloError
-from models import BACKBONES, RATING_HEADS
+from models import BACKBONES, HEADS
 from runtime import write_atomic
 from tables import METHOD_NAMES, NO_NETWORK, PAIRED, build_tables, figure_reports
 from study import (CONTROLLED, NOT_SETTINGS, START_FLAGS, data_fingerprint, given_flags, lock_results, read_report,
@@ -93,12 +93,12 @@ def build_parser():
     add("--finetune_lr_grid", type=flag_types.comma_list(flag_types.learning_rate), default="0.01,0.03,0.1,0.3",
         help=f"Fine-tune row: SGD learning rates chosen from on the validation users (0 to {flag_types.LR_MAX:g})")
     add("--start", default="fold-in", choices=tuple(START_FLAGS),
-        help="how MAML and MELO start: fold-in = from random weights with the bias head's f = 0 and b_user at "
-             "its fold-in start, so that they start as the user + item bias fold-in, inner lr 0.1, outer loss "
-             "on the query target (--inner_lr=0.1 --query_loss=target); basic = the same from the whole Basic "
-             "model (--load_pretrained=True); embedding = from Basic's item embedding (the original recipe); "
+        help="how MAML and MELO start: fold-in = from random weights with the bias head's f = 0 and the user's "
+             "parameters at their fold-in start, so that the untrained meta-learner is the better classic fold-in "
+             f"({' '.join(START_FLAGS['fold-in'])}); basic = from the whole Basic model "
+             f"({' '.join(START_FLAGS['basic'])}); embedding = from Basic's item embedding (the original recipe); "
              "random = from random weights at main.py's defaults")
-    add("--rating_head", default="bias", choices=RATING_HEADS,
+    add("--rating_head", default="bias", choices=tuple(HEADS),
         help="the rating head of every network (Basic, Fine-tune, MAML, MELO; main.py's --rating_head): bias "
              "= mu + b_user + b_item + the network's residual, the item biases starting at the fold-in's "
              "(the default of every script, chosen by the ablation in docs/comparison.md)")

@@ -24,105 +24,31 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from inner_loop_optimizers import LSLRGradientDescent
+from models.heads import USER_BIAS
 from models.loss_networks import query_loss
 
-EMBEDDING = "item_embedding.weight"
-ITEM_BIAS = "item_bias.weight"
-ITEM_FACTOR = "item_factor.weight"
-# Tensors indexed by item id: each task adapts a small table of only its own items' rows (`vmap_tasks`).
-ITEM_TABLES = (EMBEDDING, ITEM_BIAS, ITEM_FACTOR)
-USER_BIAS = "user_bias"
-USER_FACTOR = "user_factor"
+EMBEDDING = "item_embedding.weight"  # indexed by item id: each task adapts a small table of its items' rows
 SUPPORT_AGE = "support_age"  # the context entry of each support position's recency (TaskBatch.support_age)
-# --inner_params=head adapts these (with the bias head's biases): the output layer, ANIL-style.
+# --inner_params=head adapts these (with the rating head's own parameters): the output layer, ANIL-style.
 HEAD_PREFIX = "head."
 
 
 def adapted_parameter_names(backbone, inner_params="all", adapt_user_bias=True, adapt_item_bias=True):
     """The backbone parameters that the inner loop adapts, in the backbone's order: all of them, or only
-    the output layer (`inner_params="head"`), plus the bias head's b_user and b_item unless frozen."""
+    the output layer (`inner_params="head"`), plus the rating head's per-user parameters (b_user, p_user)
+    and item tables (b_item, q_item) unless frozen."""
     names = []
+    head = backbone.rating_head
     for name, _ in backbone.named_parameters():
-        if name in (USER_BIAS, USER_FACTOR):
+        if name in head.user_parameters:
             keep = adapt_user_bias
-        elif name in (ITEM_BIAS, ITEM_FACTOR):
+        elif name in head.item_tables:
             keep = adapt_item_bias
         else:
             keep = inner_params == "all" or name.startswith(HEAD_PREFIX)
         if keep:
             names.append(name)
     return names
-
-
-def distinct_item_share(items, mask, dtype, weights=None):
-    """Per position of `items` [..., L] (flattened), 1/m at each of an item's m real positions (`mask`) and 0
-    at padding: an item in several (overlapping) windows counts once, as in the baselines' support sets.
-    With `weights` [..., L], each position's share is scaled by its weight (an item's weight is then the
-    mean of its positions')."""
-    items, real = items.flatten(), mask.flatten()
-    multiplicity = ((items[:, None] == items[None, :]) & real[None, :]).sum(1).clamp_min(1)
-    share = real.to(dtype) / multiplicity
-    return share if weights is None else share * weights.flatten()
-
-
-def fold_in_shift(residuals, items, mask, reg, weights=None):
-    """The fold-in's user bias from a support set's residuals y − ŷ [..., L] at item ids `items` and real
-    positions `mask`: Σ over its distinct items of their mean residual, / (number of distinct items + reg).
-    An item in several (overlapping) windows counts once, as in baselines.user_item_bias; 0 if nothing
-    is real and reg = 0; with `weights`, the weighted mean. Pure tensor code (no data-dependent shapes),
-    so it runs under vmap."""
-    share = distinct_item_share(items, mask, residuals.dtype, weights)
-    total, count = (residuals.flatten() * share).sum(), share.sum() + reg
-    return torch.where(count > 0, total / count.clamp_min(1e-12), torch.zeros_like(total))
-
-
-def fold_in_solve(residuals, factors, items, mask, factor_reg, bias_reg, weights=None):
-    """The MF fold-in's (p_user [K], b_user) from a support set's residuals y − ŷ [..., L] and the item
-    factors at its positions [..., L, K]: the ridge regression of the residuals on [q_item, 1] over its
-    distinct items (each counted once, as in baselines.mf_fold_in; with `weights`, weighted least
-    squares), penalties λ_p on p and λ_b on b. A 1e-9 on the diagonal keeps an empty support set with
-    λ_b = 0 solvable. Runs under vmap."""
-    share = distinct_item_share(items, mask, residuals.dtype, weights)
-    x = torch.cat([factors.flatten(0, -2), torch.ones_like(share)[:, None]], dim=1)  # [N, K + 1]
-    weighted = x * share[:, None]
-    penalty = torch.full((x.shape[1],), float(factor_reg), dtype=x.dtype, device=x.device)
-    penalty[-1] = float(bias_reg)
-    gram = weighted.T @ x + torch.diag(penalty + 1e-9)
-    return torch.linalg.solve(gram, weighted.T @ residuals.flatten())
-
-
-def recency_weights(age, items, mask, decay, dtype):
-    """γ^age per support position [..., L], scaled to mean 1 over the task's distinct items (as
-    baselines.SupportSets.decay_weights), so the start's shrinkage λ keeps its meaning."""
-    weights = decay ** age.to(dtype)
-    share = distinct_item_share(items, mask, dtype)
-    return weights / ((share * weights.flatten()).sum() / share.sum().clamp_min(1e-12)).clamp_min(1e-12)
-
-
-def start_user_bias(backbone, params, items, labels, mask, weights_of=None, age=None):
-    """`params` with b_user moved, for this task, to the fold-in's shrunk estimate from its support set
-    (items, labels, mask): b_user + fold_in_shift of the residuals at b_user, with the backbone's
-    `user_bias_reg` as λ. With f ≡ 0 and b_user = 0 that is the user + item bias fold-in exactly: the
-    inner loop (or fine-tuning) starts where the fold-in ends. With a factor term and `user_factor_reg`
-    set, (p_user, b_user) move jointly by `fold_in_solve`: with f ≡ 0 the MF fold-in exactly.
-    `weights_of(predictions) -> [..., L]`: per-position weights of the fit (MELO's learned weights, with
-    --weighted_start), so the start minimises the weighted inner loss over the user's parameters; with the
-    backbone's `user_decay` γ and the positions' recency `age` [..., L], the fit weighs each rating by
-    γ^age too (`recency_weights`), as the fold-in it starts from. `params` unchanged without that start."""
-    if getattr(backbone, "user_bias_reg", None) is None:
-        return params
-    predictions = functional_call(backbone, params, (items,))
-    residuals = labels - predictions
-    weights = None if weights_of is None else weights_of(predictions)
-    if getattr(backbone, "user_decay", None) is not None and age is not None:
-        decayed = recency_weights(age, items, mask, backbone.user_decay, residuals.dtype)
-        weights = decayed if weights is None else weights * decayed
-    if getattr(backbone, "user_factor_reg", None) is None:
-        shift = fold_in_shift(residuals, items, mask, backbone.user_bias_reg, weights)
-        return {**params, USER_BIAS: params[USER_BIAS] + shift}
-    shift = fold_in_solve(residuals, params[ITEM_FACTOR][items], items, mask, backbone.user_factor_reg,
-                          backbone.user_bias_reg, weights)
-    return {**params, USER_FACTOR: params[USER_FACTOR] + shift[:-1], USER_BIAS: params[USER_BIAS] + shift[-1]}
 
 
 def multi_step_loss_weights(iteration, num_steps, msl_iterations):
@@ -206,7 +132,7 @@ class MetaLearner(nn.Module):
 
     def task_start(self, params, support, context=None, inner_loss=None):
         """Where a task's inner loop starts: `params` with b_user (and p_user) at their fold-in start on
-        `support` (items, labels, mask; `start_user_bias`), weighted with --weighted_start by the inner
+        `support` (items, labels, mask; the rating head's `task_start`), weighted with --weighted_start by the inner
         loss's (default the learner's) step-0 weights of the task (`context`); split into (adapted, fixed)."""
         inner_loss = self.inner_loss if inner_loss is None else inner_loss
         weights_of = None
@@ -215,7 +141,8 @@ class MetaLearner(nn.Module):
             weights_of = lambda predictions: inner_loss.position_weights(  # noqa: E731
                 predictions, labels, mask, context, 0)
         age = None if context is None else context.get(SUPPORT_AGE)
-        return self.split_adapted(start_user_bias(self.backbone, params, *support, weights_of=weights_of, age=age))
+        return self.split_adapted(self.backbone.rating_head.task_start(self.backbone, params, *support,
+                                                                       weights_of=weights_of, age=age))
 
     # ------------------------------------------------------------------ one task
     def adapt_task(self, params, support, context, query, scored_steps, first_order, merge_query=True,
@@ -297,9 +224,10 @@ class MetaLearner(nn.Module):
         support = (remapped[:, :split].view_as(support[0]),) + support[1:]
         query = (remapped[:, split:].view_as(query[0]),) + query[1:]
         params = dict(self.backbone.named_parameters())
-        shared = {n: p for n, p in params.items() if n not in ITEM_TABLES}
+        item_tables = (EMBEDDING, *self.backbone.rating_head.item_tables)
+        shared = {n: p for n, p in params.items() if n not in item_tables}
         # [T, K, ...] rows of each task's items; the gradient flows back to the whole tables
-        tables = {n: params[n][local_ids] for n in ITEM_TABLES if n in params}
+        tables = {n: params[n][local_ids] for n in item_tables if n in params}
 
         def one_task(task_tables, task_support, task_context, task_query):
             return task_function({**shared, **task_tables}, task_support, task_context, task_query)
@@ -378,7 +306,8 @@ def build_optimizer(args, learner):
             schedules.append(cosine(lr, floor, args.num_train_iterations) if floor is not None else (lambda it: 1.0))
 
     loss = learner.inner_loss
-    head_tables = learner.backbone.bias_head_parameters() if args.bias_outer_lr is not None else {}
+    backbone = learner.backbone
+    head_tables = backbone.rating_head.parameters_of(backbone) if args.bias_outer_lr is not None else {}
     add([p for name, p in learner.backbone.named_parameters() if name not in head_tables], args.outer_lr,
         args.min_outer_lr, args.outer_weight_decay)
     if head_tables:  # annealed in proportion to --outer_lr's schedule

@@ -15,7 +15,7 @@ from baselines import BASELINES
 from errors import MeloError, out_of_memory
 from flag_types import (LR_MAX, WIDTH_MAX, checked, comma_list, depth, learning_rate, non_negative_float, non_negative_int,
                         positive_int, seed, size, str2bool, weight_decay, width)
-from models import BACKBONES, RATING_HEADS, backbone_flags, check_flags
+from models import BACKBONES, HEADS, backbone_flags, check_flags
 from readers import MAX_RATING
 
 MODES = ("ml-1m", "ml-10m", "ml-100k", "amazon", "yelp")
@@ -108,7 +108,7 @@ def build_parser():
 
     add("--model", default="bert4rec", choices=tuple(BACKBONES), help="sequential backbone")
     add("--model_init_seed", type=seed, default=0, help="seeds the backbone's initial weights")
-    add("--rating_head", default="bias", choices=RATING_HEADS,
+    add("--rating_head", default="bias", choices=tuple(HEADS),
         help="how a backbone outputs a rating: plain = 0.1 + sigmoid(head), in stars / 5; bias = mu + b_user + "
              "b_item + sigmoid(head) - 1/2, with mu the training users' mean, b_item an item-bias table and "
              "b_user a per-user bias adapted in the inner loop (and by fine-tuning) with its own rate, the "

@@ -10,7 +10,7 @@ import numpy as np
 
 import checkpointing
 from dataloader import SPLIT_OPTIONS
-from models import backbone_option_names
+from models import HEADS, backbone_option_names
 from errors import MeloError
 
 # Options that change the shape or meaning of what a checkpoint holds; resuming or testing with other
@@ -36,12 +36,12 @@ PREDATED = {"rating_head": "plain", "user_factors": 0, "weighted_start": False, 
 
 def comparable(options):
     """Options (of a checkpoint, a run or a results folder) as they are compared: user_bias_start means
-    nothing to the plain head (None there), and a bias head's from before the flag started b_user at its
-    meta-learned value. Unchanged where neither is among them."""
+    nothing to a head without per-user parameters (the plain head; None there), and a bias head's from
+    before the flag started b_user at its meta-learned value. Unchanged where neither is among them."""
     if "user_bias_start" not in options and "rating_head" not in options:
         return options
     options = dict(options)
-    if options.get("rating_head", PREDATED["rating_head"]) != "bias":
+    if not HEADS[options.get("rating_head", PREDATED["rating_head"])].user_parameters:
         options["user_bias_start"] = None
     else:
         options.setdefault("user_bias_start", "learned")

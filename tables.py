@@ -7,6 +7,7 @@ adds beyond the biases (meta-learner − the best no-network baseline, the fold-
 the blend). The statistics are metrics.py's; reading and running the reports is compare.py's.
 """
 import math
+import shlex
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ import baselines
 import metrics
 import tuning
 from analysis import SHARE_NAMES
-from models import BACKBONES
+from models import BACKBONES, HEADS
 from errors import MeloError
 from study import START_DESCRIPTIONS, cell, mean_std
 
@@ -318,13 +319,10 @@ def introduction(config, reports, meta_args):
     spread = " (mean ± standard deviation over seeds)" if len(config.seeds) > 1 else ""
     select_by = meta_args.select_by  # shared by every run: the start flags do not set it
     outer_loss = "the query target" if meta_args.query_loss == "target" else "every query position"
-    head = ""
-    if meta_args.rating_head == "bias":
-        head = (f" (item biases starting at {meta_args.bias_start}"
-                + (f", a {meta_args.user_factors}-column user x item factor term" if meta_args.user_factors else "")
-                + (", its tables held at their start" if meta_args.bias_outer_lr == 0 else "") + ")")
+    head_class = HEADS[meta_args.rating_head]
+    head = head_class.describe(meta_args)
     adapted = "every parameter" if meta_args.inner_params == "all" else "the output layer"
-    if meta_args.rating_head == "bias" and meta_args.adapt_user_bias:
+    if head_class.user_parameters and meta_args.adapt_user_bias:
         adapted += " and the user's parameters"
     melo = (f"MELO's weights {meta_args.adaptive_weights}, task state {meta_args.task_state}"
             + (", fitting the start too" if meta_args.weighted_start else "")
@@ -341,7 +339,7 @@ def introduction(config, reports, meta_args):
         f"({'/'.join(map(str, users)) or '?'} test users) per seed, in stars. Error reduction: "
         "(other − MELO) / other, positive when MELO's error is lower.",
         "",
-        f"Command: `python compare.py {' '.join(config.argv)}`",
+        f"Command: `python compare.py {shlex.join(config.argv)}`",
     ]
 
 

@@ -68,7 +68,7 @@ import metrics
 import runs
 import tuning
 from dataloader import STREAM_WINDOWS
-from meta_learner import adapt, start_user_bias
+from meta_learner import adapt
 from models import export_weights, model_factory
 from models.loss_networks import RatingSequenceEncoder, masked_mean
 from errors import MeloError
@@ -125,7 +125,7 @@ class BaselineTrainer(Trainer):
             self.encoder.to(self.device)
         self.window_loss = WindowLoss(self.model, self.encoder, self.max_rating)
         self.training_loss = self.window_loss  # wrapped in DDP when training under torchrun (train())
-        head_tables = self.model.bias_head_parameters() if args.bias_outer_lr is not None else {}
+        head_tables = self.model.rating_head.parameters_of(self.model) if args.bias_outer_lr is not None else {}
         rest = [p for name, p in self.window_loss.named_parameters()
                 if name.removeprefix("backbone.") not in head_tables]
         groups = [{"params": rest}] + ([{"params": list(head_tables.values()), "lr": args.bias_outer_lr}]
@@ -211,7 +211,8 @@ class BaselineTrainer(Trainer):
         record = (self.args.finetune_steps,) if record is None else tuple(record)
         self.model.eval()
         predictions = []
-        if max(record) or (user_start and self.model.user_bias_reg is not None):  # the start needs the support set
+        # b_user's fold-in start needs the support set
+        if max(record) or (user_start and self.model.rating_head.user_bias_reg is not None):
             for start in range(0, len(tasks), self.args.batch_size):
                 chunk = tasks.select(slice(start, start + self.args.batch_size)).to(self.device)
                 predictions.append(self.finetuned_predictions(chunk, lr, record, user_start).cpu())
@@ -248,7 +249,8 @@ class BaselineTrainer(Trainer):
             def query(current):
                 return functional_call(model, {**current, **buffers}, (query_items,))[:, -1]
 
-            start = start_user_bias(model, params, items, labels, items != 0, age=age) if user_start else params
+            start = model.rating_head.task_start(model, params, items, labels, items != 0, age=age) if user_start \
+                else params
             recorded = {0: query(start)} if 0 in record else {}
 
             def after_step(step, current, aux):
@@ -421,8 +423,8 @@ def test(trainer):
     report.update(method="finetune" if steps or selection else runs.basic_method(args), model=args.model,
                   mode=args.mode, checkpoint_step=args.checkpoint_step, weights=which,
                   random_seed=args.random_seed, model_init_seed=args.model_init_seed, select_by=args.select_by,
-                  finetune_steps=steps, finetune_lr=lr, user_bias_reg=trainer.backbone.user_bias_reg,
-                  user_factor_reg=trainer.backbone.user_factor_reg)
+                  finetune_steps=steps, finetune_lr=lr, user_bias_reg=trainer.backbone.rating_head.user_bias_reg,
+                  user_factor_reg=trainer.backbone.rating_head.user_factor_reg)
     if selection is not None:
         report["finetune_selection"] = selection
     if trainer.dist.is_main:

@@ -112,8 +112,7 @@ class Trainer:
                 "data_fingerprint": self.fingerprint, "shape_options": self.shape, **self.extra_state(),
                 # λ of b_user's fold-in start, chosen on the validation tasks at the run's start: kept, so a
                 # test or resume under other --val_size / window flags starts b_user as the run trained it
-                "user_bias_reg": self.backbone.user_bias_reg, "user_factor_reg": self.backbone.user_factor_reg,
-                "user_decay": self.backbone.user_decay,
+                **self.backbone.rating_head.start_settings(),
                 "best_rmse": self.best["rmse"], "best_step": self.best["step"]}
 
     def save(self):
@@ -140,12 +139,8 @@ class Trainer:
         self.step = checkpoint["step"]
         self.log_folder = checkpointing.checked_log_folder(checkpoint.get("log_folder"), path)
         self.restore(checkpoint, path, restore_training)
-        if "user_bias_reg" in checkpoint:  # (checkpoints from before it keep the one chosen now)
-            self.backbone.user_bias_reg = checkpoint["user_bias_reg"]
-        if "user_factor_reg" in checkpoint:
-            self.backbone.user_factor_reg = checkpoint["user_factor_reg"]
-        if "user_decay" in checkpoint:
-            self.backbone.user_decay = checkpoint["user_decay"]
+        # (checkpoints from before the settings were saved keep the ones chosen now)
+        self.backbone.rating_head.load_start_settings(checkpoint)
         return checkpoint
 
     def load_tested(self):

@@ -3,8 +3,9 @@
 - `BACKBONES`: model name -> class (each has `from_args(args, num_items)`, a `display_name`, its own
   `flags` and `check_flags(args)`); `register(cls)` adds one and refuses what cannot work,
   `backbone_flags()` lists every backbone's flags once, `check_flags(args)` runs every backbone's checks.
-- `model_factory(args, num_items)`: the backbone named by `args.model`, initialised from
-  `args.model_init_seed` without touching the caller's random state.
+- `HEADS`: rating head name -> class (models/heads.py, --rating_head); `register_head(cls)` adds one.
+- `model_factory(args, num_items)`: the backbone named by `args.model` with the rating head
+  `args.rating_head`, initialised from `args.model_init_seed` without touching the caller's random state.
 - `export_weights(model)` / `load_pretrained_weights(model, exported, embedding_only, source)`: what
   train_original.py saves and main.py loads (tensors and plain values only, so `torch.load(...,
   weights_only=True)` reads it).
@@ -15,7 +16,8 @@ import torch
 
 from errors import MeloError
 
-from .backbones import RATING_HEADS, BERT4Rec, GRU4Rec, NARM, SASRec, Backbone, Flag
+from .backbones import BERT4Rec, GRU4Rec, NARM, SASRec, Backbone, Flag
+from .heads import HEADS, register_head
 
 BACKBONES = {}
 
@@ -102,7 +104,7 @@ EXPORT_KEYS = ("item_embedding", "model", "model_name", "num_items")
 
 def model_factory(args, num_items):
     """Build the backbone `args.model` for items 1..num_items (id 0 is padding), with the rating head
-    `args.rating_head` (its μ and item biases are the trainer's to set: `set_bias_start`).
+    `args.rating_head` (models/heads.py; its data-driven start is the trainer's to set: `set_start`).
 
     The weights depend only on `args.model_init_seed` (and the sizes): they are drawn on the CPU from a
     freshly seeded default generator inside `fork_rng`, so the caller's CPU random state is restored
@@ -120,7 +122,10 @@ def model_factory(args, num_items):
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.default_generator.manual_seed(args.model_init_seed)
         backbone = check_contract(BACKBONES[name].from_args(args, num_items), num_items)
-    return backbone.add_bias_head(args.user_factors) if args.rating_head == "bias" else backbone
+    if args.rating_head not in HEADS:
+        raise MeloError(f"unknown rating head {args.rating_head!r}; known heads: {', '.join(HEADS)}")
+    backbone.rating_head = HEADS[args.rating_head].attach(backbone, args.user_factors)
+    return backbone
 
 
 def export_weights(model):
@@ -183,5 +188,6 @@ def load_pretrained_weights(model, exported, embedding_only, source):
     return model
 
 
-__all__ = ["BACKBONES", "RATING_HEADS", "Backbone", "BERT4Rec", "SASRec", "GRU4Rec", "NARM", "Flag", "register",
-           "backbone_flags", "backbone_option_names", "check_flags", "check_contract", "model_factory", "export_weights", "load_pretrained_weights"]
+__all__ = ["BACKBONES", "HEADS", "register_head", "Backbone", "BERT4Rec", "SASRec", "GRU4Rec", "NARM", "Flag",
+           "register", "backbone_flags", "backbone_option_names", "check_flags", "check_contract", "model_factory",
+           "export_weights", "load_pretrained_weights"]

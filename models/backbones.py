@@ -21,10 +21,8 @@ from torch import nn
 
 from flag_types import depth, non_negative_float, width
 
-from .layers import GRU, Dropout, LayerNorm, Linear, TransformerBlock, attention_bias, rating_head_output
-
-
-RATING_HEADS = ("plain", "bias")
+from .heads import PlainHead
+from .layers import GRU, Dropout, LayerNorm, Linear, TransformerBlock, attention_bias
 
 
 @dataclass(frozen=True)
@@ -39,26 +37,9 @@ class Flag:
 
 
 class Backbone(nn.Module):
-    """Base class: the registry name, the item count, `from_args` to build from parsed flags, and the
-    rating head that turns the network's head logits into a normalised rating.
-
-    The head is `plain` (0.1 + sigmoid(logits), the original) or, after `add_bias_head()`, `bias`:
-
-        ŷ = μ + b_user + b_item [+ p_user · q_item] + f(window),    f = sigmoid(logits) − ½
-
-    with μ the training users' mean rating (a buffer, set by the trainer), b_item a table indexed by item
-    id like the embedding (`item_bias.weight`, so the inner loop's small per-task item table covers it),
-    b_user one scalar parameter that the inner loop adapts per task with its own learned rate (so one
-    inner step on it alone is the user-bias fold-in), and f the network's residual on top. With
-    `user_bias_reg` set (--user_bias_start=fold-in), each task's b_user first moves to the fold-in's shrunk
-    estimate from its support set (`meta_learner.start_user_bias`): with f ≡ 0 the head is then the
-    fold-in. With `user_factors` K > 0 (--user_factors), an item-factor table q (`item_factor.weight`, K
-    columns, indexed like the embedding) and a user factor p that the inner loop adapts like b_user; with
-    `user_factor_reg` set, each task's (p_user, b_user) first move jointly to the ridge estimate from its
-    support set's residuals, so that with f ≡ 0 and q from ALS the head is the MF fold-in. The plain head is the same with μ + b_user + b_item replaced by the constant 0.6: f keeps the
-    plain head's slope and bound, so the step sizes that suit one suit the other (a linear f made
-    BERT4Rec's fine-tuning and inner loop diverge at the plain head's rates, 0.1 and above).
-    """
+    """Base class: the registry name, the item count, `from_args` to build from parsed flags, its own flag
+    checks, and the rating head (`rating_head`, a models.heads class: plain until `model_factory` attaches
+    the one --rating_head names) that turns the network's head logits into a normalised rating."""
 
     name = None          # the registry name, --model=<name>
     display_name = None  # in tables and figures
@@ -67,10 +48,7 @@ class Backbone(nn.Module):
     def __init__(self, num_items):
         super().__init__()
         self.num_items = num_items
-        self.rating_head = "plain"
-        self.user_bias_reg = None  # λ of the per-task fold-in start of b_user; None: its meta-learned value
-        self.user_factor_reg = None  # λ of the per-task fold-in start of p_user (--user_factors); None: no solve
-        self.user_decay = None  # γ of that start's recency weights γ^age; None: every support rating alike
+        self.rating_head = PlainHead()
 
     @classmethod
     def from_args(cls, args, num_items):
@@ -82,60 +60,9 @@ class Backbone(nn.Module):
         shows it as a flag error)."""
         return None
 
-    def add_bias_head(self, user_factors=0):
-        """Switch to the `bias` head, with a p_user · q_item term of `user_factors` columns if > 0. Its tables
-        start at zero and the network's last layer too (f ≡ 0), so an untrained model predicts μ; nothing
-        random is drawn, so the other weights are unchanged."""
-        self.rating_head = "bias"
-        self.item_bias = nn.Embedding.from_pretrained(torch.zeros(self.num_items + 1, 1), freeze=False,
-                                                      padding_idx=0)
-        self.user_bias = nn.Parameter(torch.zeros(()))
-        if user_factors:
-            self.item_factor = nn.Embedding.from_pretrained(torch.zeros(self.num_items + 1, user_factors),
-                                                            freeze=False, padding_idx=0)
-            self.user_factor = nn.Parameter(torch.zeros(user_factors))
-        self.register_buffer("global_mean", torch.zeros(()))
-        with torch.no_grad():
-            self.head.weight.zero_()
-            self.head.bias.zero_()
-        return self
-
-    def set_bias_start(self, mean, item_biases=None, user_bias_reg=None, item_factors=None, user_factor_reg=None,
-                       user_decay=None):
-        """Where the bias head starts: μ and (optionally) the item-bias table [num_items + 1], normalised
-        ratings (stars / max rating), and `user_bias_reg`, the shrinkage λ (in items) of each task's fold-in
-        start of b_user (None: no such start); with a factor term, the item factors [num_items + 1, ≤ K]
-        (the columns beyond theirs stay 0) and `user_factor_reg`, the ridge λ of p_user's fold-in start
-        (solved jointly with b_user's), and `user_decay`, the γ of that start's recency weights (None or 1:
-        none). Nothing for the plain head."""
-        if self.rating_head != "bias":
-            return
-        self.user_bias_reg = None if user_bias_reg is None else float(user_bias_reg)
-        self.user_decay = None if user_decay is None or float(user_decay) == 1.0 else float(user_decay)
-        has_factors = hasattr(self, "item_factor")
-        self.user_factor_reg = None if user_factor_reg is None or not has_factors else float(user_factor_reg)
-        with torch.no_grad():
-            self.global_mean.fill_(float(mean))
-            if item_biases is not None:
-                self.item_bias.weight.copy_(torch.as_tensor(item_biases, dtype=self.item_bias.weight.dtype)[:, None])
-            if item_factors is not None and has_factors:
-                factors = torch.as_tensor(item_factors, dtype=self.item_factor.weight.dtype)
-                self.item_factor.weight.zero_()
-                self.item_factor.weight[:, :factors.shape[1]] = factors
-
-    def bias_head_parameters(self):
-        """{name: parameter} of the bias head's own tables and user parameters (none for the plain head)."""
-        return {name: p for name, p in self.named_parameters()
-                if name in ("item_bias.weight", "user_bias", "item_factor.weight", "user_factor")}
-
     def rating_output(self, logits, item_ids):
         """The normalised rating [B, L] at every position from the head's logits [B, L]."""
-        if self.rating_head == "plain":
-            return rating_head_output(logits)
-        rating = self.global_mean + self.user_bias + self.item_bias(item_ids).squeeze(-1)
-        if hasattr(self, "item_factor"):
-            rating = rating + self.item_factor(item_ids) @ self.user_factor
-        return rating + torch.sigmoid(logits) - 0.5
+        return self.rating_head.output(self, logits, item_ids)
 
 
 class _Transformer(Backbone):

@@ -2,6 +2,7 @@
 reuse of finished runs, pretraining once per seed, refusals."""
 import json
 import re
+import shlex
 
 import pytest
 
@@ -93,7 +94,11 @@ def test_ablation_pretrains_basic_once_per_rating_head(ratings_file, tmp_path, m
     monkeypatch.setattr(study, "run_script", in_process(calls))
     flags = argv(ratings_file, tmp_path, "--variants=maml-ft-start,maml-plain,melo-bias-head-only", "--define",
                  "maml-plain=--use_adaptive_loss=False --rating_head=plain --load_pretrained=True --inner_lr=0.1")
-    summary = ablation.main(flags)[1]
+    table, summary = ablation.main(flags)
+    # the table names a defined variant's flags, and its command line runs again as it was given
+    assert "| maml-plain | defined: --use_adaptive_loss=False --rating_head=plain --load_pretrained=True" in table
+    command = next(line for line in table.splitlines() if line.startswith("Command: "))
+    assert shlex.split(command.removeprefix("Command: `python ablation.py ").removesuffix("`")) == flags
     pretrain = [a for script, a in calls if script == "train_original.py"]
     heads = sorted(next(f for f in reversed(a) if f.startswith("--rating_head=")) for a in pretrain)
     assert heads == ["--rating_head=bias", "--rating_head=plain"]  # one Basic per head, shared by its variants

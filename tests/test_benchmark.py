@@ -62,6 +62,6 @@ def test_a_case_starts_the_bias_head_as_main_py_does():
     case = benchmark.Case("gru4rec", "maml", 200, "fast", torch.device("cpu"), TINY, num_users=150)
     backbone = case.learner.backbone
     assert case.args.rating_head == "bias" and case.args.user_bias_start == "fold-in"
-    assert backbone.user_bias_reg is not None
+    assert backbone.rating_head.user_bias_reg is not None
     assert 0.5 < float(backbone.global_mean) < 1.0  # μ of ratings 1..5 around 3.6, over 5
     assert backbone.item_bias.weight.abs().max() > 0

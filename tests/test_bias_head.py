@@ -18,7 +18,9 @@ import train_original
 from dataloader import MetaDataset, load_data
 from runtime import Distributed
 from analysis import support_weights
-from meta_learner import ITEM_BIAS, USER_BIAS, last_step_weights, local_item_tables, start_user_bias
+from meta_learner import last_step_weights, local_item_tables
+from models import heads
+from models.heads import ITEM_BIAS, USER_BIAS
 from models import model_factory
 
 from test_meta_learner import (BACKBONES, NUM_ITEMS, assert_fast_path_equals_the_per_task_path, make_learner,
@@ -29,7 +31,8 @@ MU = 0.7
 
 def bias_learner(model, *flags):
     learner = make_learner(model, "--rating_head=bias", *flags)
-    learner.backbone.set_bias_start(MU, user_bias_reg=3.0 if "--user_bias_start=fold-in" in flags else None)
+    backbone = learner.backbone
+    backbone.rating_head.set_start(backbone, MU, user_bias_reg=3.0 if "--user_bias_start=fold-in" in flags else None)
     return learner
 
 
@@ -112,7 +115,7 @@ def test_the_fold_in_start_of_the_user_bias_is_the_closed_form_fold_in(float64, 
     backbone = learner.backbone
     biases = 0.2 * torch.randn(NUM_ITEMS + 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     biases[0] = 0
-    backbone.set_bias_start(MU, biases, user_bias_reg=2.5)
+    backbone.rating_head.set_start(backbone, MU, biases, user_bias_reg=2.5)
     batch = random_batch()
     batch.support_items[1, 1, -3:] = batch.support_items[1, 0, -3:]  # items in two windows, other ratings
     predicted = learner.predict(batch)
@@ -149,7 +152,8 @@ def test_the_reported_weights_are_the_inner_loops_from_the_fold_in_start(float64
     support, context, _ = learner._prepare(batch)
     for task in range(3):
         items, labels, mask = (x[task] for x in support)
-        params = start_user_bias(learner.backbone, dict(learner.backbone.named_parameters()), items, labels, mask)
+        backbone = learner.backbone
+        params = backbone.rating_head.task_start(backbone, dict(backbone.named_parameters()), items, labels, mask)
         with torch.no_grad():
             predictions = functional_call(learner.backbone, params, (items,))
             expected = learner.inner_loss.position_weights(predictions, labels, mask,
@@ -245,7 +249,7 @@ def test_the_bias_head_starts_at_the_fold_in_and_basic_hands_it_to_maml(ratings_
     meta = main.main(options.parse_args(run_flags(ratings_file, tmp_path, "--load_pretrained=True",
                                                   "--use_adaptive_loss=False", "--num_train_iterations=1",
                                                   "--log_interval=1", "--outer_lr=0")))
-    assert meta.learner.backbone.rating_head == "bias"
+    assert meta.learner.backbone.rating_head.name == "bias"
     # the whole Basic model, biases and μ included, is where MAML++ starts (no outer step moves it: lr 0)
     for name, value in basic.best_weights().items():
         torch.testing.assert_close(meta.learner.backbone.state_dict()[name], value, rtol=0, atol=0, msg=name)
@@ -265,7 +269,8 @@ def test_basic_and_fine_tuning_start_the_user_bias_at_the_fold_in(ratings_file, 
     fitted = baselines.Fitted(trainer.data, trainer.dataset.train_users)
     (item_reg, user_reg, decay), _ = baselines.choose("user-item-bias", trainer.dataset.val_tasks(), fitted, 5.0,
                                                       "rmse")
-    assert trainer.model.user_bias_reg == user_reg and trainer.model.user_decay == (None if decay == 1 else decay)
+    head = trainer.model.rating_head
+    assert head.user_bias_reg == user_reg and head.user_decay == (None if decay == 1 else decay)
     biases = baselines.item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items)
     sets = baselines.sets_of(tasks)
     expected = torch.from_numpy(baselines.user_item_bias(sets, tasks.query_items[:, :, -1].numpy(), fitted.mean,
@@ -276,7 +281,7 @@ def test_basic_and_fine_tuning_start_the_user_bias_at_the_fold_in(ratings_file, 
         torch.testing.assert_close(predicted, expected, rtol=0, atol=1e-4)
     learned = train_original.BaselineTrainer(
         options.parse_args(run_flags(ratings_file, tmp_path, "--user_bias_start=learned")), Distributed("cpu"))
-    assert learned.model.user_bias_reg is None
+    assert learned.model.rating_head.user_bias_reg is None
     torch.testing.assert_close(learned.predictions(tasks, record=(0,))[0],
                                torch.from_numpy(fitted.mean + biases[tasks.query_items[:, :, -1].numpy()]),
                                rtol=0, atol=1e-4)
@@ -286,7 +291,7 @@ def test_a_checkpoint_keeps_the_shrinkage_of_the_user_bias_start_it_trained_with
     # λ_user is chosen on the validation tasks when a run starts; its checkpoints keep it, so a test (or a
     # resume) under other validation flags starts b_user as the run trained it, and the report says which
     argv = run_flags(ratings_file, tmp_path, "--use_adaptive_loss=False")
-    chosen = main.main(options.parse_args(argv)).learner.backbone.user_bias_reg
+    chosen = main.main(options.parse_args(argv)).learner.backbone.rating_head.user_bias_reg
     path = tmp_path / "ckpt" / "gru4rec_ml-100k_maml_step2.pt"
     checkpoint = torch.load(path, weights_only=True)
     assert chosen is not None and checkpoint["user_bias_reg"] == chosen
@@ -341,7 +346,7 @@ def test_the_fold_in_start_with_user_factors_is_the_closed_form_mf_fold_in(float
     biases = 0.2 * torch.randn(NUM_ITEMS + 1, generator=generator, dtype=torch.float64)
     factors = 0.5 * torch.randn(NUM_ITEMS + 1, 3, generator=generator, dtype=torch.float64)  # rank 3 of 4 columns
     biases[0], factors[0] = 0, 0
-    backbone.set_bias_start(MU, biases, user_bias_reg=2.5, item_factors=factors, user_factor_reg=1.5)
+    backbone.rating_head.set_start(backbone, MU, biases, user_bias_reg=2.5, item_factors=factors, user_factor_reg=1.5)
     assert torch.equal(backbone.item_factor.weight[:, 3], torch.zeros(NUM_ITEMS + 1))
     batch = random_batch()
     batch.support_items[1, 1, -3:] = batch.support_items[1, 0, -3:]  # items in two windows, other ratings
@@ -353,7 +358,7 @@ def test_the_fold_in_start_with_user_factors_is_the_closed_form_mf_fold_in(float
     torch.testing.assert_close(learner.predict(batch), expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(learner.predict(batch, fast=False), expected, rtol=0, atol=1e-6)
     # without the factor solve (λ_p None) the same head is the user + item bias fold-in on its biases
-    backbone.user_factor_reg = None
+    backbone.rating_head.user_factor_reg = None
     plain = baselines.user_item_bias(sets, batch.query_items[:, :, -1].numpy(), MU * 5, biases.numpy() * 5, 2.5,
                                      -math.inf, math.inf)
     predicted = learner.predict(batch)
@@ -406,8 +411,8 @@ def test_the_weighted_start_fits_the_users_parameters_with_melos_weights(float64
     generator = torch.Generator().manual_seed(7)
     table = 0.5 * torch.randn(NUM_ITEMS + 1, factors, generator=generator) if factors else None
     for learner in (plain, weighted):
-        learner.backbone.set_bias_start(MU, user_bias_reg=2.5, item_factors=table,
-                                        user_factor_reg=1.5 if factors else None)
+        learner.backbone.rating_head.set_start(learner.backbone, MU, user_bias_reg=2.5, item_factors=table,
+                                               user_factor_reg=1.5 if factors else None)
     batch = random_batch()
     torch.testing.assert_close(weighted.predict(batch), plain.predict(batch), rtol=0, atol=1e-12)  # weights 1
     head = weighted.inner_loss.encoder.head[-1]
@@ -476,8 +481,9 @@ def test_the_fold_in_start_with_recency_decay_is_the_decayed_fold_in(float64, fa
     biases = 0.2 * torch.randn(NUM_ITEMS + 1, generator=generator, dtype=torch.float64)
     table = 0.5 * torch.randn(NUM_ITEMS + 1, max(factors, 1), generator=generator, dtype=torch.float64)[:, :factors]
     biases[0], table[0] = 0, 0
-    learner.backbone.set_bias_start(MU, biases, user_bias_reg=2.5, item_factors=table if factors else None,
-                                    user_factor_reg=1.5 if factors else None, user_decay=0.8)
+    backbone = learner.backbone
+    backbone.rating_head.set_start(backbone, MU, biases, user_bias_reg=2.5, item_factors=table if factors else None,
+                                   user_factor_reg=1.5 if factors else None, user_decay=0.8)
     batch = random_batch()
     batch.support_age = torch.where(batch.support_items > 0, batch.support_items % 7, 0)  # one age per item
     sets = baselines.support_sets(batch.support_items.numpy(), batch.support_ratings.numpy(),
@@ -494,3 +500,49 @@ def test_the_fold_in_start_with_recency_decay_is_the_decayed_fold_in(float64, fa
     undecayed = baselines.user_item_bias(sets, targets, MU * 5, biases.numpy() * 5, 2.5, -math.inf, math.inf)
     if not factors:
         assert not np.allclose(expected, undecayed, atol=1e-3)  # (the decay does move the predictions)
+
+
+class ItemBiasOnlyHead(heads.RatingHead):
+    """A throwaway third head: μ + b_item + f, no per-user parameters (so the inner loop adapts the network
+    and the item table only)."""
+
+    name = "item-bias-only"
+    item_tables = (ITEM_BIAS,)
+
+    @classmethod
+    def attach(cls, backbone, user_factors=0):
+        backbone.item_bias = torch.nn.Embedding.from_pretrained(torch.full((backbone.num_items + 1, 1), 0.25),
+                                                                freeze=False, padding_idx=0)
+        return cls()
+
+    def output(self, backbone, logits, item_ids):
+        return 0.5 + backbone.item_bias(item_ids).squeeze(-1) + torch.sigmoid(logits) - 0.5
+
+
+@pytest.fixture
+def head_registry():
+    saved = dict(heads.HEADS)
+    yield heads.HEADS
+    heads.HEADS.clear()
+    heads.HEADS.update(saved)
+
+
+def test_a_new_rating_head_is_one_class_and_one_line(head_registry):
+    """Registered, a head is a --rating_head choice; model_factory attaches it, its output is the model's,
+    and the inner loop adapts its item table with --inner_params=head and leaves it with
+    --adapt_item_bias=False. A taken name or a class that is not a head is refused with one line."""
+    heads.register_head(ItemBiasOnlyHead)
+    learner = make_learner("gru4rec", "--rating_head=item-bias-only", "--inner_params=head")
+    backbone = learner.backbone
+    assert isinstance(backbone.rating_head, ItemBiasOnlyHead)
+    items = torch.tensor([[0, 3, 5]])
+    with torch.no_grad():
+        expected = 0.25 + torch.sigmoid(backbone.head(backbone.gru(backbone.item_embedding(items), items > 0)))
+    assert torch.allclose(backbone(items)[0, 1:], expected.squeeze(-1)[0, 1:])
+    assert set(learner.adapted) == {"head.weight", "head.bias", ITEM_BIAS}
+    frozen = make_learner("gru4rec", "--rating_head=item-bias-only", "--inner_params=head", "--adapt_item_bias=False")
+    assert set(frozen.adapted) == {"head.weight", "head.bias"}
+    assert backbone.rating_head.parameters_of(backbone).keys() == {ITEM_BIAS}
+    for head, message in ((heads.BiasHead, "already has that name"), (torch.nn.Linear, "a named subclass")):
+        with pytest.raises(errors.MeloError, match=message):
+            heads.register_head(head)

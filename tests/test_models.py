@@ -6,8 +6,8 @@ from torch.func import functional_call, grad, vmap
 
 import flag_types
 import options
-from models import (BACKBONES, Backbone, Flag, backbone_flags, check_contract, export_weights, load_pretrained_weights, model_factory,
-                    register)
+from models import (BACKBONES, Backbone, Flag, backbone_flags, check_contract, export_weights, load_pretrained_weights,
+                    model_factory, register)
 from options import MeloError
 
 NAMES = list(BACKBONES)

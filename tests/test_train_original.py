@@ -196,8 +196,8 @@ def test_finetuning_adapts_each_user_on_its_support_set(ratings_file, tmp_path):
             by_item = {}
             for item, residual in zip(items[items != 0].tolist(), residuals[items != 0].tolist()):
                 by_item.setdefault(item, []).append(residual)
-            total = sum(sum(r) / len(r) for r in by_item.values()) + model.user_bias_reg * model.user_bias
-            model.user_bias.copy_(total / (len(by_item) + model.user_bias_reg))
+            total = sum(sum(r) / len(r) for r in by_item.values()) + model.rating_head.user_bias_reg * model.user_bias
+            model.user_bias.copy_(total / (len(by_item) + model.rating_head.user_bias_reg))
         for _ in range(2):
             optimizer.zero_grad()
             mask = items != 0
