@@ -16,7 +16,7 @@ again, with its training when its checkpoint is stale too. The table (validation
 RMSE, mean per-rating RMSE, the learned loss's mean weight per support rating; mean ± standard deviation
 over seeds) is printed and written to `<results_dir>/<mode>/<model>/ablation.md`.
 """
-import errors
+from common import errors
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch)
     errors.say_when_terminated()
@@ -28,16 +28,14 @@ import shlex
 import sys
 from collections import namedtuple
 
-import checkpointing
-import flag_types
-import metrics
-import options
-import runs
-import runtime
-import study
-from errors import MeloError
+from common import flag_types, runtime
+from common.errors import MeloError
+from common.runtime import write_atomic
+from evaluation import metrics
 from models import BACKBONES
-from runtime import write_atomic
+import options
+from studies import study
+from training import checkpointing, runs
 
 # the recipe the bias-head variants below were measured with: from Basic, b_user at its meta-learned value
 LEARNED_USER_BASIC = ("--user_bias_start=learned", *study.START_FLAGS["basic"])

@@ -41,12 +41,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import flag_types  # noqa: E402
-import options  # noqa: E402
-from errors import MeloError  # noqa: E402
+from common import flag_types  # noqa: E402
+from common.errors import MeloError  # noqa: E402
+from common.runtime import Distributed, configure_cpu, select_device  # noqa: E402
 from meta_learner import build_meta_learner, build_optimizer, outer_step, step_weights  # noqa: E402
 from models import BACKBONES  # noqa: E402
-from runtime import Distributed, configure_cpu, select_device  # noqa: E402
+import options  # noqa: E402
 
 METHODS = ("melo", "maml")
 
@@ -54,7 +54,8 @@ METHODS = ("melo", "maml")
 # ------------------------------------------------------------------------------------------- data
 def synthetic_data(num_items, num_users, seed=0):
     """RatingData over items 1..num_items (every one rated at least once), users of 40..200 ratings."""
-    from dataloader import MAX_RATING, RatingData
+    from ratings.preprocess import RatingData
+    from ratings.readers import MAX_RATING
 
     rng = np.random.default_rng([seed, num_items])
     lengths = rng.integers(40, 201, size=num_users)
@@ -145,8 +146,8 @@ class Case:
     """One (backbone, method, catalog, path) set up as main.py would: data, learner, optimizer, schedule."""
 
     def __init__(self, model, method, num_items, path, device, extra, num_users):
-        import baselines
-        from dataloader import MetaDataset
+        from evaluation import baselines
+        from ratings.tasks import MetaDataset
 
         self.args = args = case_args(model, method, extra)
         self.device, self.fast = device, path == "fast"

@@ -36,7 +36,7 @@ its grid's edge; mean +- standard deviation over seeds when `--seeds` > 1) are p
 `<results_dir>/<mode>/comparison.md` (and `comparison.json`; tables.py makes them), the per-rating figure as
 `comparison.png`.
 """
-import errors
+from common import errors
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch)
     errors.say_when_terminated()
@@ -49,21 +49,19 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-import baselines
-import figures
-import flag_types
-import metrics
-import options
-import runs
-import runtime
-import study
-from dataloader import MetaDataset, load_data
-from errors import MeloError
+from common import flag_types, runtime
+from common.errors import MeloError
+from common.runtime import write_atomic
+from evaluation import baselines, metrics
 from models import BACKBONES, HEADS
-from runtime import write_atomic
-from tables import METHOD_NAMES, NO_NETWORK, PAIRED, build_tables, figure_reports
-from study import (CONTROLLED, NOT_SETTINGS, START_FLAGS, data_fingerprint, given_flags, lock_results, read_report,
+import options
+from ratings.preprocess import load_data
+from ratings.tasks import MetaDataset
+from studies import figures, study
+from studies.study import (CONTROLLED, NOT_SETTINGS, START_FLAGS, data_fingerprint, given_flags, lock_results, read_report,
                    remake, report_problem, stopped_line, training_need)
+from studies.tables import METHOD_NAMES, NO_NETWORK, PAIRED, build_tables, figure_reports
+from training import runs
 
 
 def build_parser():

@@ -10,7 +10,7 @@
 Every `--log_interval` iterations the fixed validation tasks are scored, TensorBoard is written under
 `--log_dir`, and a checkpoint of that step (with the best-so-far weights) is saved in `--checkpoint_dir`.
 """
-import errors
+from common import errors
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch)
     errors.say_when_terminated()
@@ -22,19 +22,18 @@ import sys
 import torch
 from tqdm import tqdm
 
-import baselines
-import checkpointing
-import figures
-import metrics
-import runs
-from analysis import (SHARE_NAMES, mean_weight_by_rating, query_gradient_by_rating, query_gradient_by_share,
-                      query_gradient_of_weights, summarise_query_gradients, support_weights, weight_sums_by_rating)
-from dataloader import SPLIT_OPTIONS, duplicates_note
+from common.errors import MeloError
+from common.runtime import Distributed, check_stop, configure_cpu, interruption, progress, seed_everything
+from evaluation import baselines, metrics
 from meta_learner import build_meta_learner, build_optimizer, meta_train_step, step_weights
-from errors import MeloError
 from options import run_cli
-from runtime import Distributed, check_stop, configure_cpu, interruption, progress, seed_everything
-from trainers import Trainer, state_copy, step_alias, train_run
+from ratings.preprocess import duplicates_note
+from ratings.tasks import SPLIT_OPTIONS
+from studies import figures
+from training import checkpointing, runs
+from training.analysis import (SHARE_NAMES, mean_weight_by_rating, query_gradient_by_rating, query_gradient_by_share,
+                      query_gradient_of_weights, summarise_query_gradients, support_weights, weight_sums_by_rating)
+from training.trainers import Trainer, state_copy, step_alias, train_run
 
 
 def load_optimizer_state(optimizer, scheduler, checkpoint, path):

@@ -47,7 +47,7 @@ positions (the normaliser is part of the graph, computed in log space so it stay
 sigmoid is tiny): the encoder can only move weight between positions, and the loss keeps the scale of the
 plain MSE. Its head starts at zero, so training starts as the plain MSE.
 """
-import errors
+from common import errors
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch)
     errors.say_when_terminated()
@@ -63,18 +63,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-import checkpointing
-import metrics
-import runs
-import tuning
-from dataloader import STREAM_WINDOWS
+from common.errors import MeloError
+from common.runtime import Distributed, check_stop, configure_cpu, interruption, progress, seed_everything
+from evaluation import metrics, tuning
 from meta_learner import adapt
 from models import export_weights, model_factory
 from models.loss_networks import RatingSequenceEncoder, masked_mean
-from errors import MeloError
 from options import build_parser, run_cli
-from runtime import Distributed, check_stop, configure_cpu, interruption, progress, seed_everything
-from trainers import Trainer, state_copy, step_alias, train_run
+from ratings.tasks import STREAM_WINDOWS
+from training import checkpointing, runs
+from training.trainers import Trainer, state_copy, step_alias, train_run
 
 
 def normalised_weights(logits, mask):

@@ -14,7 +14,7 @@ import operator
 
 import torch
 
-from errors import MeloError
+from common.errors import MeloError
 
 from .backbones import BERT4Rec, GRU4Rec, NARM, SASRec, Backbone, Flag
 from .heads import HEADS, register_head

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flag_types import depth, non_negative_float, width
+from common.flag_types import depth, non_negative_float, width
 
 from .heads import PlainHead
 from .layers import GRU, Dropout, LayerNorm, Linear, TransformerBlock, attention_bias

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from errors import MeloError
+from common.errors import MeloError
 
 from .layers import rating_head_output
 

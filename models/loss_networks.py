@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from metrics import half_star_buckets, num_half_star_buckets
+from evaluation.metrics import half_star_buckets, num_half_star_buckets
 
 # How a position's logit z becomes its weight (--adaptive_weights). The weight network's last layer starts
 # at zero, so every form starts with every weight exactly 1: MELO starts as plain MAML++.

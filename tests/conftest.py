@@ -20,7 +20,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402  (after the GPU is hidden)
 
-from synthetic import write_movielens  # noqa: E402
+from ratings.synthetic import write_movielens  # noqa: E402
 
 
 # ---------------------------------------------------------------- fixtures several test modules share

@@ -1,4 +1,5 @@
-"""What several test modules share: a small main.py / train_original.py run's flags, the checks that a
+"""What several test modules share: parsed options for a small data set (`make_args`), a small main.py /
+train_original.py run's flags, the checks that a
 failure ends in one `error:` line, and an edit of a ratings file that keeps its size and mtime."""
 import os
 
@@ -50,3 +51,18 @@ def same_size_edit(path):
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = os.stat(path)
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def make_args(mode, data_path, tmp_path, **flags):
+    """Parsed options for a test: data in `data_path` (None = the mode's default under tmp_path/Data),
+    caches and outputs under tmp_path, and small sizes unless overridden by `flags`."""
+    values = {"data_dir": os.path.join(str(tmp_path), "Data"), "min_item": 10, "min_sequence": 5,
+              "max_seq_len": 20, "num_samples": 8, "num_query_set": 3, "num_test_data": 30,
+              "val_size": 20, "batch_size": 4, "checkpoint_dir": os.path.join(str(tmp_path), "checkpoints"),
+              "log_dir": os.path.join(str(tmp_path), "runs"),
+              "pretrain_log_dir": os.path.join(str(tmp_path), "pretrained")}
+    values.update(flags)
+    argv = [f"--mode={mode}"] + [f"--{k}={v}" for k, v in values.items()]
+    if data_path is not None:
+        argv.append(f"--data_path={data_path}")
+    return options.parse_args(argv)

@@ -8,8 +8,8 @@ import pytest
 
 import ablation
 import options
-import study
 from options import MeloError
+from studies import study
 
 # the same generated file and thread-count guard as compare.py's tests, and its in-process stand-in
 from test_compare import in_process, no_runs
@@ -48,7 +48,7 @@ def test_ablation_trains_every_variant_and_tabulates_its_reports(ratings_file, t
             assert all(cells[k]["mean"] is None for k in weights)
         else:
             assert all(cells[k]["mean"] == pytest.approx(report["adaptive_weight_by_rating"][k[7:]]) for k in weights)
-    assert "| melo-step | defined on the command line |" in text
+    assert "| melo-step | defined: --use_adaptive_loss=True --task_state=per_step --query_loss=target |" in text
     # every row has the header's cells: the unbounded form's "|1 + z|" is escaped, not a cell border
     def cells_per_row(text):
         rows = [line for line in text.splitlines() if line.startswith("|")]

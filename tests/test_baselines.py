@@ -7,13 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import baselines
+from evaluation import baselines, metrics
 import main
-import metrics
 import options
-from dataloader import MetaDataset, load_data
+from ratings.preprocess import load_data
+from ratings.tasks import MetaDataset
 
-from synthetic import write_movielens
+from ratings.synthetic import write_movielens
 
 
 def test_pure_functions_equal_hand_computations():

@@ -10,18 +10,18 @@ import pytest
 import torch
 from torch.func import functional_call
 
-import baselines
+from common import errors
+from common.runtime import Distributed
+from evaluation import baselines
 import main
-import errors
-import options
-import train_original
-from dataloader import MetaDataset, load_data
-from runtime import Distributed
-from analysis import support_weights
 from meta_learner import last_step_weights, local_item_tables
-from models import heads
+from models import heads, model_factory
 from models.heads import ITEM_BIAS, USER_BIAS
-from models import model_factory
+import options
+from ratings.preprocess import load_data
+from ratings.tasks import MetaDataset
+import train_original
+from training.analysis import support_weights
 
 from test_meta_learner import (BACKBONES, NUM_ITEMS, assert_fast_path_equals_the_per_task_path, make_learner,
                                random_batch)

@@ -13,15 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-import baselines
+from common import errors
 import compare
-import metrics
-import errors
-import options
-import study
-import tables
-from analysis import SHARE_NAMES
+from evaluation import baselines, metrics
 from models import BACKBONES
+import options
+from studies import study, tables
+from training.analysis import SHARE_NAMES
 
 
 
@@ -547,7 +545,7 @@ def test_the_pooled_interval_draws_users_within_each_seed_and_narrows_with_more_
     import numpy as np
     import pandas as pd
 
-    import tables
+    from studies import tables
 
     def frames(seed, users=300, shift=0.0):
         rng = np.random.default_rng(seed)

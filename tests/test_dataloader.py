@@ -16,10 +16,9 @@ import pandas as pd
 import pytest
 import torch
 
-import dataloader as dl
-import synthetic as sy
-from helpers import same_size_edit
+from helpers import make_args, same_size_edit
 from options import MeloError
+from ratings import preprocess, tasks, synthetic as sy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,18 +53,18 @@ def ml1m(tmp_path_factory):
     """A loaded ML-1M-format data set and its MetaDataset (shared by the read-only task tests)."""
     tmp = tmp_path_factory.mktemp("ml1m")
     mode, path, frame = write(tmp, "ml-1m")
-    args = sy.make_args(mode, path, tmp, default_rating=0.25)
-    data = dl.load_data(args)
-    return frame, args, data, dl.MetaDataset.from_args(data, args)
+    args = make_args(mode, path, tmp, default_rating=0.25)
+    data = preprocess.load_data(args)
+    return frame, args, data, tasks.MetaDataset.from_args(data, args)
 
 
 # ============================================================================ reading and preprocessing
 @pytest.mark.parametrize("kind", list(WRITERS))
 def test_every_format_filters_reindexes_and_sorts_like_pandas(tmp_path, kind):
     mode, path, frame = write(tmp_path, kind)
-    args = sy.make_args(mode, path, tmp_path, min_item=10, min_sequence=5)
-    data = dl.load_data(args)
-    expected = expected_after_filters(frame, 10, dl.effective_min_sequence(args))
+    args = make_args(mode, path, tmp_path, min_item=10, min_sequence=5)
+    data = preprocess.load_data(args)
+    expected = expected_after_filters(frame, 10, preprocess.effective_min_sequence(args))
     # the filters must really remove items and users, or this test proves little
     assert expected["item"].nunique() < frame["item"].nunique()
     assert expected["user"].nunique() < frame["user"].nunique()
@@ -73,7 +72,7 @@ def test_every_format_filters_reindexes_and_sorts_like_pandas(tmp_path, kind):
     assert data.num_users() == expected["user"].nunique()
     assert data.num_items == expected["item"].nunique()
     assert len(data.items) == len(expected) == data.offsets[-1]
-    assert data.offsets[0] == 0 and np.all(np.diff(data.offsets) >= dl.effective_min_sequence(args))
+    assert data.offsets[0] == 0 and np.all(np.diff(data.offsets) >= preprocess.effective_min_sequence(args))
     assert data.max_rating == 5.0
     assert data.items.dtype == np.int64 and data.ratings.dtype == np.float32
     assert data.timestamps.dtype == np.int64 and data.offsets.dtype == np.int64
@@ -97,7 +96,7 @@ def test_every_format_filters_reindexes_and_sorts_like_pandas(tmp_path, kind):
 def test_ties_are_kept_in_file_order(tmp_path):
     """The generated files have timestamp ties in a shuffled file order; ties must keep file order."""
     mode, path, frame = write(tmp_path, "ml-100k", tie_fraction=0.4)
-    data = dl.load_data(sy.make_args(mode, path, tmp_path))
+    data = preprocess.load_data(make_args(mode, path, tmp_path))
     checked = 0
     for u in range(data.num_users()):
         start, end = data.offsets[u], data.offsets[u + 1]
@@ -115,8 +114,8 @@ def test_ties_are_kept_in_file_order(tmp_path):
 
 def test_reindexing_is_deterministic(tmp_path):
     mode, path, _ = write(tmp_path, "amazon-header")
-    first = dl.load_data(sy.make_args(mode, path, tmp_path / "a"))
-    second = dl.load_data(sy.make_args(mode, path, tmp_path / "b"))     # separate caches
+    first = preprocess.load_data(make_args(mode, path, tmp_path / "a"))
+    second = preprocess.load_data(make_args(mode, path, tmp_path / "b"))     # separate caches
     for name in ("offsets", "items", "ratings", "timestamps", "user_ids", "item_ids"):
         np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
     assert first.user_ids.dtype.kind == "U" and first.item_ids[0].startswith(("0", "B0"))
@@ -125,7 +124,7 @@ def test_reindexing_is_deterministic(tmp_path):
 
 def test_half_star_ratings_survive(tmp_path):
     mode, path, frame = write(tmp_path, "ml-10m")
-    data = dl.load_data(sy.make_args(mode, path, tmp_path, min_item=0, min_sequence=1))
+    data = preprocess.load_data(make_args(mode, path, tmp_path, min_item=0, min_sequence=1))
     frame = expected_after_filters(frame, 0, 3)          # min_sub_window_size + 1
     assert len(data.ratings) == len(frame)
     halves = np.sum(data.ratings % 1 == 0.5)
@@ -137,8 +136,8 @@ def test_dates_become_unix_seconds(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("reviewerID,product_id,rating,date\n"
                     "u1,0001,5.0,2014-01-02\nu1,0002,4.0,1388707200\nu1,0003,3.0,\"01 04, 2014\"\n")
-    args = sy.make_args("amazon", str(path), tmp_path, min_item=0, min_sequence=1, min_sub_window_size=2)
-    data = dl.load_data(args)
+    args = make_args("amazon", str(path), tmp_path, min_item=0, min_sequence=1, min_sub_window_size=2)
+    data = preprocess.load_data(args)
     assert list(data.timestamps) == [1388620800, 1388707200, 1388793600]
 
 
@@ -146,20 +145,20 @@ def test_csv_header_columns_may_come_in_any_order(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("date,overall,asin,reviewerID\n"
                     "2014-01-02,5.0,0001,u1\n2014-01-03,4.0,0002,u1\n2014-01-04,3.0,0003,u1\n")
-    args = sy.make_args("amazon", str(path), tmp_path, min_item=0, min_sequence=1)
-    data = dl.load_data(args)
+    args = make_args("amazon", str(path), tmp_path, min_item=0, min_sequence=1)
+    data = preprocess.load_data(args)
     assert list(data.user_ids) == ["u1"] and list(data.item_ids) == ["0001", "0002", "0003"]
     assert list(data.ratings) == [5.0, 4.0, 3.0]
     path.write_text("date,overall,asin,reviewerID\n2014-01-02,5.0,0001,u1\n2014-01-03,x,0002,u1\n")
     with pytest.raises(MeloError, match="line 3: rating 'x' is not a number"):
-        dl.load_data(sy.make_args("amazon", str(path), tmp_path / "b", min_item=0, min_sequence=1))
+        preprocess.load_data(make_args("amazon", str(path), tmp_path / "b", min_item=0, min_sequence=1))
 
 
 # ============================================================================ cache
 def test_cache_is_used_then_invalidated(tmp_path, monkeypatch):
     mode, path, _ = write(tmp_path, "ml-1m")
-    args = sy.make_args(mode, path, tmp_path)
-    first = dl.load_data(args)
+    args = make_args(mode, path, tmp_path)
+    first = preprocess.load_data(args)
     cache_files = os.listdir(tmp_path / "Data" / "cache")
     assert len(cache_files) == 1 and cache_files[0].endswith(".npz")
 
@@ -167,28 +166,28 @@ def test_cache_is_used_then_invalidated(tmp_path, monkeypatch):
         raise AssertionError("read the raw file although the cache was valid")
 
     with monkeypatch.context() as patch:
-        patch.setattr(dl, "read_ratings", no_reading)
-        second = dl.load_data(args)
+        patch.setattr(preprocess, "read_ratings", no_reading)
+        second = preprocess.load_data(args)
         np.testing.assert_array_equal(first.items, second.items)
         np.testing.assert_array_equal(first.user_ids, second.user_ids)
         assert second.num_items == first.num_items and second.max_rating == 5.0
         with pytest.raises(AssertionError, match="cache was valid"):
-            dl.load_data(sy.make_args(mode, path, tmp_path, min_item=12))
+            preprocess.load_data(make_args(mode, path, tmp_path, min_item=12))
         with pytest.raises(AssertionError, match="cache was valid"):
-            dl.load_data(sy.make_args(mode, path, tmp_path, min_sequence=8))
+            preprocess.load_data(make_args(mode, path, tmp_path, min_sequence=8))
 
-    changed = dl.load_data(sy.make_args(mode, path, tmp_path, min_item=12))
+    changed = preprocess.load_data(make_args(mode, path, tmp_path, min_item=12))
     assert changed.num_items < first.num_items
     assert len(os.listdir(tmp_path / "Data" / "cache")) == 2
 
     # a changed data file or a corrupt cache file is never trusted
     sy.write_movielens(path, "ml-1m", seed=5)
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert not np.array_equal(dl.load_data(args).items, first.items)
+    assert not np.array_equal(preprocess.load_data(args).items, first.items)
     for name in os.listdir(tmp_path / "Data" / "cache"):
         (tmp_path / "Data" / "cache" / name).write_bytes(b"PK\x03\x04 not really")
-    fresh = dl.load_data(sy.make_args(mode, path, tmp_path / "x"))
-    np.testing.assert_array_equal(dl.load_data(args).items, fresh.items)
+    fresh = preprocess.load_data(make_args(mode, path, tmp_path / "x"))
+    np.testing.assert_array_equal(preprocess.load_data(args).items, fresh.items)
     assert not [n for n in os.listdir(tmp_path / "Data" / "cache") if n.startswith(".tmp")]
 
 
@@ -201,12 +200,12 @@ def test_split_is_disjoint_deterministic_and_seeded(ml1m):
     assert len(everyone) == len(np.unique(everyone)) == data.num_users()
     assert len(test) == args.num_test_data
     assert len(val) == round(args.val_fraction * (data.num_users() - args.num_test_data))
-    again = dl.MetaDataset.from_args(data, args)
+    again = tasks.MetaDataset.from_args(data, args)
     for a, b in ((train, again.train_users), (val, again.val_users), (test, again.test_users)):
         np.testing.assert_array_equal(a, b)
     args.random_seed += 1
     try:
-        other = dl.MetaDataset.from_args(data, args)
+        other = tasks.MetaDataset.from_args(data, args)
     finally:
         args.random_seed -= 1
     assert set(other.test_users) != set(test)
@@ -214,15 +213,15 @@ def test_split_is_disjoint_deterministic_and_seeded(ml1m):
 
 def test_too_few_users_is_a_clear_error(ml1m):
     _, args, data, _ = ml1m
-    args_small = sy.make_args("ml-1m", "unused", "/tmp", num_test_data=data.num_users() - 1)
+    args_small = make_args("ml-1m", "unused", "/tmp", num_test_data=data.num_users() - 1)
     with pytest.raises(MeloError, match=r"data set has \d+ users after filtering \(min_item=10, "
                                         r"min_sequence=5\); --num_test_data=\d+ leaves .*lower --num_test_data"):
-        dl.MetaDataset.from_args(data, args_small)
-    enough = sy.make_args("ml-1m", "unused", "/tmp", num_test_data=data.num_users() - 2)
-    meta = dl.MetaDataset.from_args(data, enough)
+        tasks.MetaDataset.from_args(data, args_small)
+    enough = make_args("ml-1m", "unused", "/tmp", num_test_data=data.num_users() - 2)
+    meta = tasks.MetaDataset.from_args(data, enough)
     assert len(meta.train_users) == 1 and len(meta.val_users) == 1
-    mostly_val = sy.make_args("ml-1m", "unused", "/tmp", num_test_data=data.num_users() - 3, val_fraction=0.9)
-    meta = dl.MetaDataset.from_args(data, mostly_val)
+    mostly_val = make_args("ml-1m", "unused", "/tmp", num_test_data=data.num_users() - 3, val_fraction=0.9)
+    meta = tasks.MetaDataset.from_args(data, mostly_val)
     assert len(meta.train_users) == 1 and len(meta.val_users) == 2
 
 
@@ -308,10 +307,10 @@ def test_eval_tasks_layout_and_positions(ml1m):
 def test_short_users_get_fewer_windows_with_padding_masks(tmp_path):
     """With min_sequence=3 and min_sub_window_size=2 a 3-rating user has exactly one support window."""
     mode, path, _ = write(tmp_path, "ml-1m", short_user_fraction=0.3)
-    args = sy.make_args(mode, path, tmp_path, min_sequence=3, min_item=0, default_rating=-1, num_test_data=100)
-    data = dl.load_data(args)
+    args = make_args(mode, path, tmp_path, min_sequence=3, min_item=0, default_rating=-1, num_test_data=100)
+    data = preprocess.load_data(args)
     assert data.sequence_lengths().min() == 3
-    test = dl.MetaDataset.from_args(data, args).test_tasks()
+    test = tasks.MetaDataset.from_args(data, args).test_tasks()
     check_layout(test, args)
     counts = check_positions(test, data, args, evaluation=True)
     assert counts.get(1, 0) > 0 and counts.get(args.num_samples, 0) > 0
@@ -342,10 +341,10 @@ def test_train_batch_is_reproducible_and_sliceable(ml1m):
 
 def test_random_sequence_length_and_large_batches(tmp_path):
     mode, path, _ = write(tmp_path, "ml-100k", num_users=60)
-    args = sy.make_args(mode, path, tmp_path, use_random_sequence_length=True, num_test_data=20,
+    args = make_args(mode, path, tmp_path, use_random_sequence_length=True, num_test_data=20,
                         batch_size=64)
-    data = dl.load_data(args)
-    meta = dl.MetaDataset.from_args(data, args)
+    data = preprocess.load_data(args)
+    meta = tasks.MetaDataset.from_args(data, args)
     assert len(meta.train_users) < args.batch_size           # capped: each training user once (issue 35)
     batch = meta.train_batch(0)
     assert len(batch) == meta.batch_size == len(meta.train_users)
@@ -368,13 +367,13 @@ def assert_same(a, b):
 
 def test_eval_tasks_are_identical_across_instances_and_processes(ml1m, tmp_path):
     frame, args, data, meta = ml1m
-    other_cache = sy.make_args("ml-1m", args.data_path, tmp_path, default_rating=0.25)
-    fresh = dl.MetaDataset.from_args(dl.load_data(other_cache), args)
+    other_cache = make_args("ml-1m", args.data_path, tmp_path, default_rating=0.25)
+    fresh = tasks.MetaDataset.from_args(preprocess.load_data(other_cache), args)
     assert_same(meta.val_tasks(), fresh.val_tasks())
     assert_same(meta.test_tasks(), fresh.test_tasks())
-    script = ("import sys, hashlib, dataloader as dl, synthetic as sy\n"
-              f"args = sy.make_args('ml-1m', {args.data_path!r}, {str(tmp_path / 'p')!r}, default_rating=0.25)\n"
-              "m = dl.MetaDataset.from_args(dl.load_data(args), args)\n"
+    script = ("import sys, hashlib\nfrom ratings import preprocess, tasks\nfrom helpers import make_args\n"
+              f"args = make_args('ml-1m', {args.data_path!r}, {str(tmp_path / 'p')!r}, default_rating=0.25)\n"
+              "m = tasks.MetaDataset.from_args(preprocess.load_data(args), args)\n"
               "h = hashlib.sha256()\n"
               "for b in (m.val_tasks(), m.test_tasks(), m.train_batch(3)):\n"
               "    for t in vars(b).values(): h.update(t.numpy().tobytes())\n"
@@ -407,7 +406,7 @@ def test_window_dataset(ml1m):
     assert items.shape == ratings.shape and items.shape[1] == args.max_seq_len
     expected = 0
     for u in meta.train_users:
-        task = meta._build([u], [dl.task_rng(args.random_seed, dl.STREAM_WINDOWS, 0, u)], True)
+        task = meta._build([u], [tasks.task_rng(args.random_seed, tasks.STREAM_WINDOWS, 0, u)], True)
         expected += int(task[2].sum()) + int(task[5].sum())
     assert items.shape[0] == expected
     assert bool((items[:, -1] > 0).all())                        # real windows only
@@ -419,7 +418,7 @@ def test_window_dataset(ml1m):
 
 
 def test_task_rngs_are_distinct():
-    draws = {tuple(dl.task_rng(222, *key).integers(0, 2**31, 4))
+    draws = {tuple(tasks.task_rng(222, *key).integers(0, 2**31, 4))
              for key in [(0, 5), (0, 5, 0), (1, 5), (0, 5, 1), (3,), (3, 0)]}
     assert len(draws) == 6
 
@@ -452,8 +451,8 @@ def test_balance_extremes(tmp_path):
             rows.append(f"{u}::{k + 1}::{rating}::{1000 + k}")
     path = tmp_path / "r.dat"
     path.write_text("\n".join(rows) + "\n")
-    args = sy.make_args("ml-1m", str(path), tmp_path, num_test_data=5, min_item=0)
-    summary = dl.MetaDataset.from_args(dl.load_data(args), args).summary()
+    args = make_args("ml-1m", str(path), tmp_path, num_test_data=5, min_item=0)
+    summary = tasks.MetaDataset.from_args(preprocess.load_data(args), args).summary()
     # half the users give one value (0), half spread evenly over all 5 values (1)
     assert summary["balance"] == pytest.approx(0.5)
 
@@ -489,16 +488,16 @@ def server(tmp_path, monkeypatch):
 def test_download(server, tmp_path, monkeypatch, mode):
     root, url = server
     frame = sy.make_movielens_zip(str(root / f"{mode}.zip"), mode, num_users=80, seed=3)
-    monkeypatch.setitem(dl.DOWNLOAD_URLS, mode, f"{url}/{mode}.zip")
-    args = sy.make_args(mode, None, tmp_path, num_test_data=10)
+    monkeypatch.setitem(preprocess.DOWNLOAD_URLS, mode, f"{url}/{mode}.zip")
+    args = make_args(mode, None, tmp_path, num_test_data=10)
     assert not args.data_path_given and not os.path.exists(args.data_path)
-    data = dl.load_data(args)
+    data = preprocess.load_data(args)
     assert os.path.isfile(args.data_path)
     assert sorted(os.listdir(os.path.dirname(args.data_path))) == [os.path.basename(args.data_path)]
     assert sorted(data.user_ids) == sorted(expected_after_filters(frame, 10, 5)["user"].unique())
     # a second run neither downloads nor reads the file again
-    monkeypatch.setitem(dl.DOWNLOAD_URLS, mode, f"{url}/gone.zip")
-    np.testing.assert_array_equal(dl.load_data(args).items, data.items)
+    monkeypatch.setitem(preprocess.DOWNLOAD_URLS, mode, f"{url}/gone.zip")
+    np.testing.assert_array_equal(preprocess.load_data(args).items, data.items)
 
 
 def test_truncated_download_leaves_nothing(server, tmp_path, monkeypatch):
@@ -506,35 +505,35 @@ def test_truncated_download_leaves_nothing(server, tmp_path, monkeypatch):
     sy.make_movielens_zip(str(tmp_path / "full.zip"), "ml-1m", num_users=80)
     content = (tmp_path / "full.zip").read_bytes()
     (root / "ml-1m.zip").write_bytes(content[:len(content) // 2])
-    monkeypatch.setitem(dl.DOWNLOAD_URLS, "ml-1m", f"{url}/ml-1m.zip")
-    args = sy.make_args("ml-1m", None, tmp_path)
+    monkeypatch.setitem(preprocess.DOWNLOAD_URLS, "ml-1m", f"{url}/ml-1m.zip")
+    args = make_args("ml-1m", None, tmp_path)
     with pytest.raises(MeloError, match=r"ml-1m\.zip is not a valid zip.*put ratings\.dat from it at") as error:
-        dl.load_data(args)
+        preprocess.load_data(args)
     assert "\n" not in str(error.value) and url in str(error.value)
     assert not os.path.exists(os.path.dirname(args.data_path))  # nor the folders made for it
 
 
 def test_download_failures_name_the_url(server, tmp_path, monkeypatch):
     root, url = server
-    args = sy.make_args("ml-100k", None, tmp_path)
-    monkeypatch.setitem(dl.DOWNLOAD_URLS, "ml-100k", f"{url}/missing.zip")
+    args = make_args("ml-100k", None, tmp_path)
+    monkeypatch.setitem(preprocess.DOWNLOAD_URLS, "ml-100k", f"{url}/missing.zip")
     with pytest.raises(MeloError, match=rf"could not download {url}/missing\.zip \(.*404.*\); download .* by "
                                         rf"hand and put u\.data from it at .*u\.data"):
-        dl.load_data(args)
+        preprocess.load_data(args)
     # a zip without the ratings file
     sy.make_movielens_zip(str(root / "ml-1m.zip"), "ml-1m", num_users=50)
-    monkeypatch.setitem(dl.DOWNLOAD_URLS, "ml-100k", f"{url}/ml-1m.zip")
+    monkeypatch.setitem(preprocess.DOWNLOAD_URLS, "ml-100k", f"{url}/ml-1m.zip")
     with pytest.raises(MeloError, match=r"has no u\.data"):
-        dl.load_data(args)
+        preprocess.load_data(args)
     assert not os.path.exists(os.path.dirname(args.data_path))
 
 
 def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(dl.DOWNLOAD_URLS, "ml-1m", "http://127.0.0.1:9/ml-1m.zip")   # discard port: refused
-    args = sy.make_args("ml-1m", None, tmp_path)
+    monkeypatch.setitem(preprocess.DOWNLOAD_URLS, "ml-1m", "http://127.0.0.1:9/ml-1m.zip")   # discard port: refused
+    args = make_args("ml-1m", None, tmp_path)
     with pytest.raises(MeloError, match=r"could not download http://127\.0\.0\.1:9/ml-1m\.zip"):
-        dl.load_data(args)
+        preprocess.load_data(args)
     assert not os.path.exists(os.path.dirname(args.data_path))
 
 
@@ -542,7 +541,7 @@ def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
 def load(tmp_path, mode, text, **flags):
     path = tmp_path / "data.txt"
     path.write_text(text)
-    return dl.load_data(sy.make_args(mode, str(path), tmp_path, **flags))
+    return preprocess.load_data(make_args(mode, str(path), tmp_path, **flags))
 
 
 def ml_lines(count=8, sep="::"):
@@ -594,13 +593,13 @@ def test_bad_files_give_one_line_errors(tmp_path, mode, text, message):
 
 
 def test_missing_files(tmp_path):
-    args = sy.make_args("ml-1m", str(tmp_path / "nope.dat"), tmp_path)
+    args = make_args("ml-1m", str(tmp_path / "nope.dat"), tmp_path)
     with pytest.raises(MeloError, match=r"--data_path .*nope\.dat does not exist"):
-        dl.load_data(args)
+        preprocess.load_data(args)
     for mode in ("amazon", "yelp"):
-        args = sy.make_args(mode, None, tmp_path)
+        args = make_args(mode, None, tmp_path)
         with pytest.raises(MeloError, match=rf"no {mode} ratings at .*: put .* there, or pass --data_path"):
-            dl.load_data(args)
+            preprocess.load_data(args)
 
 
 def test_everything_filtered_away(tmp_path):
@@ -650,7 +649,7 @@ def test_cli_with_too_many_test_users_prints_the_summary_then_what_works(tmp_pat
 
 
 def test_the_generator_cli_overrides_reach_the_profile(tmp_path, capsys):
-    """`tests/synthetic.py u.data --selection_strength=0.75` is the profile with that one setting changed."""
+    """`ratings/synthetic.py u.data --selection_strength=0.75` is the profile with that one setting changed."""
     default, changed, direct = (tmp_path / name for name in ("default.data", "changed.data", "direct.data"))
     sy.main([str(default)])
     sy.main([str(changed), "--selection_strength=0.75"])
@@ -679,10 +678,10 @@ def test_training_tasks_can_hold_out_several_query_targets(ml1m):
     on the (j mod m)-th from the end), the support windows come only from the items before them, and the
     validation and test tasks are those of m = 1 (one target, the latest item)."""
     _, args, data, _ = ml1m
-    held = dataclasses.replace(dl.TaskConfig.from_args(args), train_query_targets=3, num_query_set=6)
-    meta = dl.MetaDataset(data, held)
+    held = dataclasses.replace(tasks.TaskConfig.from_args(args), train_query_targets=3, num_query_set=6)
+    meta = tasks.MetaDataset(data, held)
     batch = meta.train_batch(4)
-    more = dl.MetaDataset(data, dataclasses.replace(held, train_query_targets=8, num_query_set=2))
+    more = tasks.MetaDataset(data, dataclasses.replace(held, train_query_targets=8, num_query_set=2))
     assert more.train_batch(4).query_items.shape[1] == 8 and more.val_tasks().query_items.shape[1] == 2
     seen_offsets = set()
     for k in range(len(batch)):
@@ -697,7 +696,7 @@ def test_training_tasks_can_hold_out_several_query_targets(ml1m):
         support_positions = [where[int(item)] for item in support[support > 0]]
         assert max(support_positions) < last - targets + 1           # no target in the support windows
     assert seen_offsets == {0, 1, 2}
-    plain = dl.MetaDataset(data, dataclasses.replace(held, train_query_targets=1))
+    plain = tasks.MetaDataset(data, dataclasses.replace(held, train_query_targets=1))
     assert_same(meta.val_tasks(), plain.val_tasks())
     assert_same(meta.test_tasks(), plain.test_tasks())
 
@@ -707,7 +706,7 @@ def test_support_age_is_each_positions_distance_from_the_latest_support_item(ml1
     not: the windows are a sample), one more per item back, 0 at padding; for validation, test and
     multi-target training tasks alike."""
     _, args, data, meta = ml1m
-    held = dl.MetaDataset(data, dataclasses.replace(dl.TaskConfig.from_args(args), train_query_targets=3))
+    held = tasks.MetaDataset(data, dataclasses.replace(tasks.TaskConfig.from_args(args), train_query_targets=3))
     for batch in (meta.val_tasks(), meta.test_tasks().select(slice(0, 20)), held.train_batch(2)):
         assert batch.support_age.shape == batch.support_items.shape and batch.support_age.dtype == torch.long
         assert bool((batch.support_age[batch.support_items == 0] == 0).all())
@@ -723,11 +722,11 @@ def test_support_age_is_each_positions_distance_from_the_latest_support_item(ml1
 def test_the_data_cache_sees_a_same_size_edit_with_its_mtime_restored(tmp_path):
     path = str(tmp_path / "u.data")
     sy.write_movielens(path, fmt="ml-100k", num_users=60, num_items=40, seed=4)
-    args = sy.make_args("ml-100k", path, tmp_path, num_test_data=10)
-    before = dl.load_data(args)
+    args = make_args("ml-100k", path, tmp_path, num_test_data=10)
+    before = preprocess.load_data(args)
     same_size_edit(path)
-    after = dl.load_data(args)
+    after = preprocess.load_data(args)
     assert not np.array_equal(before.ratings, after.ratings)
     assert after.fingerprint() != before.fingerprint()   # what checkpoints and reports carry
-    np.testing.assert_array_equal(after.ratings, dl.load_data(sy.make_args("ml-100k", path, tmp_path / "fresh",
+    np.testing.assert_array_equal(after.ratings, preprocess.load_data(make_args("ml-100k", path, tmp_path / "fresh",
                                                                             num_test_data=10)).ratings)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import options
+from ratings.synthetic import write_movielens
 import train_original
-from synthetic import write_movielens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

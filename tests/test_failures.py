@@ -9,14 +9,13 @@ import sys
 import pytest
 import torch
 
-import dataloader as dl
-import errors
+from common import errors
 import main
 import options
+from ratings import preprocess
 import train_original
 
-import synthetic as sy
-from helpers import one_line_error, small
+from helpers import make_args, one_line_error, small
 from test_main import REPO
 
 
@@ -87,9 +86,9 @@ class PauseInTorchsImport:
 if where == "import":
     sys.meta_path.insert(0, PauseInTorchsImport())
 else:
-    import readers
+    from ratings import readers
     readers.read_ratings = pause
-    import dataloader  # takes the paused reader
+    from ratings import preprocess  # takes the paused reader
 sys.argv = [script, *argv]
 runpy.run_path(script, run_name="__main__")
 """
@@ -126,7 +125,7 @@ def test_an_id_beyond_64_bits_is_named_with_its_line(tmp_path, mode, line, name)
     path = tmp_path / "ratings.txt"
     path.write_text(f"1{sep}2{sep}4{sep}1000\n1{sep}3{sep}4{sep}1001\n{line}\n")
     with pytest.raises(errors.MeloError) as error:
-        dl.load_data(sy.make_args(mode, str(path), tmp_path, min_item=1, min_sequence=2))
+        preprocess.load_data(make_args(mode, str(path), tmp_path, min_item=1, min_sequence=2))
     value = line.split(sep)[0 if name == "user id" else 1]
     assert str(error.value) == (f"{path} line 3: {name} {value} does not fit the 64-bit integers MELO stores ids "
                                 f"in: number the {name.split()[0]}s anew")
@@ -187,7 +186,8 @@ def test_train_original_says_so_too(ratings_file, tmp_path, capsys):
 # ============================================================================ a full log disk
 FULL_AFTER_STEP_2 = """
 import errno, os, sys
-import checkpointing, main, options
+import main, options
+from training import checkpointing
 from tensorboard.summary.writer import record_writer
 full, save, write = [False], checkpointing.save_atomic, record_writer.RecordWriter.write
 def save_then_fill(state, path):

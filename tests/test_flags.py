@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ablation
+from common import flag_types
 import compare
-import flag_types
 import options
 import train_original
 
@@ -59,7 +59,7 @@ def test_seeds_beyond_64_bits_are_one_line_and_the_largest_seeds_work(flag, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: argument {flag}: must be a seed from 0 to {2 ** 63 - 1}"), err
     from models import model_factory
-    from runtime import seed_everything
+    from common.runtime import seed_everything
 
     args = options.parse_args([f"{flag}={flag_types.SEED_MAX}", "--model=gru4rec"])
     seed_everything(args.random_seed)

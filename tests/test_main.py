@@ -11,16 +11,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import checkpointing
+from common import errors, runtime
+from common.runtime import Distributed, write_atomic
+from evaluation import metrics
 import main
-import metrics
-import errors
-import options
-import runs
 from meta_learner import MetaLearner, last_step_weights
 from models import model_factory
-import runtime
-from runtime import Distributed, write_atomic
+import options
+from training import checkpointing, runs
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -307,7 +305,7 @@ def test_write_atomic_leaves_the_old_file_on_failure_and_makes_readable_files(tm
 @pytest.mark.skipif(sys.platform != "linux" or not os.confstr("CS_GNU_LIBC_VERSION"), reason="mallopt is glibc's")
 def test_keep_freed_memory_takes_effect_under_glibc():
     # in a fresh process: mallopt's settings are process-wide (docs/performance.md, Threads and memory)
-    done = subprocess.run([sys.executable, "-c", "import runtime; print(runtime.keep_freed_memory())"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-c", "from common import runtime; print(runtime.keep_freed_memory())"], cwd=REPO,
                           capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["True"]
 

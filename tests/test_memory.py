@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import dataloader as dl
 import main
 import options
+from ratings import preprocess
+from ratings.tasks import MetaDataset, candidate_windows, window_count
 
-import synthetic as sy
-from helpers import one_line_error, one_line_of, small
+from helpers import make_args, one_line_error, one_line_of, small
 from test_main import REPO
 
 
@@ -36,8 +36,8 @@ def capped(module, argv, gib=3):
 
 
 def dataset(ratings_file, tmp_path, **flags):
-    args = sy.make_args("ml-100k", ratings_file, tmp_path, min_item=1, num_test_data=20, val_size=10, **flags)
-    return args, dl.MetaDataset.from_args(dl.load_data(args), args)
+    args = make_args("ml-100k", ratings_file, tmp_path, min_item=1, num_test_data=20, val_size=10, **flags)
+    return args, MetaDataset.from_args(preprocess.load_data(args), args)
 
 
 def test_a_meta_batch_holds_each_training_user_at_most_once(ratings_file, tmp_path):
@@ -63,7 +63,7 @@ def test_support_windows_are_capped_at_the_most_a_task_can_have(ratings_file, tm
     """--num_samples=100000 made arrays of 100000 windows per task, nearly all padding (the help says
     'fewer when a user's history has fewer distinct windows')."""
     args, data = dataset(ratings_file, tmp_path, num_samples=100000, max_seq_len=10)
-    most = dl.window_count(10 - 1, args.min_sub_window_size)  # every window of a full task window
+    most = window_count(10 - 1, args.min_sub_window_size)  # every window of a full task window
     assert data.S == most == 36
     _, exact = dataset(ratings_file, tmp_path, num_samples=most, max_seq_len=10)
     for tasks, same in ((data.test_tasks(), exact.test_tasks()), (data.train_batch(5), exact.train_batch(5))):
@@ -74,9 +74,9 @@ def test_support_windows_are_capped_at_the_most_a_task_can_have(ratings_file, tm
 @pytest.mark.parametrize("m, min_size", [(1, 1), (2, 2), (9, 2), (29, 2), (30, 5), (4095, 2)])
 def test_candidate_windows_are_numpys_triangle_without_making_it(m, min_size):
     a, b = np.triu_indices(m + 1, k=min_size)
-    assert dl.window_count(m, min_size) == len(a)
+    assert window_count(m, min_size) == len(a)
     index = np.arange(len(a)) if len(a) < 10 ** 5 else np.random.default_rng(0).choice(len(a), 1000)
-    found = dl.candidate_windows(index, m, min_size)
+    found = candidate_windows(index, m, min_size)
     assert np.array_equal(found[0], a[index]) and np.array_equal(found[1], b[index])
 
 
@@ -85,11 +85,11 @@ def test_a_long_window_does_not_make_every_window_of_every_length(ratings_file, 
     (or the OOM killer) at --max_seq_len=4096."""
     script = ("import resource, sys\n"
               f"resource.setrlimit(resource.RLIMIT_AS, ({3 * 2 ** 30}, {3 * 2 ** 30}))\n"
-              "import dataloader as dl, synthetic as sy\n"
-              f"args = sy.make_args('ml-100k', {ratings_file!r}, {str(tmp_path)!r}, min_item=1, num_test_data=20, "
+              "from ratings import preprocess, tasks\nfrom helpers import make_args\n"
+              f"args = make_args('ml-100k', {ratings_file!r}, {str(tmp_path)!r}, min_item=1, num_test_data=20, "
               "val_size=10, max_seq_len=4096)\n"
-              "tasks = dl.MetaDataset.from_args(dl.load_data(args), args).test_tasks()\n"
-              "print(tuple(tasks.support_items.shape))\n")
+              "test_tasks = tasks.MetaDataset.from_args(preprocess.load_data(args), args).test_tasks()\n"
+              "print(tuple(test_tasks.support_items.shape))\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "tests")))
     assert done.returncode == 0 and done.stdout.split("\n")[0] == "(20, 8, 4096)", done.stderr

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-import flag_types
-import options
+from common import flag_types
 from models import (BACKBONES, Backbone, Flag, backbone_flags, check_contract, export_weights, load_pretrained_weights,
                     model_factory, register)
+import options
 from options import MeloError
 
 NAMES = list(BACKBONES)
@@ -494,9 +494,9 @@ def test_a_fifth_backbone_is_its_class_and_its_registry_entry(tmp_path, registry
     """Registered, the class alone makes --model=bag and --bag_embedding_dim work in every script, shapes
     checkpoints by its size flag and names its table rows; no other source file knows it."""
     import main
-    import runs
+    from training import runs
     import train_original
-    from synthetic import write_movielens
+    from ratings.synthetic import write_movielens
 
     register(BagOfItems)
     write_movielens(str(tmp_path / "u.data"), fmt="ml-100k", num_users=60, num_items=40, seed=1)
@@ -513,7 +513,7 @@ def test_a_fifth_backbone_is_its_class_and_its_registry_entry(tmp_path, registry
     assert "bag_embedding_dim" in runs.shape_option_names()
     with pytest.raises(MeloError, match=r"bag_embedding_dim=6 \(now 4\)"):
         main.main(options.parse_args(argv + ["--bag_embedding_dim=4", "--checkpoint_step=2", "--test"]))
-    import tables
+    from studies import tables
     assert tables.display("bag") == "Bag of items"
 
 

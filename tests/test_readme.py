@@ -30,11 +30,10 @@ import torch
 
 import ablation
 import benchmark
+from common import errors, runtime
 import compare
-import errors
 import options
-import runtime
-import synthetic
+from ratings import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCUMENTS = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))

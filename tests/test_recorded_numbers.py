@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import main  # noqa: E402
 import options  # noqa: E402
+from ratings.synthetic import write_movielens  # noqa: E402
 import train_original  # noqa: E402
-from synthetic import write_movielens  # noqa: E402
 
 RECORDED = os.path.join(HERE, "recorded_numbers.json")
 BACKBONES = ("bert4rec", "sasrec", "gru4rec", "narm")

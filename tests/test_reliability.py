@@ -12,17 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-import checkpointing
-import dataloader as dl
+from common import errors
+from common.runtime import Distributed, Terminated
+import dataloader
+from evaluation import metrics
 import main
-import metrics
-import errors
 import options
-import runs
+from ratings import preprocess
+from ratings.tasks import MetaDataset
 import train_original
-from runtime import Distributed, Terminated
+from training import checkpointing, runs
 
-import synthetic as sy
+from helpers import make_args
+from ratings import synthetic as sy
 from test_main import REPO, flags, run
 
 PREFIX = "gru4rec_ml-100k_melo"
@@ -131,22 +133,22 @@ def test_duplicate_ratings_keep_the_latest_and_are_counted(ratings_file, tmp_pat
     doubled = tmp_path / "dup.data"
     doubled.write_text(original + original + again + "\n")
     rows = len(original.splitlines())
-    args = sy.make_args("ml-100k", str(doubled), tmp_path, min_item=1, num_test_data=20)
-    data = dl.load_data(args)
-    reference = dl.load_data(sy.make_args("ml-100k", ratings_file, tmp_path, min_item=1, num_test_data=20))
+    args = make_args("ml-100k", str(doubled), tmp_path, min_item=1, num_test_data=20)
+    data = preprocess.load_data(args)
+    reference = preprocess.load_data(make_args("ml-100k", ratings_file, tmp_path, min_item=1, num_test_data=20))
     assert data.duplicates_dropped == rows + 1 and len(data.ratings) == len(reference.ratings)
     user = int(np.flatnonzero(data.user_ids == int(first[0]))[0])
     items, ratings = data.sequence(user)
     assert items[-1] == np.flatnonzero(data.item_ids == int(first[1]))[0] + 1 and ratings[-1] == float(again.split("\t")[2])
     assert len(items) == reference.sequence_lengths()[user]
     # no test target stands in its own support windows
-    tasks = dl.MetaDataset.from_args(data, args).test_tasks()
+    tasks = MetaDataset.from_args(data, args).test_tasks()
     for k in range(len(tasks)):
         target = int(tasks.query_items[k, 0, -1])
         assert target not in tasks.support_items[k][tasks.support_mask[k]].flatten().tolist()
-    summary = dl.format_summary(dl.MetaDataset.from_args(data, args).summary(), args)
+    summary = dataloader.format_summary(MetaDataset.from_args(data, args).summary(), args)
     assert f"{rows + 1} repeated (user, item) ratings dropped, the latest kept" in summary
-    kept = dl.load_data(sy.make_args("ml-100k", str(doubled), tmp_path, min_item=1, keep_duplicates=True))
+    kept = preprocess.load_data(make_args("ml-100k", str(doubled), tmp_path, min_item=1, keep_duplicates=True))
     assert len(kept.ratings) > 2 * len(reference.ratings) and kept.duplicates_dropped == 0  # another cache entry
     assert kept.fingerprint() != data.fingerprint()
 
@@ -471,7 +473,7 @@ def test_bad_ratings_files_are_one_line_errors_with_the_line(tmp_path, mode, con
     path = tmp_path / "ratings.txt"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(errors.MeloError) as error:
-        dl.load_data(sy.make_args(mode, str(path), tmp_path, min_item=1, min_sequence=2))
+        preprocess.load_data(make_args(mode, str(path), tmp_path, min_item=1, min_sequence=2))
     assert "\n" not in str(error.value) and str(error.value).startswith(str(path))
     assert message in str(error.value), str(error.value)
 
@@ -480,12 +482,12 @@ def test_csv_columns_reads_a_header_it_does_not_know(tmp_path):
     path = tmp_path / "ratings.csv"
     path.write_text("asin,reviewer,overall,unixReviewTime\n" + "".join(
         f"i{i},u{i % 2},{1 + i % 5}.0,{1000 + i}\n" for i in range(12)))
-    data = dl.load_data(sy.make_args("amazon", str(path), tmp_path, min_item=1, min_sequence=2,
+    data = preprocess.load_data(make_args("amazon", str(path), tmp_path, min_item=1, min_sequence=2,
                                      csv_columns="item,user,rating,timestamp"))
     assert list(data.user_ids) == ["u0", "u1"] and data.num_items == 12 and data.item_ids[0] == "i0"
     # without a header, with the rating last (dates in the third column)
     path.write_text("".join(f"i{i},u{i % 2},2014-01-{1 + i:02d},{1 + i % 5}.0\n" for i in range(12)))
-    data = dl.load_data(sy.make_args("amazon", str(path), tmp_path, min_item=1, min_sequence=2,
+    data = preprocess.load_data(make_args("amazon", str(path), tmp_path, min_item=1, min_sequence=2,
                                      csv_columns="item,user,timestamp,rating"))
     assert list(data.user_ids) == ["u0", "u1"] and sorted(set(data.ratings.tolist())) == [1, 2, 3, 4, 5]
 

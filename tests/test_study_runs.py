@@ -13,13 +13,13 @@ import time
 import pytest
 
 import ablation
-import baselines
-import checkpointing
 import compare
-import study
+from evaluation import baselines
+from studies import study
+from training import checkpointing
 
-import synthetic as sy
 from helpers import same_size_edit
+from ratings import synthetic as sy
 from test_ablation import argv as ablation_argv
 from test_compare import argv as compare_argv, in_process, no_runs
 from test_main import REPO

@@ -8,15 +8,16 @@ import os
 import pytest
 import torch
 
+from common.runtime import Distributed
+from evaluation import metrics
 import main
-import metrics
 import options
-import runs
+from ratings.preprocess import load_data
+from ratings.tasks import MetaDataset
 import train_original
-from dataloader import MetaDataset, load_data
-from runtime import Distributed
+from training import runs
 
-from synthetic import write_movielens
+from ratings.synthetic import write_movielens
 
 
 @pytest.fixture(scope="module")

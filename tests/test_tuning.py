@@ -2,7 +2,7 @@
 stays on an edge is recorded."""
 import math
 
-import tuning
+from evaluation import tuning
 
 
 def test_an_edge_choice_extends_the_grid_until_it_is_inside():
@@ -52,7 +52,7 @@ def test_a_diverged_setting_is_never_chosen_and_its_record_does_not_fail_the_rep
 
     import pytest
 
-    import metrics
+    from evaluation import metrics
     from options import MeloError
 
     lr = tuning.Axis("lr", (0.01, 0.1, 0.3))

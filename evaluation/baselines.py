@@ -36,9 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import metrics
-import tuning
-from runtime import write_atomic
+from common.runtime import write_atomic
+from evaluation import metrics, tuning
 
 SHRINKAGE_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 ITEM_REG_GRID = (0.0, 5.0, 25.0, 100.0)

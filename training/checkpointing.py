@@ -15,8 +15,8 @@ import zipfile
 
 import torch
 
-from errors import MeloError
-from runtime import TEMPORARY_PREFIX, write_atomic
+from common.errors import MeloError
+from common.runtime import TEMPORARY_PREFIX, write_atomic
 
 
 # The "format" every checkpoint records; a change of layout raises it, so an old file is refused clearly.

@@ -14,12 +14,12 @@ import sys
 
 import numpy as np
 
-import baselines
-import checkpointing
-import runs
-from dataloader import MetaDataset, load_data
-from errors import MeloError
-from runtime import LostPeer, stop_signals_as_flag
+from common.errors import MeloError
+from common.runtime import LostPeer, stop_signals_as_flag
+from evaluation import baselines
+from ratings.preprocess import load_data
+from ratings.tasks import MetaDataset
+from training import checkpointing, runs
 
 
 class Trainer:

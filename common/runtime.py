@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from tqdm import tqdm
 
-from errors import MeloError, out_of_memory
+from common.errors import MeloError, out_of_memory
 
 
 TEMPORARY_PREFIX = ".tmp-"

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from errors import MeloError
-from runtime import write_atomic
+from common.errors import MeloError
+from common.runtime import write_atomic
 
 # Columns of the per-target CSV written beside every test report (see prediction_frame).
 PREDICTION_COLUMNS = ("user", "window", "item", "rating", "window_length", "prediction")

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from evaluation.metrics import half_star_buckets, half_star_name, num_half_star_buckets
 from meta_learner import adapt
-from metrics import half_star_buckets, half_star_name, num_half_star_buckets
 from models.loss_networks import masked_mean, rating_bucket_ids, task_mean
 
 

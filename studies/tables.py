@@ -12,13 +12,11 @@ import shlex
 import numpy as np
 import pandas as pd
 
-import baselines
-import metrics
-import tuning
-from analysis import SHARE_NAMES
+from common.errors import MeloError
+from evaluation import baselines, metrics, tuning
 from models import BACKBONES, HEADS
-from errors import MeloError
-from study import START_DESCRIPTIONS, cell, mean_std
+from studies.study import START_DESCRIPTIONS, cell, mean_std
+from training.analysis import SHARE_NAMES
 
 
 def display(model):

@@ -12,14 +12,14 @@ import sys
 import time
 from collections import namedtuple
 
-import checkpointing
-import metrics
+from common import runtime
+from common.errors import MeloError
+from evaluation import metrics
 import options
-import runtime
-from dataloader import load_data
-from errors import MeloError
+from ratings.preprocess import load_data
+from training import checkpointing
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, where the scripts are
 
 
 # How MAML and MELO start (--start), as main.py flags given to both, before the passed-through flags (which

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from errors import MeloError
+from common.errors import MeloError
 
 MAX_RATING = 5.0  # the rating scale's maximum for every supported data set
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1  # timestamps are int64 unix seconds

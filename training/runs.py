@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 
-import checkpointing
-from dataloader import SPLIT_OPTIONS
+from common.errors import MeloError
 from models import HEADS, backbone_option_names
-from errors import MeloError
+from ratings.tasks import SPLIT_OPTIONS
+from training import checkpointing
 
 # Options that change the shape or meaning of what a checkpoint holds; resuming or testing with other
 # values is refused with the names of the ones that differ.

@@ -12,9 +12,8 @@ user's history with some ties. Every writer returns the ratings exactly as writt
 DataFrame with columns user, item, rating, timestamp (original ids; timestamp in unix seconds).
 
 `realistic_ratings` (any writer's `profile=`) is a harder story, calibrated to behave like real users for
-studies of the method; `python tests/synthetic.py --help` writes such a file.
+studies of the method; `python ratings/synthetic.py --help` writes such a file.
 
-`make_args(mode, data_path, tmp_path, **flags)` builds parsed options for tests.
 """
 import json
 import os
@@ -356,23 +355,6 @@ def make_movielens_zip(zip_path, mode, **kwargs):
     return frame
 
 
-def make_args(mode, data_path, tmp_path, **flags):
-    """Parsed options for a test: data in `data_path` (None = the mode's default under tmp_path/Data),
-    caches and outputs under tmp_path, and small sizes unless overridden by `flags`."""
-    from options import parse_args
-
-    values = {"data_dir": os.path.join(str(tmp_path), "Data"), "min_item": 10, "min_sequence": 5,
-              "max_seq_len": 20, "num_samples": 8, "num_query_set": 3, "num_test_data": 30,
-              "val_size": 20, "batch_size": 4, "checkpoint_dir": os.path.join(str(tmp_path), "checkpoints"),
-              "log_dir": os.path.join(str(tmp_path), "runs"),
-              "pretrain_log_dir": os.path.join(str(tmp_path), "pretrained")}
-    values.update(flags)
-    argv = [f"--mode={mode}"] + [f"--{k}={v}" for k, v in values.items()]
-    if data_path is not None:
-        argv.append(f"--data_path={data_path}")
-    return parse_args(argv)
-
-
 def build_parser():
     import argparse
 
@@ -388,7 +370,7 @@ def build_parser():
 
 
 def main(argv=None):
-    """`python tests/synthetic.py u.data`: a calibrated, GroupLens-format u.data for studies."""
+    """`python ratings/synthetic.py u.data`: a calibrated, GroupLens-format u.data for studies."""
     args = build_parser().parse_args(argv)
     sizes = PROFILES[args.profile]
     overrides = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}

@@ -1,0 +1,1 @@
+"""The data layer: file readers, preprocessing and its cache, the cold-start split and tasks, the generator."""
