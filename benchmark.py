@@ -3,6 +3,7 @@
     python benchmark.py                                  # the default configuration, 1,000 and 50,000 items
     python benchmark.py --models=gru4rec --methods=melo --items=1000 --repeats=5
     python benchmark.py --reference=False                # skip the (slow) per-task reference path
+    python benchmark.py --batch_sizes=16,64,256 --reference=False   # tasks per meta-batch, swept
 
 One outer iteration is what `main.py`'s `MetaTrainer.train_step` does: the outer loss of every task of a
 meta-batch (inner loop, second order, multi-step loss of iteration 0, so the query set is scored after
@@ -219,10 +220,12 @@ def run_ratio(model, method, catalogs, repeats, device, extra, num_users):
 # ------------------------------------------------------------------------------------------- driver
 def format_table(results, loads, calibrations=None):
     """A markdown table: one row per (backbone, method, catalog), the fast path and the reference."""
-    fast = {(r["model"], r["method"], r["items"]): r for r in results if r["path"] == "fast"}
-    reference = {(r["model"], r["method"], r["items"]): r for r in results if r["path"] == "reference"}
+    fast = {(r["model"], r["method"], r["items"], r["tasks"]): r for r in results if r["path"] == "fast"}
+    reference = {(r["model"], r["method"], r["items"], r["tasks"]): r for r in results if r["path"] == "reference"}
     first = results[0]
-    lines = [f"torch {torch.__version__}, {first['device']}, {first['threads']} threads; {first['tasks']} tasks x "
+    sizes = sorted({r["tasks"] for r in results if r["path"] != "ratio"})
+    tasks = str(sizes[0]) if len(sizes) == 1 else "/".join(map(str, sizes))
+    lines = [f"torch {torch.__version__}, {first['device']}, {first['threads']} threads; {tasks} tasks x "
              f"{first['support']} support windows x {first['query']} queries, length {first['length']}, "
              f"{first['inner_steps']} inner steps, second order, multi-step loss of iteration 0; freed memory "
              f"{'kept' if first.get('keep_freed_memory') else 'returned to the OS'} (--keep_freed_memory); "
@@ -231,11 +234,12 @@ def format_table(results, loads, calibrations=None):
                 f"{' / '.join(f'{x:.3f}' for x in calibrations[0])}, at end "
                 f"{' / '.join(f'{x:.3f}' for x in calibrations[1])}"] if calibrations else []),
              "",
-             "| backbone | method | items | s / iteration | tasks / s | peak MiB | build ms "
+             "| backbone | method | items | tasks | s / iteration | tasks / s | peak MiB | build ms "
              "| per-task s / iteration | per-task peak MiB | speed-up |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, r in fast.items():
-        row = [r["model"], r["method"], f"{r['items']:,}", f"{r['median_s']:.3f}", f"{r['tasks'] / r['median_s']:.1f}",
+        row = [r["model"], r["method"], f"{r['items']:,}", str(r["tasks"]), f"{r['median_s']:.3f}",
+               f"{r['tasks'] / r['median_s']:.1f}",
                f"{r['peak_bytes'] / 2 ** 20:.0f}", f"{r['build_s'] * 1e3:.1f}"]
         ref = reference.get(key)
         row += ([f"{ref['median_s']:.3f}", f"{ref['peak_bytes'] / 2 ** 20:.0f}",
@@ -273,6 +277,8 @@ def parse(argv):
     parser.add_argument("--reference_repeats", type=flag_types.positive_int, default=3,
                         help="timed iterations of the reference path (after a warm-up)")
     parser.add_argument("--num_users", type=flag_types.positive_int, default=2000, help="users of the generated data set")
+    parser.add_argument("--batch_sizes", type=flag_types.comma_list(flag_types.positive_int), default=None,
+                        help="tasks per meta-batch to sweep, e.g. 16,64,256 (default: main.py's --batch_size)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0 = PyTorch's default)")
     parser.add_argument("--json", default=None, help="also write the raw results to this file")
@@ -288,6 +294,8 @@ def parse(argv):
         parser.error(f"--items={known.items}: give comma-separated positive item counts, e.g. 1000,50000")
     if any(flag.startswith("--use_adaptive_loss") for flag in extra):
         parser.error("--use_adaptive_loss: the benchmark sets it per method; choose them with --methods")
+    if known.batch_sizes and any(flag.startswith("--batch_size") for flag in extra):
+        parser.error("--batch_size and --batch_sizes: give the meta-batch sizes with --batch_sizes alone")
     try:
         known.device = select_device(known.device)
     except MeloError as error:
@@ -302,16 +310,17 @@ def main(argv=None):
         torch.set_num_threads(args.num_threads)
     device = args.device
     if args.case is not None:  # one case in this (fresh) process
-        model, method, items, path = args.case.split(":")
-        config = case_args(model, method, args.extra)
+        model, method, items, path, tasks = args.case.split(":")
+        extra = args.extra + ([f"--batch_size={tasks}"] if tasks != "-" else [])
+        config = case_args(model, method, extra)
         kept = configure_cpu(config)  # as main.py does (its --num_threads: benchmark.py's own, set above)
         if path == "ratio":
-            result = run_ratio(model, method, [int(n) for n in items.split("+")], args.repeats, device,
-                               args.extra, args.num_users)
+            result = run_ratio(model, method, [int(n) for n in items.split("+")], args.repeats, device, extra,
+                               args.num_users)
             print("RESULT " + json.dumps(result))
             return result
         repeats = args.repeats if path == "fast" else args.reference_repeats
-        result = run_case(model, method, int(items), path, repeats, device, args.extra, args.num_users)
+        result = run_case(model, method, int(items), path, repeats, device, extra, args.num_users)
         result.update(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
                       keep_freed_memory=kept,
                       support=config.num_samples, query=config.num_query_set, length=config.max_seq_len,
@@ -320,26 +329,28 @@ def main(argv=None):
         return result
 
     models, methods, catalogs = args.models.split(","), args.methods.split(","), args.items.split(",")
-    cases = [(model, method, items, path)
+    sizes = [str(size) for size in args.batch_sizes] if args.batch_sizes else ["-"]  # "-": --batch_size
+    cases = [(model, method, items, path, tasks)
              for path in (("fast", "reference") if args.reference else ("fast",))
-             for model in models for method in methods for items in catalogs]
-    if len(catalogs) > 1:
-        cases += [(model, method, "+".join(catalogs), "ratio") for model in models for method in methods]
+             for model in models for method in methods for items in catalogs for tasks in sizes]
+    if len(catalogs) > 1:  # the catalog's cost, at the first meta-batch size
+        cases += [(model, method, "+".join(catalogs), "ratio", sizes[0]) for model in models for method in methods]
     loads, results = [load_average()], []
     calibrations = [calibration(device)]
-    for model, method, items, path in cases:
-        command = [sys.executable, os.path.abspath(__file__), f"--case={model}:{method}:{items}:{path}", *argv]
+    for model, method, items, path, tasks in cases:
+        case = f"{model}:{method}:{items}:{path}:{tasks}"
+        command = [sys.executable, os.path.abspath(__file__), f"--case={case}", *argv]
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not found:
             sys.stderr.write(done.stdout + done.stderr)
-            raise SystemExit(f"benchmark case {model}:{method}:{items}:{path} failed")
+            raise SystemExit(f"benchmark case {case} failed")
         result = json.loads(found[-1][len("RESULT "):])
         if not result.get("finite", True):
-            raise SystemExit(f"benchmark case {model}:{method}:{items}:{path}: non-finite loss")
+            raise SystemExit(f"benchmark case {case}: non-finite loss")
         results.append(result)
         medians = result["median_s"] if path == "ratio" else [result["median_s"]]
-        print(f"{model} {method} {items} items, {path}: median {' / '.join(f'{m:.3f}' for m in medians)} s, "
+        print(f"{model} {method} {items} items, {path}, {tasks} tasks: median {' / '.join(f'{m:.3f}' for m in medians)} s, "
               f"load {load_average()}", file=sys.stderr, flush=True)
     loads.append(load_average())
     calibrations.append(calibration(device))

@@ -27,8 +27,8 @@ def test_one_case_of_each_path_runs_and_the_table_lists_both():
         result.update(device="cpu", support=3, query=2, length=8, inner_steps=3)
         results.append(result)
     table = benchmark.format_table(results, ["0.1 0.1 0.1", "0.2 0.2 0.2"])
-    row = next(line for line in table.splitlines() if line.startswith("| sasrec | melo | 300 |"))
-    assert row.count("|") == 11 and not row.rstrip(" |").endswith("-")
+    row = next(line for line in table.splitlines() if line.startswith("| sasrec | melo | 300 | 3 |"))
+    assert row.count("|") == 12 and not row.rstrip(" |").endswith("-")
 
 
 def test_ratio_case_alternates_catalogs_and_reports_one_median_each():
@@ -48,7 +48,9 @@ def test_bad_arguments_are_refused_before_any_case_runs(capsys):
                           (["--items=1000,abc"], "--items=1000,abc"),
                           (["--repeats=0"], "--repeats"),
                           (["--use_adaptive_loss=False"], "choose them with --methods"),
-                          (["--device=gpu"], "--device=gpu")]:
+                          (["--device=gpu"], "--device=gpu"),
+                          (["--batch_sizes=16,64", "--batch_size=8"], "--batch_size and --batch_sizes"),
+                          (["--batch_sizes=16,0"], "--batch_sizes")]:
         with pytest.raises(SystemExit) as exit_info:
             benchmark.main(argv)
         assert exit_info.value.code == 2
@@ -65,3 +67,15 @@ def test_a_case_starts_the_bias_head_as_main_py_does():
     assert backbone.rating_head.user_bias_reg is not None
     assert 0.5 < float(backbone.global_mean) < 1.0  # μ of ratings 1..5 around 3.6, over 5
     assert backbone.item_bias.weight.abs().max() > 0
+
+
+def test_the_meta_batch_sweep_times_each_size_in_its_own_process(capsys):
+    """--batch_sizes=2,4: every case at each meta-batch size, one row each with its tasks per second."""
+    tiny = [flag for flag in TINY if not flag.startswith("--batch_size")]
+    results = benchmark.main(["--models=gru4rec", "--methods=maml", "--items=200", "--reference=False", "--repeats=1",
+                              "--num_users=150", "--num_threads=1", "--batch_sizes=2,4", *tiny])
+    assert [r["tasks"] for r in results] == [2, 4]
+    table = capsys.readouterr().out
+    assert "; 2/4 tasks x 3 support windows" in table
+    for tasks in (2, 4):
+        assert any(line.startswith(f"| gru4rec | maml | 200 | {tasks} |") for line in table.splitlines())
