@@ -8,7 +8,7 @@
 One outer iteration is what `main.py`'s `MetaTrainer.train_step` does: the outer loss of every task of a
 meta-batch (inner loop, second order, multi-step loss of iteration 0, so the query set is scored after
 every inner step), its backward, gradient clipping and one Adam step over every meta-learned parameter,
-the whole item table included, with `meta_learner.build_optimizer`'s optimizer and schedule. Building the
+the whole item table included, built by `meta_learner.build_meta_training` as main.py builds it. Building the
 meta-batch (`MetaDataset.train_batch`) is timed apart.
 
 The data are generated (no download): `--num_users` users with 40..200 ratings each over a catalog of
@@ -45,7 +45,7 @@ if ROOT not in sys.path:
 from common import flag_types  # noqa: E402
 from common.errors import MeloError  # noqa: E402
 from common.runtime import Distributed, configure_cpu, select_device  # noqa: E402
-from meta_learner import build_meta_learner, build_optimizer, outer_step, step_weights  # noqa: E402
+from meta_learner import build_meta_training, outer_step, step_weights  # noqa: E402
 from models import BACKBONES  # noqa: E402
 import options  # noqa: E402
 
@@ -155,10 +155,12 @@ class Case:
         torch.manual_seed(args.random_seed)
         data = synthetic_data(num_items, num_users)
         self.dataset = MetaDataset.from_args(data, args)
-        self.learner = build_meta_learner(args, num_items, 5.0).to(device).train()
-        # the bias head as main.py starts it (b_user's fold-in start costs a forward per task)
-        baselines.start_bias_head(self.learner.backbone, data, self.dataset, args)
-        self.optimizer, self.scheduler = build_optimizer(args, self.learner)
+        # built and started as main.py does (b_user's fold-in start costs a forward per task)
+        def start_head(backbone):
+            baselines.start_bias_head(backbone, data, self.dataset, args)
+
+        self.learner, self.optimizer, self.scheduler = build_meta_training(args, num_items, 5.0, device, start_head)
+        self.learner.train()
         self.dist = Distributed(str(device))
         # iteration 0: the multi-step loss scores the query after every inner step (the costliest case)
         self.weights = step_weights(args, 0)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from common.errors import MeloError
 from common.runtime import Distributed, check_stop, configure_cpu, interruption, progress, seed_everything
 from evaluation import baselines, metrics
-from meta_learner import build_meta_learner, build_optimizer, meta_train_step, step_weights
+from meta_learner import build_meta_training, meta_train_step, step_weights
 from options import run_cli
 from ratings.preprocess import duplicates_note
 from ratings.tasks import SPLIT_OPTIONS
@@ -79,10 +79,9 @@ class MetaTrainer(Trainer):
 
     def __init__(self, args, dist):
         super().__init__(args, dist)
-        self.learner = build_meta_learner(args, self.data.num_items, self.data.max_rating).to(self.device)
-        if args.checkpoint_step < 0 and not args.test_baseline:
-            self.start_head()
-        self.optimizer, self.scheduler = build_optimizer(args, self.learner)
+        fresh = args.checkpoint_step < 0 and not args.test_baseline  # else the checkpoint holds the head's start
+        self.learner, self.optimizer, self.scheduler = build_meta_training(
+            args, self.data.num_items, self.data.max_rating, self.device, self.start_head_of if fresh else None)
         self.prefix = runs.meta_prefix(args)
         self.shape = runs.meta_shape_options(args, self.data)
         # the last step whose validation finished (None: the resumed step's did not; -1: none yet, so a fresh

@@ -361,6 +361,16 @@ def outer_step(learner, optimizer, scheduler, batch, step_weights, batch_size, d
     return loss
 
 
+def build_meta_training(args, num_items, max_rating, device, start_head=None):
+    """(learner, optimizer, scheduler) as main.py trains them and benchmark.py times them: the learner the
+    flags ask for, on `device`; `start_head(backbone)`, the rating head's start fitted on the data (None: a
+    checkpoint brings it); then one Adam over everything meta-learned, with its schedules."""
+    learner = build_meta_learner(args, num_items, max_rating).to(device)
+    if start_head is not None:
+        start_head(learner.backbone)
+    return (learner, *build_optimizer(args, learner))
+
+
 def meta_train_step(learner, optimizer, scheduler, batch, args, iteration, batch_size, dist):
     """MAML++'s outer iteration number `iteration` (main.py's): its multi-step loss weights, first-order
     derivatives for the first --first_order_iterations, then `outer_step`. Returns the mean outer loss."""

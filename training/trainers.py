@@ -91,7 +91,11 @@ class Trainer:
         baselines.start_bias_head): before a fresh run trains, and on loading a checkpoint from before the
         λs were saved in it. A checkpoint holds the rest, so a test or resume skips the fold-in searches.
         A subclass calls it once its model is built, unless --checkpoint_step names a checkpoint to load."""
-        baselines.start_bias_head(self.backbone, self.data, self.dataset, self.args)
+        self.start_head_of(self.backbone)
+
+    def start_head_of(self, backbone):
+        """`backbone`'s rating head started from this run's data and flags (`start_head`'s work)."""
+        baselines.start_bias_head(backbone, self.data, self.dataset, self.args)
 
     def fresh_start(self):
         """Before a fresh (not resumed) run trains."""
