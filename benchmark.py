@@ -45,9 +45,13 @@ if ROOT not in sys.path:
 from common import flag_types  # noqa: E402
 from common.errors import MeloError  # noqa: E402
 from common.runtime import Distributed, configure_cpu, select_device  # noqa: E402
+from evaluation import baselines  # noqa: E402
 from meta_learner import build_meta_training, outer_step, step_weights  # noqa: E402
 from models import BACKBONES  # noqa: E402
 import options  # noqa: E402
+from ratings.preprocess import RatingData  # noqa: E402
+from ratings.readers import MAX_RATING  # noqa: E402
+from ratings.tasks import MetaDataset  # noqa: E402
 
 METHODS = ("melo", "maml")
 
@@ -55,8 +59,6 @@ METHODS = ("melo", "maml")
 # ------------------------------------------------------------------------------------------- data
 def synthetic_data(num_items, num_users, seed=0):
     """RatingData over items 1..num_items (every one rated at least once), users of 40..200 ratings."""
-    from ratings.preprocess import RatingData
-    from ratings.readers import MAX_RATING
 
     rng = np.random.default_rng([seed, num_items])
     lengths = rng.integers(40, 201, size=num_users)
@@ -147,18 +149,16 @@ class Case:
     """One (backbone, method, catalog, path) set up as main.py would: data, learner, optimizer, schedule."""
 
     def __init__(self, model, method, num_items, path, device, extra, num_users):
-        from evaluation import baselines
-        from ratings.tasks import MetaDataset
-
         self.args = args = case_args(model, method, extra)
         self.device, self.fast = device, path == "fast"
         torch.manual_seed(args.random_seed)
         data = synthetic_data(num_items, num_users)
         self.dataset = MetaDataset.from_args(data, args)
-        # built and started as main.py does (b_user's fold-in start costs a forward per task)
+
         def start_head(backbone):
             baselines.start_bias_head(backbone, data, self.dataset, args)
 
+        # built and started as main.py does (b_user's fold-in start costs a forward per task)
         self.learner, self.optimizer, self.scheduler = build_meta_training(args, num_items, 5.0, device, start_head)
         self.learner.train()
         self.dist = Distributed(str(device))

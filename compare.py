@@ -58,8 +58,8 @@ import options
 from ratings.preprocess import load_data
 from ratings.tasks import MetaDataset
 from studies import figures, study
-from studies.study import (CONTROLLED, NOT_SETTINGS, START_FLAGS, data_fingerprint, given_flags, lock_results, read_report,
-                   remake, report_problem, stopped_line, training_need)
+from studies.study import (CONTROLLED, NOT_SETTINGS, START_FLAGS, data_fingerprint, given_flags, lock_results,
+                           read_report, remake, report_problem, stopped_line, training_need)
 from studies.tables import METHOD_NAMES, NO_NETWORK, PAIRED, build_tables, figure_reports
 from training import runs
 

@@ -31,8 +31,9 @@ from ratings.preprocess import duplicates_note
 from ratings.tasks import SPLIT_OPTIONS
 from studies import figures
 from training import checkpointing, runs
-from training.analysis import (SHARE_NAMES, mean_weight_by_rating, query_gradient_by_rating, query_gradient_by_share,
-                      query_gradient_of_weights, summarise_query_gradients, support_weights, weight_sums_by_rating)
+from training.analysis import (SHARE_NAMES, mean_weight_by_rating, query_gradient_by_rating,
+                               query_gradient_by_share, query_gradient_of_weights, summarise_query_gradients,
+                               support_weights, weight_sums_by_rating)
 from training.trainers import Trainer, state_copy, step_alias, train_run
 
 

@@ -24,8 +24,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from inner_loop_optimizers import LSLRGradientDescent
+from models import model_factory
 from models.heads import USER_BIAS
-from models.loss_networks import query_loss
+from models.loss_networks import build_inner_loss, query_loss
 
 EMBEDDING = "item_embedding.weight"  # indexed by item id: each task adapts a small table of its items' rows
 SUPPORT_AGE = "support_age"  # the context entry of each support position's recency (TaskBatch.support_age)
@@ -246,11 +247,12 @@ class MetaLearner(nn.Module):
             predictions.append(task_predictions)
         return torch.stack(losses), torch.stack(predictions)
 
-    def task_losses(self, batch, step_weights, first_order=False, fast=True):
-        """The outer loss of each task: Σ_k v_k L_query(θ_k+1) over the steps with a weight."""
-        scored = tuple(k for k in range(self.num_inner_steps) if step_weights[k] > 0)
+    def task_losses(self, batch, loss_weights, first_order=False, fast=True):
+        """The outer loss of each task: Σ_k v_k L_query(θ_k+1) over the steps with a weight v_k
+        (`loss_weights`, step_weights' vector)."""
+        scored = tuple(k for k in range(self.num_inner_steps) if loss_weights[k] > 0)
         losses, _ = self.run_tasks(batch, scored, first_order, fast)
-        weights = step_weights[list(scored)].to(losses)
+        weights = loss_weights[list(scored)].to(losses)
         return (losses * weights).sum(dim=1)
 
     def predict(self, batch, fast=True):
@@ -262,9 +264,6 @@ class MetaLearner(nn.Module):
 
 def build_meta_learner(args, num_items, max_rating):
     """The backbone `--model`, its LSLR rates and the inner loss the flags ask for."""
-    from models import model_factory
-    from models.loss_networks import build_inner_loss
-
     backbone = model_factory(args, num_items)
     # the loss networks' own, fixed initialisation; like model_factory, on the CPU generator only (CUDA's
     # would be reseeded and not restored: fork_rng(devices=[]) saves the CPU state alone)
@@ -278,6 +277,7 @@ def build_meta_learner(args, num_items, max_rating):
     return MetaLearner(backbone, inner_loss, args.num_inner_steps, args.inner_lr,
                        args.use_learnable_params, max_rating, args.query_loss, adapted, init_lrs,
                        args.weighted_start)
+
 
 # ------------------------------------------------------------------ the outer loop (MAML++)
 def step_weights(args, iteration):
@@ -308,7 +308,7 @@ def build_optimizer(args, learner):
     loss = learner.inner_loss
     backbone = learner.backbone
     head_tables = backbone.rating_head.parameters_of(backbone) if args.bias_outer_lr is not None else {}
-    add([p for name, p in learner.backbone.named_parameters() if name not in head_tables], args.outer_lr,
+    add([p for name, p in backbone.named_parameters() if name not in head_tables], args.outer_lr,
         args.min_outer_lr, args.outer_weight_decay)
     if head_tables:  # annealed in proportion to --outer_lr's schedule
         floor = args.bias_outer_lr * args.min_outer_lr / args.outer_lr if args.outer_lr else args.bias_outer_lr
@@ -324,7 +324,7 @@ def build_optimizer(args, learner):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
 
 
-def outer_step(learner, optimizer, scheduler, batch, step_weights, batch_size, dist, first_order=False,
+def outer_step(learner, optimizer, scheduler, batch, loss_weights, batch_size, dist, first_order=False,
                task_chunk=0, grad_clip=0.0, fast=True):
     """One outer iteration (main.py's, and benchmark.py's timing of it) on this rank's tasks `batch`, of
     a meta-batch of `batch_size` tasks over all ranks: the meta-gradient of the mean outer loss, in chunks
@@ -335,7 +335,7 @@ def outer_step(learner, optimizer, scheduler, batch, step_weights, batch_size, d
     optimizer.zero_grad(set_to_none=False)
     total = torch.zeros((), dtype=torch.float64, device=params[0].device)
     for start in range(0, len(batch), chunk):
-        per_task = learner.task_losses(batch.select(slice(start, start + chunk)), step_weights, first_order, fast)
+        per_task = learner.task_losses(batch.select(slice(start, start + chunk)), loss_weights, first_order, fast)
         # Normalise by the whole meta-batch, so chunks and ranks add up to the mean over all tasks.
         (per_task.sum() / batch_size).backward()
         total += per_task.detach().sum().double()

@@ -12,8 +12,8 @@ import os
 import sys
 
 from common.errors import MeloError, out_of_memory
-from common.flag_types import (LR_MAX, WIDTH_MAX, checked, comma_list, depth, learning_rate, non_negative_float, non_negative_int,
-                        positive_int, seed, size, str2bool, weight_decay, width)
+from common.flag_types import (LR_MAX, WIDTH_MAX, checked, comma_list, depth, learning_rate, non_negative_float,
+                               non_negative_int, positive_int, seed, size, str2bool, weight_decay, width)
 from evaluation.baselines import BASELINES
 from models import BACKBONES, HEADS, backbone_flags, check_flags
 from ratings.readers import MAX_RATING

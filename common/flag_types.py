@@ -12,7 +12,7 @@ LR_MAX = 1e4
 # The largest value of the size flags (in --help). Far above anything that trains here (the defaults are 1
 # to 32), so that a slip of the keyboard is one line at once: --gru4rec_n_layers=100000 built its layers for
 # minutes without a word, and a hidden size or window length of 10**6 ended in the allocator's traceback.
-# A meta-batch and its support windows are bounded by the data instead (dataloader.MetaDataset).
+# A meta-batch and its support windows are bounded by the data instead (ratings.tasks.MetaDataset).
 WIDTH_MAX = 4096  # hidden and embedding sizes, window length, query windows per task
 DEPTH_MAX = 64    # layers, blocks, attention heads, inner steps
 # Seeds go to torch.manual_seed, which takes 64-bit integers (a larger one raised "Overflow").
@@ -20,6 +20,7 @@ SEED_MAX = 2 ** 63 - 1
 # The largest weight decay (Adam adds decay x weight to the gradient: one near FLOAT32_MAX overflowed there,
 # and a decay near this bound already pulls every weight to zero).
 DECAY_MAX = 1e4
+
 
 def str2bool(text):
     """Parse 'True'/'False' (as the original wrote them; also true/false/1/0/yes/no)."""

@@ -250,7 +250,7 @@ def keep_freed_memory():
 
 def seed_everything(seed):
     """Seed torch's global RNG (dropout) and numpy's legacy global RNG; task sampling uses its own
-    generators derived from the seed (dataloader.py)."""
+    generators derived from the seed (ratings/tasks.py)."""
     torch.manual_seed(seed)
     np.random.seed(seed % (2 ** 32))
 

@@ -3,7 +3,7 @@ refusing a bad file with one line that names the file, the line and what to do.
 
 `read_ratings(path, mode, columns)` picks the format from --mode (and, for Yelp, the file's first
 character) and returns the raw (users, items, ratings float32, timestamps int64) in file order;
-dataloader.py filters, re-indexes, splits and makes tasks from them.
+ratings/preprocess.py filters and re-indexes them, ratings/tasks.py splits them and makes tasks.
 """
 import csv
 import io

@@ -12,7 +12,8 @@ from meta_learner import build_meta_learner, last_step_weights, local_item_table
 from models.loss_networks import AdaptiveInnerLoss, MSEInnerLoss, masked_mean
 import options
 from training.analysis import (POSITION_FACTOR, SHARE_NAMES, WithPositionFactor, query_gradient_by_rating,
-                      query_gradient_by_share, query_gradient_of_weights, summarise_query_gradients, support_weights)
+                               query_gradient_by_share, query_gradient_of_weights, summarise_query_gradients,
+                               support_weights)
 
 NUM_ITEMS = 40
 BACKBONES = ["bert4rec", "sasrec", "gru4rec", "narm"]

@@ -10,6 +10,7 @@ A subclass says what it trains and how: `prefix`, `shape`, its checkpoint folder
 by `folder_flag`), the extra checkpoint entries (`extra_state` / `restore`), one `train(writer)`, and
 the hooks `fresh_start`, `check_resume` and `finish`.
 """
+import functools
 import sys
 
 import numpy as np
@@ -41,14 +42,12 @@ class Trainer:
         self.log_folder = None  # the run's TensorBoard folder under --log_dir (runs.open_writer)
         self.warned_diverging = False
 
-    @property
+    @functools.cached_property
     def rating_range(self):
         """(lowest, highest) rating of the training users: every network's evaluated predictions are
         clipped to it, as the baselines' are (baselines.Fitted), so no method gains from clipping alone."""
-        if not hasattr(self, "_rating_range"):
-            ratings = np.concatenate([self.data.sequence(u)[1] for u in self.dataset.train_users])
-            self._rating_range = (float(ratings.min()), float(ratings.max()))
-        return self._rating_range
+        ratings = np.concatenate([self.data.sequence(u)[1] for u in self.dataset.train_users])
+        return float(ratings.min()), float(ratings.max())
 
     def clipped(self, predicted):
         return predicted.clamp(*self.rating_range)
