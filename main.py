@@ -83,6 +83,8 @@ class MetaTrainer(Trainer):
         fresh = args.checkpoint_step < 0 and not args.test_baseline  # else the checkpoint holds the head's start
         self.learner, self.optimizer, self.scheduler = build_meta_training(
             args, self.data.num_items, self.data.max_rating, self.device, self.start_head_of if fresh else None)
+        if args.query_loss == "balanced":
+            self.learner.balance_query_ratings(self.training_ratings)
         self.prefix = runs.meta_prefix(args)
         self.shape = runs.meta_shape_options(args, self.data)
         # the last step whose validation finished (None: the resumed step's did not; -1: none yet, so a fresh

@@ -23,13 +23,15 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from evaluation.metrics import half_star_buckets, num_half_star_buckets
 from inner_loop_optimizers import LSLRGradientDescent
 from models import model_factory
 from models.heads import USER_BIAS
-from models.loss_networks import build_inner_loss, query_loss
+from models.loss_networks import balanced_rating_weights, build_inner_loss, query_loss
 
 EMBEDDING = "item_embedding.weight"  # indexed by item id: each task adapts a small table of its items' rows
 SUPPORT_AGE = "support_age"  # the context entry of each support position's recency (TaskBatch.support_age)
+QUERY_TARGET_WEIGHTS = "query_target_weights"  # the context entry of each query target's outer-loss weight
 # --inner_params=head adapts these (with the rating head's own parameters): the output layer, ANIL-style.
 HEAD_PREFIX = "head."
 
@@ -125,6 +127,15 @@ class MetaLearner(nn.Module):
             raise ValueError(f"backbone {type(backbone).__name__} has no {EMBEDDING}")
         self.adapted = tuple(names if adapted is None else adapted)  # what the inner loop adapts
         self.lslr = LSLRGradientDescent(self.adapted, num_inner_steps, inner_lr, learnable_lrs, init_lrs)
+        # --query_loss=balanced: each half-star rating's weight in the outer loss, set from the training
+        # users' ratings by `balance_query_ratings` (not saved: the data gives it again)
+        self.register_buffer("query_rating_weights", torch.ones(num_half_star_buckets(max_rating)),
+                             persistent=False)
+
+    def balance_query_ratings(self, training_ratings):
+        """Weight each query target in the outer loss by `balanced_rating_weights` of the training users'
+        ratings (stars), so the outer loss is the squared-error counterpart of the mean per-rating RMSE."""
+        self.query_rating_weights.copy_(balanced_rating_weights(training_ratings, self.max_rating))
 
     def split_adapted(self, params):
         """(the parameters the inner loop adapts, the rest, which it holds fixed) of a parameter dict."""
@@ -181,7 +192,8 @@ class MetaLearner(nn.Module):
         query_losses, query_predictions = [], None
 
         def score(predictions):
-            query_losses.append(query_loss(predictions, query_labels, query_mask, self.query_loss == "target"))
+            query_losses.append(query_loss(predictions, query_labels, query_mask, self.query_loss,
+                                           context.get(QUERY_TARGET_WEIGHTS)))
             return predictions
 
         def loss_of_step(current, step):
@@ -204,6 +216,9 @@ class MetaLearner(nn.Module):
         query = (batch.query_items, batch.query_ratings / self.max_rating, batch.query_items != 0)
         context = self.inner_loss.prepare(support_labels, support_mask, batch.support_age)
         context[SUPPORT_AGE] = batch.support_age  # each position's recency, for the fold-in start's decay weights
+        if self.query_loss == "balanced":
+            context[QUERY_TARGET_WEIGHTS] = self.query_rating_weights[
+                half_star_buckets(batch.query_ratings[:, :, -1]).clamp(0, len(self.query_rating_weights) - 1)]
         return (batch.support_items, support_labels, support_mask), context, query
 
     def run_tasks(self, batch, scored_steps, first_order=False, fast=True):

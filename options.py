@@ -172,10 +172,12 @@ def build_parser():
     add("--first_order_iterations", type=non_negative_int, default=0,
         help="first K iterations are first-order for the backbone and learning rates "
              "(the learned loss still gets its second-order meta-gradient)")
-    add("--query_loss", default="all", choices=("all", "target"),
+    add("--query_loss", default="all", choices=("all", "target", "balanced"),
         help="outer loss over every real position of the query windows (all, the original), or over the "
              "held-out target, their last position, only (target: most other query positions are items "
-             "the support windows also hold)")
+             "the support windows also hold), or over the target with each rating weighted by the inverse "
+             "of its share of the training users' ratings (balanced: the outer loss of the mean per-rating "
+             "RMSE, the rare ratings as heavy as the common ones; pair it with --select_by=mean_per_rating_rmse)")
     add("--task_chunk", type=non_negative_int, default=0,
         help="process the meta-batch in chunks of this many tasks, accumulating gradients "
              "(bounded memory; 0 = all at once)")

@@ -69,12 +69,29 @@ def _mlp(sizes, zero_last=True):
     return nn.Sequential(*layers)
 
 
-def query_loss(predictions, labels, mask, target_only=False):
-    """The outer loss of one task after adaptation: the mean squared error over every real position of its
-    query windows, or (`target_only`, --query_loss=target) over the held-out last position of each window."""
-    if target_only:
-        return masked_mean((predictions[:, -1] - labels[:, -1]) ** 2, mask[:, -1])
-    return masked_mean((predictions - labels) ** 2, mask)
+def query_loss(predictions, labels, mask, kind="all", target_weights=None):
+    """The outer loss of one task after adaptation (--query_loss `kind`): the mean squared error over every
+    real position of its query windows (all), or over the held-out last position of each window (target),
+    each of those squared errors times its `target_weights` [Q] (balanced)."""
+    if kind == "all":
+        return masked_mean((predictions - labels) ** 2, mask)
+    squared_errors = (predictions[:, -1] - labels[:, -1]) ** 2
+    if kind == "balanced":
+        squared_errors = squared_errors * target_weights
+    return masked_mean(squared_errors, mask[:, -1])
+
+
+def balanced_rating_weights(ratings, max_rating):
+    """--query_loss=balanced: each half-star rating's weight, the inverse of its share of `ratings` (the
+    training users', in stars) over the number of ratings present, so the weights average 1 over
+    `ratings` and every rating present weighs as much in the outer loss as in the mean per-rating RMSE;
+    float64 [buckets], 0 where a rating is absent."""
+    counts = torch.bincount(half_star_buckets(torch.as_tensor(ratings, dtype=torch.float64)),
+                            minlength=num_half_star_buckets(max_rating)).double()
+    present = counts > 0
+    weights = torch.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
 
 
 class MSEInnerLoss(nn.Module):

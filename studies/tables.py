@@ -316,7 +316,8 @@ def introduction(config, reports, meta_args):
     seeds = ("seeds " if len(config.seeds) > 1 else "seed ") + ", ".join(seed.label for seed in config.seeds)
     spread = " (mean ± standard deviation over seeds)" if len(config.seeds) > 1 else ""
     select_by = meta_args.select_by  # shared by every run: the start flags do not set it
-    outer_loss = "the query target" if meta_args.query_loss == "target" else "every query position"
+    outer_loss = {"all": "every query position", "target": "the query target",
+                  "balanced": "the query target, each rating weighted by its inverse share"}[meta_args.query_loss]
     head_class = HEADS[meta_args.rating_head]
     head = head_class.describe(meta_args)
     adapted = "every parameter" if meta_args.inner_params == "all" else "the output layer"

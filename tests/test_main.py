@@ -8,6 +8,7 @@ import sys
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from evaluation import metrics
 import main
 from meta_learner import MetaLearner, last_step_weights
 from models import model_factory
+from models.loss_networks import balanced_rating_weights
 import options
 from training import checkpointing, runs
 
@@ -417,3 +419,13 @@ def test_step_0_and_the_early_steps_are_validated_and_the_start_can_be_chosen(ra
         assert torch.equal(value, trainer.best["state"][key]), key
     report = run(argv + ["--checkpoint_step=5", "--test"])
     assert report["validation"]["step"] == 0 and report["validation"]["rmse"] == pytest.approx(start["best_rmse"])
+
+
+def test_balanced_query_loss_weights_the_ratings_of_the_training_users(ratings_file, tmp_path):
+    args = options.parse_args(flags(ratings_file, tmp_path, "--query_loss=balanced"))
+    trainer = main.MetaTrainer(args, Distributed("cpu"))
+    training = np.concatenate([trainer.data.sequence(u)[1] for u in trainer.dataset.train_users])
+    expected = balanced_rating_weights(training, trainer.data.max_rating).float()
+    assert torch.equal(trainer.learner.query_rating_weights, expected)
+    assert len(set(expected[expected > 0].tolist())) > 1  # the generated ratings are not uniform
+    assert "query_rating_weights" not in trainer.learner.state_dict()  # the data gives it again on resume

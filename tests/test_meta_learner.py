@@ -9,7 +9,7 @@ import torch
 from inner_loop_optimizers import LSLRGradientDescent
 import meta_learner
 from meta_learner import build_meta_learner, last_step_weights, local_item_tables, multi_step_loss_weights
-from models.loss_networks import AdaptiveInnerLoss, MSEInnerLoss, masked_mean
+from models.loss_networks import AdaptiveInnerLoss, MSEInnerLoss, balanced_rating_weights, masked_mean
 import options
 from training.analysis import (POSITION_FACTOR, SHARE_NAMES, WithPositionFactor, query_gradient_by_rating,
                                query_gradient_by_share, query_gradient_of_weights, summarise_query_gradients,
@@ -303,6 +303,34 @@ def test_query_loss_target_scores_only_the_last_position():
     _, predictions = target.run_tasks(batch, (2,))
     expected = ((predictions - batch.query_ratings[..., -1] / 5) ** 2).mean(1)
     assert torch.allclose(target.task_losses(batch, weights), expected, atol=1e-6)
+
+
+def test_balanced_rating_weights_average_one_and_equalise_the_ratings():
+    ratings = torch.tensor([4.0] * 6 + [5.0] * 3 + [1.0] + [3.5] * 2)
+    weights = balanced_rating_weights(ratings, 5.0)
+    assert weights.shape == (11,)
+    assert torch.isclose(weights[(ratings * 2).long()].mean(), torch.tensor(1.0, dtype=torch.float64))
+    counts = torch.bincount((ratings * 2).long(), minlength=11).double()
+    shares = weights * counts  # each rating present carries the same total weight
+    assert torch.allclose(shares[counts > 0], shares[counts > 0][0].expand(4))
+    assert torch.all(weights[counts == 0] == 0)
+
+
+def test_query_loss_balanced_weights_each_target_by_its_rating():
+    batch = random_batch()
+    weights = last_step_weights(3)
+    balanced = make_learner("bert4rec", "--query_loss=balanced")
+    target = make_learner("bert4rec", "--query_loss=target")
+    # before the training users' ratings are given, every weight is 1: the target loss
+    assert torch.equal(balanced.task_losses(batch, weights), target.task_losses(batch, weights))
+    training_ratings = torch.tensor([1.0, 2.0, 2.0, 3.0, 4.0, 4.0, 4.0, 4.5, 5.0, 0.5])
+    balanced.balance_query_ratings(training_ratings)
+    rating_weights = balanced_rating_weights(training_ratings, 5.0).float()
+    _, predictions = target.run_tasks(batch, (2,))
+    targets = batch.query_ratings[..., -1]
+    expected = (rating_weights[(targets * 2).long()] * (predictions - targets / 5) ** 2).mean(1)
+    assert torch.allclose(balanced.task_losses(batch, weights), expected, atol=1e-6)
+    assert not torch.allclose(balanced.task_losses(batch, weights), target.task_losses(batch, weights))
 
 
 class ReweightedLoss(torch.nn.Module):

@@ -43,11 +43,15 @@ class Trainer:
         self.warned_diverging = False
 
     @functools.cached_property
+    def training_ratings(self):
+        """Every rating of the training users (stars)."""
+        return np.concatenate([self.data.sequence(u)[1] for u in self.dataset.train_users])
+
+    @functools.cached_property
     def rating_range(self):
         """(lowest, highest) rating of the training users: every network's evaluated predictions are
         clipped to it, as the baselines' are (baselines.Fitted), so no method gains from clipping alone."""
-        ratings = np.concatenate([self.data.sequence(u)[1] for u in self.dataset.train_users])
-        return float(ratings.min()), float(ratings.max())
+        return float(self.training_ratings.min()), float(self.training_ratings.max())
 
     def clipped(self, predicted):
         return predicted.clamp(*self.rating_range)
@@ -160,7 +164,7 @@ class Trainer:
     def mean_rating_rmse(self, tasks):
         """The validation RMSE (per window) of predicting the training users' mean rating for everyone."""
         if not hasattr(self, "_mean_rating_rmse"):
-            mean = np.concatenate([self.data.sequence(u)[1] for u in self.dataset.train_users]).mean()
+            mean = self.training_ratings.mean()
             targets = tasks.query_ratings[..., -1][tasks.query_mask].double()
             self._mean_rating_rmse = float(((targets - mean) ** 2).mean().sqrt())
         return self._mean_rating_rmse
