@@ -3,6 +3,7 @@
     python ablation.py --mode=ml-100k --data_path=u.data --model=gru4rec --seeds=3 --num_test_data=150 \\
         --variants=maml,melo,melo-bounded,melo-unbounded,melo-per-step
     python ablation.py ... --define "melo-lr0.01=--use_adaptive_loss=True --lstm_lr=0.01"  # your own variant
+    python ablation.py ... --pairs=melo:maml             # also MELO − MAML++ pooled over the seeds, with intervals
     python ablation.py ... --dry_run                     # print the commands, run nothing
 
 Every variant is `main.py` with the shared flags plus its own, trained for `--num_train_iterations` and
@@ -28,14 +29,18 @@ import shlex
 import sys
 from collections import namedtuple
 
+import pandas as pd
+
 from common import flag_types, runtime
 from common.errors import MeloError
 from common.runtime import write_atomic
 from evaluation import metrics
 from models import BACKBONES
 import options
-from studies import study
+from studies import study, tables
 from training import checkpointing, runs
+
+PAIR_RESAMPLES, PAIR_BOOTSTRAP_SEED = 2000, 0  # --pairs' bootstrap: compare.py's default
 
 # the recipe the bias-head variants below were measured with: from Basic, b_user at its meta-learned value
 LEARNED_USER_BASIC = ("--user_bias_start=learned", *study.START_FLAGS["basic"])
@@ -168,6 +173,10 @@ def build_parser():
     add("--num_train_iterations", type=flag_types.positive_int, default=300, help="main.py outer iterations")
     add("--pretrain_epochs", type=flag_types.positive_int, default=20,
         help="train_original.py epochs, for variants that load pretrained weights")
+    add("--pairs", default="",
+        help="comma-separated A:B pairs of variants: the table adds A − B's RMSE and mean per-rating RMSE over "
+             "the seeds' test users pooled, each with its paired 95 %% bootstrap interval (users drawn within "
+             "each seed), whose half width is the smallest difference it resolves")
     add("--results_dir", default="./results/ablation", help="root of every run's files and of the table")
     add("--dry_run", action="store_true", help="print the commands that would run, run nothing")
     add("--verbose", action="store_true", help="show the runs' output instead of writing it to logs")
@@ -197,6 +206,11 @@ def parse(argv):
     if unknown or not names:
         raise MeloError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(variants)} "
                         "(or --define NAME=FLAGS)")
+    known.pairs = [tuple(n.strip() for n in pair.split(":")) for pair in known.pairs.split(",") if pair.strip()]
+    for pair in known.pairs:
+        if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(names):
+            raise MeloError(f"--pairs: {':'.join(pair)!r} is not two different variants of --variants "
+                            "joined by ':', e.g. --pairs=melo:maml")
     for name in names:  # every run's flags parse before anything starts
         options.parse_args([f"--mode={known.mode}", *extra, *variants[name][1]])
     return known, extra, [(name, *variants[name]) for name in dict.fromkeys(names)]
@@ -320,7 +334,8 @@ def execute(known, runs):
 
 
 def build_table(known, variants, runs, argv, fingerprints=None):
-    """Markdown text and a JSON-ready summary from the runs' test reports (each checked fresh)."""
+    """Markdown text, a JSON-ready summary per variant and the --pairs' results from the runs' test reports
+    (each checked fresh)."""
     fingerprints = {} if fingerprints is None else fingerprints
     reports = {}
     for run in runs:
@@ -344,6 +359,7 @@ def build_table(known, variants, runs, argv, fingerprints=None):
         # a | inside a cell (the unbounded form's |1 + z|, a --define's flags) would end it
         cells = [name.replace("|", "\\|"), description.replace("|", "\\|")] + [study.cell(v) for v in values.values()]
         lines.append("| " + " | ".join(cells) + " |")
+    pair_table, pairs = pair_lines(known.pairs, runs)
     seeds = ", ".join(str(known.random_seed + k) for k in range(known.seeds))
     counts = sorted({r["count"] for rs in reports.values() for r in rs})
     intro = [f"# Ablation: {known.model} on {known.mode}", "",
@@ -353,7 +369,29 @@ def build_table(known, variants, runs, argv, fingerprints=None):
              f"{'/'.join(map(str, counts))} test targets (query windows) per seed, in stars. Weight r★: the "
              "learned loss's mean weight on the test users' support positions rated r (over the inner steps; "
              "– for MAML++).", "", f"Command: `python ablation.py {shlex.join(argv)}`", ""]
-    return "\n".join(intro + lines) + "\n", summary
+    return "\n".join(intro + lines + pair_table) + "\n", summary, pairs
+
+
+def pair_lines(pairs, runs):
+    """The --pairs table's lines, and {"A - B": result}: A − B pooled over the seeds' test users
+    (tables.pooled_difference on the runs' per-target predictions, matched by user and window)."""
+    if not pairs:
+        return [], {}
+    predictions = {(run.name, run.seed): pd.read_csv(metrics.predictions_path(run.report)) for run in runs
+                   if any(run.name in pair for pair in pairs)}
+    seeds = sorted({run.seed for run in runs})
+    results = {}
+    lines = ["", f"| pooled paired difference, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} | RMSE | "
+                 "mean per-rating RMSE | resolves ± (RMSE) |", "|---|---:|---:|---:|"]
+    for a, b in pairs:
+        found = tables.pooled_difference([(predictions[a, seed], predictions[b, seed]) for seed in seeds],
+                                         PAIR_RESAMPLES, PAIR_BOOTSTRAP_SEED)
+        results[f"{a} - {b}"] = found
+        cells = [f"{r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
+                 for r in (found["rmse"], found["mean_per_rating_rmse"])]
+        lines.append(f"| {a} − {b} ({found['rmse']['users']} users) | {' | '.join(cells)} | "
+                     f"{found['rmse']['half_width']:.4f} |")
+    return lines, results
 
 
 def main(argv=None):
@@ -372,14 +410,15 @@ def main(argv=None):
             line, status = study.stopped_line(error, "ablation.py", argv)
             print(line, file=sys.stderr)
             raise SystemExit(status)
-        text, summary = build_table(known, variants, planned, argv, fingerprints)
+        text, summary, pairs = build_table(known, variants, planned, argv, fingerprints)
         print()
         print(text)
         folder = os.path.join(known.results_dir, known.mode, known.model)
         path = os.path.join(folder, "ablation.md")
         os.makedirs(folder, exist_ok=True)
         write_atomic(path, lambda out: out.write(text), binary=False)
-        metrics.write_json_atomic({"argv": argv, "variants": summary}, os.path.join(folder, "ablation.json"))
+        metrics.write_json_atomic({"argv": argv, "variants": summary, "pairs": pairs},
+                                  os.path.join(folder, "ablation.json"))
         print(f"table written to {path}")
         return text, summary
 

@@ -4,9 +4,12 @@ import json
 import re
 import shlex
 
+import numpy as np
+import pandas as pd
 import pytest
 
 import ablation
+from evaluation import metrics
 import options
 from options import MeloError
 from studies import study
@@ -117,3 +120,27 @@ def test_every_preset_variant_is_a_valid_main_py_command(name):
     for flag in flags:
         dest = flag[2:].split("=", 1)[0]
         assert hasattr(args, dest), f"{name}: {flag} is not main.py's own spelling"  # not an abbreviation
+
+
+def test_pairs_add_the_pooled_paired_difference_of_two_variants(ratings_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "run_script", in_process([]))
+    flags = argv(ratings_file, tmp_path, "--variants=maml,melo", "--seeds=2", "--pairs=melo:maml")
+    ablation.main(flags)
+    folder = tmp_path / "results" / "ml-100k" / "gru4rec"
+    found = json.loads((folder / "ablation.json").read_text())["pairs"]["melo - maml"]
+    # the pooled difference is that of the two variants' metrics over both seeds' test targets together
+    runs = ablation.plan(*ablation.parse(flags))
+    frames = {name: pd.concat([pd.read_csv(metrics.predictions_path(run.report)) for run in runs if run.name == name])
+              for name in ("melo", "maml")}
+    rmse = {name: float(np.sqrt(((f["prediction"] - f["rating"]) ** 2).mean())) for name, f in frames.items()}
+    assert found["rmse"]["difference"] == pytest.approx(rmse["melo"] - rmse["maml"])
+    assert found["rmse"]["low"] <= found["rmse"]["difference"] <= found["rmse"]["high"]
+    assert found["rmse"]["users"] == 2 * 20
+    row = next(line for line in (folder / "ablation.md").read_text().splitlines() if line.startswith("| melo − maml"))
+    assert f"{found['rmse']['difference']:+.4f} [{found['rmse']['low']:+.4f}, {found['rmse']['high']:+.4f}]" in row
+
+
+@pytest.mark.parametrize("pairs", ["melo:typo", "melo:melo", "melo"])
+def test_pairs_name_two_different_variants(ratings_file, tmp_path, pairs):
+    with pytest.raises(MeloError, match="--pairs: .* is not two different variants of --variants"):
+        ablation.parse(argv(ratings_file, tmp_path, "--variants=maml,melo", f"--pairs={pairs}"))
