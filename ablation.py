@@ -235,6 +235,7 @@ def plan(known, extra, variants, fingerprints=None):
     again, and trained again (with its pretrained export) when its checkpoint is stale too.
     `fingerprints` memoises study.data_fingerprint (a variant may change the data flags)."""
     fingerprints = {} if fingerprints is None else fingerprints
+    paired = {name for pair in known.pairs for name in pair}  # their per-target CSVs are read too
     planned = []
     for seed in [known.random_seed + k for k in range(known.seeds)]:
         shared = shared_flags(known, extra, seed)
@@ -255,7 +256,7 @@ def plan(known, extra, variants, fingerprints=None):
             report = runs.meta_report_path(args, prefix, known.num_train_iterations)
             fingerprint = lambda args=args: study.data_fingerprint(args, fingerprints)  # read when needed
             steps = []
-            problem = study.report_problem(report, fingerprint, with_predictions=False)
+            problem = study.report_problem(report, fingerprint, with_predictions=name in paired)
             if problem:
                 study.remake(f"seed {seed} {name}", report, problem)
                 train = study.training_need("main.py", flags, args.checkpoint_dir, prefix,
@@ -337,10 +338,11 @@ def build_table(known, variants, runs, argv, fingerprints=None):
     """Markdown text, a JSON-ready summary per variant and the --pairs' results from the runs' test reports
     (each checked fresh)."""
     fingerprints = {} if fingerprints is None else fingerprints
+    paired = {name for pair in known.pairs for name in pair}
     reports = {}
     for run in runs:
         fingerprint = study.data_fingerprint(options.parse_args(run.argv), fingerprints)
-        reports.setdefault(run.name, []).append(study.read_report(run.report, fingerprint))
+        reports.setdefault(run.name, []).append(study.read_report(run.report, fingerprint, run.name in paired))
     ratings = sorted({r for rs in reports.values() for report in rs
                       for r in report.get("adaptive_weight_by_rating", {})}, key=float)
     columns = (["variant", "what", "val RMSE", "test RMSE", "test MAE", "test mean per-rating RMSE"]
@@ -374,7 +376,8 @@ def build_table(known, variants, runs, argv, fingerprints=None):
 
 def pair_lines(pairs, runs):
     """The --pairs table's lines, and {"A - B": result}: A − B pooled over the seeds' test users
-    (tables.pooled_difference on the runs' per-target predictions, matched by user and window)."""
+    (tables.pooled_difference on the runs' per-target predictions, matched by user and window; build_table
+    checked that each CSV is its report's own)."""
     if not pairs:
         return [], {}
     predictions = {(run.name, run.seed): pd.read_csv(metrics.predictions_path(run.report)) for run in runs

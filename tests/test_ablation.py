@@ -138,6 +138,13 @@ def test_pairs_add_the_pooled_paired_difference_of_two_variants(ratings_file, tm
     assert found["rmse"]["users"] == 2 * 20
     row = next(line for line in (folder / "ablation.md").read_text().splitlines() if line.startswith("| melo − maml"))
     assert f"{found['rmse']['difference']:+.4f} [{found['rmse']['low']:+.4f}, {found['rmse']['high']:+.4f}]" in row
+    # a paired variant's CSV that is not its report's own is tested again, as compare.py does, not read
+    melo_run = next(run for run in runs if run.name == "melo")
+    with open(metrics.predictions_path(melo_run.report), "a") as handle:
+        handle.write("0,0,1,4.0,2,4.0\n")
+    again = {(run.seed, run.name): [label for label, _, _ in run.steps] for run in ablation.plan(*ablation.parse(flags))}
+    assert again[melo_run.seed, "melo"] == ["test"] and all(not steps for key, steps in again.items()
+                                                             if key != (melo_run.seed, "melo"))
 
 
 @pytest.mark.parametrize("pairs", ["melo:typo", "melo:melo", "melo"])
