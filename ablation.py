@@ -4,6 +4,7 @@
         --variants=maml,melo,melo-bounded,melo-unbounded,melo-per-step
     python ablation.py ... --define "melo-lr0.01=--use_adaptive_loss=True --lstm_lr=0.01"  # your own variant
     python ablation.py ... --pairs=melo:maml             # also MELO − MAML++ pooled over the seeds, with intervals
+    python ablation.py ... --variants=mf-fold-in,melo --pairs=melo:mf-fold-in   # against a baseline without a network
     python ablation.py ... --dry_run                     # print the commands, run nothing
 
 Every variant is `main.py` with the shared flags plus its own, trained for `--num_train_iterations` and
@@ -16,6 +17,11 @@ extended ablation redoes nothing; one made from other data (or before fingerprin
 again, with its training when its checkpoint is stale too. The table (validation and test
 RMSE, mean per-rating RMSE, the learned loss's mean weight per support rating; mean ± standard deviation
 over seeds) is printed and written to `<results_dir>/<mode>/<model>/ablation.md`.
+
+A baseline without a network (`BASELINE_VARIANTS`: mean-rating, user-mean, shrunk-user-mean, user-item-bias,
+mf-fold-in; `main.py --test_baseline`) is a variant too, tested on the same users in seconds: the start of
+the fold-in recipe is the mf-fold-in row, so `--pairs=VARIANT:mf-fold-in` says what training added to it.
+Its validation RMSE is that of its chosen setting, read from its validation users' CSV.
 """
 from common import errors
 
@@ -34,7 +40,7 @@ import pandas as pd
 from common import flag_types, runtime
 from common.errors import MeloError
 from common.runtime import write_atomic
-from evaluation import metrics
+from evaluation import baselines, metrics
 from models import BACKBONES
 import options
 from studies import study, tables
@@ -144,9 +150,11 @@ VARIANTS = {
                                 ["--use_adaptive_loss=False", "--user_bias_start=fold-in",
                                  *study.START_FLAGS["basic"]]),
 }
+# The baselines without a network as variants: no flags of their own, one `main.py --test_baseline` each.
+BASELINE_VARIANTS = {name: (f"no network: {baseline.label}", None) for name, baseline in baselines.BASELINES.items()}
 # Set by this script for each run; not allowed among the shared flags.
 CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "log_dir",
-              "pretrain_log_dir", "test", "test_best", "test_baseline", "checkpoint_step",
+              "pretrain_log_dir", "test", "test_best", "test_baseline", "baseline", "checkpoint_step",
               "num_train_iterations", "pretrain_epochs", "save_pretrained")
 # One variant of one seed: its test report, the runs it still needs, its folder and resolved settings.
 Run = namedtuple("Run", "seed name report steps folder settings argv")
@@ -162,7 +170,8 @@ def build_parser():
     add("--data_path", default=None, help="ratings file (default: the mode's default location)")
     add("--model", default="bert4rec", choices=tuple(BACKBONES), help="backbone of every variant")
     add("--variants", default="maml,melo-bounded,melo-unbounded,melo-normalised,melo-per-step",
-        help="comma-separated variants, in table order; known: " + ", ".join(VARIANTS))
+        help="comma-separated variants, in table order; known: " + ", ".join(VARIANTS)
+             + "; and the baselines without a network: " + ", ".join(BASELINE_VARIANTS))
     add("--define", action="append", default=[], metavar="NAME=FLAGS",
         help="a variant of your own, run when --variants names it: its name, '=', and its main.py flags in "
              "one quoted argument; repeatable")
@@ -190,7 +199,7 @@ def parse(argv):
     if controlled:
         raise MeloError(f"ablation.py sets {', '.join('--' + c for c in controlled)} for each run itself; "
                         "leave them out (its own flags: python ablation.py --help)")
-    variants = dict(VARIANTS)
+    variants = {**VARIANTS, **BASELINE_VARIANTS}
     names = [v.strip() for v in known.variants.split(",") if v.strip()]
     for definition in known.define:
         name, _, flags = definition.partition("=")
@@ -201,6 +210,9 @@ def parse(argv):
         except ValueError as error:  # "No closing quotation", "No escaped character"
             raise MeloError(f"--define {definition!r}: its flags cannot be split as a shell would ({error}): "
                             "check the quotes") from None
+        if name.strip() in BASELINE_VARIANTS:
+            raise MeloError(f"--define {name.strip()}: that is the name of a baseline without a network; "
+                            "give your variant another name")
         variants[name.strip()] = (f"defined: {shlex.join(flags)}", flags)
     unknown = [n for n in names if n not in variants]
     if unknown or not names:
@@ -212,7 +224,7 @@ def parse(argv):
             raise MeloError(f"--pairs: {':'.join(pair)!r} is not two different variants of --variants "
                             "joined by ':', e.g. --pairs=melo:maml")
     for name in names:  # every run's flags parse before anything starts
-        options.parse_args([f"--mode={known.mode}", *extra, *variants[name][1]])
+        options.parse_args([f"--mode={known.mode}", *extra, *(variants[name][1] or ())])
     return known, extra, [(name, *variants[name]) for name in dict.fromkeys(names)]
 
 
@@ -242,6 +254,9 @@ def plan(known, extra, variants, fingerprints=None):
         pretrained = set()  # the rating heads whose Basic export this seed already makes or has
         for name, _, own in variants:
             folder = os.path.join(seed_folder(known, seed), name)
+            if own is None:
+                planned.append(baseline_run(known, shared, seed, name, folder, fingerprints))
+                continue
             head = options.parse_args([f"--mode={known.mode}", *shared, *own]).rating_head
             # Basic is trained with the head of the variants that load it: one export per head and seed
             pretrain_dir = pretrained_folder(known, seed, head)
@@ -271,6 +286,32 @@ def plan(known, extra, variants, fingerprints=None):
                                                          "--test"]))
             planned.append(Run(seed, name, report, steps, folder, settings, flags))
     return planned
+
+
+def baseline_run(known, shared, seed, name, folder, fingerprints):
+    """The Run of baseline `name` for `seed`: main.py --test_baseline, unless its report is fresh."""
+    flags = shared + [f"--checkpoint_dir={os.path.join(folder, 'checkpoints')}",
+                      f"--log_dir={os.path.join(folder, 'runs')}"]
+    args = options.parse_args(flags)
+    settings = resolved_settings(args, known.pretrain_epochs)
+    del settings["num_train_iterations"]  # not read: the baseline is the same for any training length
+    check_settings(folder, name, settings)
+    report = baselines.report_path(args, name)
+    steps = []
+    problem = study.report_problem(report, lambda: study.data_fingerprint(args, fingerprints), with_predictions=True)
+    if problem:
+        study.remake(f"seed {seed} {name}", report, problem)
+        steps = [("test", "main.py", flags + ["--test_baseline", f"--baseline={name}"])]
+    return Run(seed, name, report, steps, folder, settings, flags)
+
+
+def validation_rmse(run, report):
+    """A run's validation RMSE at its chosen step, or for a baseline at its chosen setting (the RMSE of its
+    validation users' CSV, which report_problem checked is the report's own)."""
+    if "validation" in report:
+        return report["validation"]["rmse"]
+    frame = pd.read_csv(metrics.validation_predictions_path(run.report))
+    return float(((frame["prediction"] - frame["rating"]) ** 2).mean() ** 0.5)
 
 
 def resolved_settings(args, pretrain_epochs):
@@ -339,10 +380,13 @@ def build_table(known, variants, runs, argv, fingerprints=None):
     (each checked fresh)."""
     fingerprints = {} if fingerprints is None else fingerprints
     paired = {name for pair in known.pairs for name in pair}
-    reports = {}
+    reports, val_rmse = {}, {}
     for run in runs:
         fingerprint = study.data_fingerprint(options.parse_args(run.argv), fingerprints)
-        reports.setdefault(run.name, []).append(study.read_report(run.report, fingerprint, run.name in paired))
+        baseline = run.name in BASELINE_VARIANTS  # its validation CSV is read
+        report = study.read_report(run.report, fingerprint, run.name in paired or baseline)
+        reports.setdefault(run.name, []).append(report)
+        val_rmse.setdefault(run.name, []).append(validation_rmse(run, report))
     ratings = sorted({r for rs in reports.values() for report in rs
                       for r in report.get("adaptive_weight_by_rating", {})}, key=float)
     columns = (["variant", "what", "val RMSE", "test RMSE", "test MAE", "test mean per-rating RMSE"]
@@ -351,7 +395,7 @@ def build_table(known, variants, runs, argv, fingerprints=None):
     summary = {}
     for name, description, _ in variants:
         found = reports[name]
-        values = {"val_rmse": [r.get("validation", {}).get("rmse") for r in found],
+        values = {"val_rmse": val_rmse[name],
                   "rmse": [r["rmse"] for r in found], "mae": [r["mae"] for r in found],
                   "mean_per_rating_rmse": [r["mean_per_rating_rmse"] for r in found]}
         for rating in ratings:

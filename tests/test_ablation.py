@@ -151,3 +151,39 @@ def test_pairs_add_the_pooled_paired_difference_of_two_variants(ratings_file, tm
 def test_pairs_name_two_different_variants(ratings_file, tmp_path, pairs):
     with pytest.raises(MeloError, match="--pairs: .* is not two different variants of --variants"):
         ablation.parse(argv(ratings_file, tmp_path, "--variants=maml,melo", f"--pairs={pairs}"))
+
+
+def test_baselines_without_a_network_are_variants_tested_once_and_paired(ratings_file, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study, "run_script", in_process(calls))
+    flags = argv(ratings_file, tmp_path, "--variants=maml,mf-fold-in,user-item-bias", "--pairs=maml:mf-fold-in")
+    text, summary = ablation.main(flags)
+    tests = [a for script, a in calls if script == "main.py" and "--test_baseline" in a]
+    assert sorted(next(f for f in a if f.startswith("--baseline=")) for a in tests) == [
+        "--baseline=mf-fold-in", "--baseline=user-item-bias"]
+    assert len(calls) == 2 + 2  # MAML++ trained and tested; each baseline tested, nothing trained
+    runs = {run.name: run for run in ablation.plan(*ablation.parse(flags))}
+    for name in ("mf-fold-in", "user-item-bias"):
+        report = json.loads(open(runs[name].report).read())
+        assert report["method"] == name.replace("-", "_")
+        assert summary[name]["rmse"]["mean"] == pytest.approx(report["rmse"])
+        # its validation RMSE is its chosen setting's score (the grid chose by RMSE on the same users)
+        assert summary[name]["val_rmse"]["mean"] == pytest.approx(min(report["selection"]["validation_scores"]))
+        assert all(summary[name][k]["mean"] is None for k in summary[name] if k.startswith("weight_"))
+    assert "| mf-fold-in | no network: MF fold-in |" in text
+    # the pair against the start is the paired difference of the two runs' predictions
+    found = json.loads((tmp_path / "results" / "ml-100k" / "gru4rec" / "ablation.json").read_text())["pairs"]
+    assert found["maml - mf-fold-in"]["rmse"]["difference"] == pytest.approx(
+        summary["maml"]["rmse"]["mean"] - summary["mf-fold-in"]["rmse"]["mean"])
+    # a baseline does not depend on the training length: an ablation of longer runs reuses it
+    calls.clear()
+    longer = [f for f in flags if not f.startswith(("--num_train_iterations", "--variants", "--pairs"))]
+    ablation.main(longer + ["--num_train_iterations=3", "--variants=mf-fold-in"])
+    assert calls == []
+
+
+def test_a_defined_variant_cannot_take_a_baselines_name(ratings_file, tmp_path):
+    with pytest.raises(MeloError, match="mf-fold-in: that is the name of a baseline without a network"):
+        ablation.parse(argv(ratings_file, tmp_path, "--variants=mf-fold-in", "--define", "mf-fold-in=--inner_lr=0"))
+    with pytest.raises(MeloError, match="sets --baseline"):
+        ablation.parse(argv(ratings_file, tmp_path, "--baseline=mf-fold-in"))
