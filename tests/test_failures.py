@@ -166,6 +166,12 @@ def test_a_score_twice_the_best_so_far_is_diverging_and_a_healthy_run_says_nothi
     assert warnings_of(capsys.readouterr().err) == []
     tasks = trainer.dataset.val_tasks()
     knowing_nothing = trainer.mean_rating_rmse(tasks)
+    # it is that of the tasks given (it once kept the first tasks' value for any later ones)
+    test_tasks = trainer.dataset.test_tasks()
+    targets = test_tasks.query_ratings[..., -1][test_tasks.query_mask].double()
+    assert trainer.mean_rating_rmse(test_tasks) == pytest.approx(
+        float(((targets - trainer.training_ratings.mean()) ** 2).mean().sqrt()))
+    assert trainer.mean_rating_rmse(test_tasks) != pytest.approx(knowing_nothing)
     trainer.best["rmse"] = 0.3 * knowing_nothing  # a step scoring between twice that and knowing nothing
     report = {"rmse": 0.8 * knowing_nothing, "mae": 1.0, "mean_per_rating_rmse": 1.0}
     trainer.warn_if_diverging(report, tasks)

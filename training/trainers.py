@@ -162,12 +162,15 @@ class Trainer:
         return checkpoint, which, best is not None
 
     def mean_rating_rmse(self, tasks):
-        """The validation RMSE (per window) of predicting the training users' mean rating for everyone."""
-        if not hasattr(self, "_mean_rating_rmse"):
-            mean = self.training_ratings.mean()
-            targets = tasks.query_ratings[..., -1][tasks.query_mask].double()
-            self._mean_rating_rmse = float(((targets - mean) ** 2).mean().sqrt())
-        return self._mean_rating_rmse
+        """The RMSE (per window) on `tasks` of predicting the training users' mean rating for everyone
+        (computed each time: one pass over a few thousand targets, at validation steps only)."""
+        mean = self.training_mean_rating
+        targets = tasks.query_ratings[..., -1][tasks.query_mask].double()
+        return float(((targets - mean) ** 2).mean().sqrt())
+
+    @functools.cached_property
+    def training_mean_rating(self):
+        return float(self.training_ratings.mean())
 
     def warn_if_diverging(self, report, tasks):
         """Say once, in a line on stderr, when `report` (this step's validation on `tasks`, before it is
@@ -180,9 +183,10 @@ class Trainer:
             return
         name = {"rmse": "RMSE", "mean_per_rating_rmse": "mean per-rating RMSE"}[self.args.select_by]
         score, best, best_step = report[self.args.select_by], self.best["rmse"], self.best["step"]
-        if report["rmse"] > self.mean_rating_rmse(tasks):
+        knowing_nothing = self.mean_rating_rmse(tasks)
+        if report["rmse"] > knowing_nothing:
             why = (f"RMSE {report['rmse']:.4g} is worse than predicting the training users' mean rating "
-                   f"({self.mean_rating_rmse(tasks):.4f})")
+                   f"({knowing_nothing:.4f})")
         elif score > 2 * best:
             why = f"{name} {score:.4g} is more than twice the best so far ({best:.4f} at {self.unit} {best_step})"
         else:
