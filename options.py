@@ -242,7 +242,8 @@ def build_parser():
              "on validation), user-item-bias (item biases from training users, the user's bias from the "
              "support set, regularisation chosen on validation), mf-fold-in (biased matrix factorisation by "
              "ALS on the training users, the user's factor and bias by ridge regression on the support set, "
-             "rank and regularisation chosen on validation), or all; see baselines.py")
+             "rank and regularisation chosen on validation), mf-fold-in-recalibrated (its predictions mapped "
+             "to a + b * p, a and b fitted on the validation users), or all; see baselines.py")
     add("--select_by", default="rmse", choices=("rmse", "mean_per_rating_rmse"),
         help="validation metric that picks the best weights (main.py, train_original.py) and the "
              "baselines' and fine-tuning's settings")

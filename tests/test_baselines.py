@@ -2,10 +2,12 @@
 baseline's test predictions (read back from its CSV) against plain-Python loops over a generated data set."""
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from evaluation import baselines, metrics
 import main
@@ -217,3 +219,42 @@ def test_mf_fold_in_report_equals_its_functions(run_all):
                           (report["rank"], report["reg"], report["user_reg"], report["user_bias_reg"], report["decay"])),
         dataset.val_tasks(),
         data.max_rating)["rmse"])
+
+
+def test_the_recalibrated_mf_fold_in_is_its_least_squares_line_on_the_validation_users(run_all):
+    args, data, dataset, reports = run_all
+    plain, report = reports["mf-fold-in"], reports["mf-fold-in-recalibrated"]
+    axes = ("rank", "reg", "user_reg", "user_bias_reg", "decay")
+    assert report["method"] == "mf_fold_in_recalibrated" and all(report[k] == plain[k] for k in axes)
+    # (a, b): the least-squares line through the MF fold-in's own validation predictions
+    path = baselines.report_path(args, "mf-fold-in")
+    validation = pd.read_csv(metrics.validation_predictions_path(path))
+    b, a = np.polyfit(validation["prediction"], validation["rating"], 1)
+    assert (report["recalibration_a"], report["recalibration_b"]) == pytest.approx((a, b))
+    # its test predictions are the fold-in's mapped by it, clipped to the training ratings' range
+    keys = ["user", "window"]
+    mine = pd.read_csv(metrics.predictions_path(baselines.report_path(args, "mf-fold-in-recalibrated")))
+    theirs = pd.read_csv(metrics.predictions_path(path))
+    both = mine.merge(theirs, on=keys, suffixes=("", "_plain"))
+    assert len(both) == len(mine) == len(theirs)
+    fitted = baselines.Fitted(data, dataset.train_users, args.random_seed)
+    expected = np.clip(a + b * both["prediction_plain"], fitted.low, fitted.high)
+    assert both["prediction"].to_numpy() == pytest.approx(expected.to_numpy())
+    # on the validation users it cannot be worse than the fold-in it recalibrates
+    again = pd.read_csv(metrics.validation_predictions_path(baselines.report_path(args, "mf-fold-in-recalibrated")))
+    assert rmse(list(zip(again["prediction"], again["rating"]))) <= rmse(list(zip(validation["prediction"],
+                                                                            validation["rating"])))
+
+
+def test_the_per_rating_recalibration_weighs_each_rating_by_its_inverse_share():
+    # three 4-star targets and one 1-star: weights 4 / (2 * 3) each and 4 / (2 * 1)
+    tasks = SimpleNamespace(query_mask=torch.ones(4, 1, dtype=torch.bool),
+                            query_ratings=torch.tensor([4.0, 4.0, 4.0, 1.0]).view(4, 1, 1))
+    predicted = torch.tensor([3.0, 3.5, 4.0, 3.0]).view(4, 1)
+    w = np.array([2 / 3, 2 / 3, 2 / 3, 2.0])
+    p, r = predicted.view(-1).numpy(), np.array([4.0, 4.0, 4.0, 1.0])
+    X = np.stack([np.ones(4), p], 1)
+    expected = np.linalg.solve(X.T @ (X * w[:, None]), X.T @ (w * r))
+    assert baselines.recalibration(predicted, tasks, "mean_per_rating_rmse") == pytest.approx(tuple(expected))
+    assert baselines.recalibration(predicted, tasks, "rmse") == pytest.approx(tuple(np.polyfit(p, r, 1)[::-1]))
+    assert baselines.recalibration(predicted, tasks, "rmse") != pytest.approx(tuple(expected))

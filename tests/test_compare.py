@@ -436,7 +436,8 @@ def test_a_failed_run_stops_with_its_last_line(ratings_file, tmp_path, monkeypat
 def test_dry_run_prints_the_commands(ratings_file, tmp_path, capsys):
     compare.main(argv(ratings_file, tmp_path, "--models=narm", "--dry_run"))
     printed = capsys.readouterr().out
-    assert re.search(r"\[1/12\] seed 222 mean rating: test\n    python main.py .*--test_baseline", printed)
+    steps = len(baselines.BASELINES) + 7  # each baseline tested; Basic, MAML, MELO trained and tested; Fine-tune
+    assert re.search(rf"\[1/{steps}\] seed 222 mean rating: test\n    python main.py .*--test_baseline", printed)
     assert "python train_original.py" in printed and "--use_adaptive_loss=True" in printed
     assert not (tmp_path / "results" / "ml-100k" / "seed222").exists()
 
