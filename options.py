@@ -77,6 +77,12 @@ def build_parser():
              "on the (j mod m)-th from the end; the support windows come from the items before them), so each "
              "meta-batch scores m targets per user instead of one (max(--num_query_set, m) query windows); "
              "validation and test tasks keep one target, the latest item, and --num_query_set windows")
+    add("--train_windows", default="random", choices=("random", "latest", "held-out"),
+        help="where a training task's window lies in the user's history: random (uniform start), latest (ending "
+             "on the latest rating, as validation and test tasks do, so every training target is a latest item), "
+             "held-out (latest, and the bias head's fitted start leaves those targets, each training user's last "
+             "--train_query_targets ratings, out of its item tables, so that they are unseen by the tables as a "
+             "new user's target is)")
     add("--num_test_data", type=positive_int, default=1000,
         help="number of cold-start test users")
     add("--val_size", type=positive_int, default=600,

@@ -187,12 +187,15 @@ def mf_fold_in(sets, target_items, mean, biases, factors, reg, low, high, bias_r
 
 # ============================================================================ fitting and scoring
 class Fitted:
-    """What the baselines learn from the training users: their ratings, mean and range."""
+    """What the baselines learn from the training users: their ratings, mean and range; with `hold_out` = m,
+    all but each training user's latest m ratings (the targets of --train_windows=held-out)."""
 
-    def __init__(self, data, train_users, seed=0):
-        self.users = np.concatenate([np.full(len(data.sequence(u)[0]), n) for n, u in enumerate(train_users)])
-        self.items = np.concatenate([data.sequence(u)[0] for u in train_users]).astype(np.int64)
-        self.ratings = np.concatenate([data.sequence(u)[1] for u in train_users]).astype(np.float64)
+    def __init__(self, data, train_users, seed=0, hold_out=0):
+        sequences = [data.sequence(u) for u in train_users]
+        kept = [slice(0, len(items) - hold_out) for items, _ in sequences]
+        self.users = np.concatenate([np.full(len(items[k]), n) for n, ((items, _), k) in enumerate(zip(sequences, kept))])
+        self.items = np.concatenate([items[k] for (items, _), k in zip(sequences, kept)]).astype(np.int64)
+        self.ratings = np.concatenate([ratings[k] for (_, ratings), k in zip(sequences, kept)]).astype(np.float64)
         self.mean = float(self.ratings.mean())
         self.low, self.high = float(self.ratings.min()), float(self.ratings.max())
         self.num_items = int(data.num_items)
@@ -337,6 +340,7 @@ def bias_start_cache_path(data, dataset, args):
     key = json.dumps({"fingerprint": data.fingerprint(), "tasks": dataclasses.asdict(dataset.config),
                       "flags": {name: getattr(args, name) for name in ("rating_head", "user_factors", "bias_start",
                                                                        "user_bias_start", "select_by")},
+                      "hold_out": held_out_ratings(args),
                       "grids": [axes("user-item-bias"), axes("mf-fold-in"), ALS_SWEEPS, tuning.MAX_EXTENSIONS],
                       "version": START_CACHE_VERSION}, sort_keys=True, default=str)
     return os.path.join(args.data_dir, "cache", f"bias-start-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
@@ -367,6 +371,13 @@ def cached_bias_start(data, dataset, args):
     return start
 
 
+def held_out_ratings(args):
+    """How many of each training user's latest ratings the fitted start leaves out: the targets of the
+    training tasks under --train_windows=held-out, so that the tables have not seen them (a new user's
+    target is unseen too), else none."""
+    return args.train_query_targets if args.train_windows == "held-out" else 0
+
+
 def bias_start(data, dataset, args):
     """Where the bias rating head starts (a HeadStart): the training users' mean μ; with
     --bias_start=fold-in, the user + item bias fold-in's item biases (zero biases with --bias_start=zero);
@@ -376,8 +387,9 @@ def bias_start(data, dataset, args):
     With --user_factors=K and --bias_start=fold-in, the MF fold-in of rank <= K competes on the validation
     users: where it scores better, the item biases and factors are its ALS fit's and (with
     --user_bias_start=fold-in) λ_b, λ_u and γ its choices, so the head starts as the MF fold-in; else the
-    factors stay 0 and it starts as the user + item bias fold-in."""
-    fitted = Fitted(data, dataset.train_users, args.random_seed)
+    factors stay 0 and it starts as the user + item bias fold-in. With --train_windows=held-out the fits leave
+    out each training user's latest --train_query_targets ratings (`held_out_ratings`)."""
+    fitted = Fitted(data, dataset.train_users, args.random_seed, held_out_ratings(args))
     start = {"mean": fitted.mean / data.max_rating}
     if args.bias_start == "fold-in" or args.user_bias_start == "fold-in":
         val_tasks = dataset.val_tasks()

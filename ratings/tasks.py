@@ -7,7 +7,8 @@
   others train (in permutation order).
 * a task for user u with n ratings uses a window of ``w = min(n, max_seq_len)`` consecutive ratings
   (training with ``--use_random_sequence_length``: w uniform in [min_sub_window_size + 1, min(n, L)]),
-  starting uniformly in [0, n - w] for training and at n - w (the latest ratings) for validation / test.
+  starting uniformly in [0, n - w] for training and at n - w (the latest ratings) for validation / test
+  (training too with ``--train_windows=latest`` or ``held-out``, so training targets are latest items).
   The query set is ``num_query_set`` windows that end on the window's last item, each of a random length
   in [min_sub_window_size, w]; the target of each is that last item. The support set is up to
   ``num_samples`` distinct contiguous sub-windows (length >= min_sub_window_size) drawn without
@@ -120,6 +121,7 @@ class TaskConfig:
     num_samples: int = 25
     num_query_set: int = 3
     train_query_targets: int = 1
+    train_windows: str = "random"
     min_sub_window_size: int = 2
     use_random_sequence_length: bool = False
     default_rating: float = 0.0
@@ -182,7 +184,8 @@ class MetaDataset:
             w = int(rng.integers(self.min_window + 1, longest + 1))
         else:
             w = longest
-        start = int(rng.integers(0, n - w + 1)) if training else n - w
+        random_start = training and self.config.train_windows == "random"
+        start = int(rng.integers(0, n - w + 1)) if random_start else n - w
         # a training task may hold out its last m items as query targets (--train_query_targets), keeping
         # at least one support window of the shortest length before them
         targets = min(self.config.train_query_targets, w - self.min_window) if training else 1

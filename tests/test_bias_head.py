@@ -464,6 +464,9 @@ def test_the_start_is_cached_per_data_tasks_and_flags(ratings_file, tmp_path, mo
     assert baselines.bias_start_cache_path(data, dataset, other) != path
     other = options.parse_args(argv + ["--val_size=9"])
     assert baselines.bias_start_cache_path(data, MetaDataset.from_args(data, other), other) != path
+    for flags in (["--train_windows=held-out"], ["--train_windows=held-out", "--train_query_targets=2"]):
+        other = options.parse_args(argv + flags)
+        assert baselines.bias_start_cache_path(data, MetaDataset.from_args(data, other), other) != path
     monkeypatch.undo()
     with open(path, "wb") as file:
         file.write(b"not an npz")
@@ -546,3 +549,27 @@ def test_a_new_rating_head_is_one_class_and_one_line(head_registry):
     for head, message in ((heads.BiasHead, "already has that name"), (torch.nn.Linear, "a named subclass")):
         with pytest.raises(errors.MeloError, match=message):
             heads.register_head(head)
+
+
+@pytest.mark.parametrize("targets", [1, 2])
+def test_a_held_out_start_is_fitted_without_the_training_targets(ratings_file, tmp_path, targets):
+    """--train_windows=held-out: the fitted start (μ, item biases) leaves out each training user's latest
+    --train_query_targets ratings, the targets of its training tasks; --train_windows=latest keeps them."""
+    argv = ["--mode=ml-100k", f"--data_path={ratings_file}", f"--data_dir={tmp_path}/Data", "--min_item=1",
+            "--num_test_data=20", "--val_size=10", "--num_samples=5", "--max_seq_len=10",
+            f"--train_query_targets={targets}"]
+    args = options.parse_args(argv + ["--train_windows=held-out"])
+    data = load_data(args)
+    dataset = MetaDataset.from_args(data, args)
+    kept = np.concatenate([data.sequence(u)[1][:-targets] for u in dataset.train_users])
+    everything = np.concatenate([data.sequence(u)[1] for u in dataset.train_users])
+    assert len(kept) == len(everything) - targets * len(dataset.train_users)
+    start = baselines.bias_start(data, dataset, args)
+    assert start.mean == pytest.approx(kept.mean() / data.max_rating)
+    # the item biases are those of the kept ratings, at the item regularisation chosen on validation
+    fitted = baselines.Fitted(data, dataset.train_users, args.random_seed, hold_out=targets)
+    (item_reg, _, _), _ = baselines.choose("user-item-bias", dataset.val_tasks(), fitted, data.max_rating, "rmse")
+    np.testing.assert_allclose(start.item_biases, baselines.item_biases(
+        fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items) / data.max_rating)
+    latest = baselines.bias_start(data, dataset, options.parse_args(argv + ["--train_windows=latest"]))
+    assert latest.mean == pytest.approx(everything.mean() / data.max_rating) != start.mean

@@ -730,3 +730,27 @@ def test_the_data_cache_sees_a_same_size_edit_with_its_mtime_restored(tmp_path):
     assert after.fingerprint() != before.fingerprint()   # what checkpoints and reports carry
     np.testing.assert_array_equal(after.ratings, preprocess.load_data(make_args("ml-100k", path, tmp_path / "fresh",
                                                                             num_test_data=10)).ratings)
+
+
+@pytest.mark.parametrize("windows", ["latest", "held-out"])
+def test_training_tasks_can_end_on_the_latest_rating(ml1m, windows):
+    """--train_windows=latest / held-out: a training task's window ends on the user's latest rating, as a
+    validation or test task's does (its targets: the last --train_query_targets items); the validation and
+    test tasks are unchanged."""
+    _, args, data, meta = ml1m
+    config = tasks.TaskConfig.from_args(args)
+    for targets in (1, 3):
+        latest = tasks.MetaDataset(data, dataclasses.replace(config, train_windows=windows,
+                                                             train_query_targets=targets))
+        batch = latest.train_batch(4)
+        for k in range(len(batch)):
+            items, _ = data.sequence(int(batch.users[k]))
+            ends = {int(row[-1]) for row in batch.query_items[k].numpy()}
+            held = min(targets, min(len(items), args.max_seq_len) - args.min_sub_window_size)
+            assert ends == {int(item) for item in items[len(items) - held:]}
+        assert_same(latest.val_tasks(), meta.val_tasks())
+        assert_same(latest.test_tasks(), meta.test_tasks())
+    # the default draws the window's start: some training targets are not the latest item
+    batch = meta.train_batch(4)
+    assert any(int(batch.query_items[k, 0, -1]) != int(data.sequence(int(batch.users[k]))[0][-1])
+               for k in range(len(batch)))

@@ -31,7 +31,7 @@ META_SHAPE_OPTIONS = (
 # early_log_until 0 in effect, is not reused).
 PREDATED = {"rating_head": "plain", "user_factors": 0, "weighted_start": False, "weight_recency": False,
             "bias_outer_lr": None,
-            "train_query_targets": 1, "early_log_until": 0}
+            "train_query_targets": 1, "early_log_until": 0, "train_windows": "random"}
 
 
 def comparable(options):
@@ -71,7 +71,7 @@ META_TRAINING_OPTIONS = (
     "num_train_iterations", "batch_size", "outer_lr", "min_outer_lr", "learn_lr", "lstm_lr", "min_lstm_lr",
     "task_info_lr", "loss_lr", "loss_weight_decay", "outer_weight_decay", "grad_clip", "use_multi_step",
     "multi_step_loss_num_epochs", "first_order_iterations", "bias_outer_lr", "num_samples", "num_query_set",
-    "train_query_targets", "bias_start",
+    "train_query_targets", "train_windows", "bias_start",
     "use_random_sequence_length", "val_size", "query_loss",
 )
 
