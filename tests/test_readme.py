@@ -33,6 +33,7 @@ import benchmark
 from common import errors, runtime
 import compare
 import options
+from studies import study
 from ratings import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -360,3 +361,20 @@ def test_the_tests_point_to_sections_that_exist():
             assert heading.lower() in headings(os.path.join(REPO, document)), f"{path}: no {heading!r} in {document}"
             found.append(heading)
     assert len(found) >= 4, found
+
+
+def test_the_readmes_recipe_flags_are_compare_pys_melo():
+    # the README's F="..." (main.py as compare.py trains MELO) must not drift from compare.py's start and defaults
+    with open(os.path.join(REPO, "README.md")) as file:
+        line = next(line for line in file if line.startswith('F="'))
+    readme = shlex.split(line.strip()[2:])[0].split()
+    assert set(study.START_FLAGS["fold-in"]) <= set(readme)
+    config = compare.parse(["--data_path=u.data"])
+    theirs = vars(options.parse_args(compare.run_flags(config, config.seeds[0], study.START_FLAGS[config.start])))
+    mine = vars(options.parse_args(readme))
+    names = [flag[2:].split("=", 1)[0] for flag in readme]
+    assert {n: mine[n] for n in names} == {n: theirs[n] for n in names}
+    # and nothing compare.py sets for its MELO beyond main.py's defaults is missing from it
+    defaults = vars(options.parse_args([]))
+    assert {n for n in theirs if theirs[n] != defaults[n]} - set(names) <= set(study.CONTROLLED) | {
+        "data_path", "data_path_given", "mode", "rating_head"}
