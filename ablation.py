@@ -19,8 +19,9 @@ RMSE, mean per-rating RMSE, the learned loss's mean weight per support rating; m
 over seeds) is printed and written to `<results_dir>/<mode>/<model>/ablation.md`.
 
 A baseline without a network (`BASELINE_VARIANTS`: mean-rating, user-mean, shrunk-user-mean, user-item-bias,
-mf-fold-in, mf-fold-in-recalibrated; `main.py --test_baseline`) is a variant too, tested on the same users in seconds: the start of
-the fold-in recipe is the mf-fold-in row, so `--pairs=VARIANT:mf-fold-in` says what training added to it.
+mf-fold-in, mf-fold-in-recalibrated; `main.py --test_baseline`) is a variant too, tested on the same users
+in seconds: the start of the fold-in recipe is the mf-fold-in row, so `--pairs=VARIANT:mf-fold-in` says
+what training added to it.
 Its validation RMSE is that of its chosen setting, read from its validation users' CSV.
 """
 from common import errors

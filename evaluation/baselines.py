@@ -192,10 +192,11 @@ class Fitted:
 
     def __init__(self, data, train_users, seed=0, hold_out=0):
         sequences = [data.sequence(u) for u in train_users]
-        kept = [slice(0, len(items) - hold_out) for items, _ in sequences]
-        self.users = np.concatenate([np.full(len(items[k]), n) for n, ((items, _), k) in enumerate(zip(sequences, kept))])
-        self.items = np.concatenate([items[k] for (items, _), k in zip(sequences, kept)]).astype(np.int64)
-        self.ratings = np.concatenate([ratings[k] for (_, ratings), k in zip(sequences, kept)]).astype(np.float64)
+        kept = [(items[:max(0, len(items) - hold_out)], ratings[:max(0, len(items) - hold_out)])
+                for items, ratings in sequences]
+        self.users = np.concatenate([np.full(len(items), n) for n, (items, _) in enumerate(kept)])
+        self.items = np.concatenate([items for items, _ in kept]).astype(np.int64)
+        self.ratings = np.concatenate([ratings for _, ratings in kept]).astype(np.float64)
         self.mean = float(self.ratings.mean())
         self.low, self.high = float(self.ratings.min()), float(self.ratings.max())
         self.num_items = int(data.num_items)
