@@ -258,3 +258,12 @@ def test_the_per_rating_recalibration_weighs_each_rating_by_its_inverse_share():
     assert baselines.recalibration(predicted, tasks, "mean_per_rating_rmse") == pytest.approx(tuple(expected))
     assert baselines.recalibration(predicted, tasks, "rmse") == pytest.approx(tuple(np.polyfit(p, r, 1)[::-1]))
     assert baselines.recalibration(predicted, tasks, "rmse") != pytest.approx(tuple(expected))
+
+
+def test_fitted_holds_out_each_users_latest_ratings_and_all_of_a_short_one():
+    sequences = {0: (np.array([1, 2, 3, 4]), np.array([5.0, 4.0, 3.0, 2.0])), 1: (np.array([2, 3]), np.array([1.0, 2.0]))}
+    data = SimpleNamespace(sequence=lambda u: sequences[u], num_items=4)
+    fitted = baselines.Fitted(data, [0, 1], hold_out=3)
+    assert fitted.items.tolist() == [1] and fitted.ratings.tolist() == [5.0] and fitted.users.tolist() == [0]
+    every = baselines.Fitted(data, [0, 1])
+    assert every.items.tolist() == [1, 2, 3, 4, 2, 3] and every.users.tolist() == [0, 0, 0, 0, 1, 1]
