@@ -20,8 +20,11 @@ over seeds) is printed and written to `<results_dir>/<mode>/<model>/ablation.md`
 
 A baseline without a network (`BASELINE_VARIANTS`: mean-rating, user-mean, shrunk-user-mean, user-item-bias,
 mf-fold-in, mf-fold-in-recalibrated; `main.py --test_baseline`) is a variant too, tested on the same users
-in seconds: the start of the fold-in recipe is the mf-fold-in row, so `--pairs=VARIANT:mf-fold-in` says
-what training added to it.
+without training (a minute or two on ML-1M for the MF fold-in's grid). Under compare.py's flags
+(`--user_factors=32`, the fold-in start) the untrained meta-learner is the mf-fold-in row wherever validation
+prefers the MF fold-in to the user + item bias fold-in and its rank is within --user_factors (every
+seed on ML-1M), so `--pairs=VARIANT:mf-fold-in` says what training added to it; not under
+`--train_windows=held-out`, whose start is fitted on fewer ratings.
 Its validation RMSE is that of its chosen setting, read from its validation users' CSV.
 """
 from common import errors
@@ -307,10 +310,11 @@ def baseline_run(known, shared, seed, name, folder, fingerprints):
 
 
 def validation_rmse(run, report):
-    """A run's validation RMSE at its chosen step, or for a baseline at its chosen setting (the RMSE of its
-    validation users' CSV, which report_problem checked is the report's own)."""
-    if "validation" in report:
-        return report["validation"]["rmse"]
+    """A run's validation RMSE at its chosen step (None for a report that records none), or for a baseline
+    at its chosen setting: the RMSE of its validation users' CSV, which report_problem checked is the
+    report's own (for mf-fold-in-recalibrated an in-sample score: its (a, b) are fitted on those users)."""
+    if run.name not in BASELINE_VARIANTS:
+        return report.get("validation", {}).get("rmse")
     frame = pd.read_csv(metrics.validation_predictions_path(run.report))
     return float(((frame["prediction"] - frame["rating"]) ** 2).mean() ** 0.5)
 

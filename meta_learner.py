@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from evaluation.metrics import half_star_buckets, num_half_star_buckets
+from evaluation.metrics import balanced_rating_weights, half_star_buckets, num_half_star_buckets
 from inner_loop_optimizers import LSLRGradientDescent
 from models import model_factory
 from models.heads import USER_BIAS
-from models.loss_networks import balanced_rating_weights, build_inner_loss, query_loss
+from models.loss_networks import build_inner_loss, query_loss
 
 EMBEDDING = "item_embedding.weight"  # indexed by item id: each task adapts a small table of its items' rows
 SUPPORT_AGE = "support_age"  # the context entry of each support position's recency (TaskBatch.support_age)

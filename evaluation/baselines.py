@@ -336,12 +336,12 @@ class HeadStart:
 
 def bias_start_cache_path(data, dataset, args):
     """Where `bias_start`'s result is kept between the runs of a study: keyed on the data's content, the
-    task configuration (the split and the validation tasks), every flag it reads, the grids and the ALS
-    settings, so a change of any of them computes it anew."""
+    task configuration (the split, the validation tasks, and --train_windows / --train_query_targets, which
+    say what `held_out_ratings` leaves out), every flag it reads, the grids and the ALS settings, so a
+    change of any of them computes it anew."""
     key = json.dumps({"fingerprint": data.fingerprint(), "tasks": dataclasses.asdict(dataset.config),
                       "flags": {name: getattr(args, name) for name in ("rating_head", "user_factors", "bias_start",
                                                                        "user_bias_start", "select_by")},
-                      "hold_out": held_out_ratings(args),
                       "grids": [axes("user-item-bias"), axes("mf-fold-in"), ALS_SWEEPS, tuning.MAX_EXTENSIONS],
                       "version": START_CACHE_VERSION}, sort_keys=True, default=str)
     return os.path.join(args.data_dir, "cache", f"bias-start-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
@@ -426,17 +426,16 @@ def chosen_fields(name, value):
     return dict(zip(names, value if len(names) > 1 else (value,))) if names else {}
 
 
-def recalibration(predicted, tasks, select_by):
+def recalibration(predicted, tasks, select_by, max_rating):
     """(a, b) minimising Σ w (r − a − b·p)² over `tasks`' targets r and predictions p [T, Q]: w = 1 for
-    --select_by=rmse; under mean_per_rating_rmse the inverse share of r's rating among the targets, so each
-    rating weighs as it does in that metric."""
+    --select_by=rmse; under mean_per_rating_rmse each target's metrics.balanced_rating_weights among the
+    targets (the mean over ratings of each rating's mean squared error: that metric's squares)."""
     mask = tasks.query_mask
     p = predicted[mask].double().numpy()
     r = tasks.query_ratings[..., -1][mask].double().numpy()
     weights = np.ones_like(r)
     if select_by == "mean_per_rating_rmse":
-        values, index, counts = np.unique(r, return_inverse=True, return_counts=True)
-        weights = len(r) / (len(values) * counts[index])
+        weights = metrics.balanced_rating_weights(r, max_rating).numpy()[metrics.half_star_buckets(r)]
     design = np.stack([np.ones_like(p), p], axis=1)
     a, b = np.linalg.solve(design.T @ (design * weights[:, None]), design.T @ (weights * r))
     return float(a), float(b)
@@ -457,7 +456,7 @@ def test(args, data, dataset, name, publish=True):
     val_predicted = predict(name, val_tasks, sets_of(val_tasks), fitted, value)
     fields = chosen_fields(name, value)
     if BASELINES[name].recalibrated:
-        a, b = recalibration(val_predicted, val_tasks, args.select_by)
+        a, b = recalibration(val_predicted, val_tasks, args.select_by, data.max_rating)
         predicted, val_predicted = ((a + b * p).clamp(fitted.low, fitted.high) for p in (predicted, val_predicted))
         fields.update(recalibration_a=a, recalibration_b=b)
     report = metrics.task_report(predicted, tasks, data.max_rating)

@@ -40,6 +40,20 @@ def num_half_star_buckets(max_rating):
     return int(round(2 * max_rating)) + 1
 
 
+def balanced_rating_weights(ratings, max_rating):
+    """Each half-star rating's weight, the inverse of its share of `ratings` (stars) over the number of
+    ratings present: float64 [buckets], 0 where a rating is absent. The weights average 1 over `ratings`,
+    and a squared error weighted by them counts every rating present alike, as the mean per-rating RMSE
+    does (--query_loss=balanced over the training users' ratings; the per-rating recalibration of the MF
+    fold-in over its validation targets)."""
+    counts = torch.bincount(half_star_buckets(torch.as_tensor(ratings, dtype=torch.float64)),
+                            minlength=num_half_star_buckets(max_rating)).double()
+    present = counts > 0
+    weights = torch.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
 def half_star_name(bucket):
     return f"{bucket / 2:g}"
 

@@ -81,19 +81,6 @@ def query_loss(predictions, labels, mask, kind="all", target_weights=None):
     return masked_mean(squared_errors, mask[:, -1])
 
 
-def balanced_rating_weights(ratings, max_rating):
-    """--query_loss=balanced: each half-star rating's weight, the inverse of its share of `ratings` (the
-    training users', in stars) over the number of ratings present, so the weights average 1 over
-    `ratings` and every rating present weighs as much in the outer loss as in the mean per-rating RMSE;
-    float64 [buckets], 0 where a rating is absent."""
-    counts = torch.bincount(half_star_buckets(torch.as_tensor(ratings, dtype=torch.float64)),
-                            minlength=num_half_star_buckets(max_rating)).double()
-    present = counts > 0
-    weights = torch.zeros_like(counts)
-    weights[present] = counts.sum() / (present.sum() * counts[present])
-    return weights
-
-
 class MSEInnerLoss(nn.Module):
     """Plain MAML++: the masked mean squared error."""
 

@@ -255,9 +255,9 @@ def test_the_per_rating_recalibration_weighs_each_rating_by_its_inverse_share():
     p, r = predicted.view(-1).numpy(), np.array([4.0, 4.0, 4.0, 1.0])
     X = np.stack([np.ones(4), p], 1)
     expected = np.linalg.solve(X.T @ (X * w[:, None]), X.T @ (w * r))
-    assert baselines.recalibration(predicted, tasks, "mean_per_rating_rmse") == pytest.approx(tuple(expected))
-    assert baselines.recalibration(predicted, tasks, "rmse") == pytest.approx(tuple(np.polyfit(p, r, 1)[::-1]))
-    assert baselines.recalibration(predicted, tasks, "rmse") != pytest.approx(tuple(expected))
+    assert baselines.recalibration(predicted, tasks, "mean_per_rating_rmse", 5.0) == pytest.approx(tuple(expected))
+    assert baselines.recalibration(predicted, tasks, "rmse", 5.0) == pytest.approx(tuple(np.polyfit(p, r, 1)[::-1]))
+    assert baselines.recalibration(predicted, tasks, "rmse", 5.0) != pytest.approx(tuple(expected))
 
 
 def test_fitted_holds_out_each_users_latest_ratings_and_all_of_a_short_one():

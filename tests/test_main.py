@@ -18,7 +18,7 @@ from evaluation import metrics
 import main
 from meta_learner import MetaLearner, last_step_weights
 from models import model_factory
-from models.loss_networks import balanced_rating_weights
+from evaluation.metrics import balanced_rating_weights
 import options
 from training import checkpointing, runs
 

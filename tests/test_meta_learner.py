@@ -9,7 +9,8 @@ import torch
 from inner_loop_optimizers import LSLRGradientDescent
 import meta_learner
 from meta_learner import build_meta_learner, last_step_weights, local_item_tables, multi_step_loss_weights
-from models.loss_networks import AdaptiveInnerLoss, MSEInnerLoss, balanced_rating_weights, masked_mean
+from evaluation.metrics import balanced_rating_weights
+from models.loss_networks import AdaptiveInnerLoss, MSEInnerLoss, masked_mean
 import options
 from training.analysis import (POSITION_FACTOR, SHARE_NAMES, WithPositionFactor, query_gradient_by_rating,
                                query_gradient_by_share, query_gradient_of_weights, summarise_query_gradients,
