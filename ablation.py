@@ -155,7 +155,9 @@ VARIANTS = {
                                  *study.START_FLAGS["basic"]]),
 }
 # The baselines without a network as variants: no flags of their own, one `main.py --test_baseline` each.
-BASELINE_VARIANTS = {name: (f"no network: {baseline.label}", None) for name, baseline in baselines.BASELINES.items()}
+BASELINE_VARIANTS = {name: (f"no network: {baseline.label}"
+                             + (" (its val RMSE is in-sample: a, b fitted there)" if baseline.recalibrated else ""), None)
+                      for name, baseline in baselines.BASELINES.items()}
 # Set by this script for each run; not allowed among the shared flags.
 CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "log_dir",
               "pretrain_log_dir", "test", "test_best", "test_baseline", "baseline", "checkpoint_step",
