@@ -33,6 +33,7 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
     errors.say_when_terminated()
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -47,6 +48,7 @@ from common.runtime import write_atomic
 from evaluation import baselines, metrics
 from models import BACKBONES
 import options
+from ratings.tasks import TaskConfig
 from studies import study, tables
 from training import checkpointing, runs
 
@@ -299,8 +301,7 @@ def baseline_run(known, shared, seed, name, folder, fingerprints):
     flags = shared + [f"--checkpoint_dir={os.path.join(folder, 'checkpoints')}",
                       f"--log_dir={os.path.join(folder, 'runs')}"]
     args = options.parse_args(flags)
-    settings = resolved_settings(args, known.pretrain_epochs)
-    del settings["num_train_iterations"]  # not read: the baseline is the same for any training length
+    settings = baseline_settings(args)
     check_settings(folder, name, settings)
     report = baselines.report_path(args, name)
     steps = []
@@ -309,6 +310,13 @@ def baseline_run(known, shared, seed, name, folder, fingerprints):
         study.remake(f"seed {seed} {name}", report, problem)
         steps = [("test", "main.py", flags + ["--test_baseline", f"--baseline={name}"])]
     return Run(seed, name, report, steps, folder, settings, flags)
+
+
+def baseline_settings(args):
+    """The options a baseline's numbers depend on: the data, the split and tasks, and --select_by (not
+    the training flags, so an ablation of other variants or lengths reuses it)."""
+    names = (*study.DATA_OPTIONS, *(field.name for field in dataclasses.fields(TaskConfig)), "select_by")
+    return {name: getattr(args, name) for name in sorted(set(names)) if name not in study.NOT_SETTINGS}
 
 
 def validation_rmse(run, report):

@@ -175,11 +175,14 @@ def test_baselines_without_a_network_are_variants_tested_once_and_paired(ratings
     found = json.loads((tmp_path / "results" / "ml-100k" / "gru4rec" / "ablation.json").read_text())["pairs"]
     assert found["maml - mf-fold-in"]["rmse"]["difference"] == pytest.approx(
         summary["maml"]["rmse"]["mean"] - summary["mf-fold-in"]["rmse"]["mean"])
-    # a baseline does not depend on the training length: an ablation of longer runs reuses it
+    # a baseline does not depend on the training flags: an ablation of longer runs, or at another outer rate,
+    # reuses it; another split does not
     calls.clear()
     longer = [f for f in flags if not f.startswith(("--num_train_iterations", "--variants", "--pairs"))]
-    ablation.main(longer + ["--num_train_iterations=3", "--variants=mf-fold-in"])
+    ablation.main(longer + ["--num_train_iterations=3", "--outer_lr=0.01", "--variants=mf-fold-in"])
     assert calls == []
+    with pytest.raises(MeloError, match=r"variant mf-fold-in in .* other settings: val_size=10 \(now 9\)"):
+        ablation.main([f for f in longer if not f.startswith("--val_size")] + ["--val_size=9", "--variants=mf-fold-in"])
 
 
 def test_a_defined_variant_cannot_take_a_baselines_name(ratings_file, tmp_path):
