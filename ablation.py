@@ -255,7 +255,6 @@ def plan(known, extra, variants, fingerprints=None):
     again, and trained again (with its pretrained export) when its checkpoint is stale too.
     `fingerprints` memoises study.data_fingerprint (a variant may change the data flags)."""
     fingerprints = {} if fingerprints is None else fingerprints
-    paired = {name for pair in known.pairs for name in pair}  # their per-target CSVs are read too
     planned = []
     for seed in [known.random_seed + k for k in range(known.seeds)]:
         shared = shared_flags(known, extra, seed)
@@ -279,7 +278,7 @@ def plan(known, extra, variants, fingerprints=None):
             report = runs.meta_report_path(args, prefix, known.num_train_iterations)
             fingerprint = lambda args=args: study.data_fingerprint(args, fingerprints)  # read when needed
             steps = []
-            problem = study.report_problem(report, fingerprint, with_predictions=name in paired)
+            problem = study.report_problem(report, fingerprint, with_predictions=reads_predictions(known, name))
             if problem:
                 study.remake(f"seed {seed} {name}", report, problem)
                 train = study.training_need("main.py", flags, args.checkpoint_dir, prefix,
@@ -296,6 +295,12 @@ def plan(known, extra, variants, fingerprints=None):
     return planned
 
 
+def reads_predictions(known, name):
+    """Are variant `name`'s per-target CSVs read (a --pairs partner's, a baseline's validation RMSE)? Then
+    a report is fresh only with its own CSVs beside it (study.report_problem)."""
+    return name in BASELINE_VARIANTS or any(name in pair for pair in known.pairs)
+
+
 def baseline_run(known, shared, seed, name, folder, fingerprints):
     """The Run of baseline `name` for `seed`: main.py --test_baseline, unless its report is fresh."""
     flags = shared + [f"--checkpoint_dir={os.path.join(folder, 'checkpoints')}",
@@ -305,7 +310,8 @@ def baseline_run(known, shared, seed, name, folder, fingerprints):
     check_settings(folder, name, settings)
     report = baselines.report_path(args, name)
     steps = []
-    problem = study.report_problem(report, lambda: study.data_fingerprint(args, fingerprints), with_predictions=True)
+    problem = study.report_problem(report, lambda: study.data_fingerprint(args, fingerprints),
+                                   with_predictions=reads_predictions(known, name))
     if problem:
         study.remake(f"seed {seed} {name}", report, problem)
         steps = [("test", "main.py", flags + ["--test_baseline", f"--baseline={name}"])]
@@ -394,12 +400,10 @@ def build_table(known, variants, runs, argv, fingerprints=None):
     """Markdown text, a JSON-ready summary per variant and the --pairs' results from the runs' test reports
     (each checked fresh)."""
     fingerprints = {} if fingerprints is None else fingerprints
-    paired = {name for pair in known.pairs for name in pair}
     reports, val_rmse = {}, {}
     for run in runs:
         fingerprint = study.data_fingerprint(options.parse_args(run.argv), fingerprints)
-        baseline = run.name in BASELINE_VARIANTS  # its validation CSV is read
-        report = study.read_report(run.report, fingerprint, run.name in paired or baseline)
+        report = study.read_report(run.report, fingerprint, reads_predictions(known, run.name))
         reports.setdefault(run.name, []).append(report)
         val_rmse.setdefault(run.name, []).append(validation_rmse(run, report))
     ratings = sorted({r for rs in reports.values() for report in rs
