@@ -157,6 +157,26 @@ def test_user_item_bias_fold_in_equals_hand_computation(run_all):
         assert table.loc[user, "min"] == pytest.approx(predict(support, target, ages, item_reg, user_reg, decay))
 
 
+def test_the_cross_fitted_score_predicts_each_fold_at_the_grid_point_best_on_the_other_folds(run_all):
+    args, data, dataset, reports = run_all
+    fitted = baselines.Fitted(data, dataset.train_users, args.random_seed)
+    val = dataset.val_tasks()
+    for name in ("user-item-bias", "mf-fold-in"):
+        selection = reports[name]["selection"]
+        points = [tuple(point) for point in selection["grid"]]
+        folds = np.arange(len(val)) % 10  # 12 validation users: folds of 2, 2, 1, ..., 1
+        assembled = torch.zeros(val.query_mask.shape, dtype=torch.float64)
+        for fold in range(10):
+            rest = val.select(torch.from_numpy(folds != fold))
+            scores = [metrics.task_report(baselines.predict(name, rest, baselines.sets_of(rest), fitted, point),
+                                          rest, data.max_rating)["rmse"] for point in points]
+            best = points[int(np.argmin(scores))]
+            predicted = baselines.predict(name, val, baselines.sets_of(val), fitted, best).double()
+            assembled[folds == fold] = predicted[folds == fold]
+        by_hand = metrics.task_report(assembled, val, data.max_rating)["rmse"]
+        assert selection["cross_fitted_score"] == pytest.approx(by_hand, abs=1e-12)
+
+
 def test_mf_fold_in_equals_a_rank_one_case_on_paper():
     # μ = 3; support items 1 and 2 with b = (0.5, −0.5), q = (1, −1); the user's true b_u = 0.5, p = 1, so
     # the residuals r − μ − b_i are (b_u + p, b_u − p) = (1.5, −0.5). Features [q, 1]: XᵀX = 2 I and
