@@ -433,9 +433,9 @@ def bias_start(data, dataset, args):
     fold-in's regularisation and decay are chosen on the validation users as for its own report.
 
     With --user_factors=K and --bias_start=fold-in, the MF fold-in of rank <= K competes on the validation
-    users: where its cross-fitted score (`cross_fitted_score`) is the better, the item biases and factors are its ALS fit's and (with
-    --user_bias_start=fold-in) λ_b, λ_u and γ its choices, so the head starts as the MF fold-in; else the
-    factors stay 0 and it starts as the user + item bias fold-in. With --train_windows=held-out the fits leave
+    users: where its `cross_fitted_score` is the lower, the item biases and factors are its ALS fit's and
+    (with --user_bias_start=fold-in) λ_b, λ_u and γ its choices, so the head starts as the MF fold-in; else
+    the factors stay 0 and it starts as the user + item bias fold-in. With --train_windows=held-out the fits leave
     out each training user's latest --train_query_targets ratings (`held_out_ratings`)."""
     fitted = Fitted(data, dataset.train_users, args.random_seed, held_out_ratings(args))
     start = {"mean": fitted.mean / data.max_rating}
