@@ -297,7 +297,7 @@ def choose(name, val_tasks, fitted, max_rating, select_by, searched_axes=None):
     if not found:
         return None, None
     sets = sets_of(val_tasks)
-    folds = cross_fit_folds(len(val_tasks))
+    fold_of_user = cross_fit_folds(len(val_tasks))
     fold_sums = {}  # point -> error sums of each fold's users [folds, buckets, fields], in the order scored
 
     def value_of(point):
@@ -307,9 +307,9 @@ def choose(name, val_tasks, fitted, max_rating, select_by, searched_axes=None):
         scores = []
         for point in points:
             predicted = predict(name, val_tasks, sets, fitted, value_of(point))
-            fold_sums[point] = torch.stack([metrics.error_sums(predicted, val_tasks.query_ratings[:, :, -1],
-                                                               val_tasks.query_mask & users[:, None], max_rating)
-                                            for users in folds])
+            fold_sums[point] = metrics.error_sums(predicted, val_tasks.query_ratings[:, :, -1], val_tasks.query_mask,
+                                                  max_rating, fold_of_user[:, None].expand_as(predicted),
+                                                  int(fold_of_user.max()) + 1)
             scores.append(metrics.task_report(predicted, val_tasks, max_rating)[select_by])
         return scores
 
@@ -321,7 +321,7 @@ def choose(name, val_tasks, fitted, max_rating, select_by, searched_axes=None):
     return value_of(best), {"select_by": select_by, "grid": grid, "validation_scores": searched["scores"],
                             "axes": searched["axes"], "extensions": searched["extensions"],
                             "at_edge": searched["at_edge"],
-                            "cross_fitted_score": cross_fitted_score(fold_sums, folds, predict_at, val_tasks,
+                            "cross_fitted_score": cross_fitted_score(fold_sums, fold_of_user, predict_at, val_tasks,
                                                                      max_rating, select_by)}
 
 
@@ -329,31 +329,30 @@ CROSS_FIT_FOLDS = 10
 
 
 def cross_fit_folds(num_users, folds=CROSS_FIT_FOLDS):
-    """Boolean masks [users] of the validation users in each of min(folds, users) folds, by position
-    (user i in fold i mod folds): the same folds for every baseline and grid."""
-    count = min(folds, num_users)
-    return [torch.arange(num_users) % count == fold for fold in range(count)]
+    """Each validation user's fold [users], of min(folds, users) folds, by position (user i in fold
+    i mod folds): the same folds for every baseline and grid."""
+    return torch.arange(num_users) % min(folds, num_users)
 
 
-def cross_fitted_score(fold_sums, folds, predict_at, val_tasks, max_rating, select_by):
+def cross_fitted_score(fold_sums, fold_of_user, predict_at, val_tasks, max_rating, select_by):
     """The validation `select_by` of a grid search with each fold's users predicted at the grid point that
     scores best on the other folds' users (K-fold cross-fitting; one fold: the grid's minimum). A grid's
     minimum is optimistic by how many points it holds and how few users choose among them: on ~100
     validation users the MF fold-in's ~2,000 points beat the user + item bias fold-in's ~150 by 0.02-0.03
     there and lost to it on the test users. So baselines with grids of different sizes are compared by this
     score (`bias_start`, compare.py's best no-network baseline), never by their minima.
-    `fold_sums`: {point: error sums per fold}, in the order scored (the first of equal scores wins, as in
-    tuning.search); `predict_at(point)`: the validation predictions at that point."""
+    `fold_sums`: {point: error sums per fold [folds, buckets, fields]}, in the order scored (the first of
+    equal scores wins, as in tuning.search); `predict_at(point)`: the validation predictions there."""
     points = list(fold_sums)
     sums = torch.stack([fold_sums[point] for point in points])  # [points, folds, buckets, fields]
+    folds = sums.shape[1]
     assembled = None
-    for fold, users in enumerate(folds):
-        others = [other for other in range(len(folds)) if other != fold] or [fold]
-        rest = sums[:, others].sum(1)
-        scores = [metrics.report_from_sums(row)[select_by] for row in rest]
-        chosen = min(range(len(points)), key=lambda i: scores[i] if math.isfinite(scores[i]) else math.inf)
-        predicted = predict_at(points[chosen])
+    for fold in range(folds):
+        others = [other for other in range(folds) if other != fold] or [fold]
+        scores = torch.nan_to_num(metrics.scores_from_sums(sums[:, others].sum(1), select_by), nan=math.inf)
+        predicted = predict_at(points[int(torch.argmin(scores))])  # argmin: the first of equal minima
         assembled = predicted.clone() if assembled is None else assembled
+        users = fold_of_user == fold
         assembled[users] = predicted[users]
     return metrics.task_report(assembled, val_tasks, max_rating)[select_by]
 

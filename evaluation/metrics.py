@@ -58,13 +58,19 @@ def half_star_name(bucket):
     return f"{bucket / 2:g}"
 
 
-def error_sums(predicted_stars, target_stars, mask, max_rating):
-    """Sums per half-star target bucket: float64 tensor [buckets, 4] in SUM_FIELDS order."""
+def error_sums(predicted_stars, target_stars, mask, max_rating, groups=None, num_groups=None):
+    """Sums per half-star target bucket: float64 tensor [buckets, 4] in SUM_FIELDS order; with `groups`
+    (each target's group in 0..num_groups - 1, shaped like `mask`), per group: [num_groups, buckets, 4]."""
     predicted = predicted_stars[mask].double()
     target = target_stars[mask].double()
     values = torch.stack([torch.ones_like(target), (predicted - target) ** 2,
                           (predicted - target).abs(), predicted], dim=1)
-    return bucket_sums(target, values, max_rating)
+    if groups is None:
+        return bucket_sums(target, values, max_rating)
+    buckets = num_half_star_buckets(max_rating)
+    keys = groups[mask] * buckets + half_star_buckets(target).clamp(0, buckets - 1)
+    sums = torch.zeros(num_groups * buckets, len(SUM_FIELDS), dtype=torch.float64, device=values.device)
+    return sums.index_add_(0, keys, values).view(num_groups, buckets, len(SUM_FIELDS)).cpu()
 
 
 def bucket_sums(target, values, max_rating):
@@ -72,6 +78,19 @@ def bucket_sums(target, values, max_rating):
     buckets = half_star_buckets(target).clamp(0, num_half_star_buckets(max_rating) - 1)
     sums = torch.zeros(num_half_star_buckets(max_rating), len(SUM_FIELDS), dtype=torch.float64, device=values.device)
     return sums.index_add_(0, buckets, values).cpu()
+
+
+def scores_from_sums(sums, select_by):
+    """The figure `select_by` ("rmse" or "mean_per_rating_rmse") of error sums [..., buckets, 4], for every
+    leading index at once: report_from_sums's figure without the report (a grid's thousands of scores)."""
+    count, squared = sums[..., 0], sums[..., 1]
+    if select_by == "rmse":
+        return (squared.sum(-1) / count.sum(-1)).sqrt()
+    if select_by == "mean_per_rating_rmse":
+        present = count > 0
+        per_rating = torch.where(present, squared / count.clamp(min=1), torch.zeros_like(squared)).sqrt()
+        return per_rating.sum(-1) / present.sum(-1)
+    raise ValueError(f"no score {select_by!r} from error sums")
 
 
 def per_user_sums(predicted_stars, target_stars, mask, max_rating):

@@ -157,6 +157,22 @@ def test_user_item_bias_fold_in_equals_hand_computation(run_all):
         assert table.loc[user, "min"] == pytest.approx(predict(support, target, ages, item_reg, user_reg, decay))
 
 
+def test_error_sums_per_group_and_the_scores_from_sums_equal_the_reports():
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randint(1, 5, (7, 3), generator=generator).double()  # ratings 1-4: bucket 5★ stays empty
+    predicted = target + torch.randn(7, 3, generator=generator, dtype=torch.float64)
+    mask = torch.rand(7, 3, generator=generator) < 0.8
+    groups = (torch.arange(7) % 3)[:, None].expand(7, 3)
+    grouped = metrics.error_sums(predicted, target, mask, 5.0, groups, 3)
+    for group in range(3):
+        assert torch.allclose(grouped[group], metrics.error_sums(predicted, target, mask & (groups == group), 5.0))
+    for select_by in ("rmse", "mean_per_rating_rmse"):
+        found = metrics.scores_from_sums(grouped, select_by)
+        assert found.tolist() == pytest.approx([metrics.report_from_sums(sums)[select_by] for sums in grouped])
+    with pytest.raises(ValueError, match="mae"):
+        metrics.scores_from_sums(grouped, "mae")
+
+
 def test_the_cross_fitted_score_predicts_each_fold_at_the_grid_point_best_on_the_other_folds(run_all):
     args, data, dataset, reports = run_all
     fitted = baselines.Fitted(data, dataset.train_users, args.random_seed)
