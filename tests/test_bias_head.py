@@ -366,6 +366,24 @@ def test_the_fold_in_start_with_user_factors_is_the_closed_form_mf_fold_in(float
     assert not torch.allclose(predicted, expected, atol=1e-3)  # (the factors do move the predictions)
 
 
+def test_the_start_takes_the_fold_in_with_the_lower_cross_fitted_score_not_the_lower_minimum(ratings_file, tmp_path,
+                                                                                            monkeypatch):
+    args = options.parse_args(["--mode=ml-100k", f"--data_path={ratings_file}", f"--data_dir={tmp_path}/Data",
+                               "--min_item=1", "--num_test_data=20", "--val_size=10", "--max_seq_len=10",
+                               "--user_factors=8"])
+    data = load_data(args)
+    dataset = MetaDataset.from_args(data, args)
+    # the MF fold-in's grid minimum is the lower, its cross-fitted score the higher: the bias fold-in starts
+    searched = {"user-item-bias": ((25.0, 10.0, 1.0), {"validation_scores": [0.90], "cross_fitted_score": 0.95}),
+                "mf-fold-in": ((2, 1.0, 3.0, 1.0, 0.9), {"validation_scores": [0.80], "cross_fitted_score": 0.97})}
+    monkeypatch.setattr(baselines, "choose", lambda name, *rest: searched[name])
+    start = baselines.bias_start(data, dataset, args)
+    assert start.item_factors is None and start.user_factor_reg is None and start.user_decay == 1.0
+    searched["mf-fold-in"][1]["cross_fitted_score"] = 0.93  # now the lower: the MF fold-in starts
+    start = baselines.bias_start(data, dataset, args)
+    assert start.item_factors.shape[1] == 2 and (start.user_factor_reg, start.user_decay) == (3.0, 0.9)
+
+
 def test_the_factor_start_is_the_better_fold_in_on_validation_and_a_checkpoint_keeps_it(ratings_file, tmp_path):
     argv = ["--mode=ml-100k", f"--data_path={ratings_file}", f"--data_dir={tmp_path}/Data", "--min_item=1",
             "--num_test_data=20", "--val_size=10", "--batch_size=4", "--num_samples=5", "--num_query_set=2",
