@@ -298,23 +298,23 @@ def choose(name, val_tasks, fitted, max_rating, select_by, searched_axes=None):
         return None, None
     sets = sets_of(val_tasks)
     fold_of_user = cross_fit_folds(len(val_tasks))
+    num_folds = int(fold_of_user.max()) + 1 if len(fold_of_user) else 1
     fold_sums = {}  # point -> error sums of each fold's users [folds, buckets, fields], in the order scored
 
     def value_of(point):
         return point[0] if len(point) == 1 else point
 
+    def predict_at(point):
+        return predict(name, val_tasks, sets, fitted, value_of(point))
+
     def score(points):
         scores = []
         for point in points:
-            predicted = predict(name, val_tasks, sets, fitted, value_of(point))
+            predicted = predict_at(point)
             fold_sums[point] = metrics.error_sums(predicted, val_tasks.query_ratings[:, :, -1], val_tasks.query_mask,
-                                                  max_rating, fold_of_user[:, None].expand_as(predicted),
-                                                  int(fold_of_user.max()) + 1)
+                                                  max_rating, fold_of_user[:, None].expand_as(predicted), num_folds)
             scores.append(metrics.task_report(predicted, val_tasks, max_rating)[select_by])
         return scores
-
-    def predict_at(point):
-        return predict(name, val_tasks, sets, fitted, value_of(point))
 
     best, searched = tuning.search(found, score)
     grid = [point[0] if len(point) == 1 else list(point) for point in searched["points"]]
@@ -330,7 +330,7 @@ CROSS_FIT_FOLDS = 10
 
 def cross_fit_folds(num_users, folds=CROSS_FIT_FOLDS):
     """Each validation user's fold [users], of min(folds, users) folds, by position (user i in fold
-    i mod folds): the same folds for every baseline and grid."""
+    i mod folds; fewer than 10 users: one fold each): the same folds for every baseline and grid."""
     return torch.arange(num_users) % min(folds, num_users)
 
 
@@ -342,14 +342,16 @@ def cross_fitted_score(fold_sums, fold_of_user, predict_at, val_tasks, max_ratin
     there and lost to it on the test users. So baselines with grids of different sizes are compared by this
     score (`bias_start`, compare.py's best no-network baseline), never by their minima.
     `fold_sums`: {point: error sums per fold [folds, buckets, fields]}, in the order scored (the first of
-    equal scores wins, as in tuning.search); `predict_at(point)`: the validation predictions there."""
+    equal scores wins, as in tuning.search, and where none is finite the first point);
+    `predict_at(point)`: the validation predictions there."""
     points = list(fold_sums)
     sums = torch.stack([fold_sums[point] for point in points])  # [points, folds, buckets, fields]
     folds = sums.shape[1]
     assembled = None
     for fold in range(folds):
         others = [other for other in range(folds) if other != fold] or [fold]
-        scores = torch.nan_to_num(metrics.scores_from_sums(sums[:, others].sum(1), select_by), nan=math.inf)
+        scores = metrics.scores_from_sums(sums[:, others].sum(1), select_by)
+        scores = torch.where(scores.isfinite(), scores, math.inf)  # diverged (nan, inf): never the choice
         predicted = predict_at(points[int(torch.argmin(scores))])  # argmin: the first of equal minima
         assembled = predicted.clone() if assembled is None else assembled
         users = fold_of_user == fold
@@ -512,6 +514,8 @@ def test(args, data, dataset, name, publish=True):
     if name == "mean-rating":
         report["prediction"] = fitted.mean
     if selection is not None:
+        if BASELINES[name].recalibrated:  # its search's cross-fitted score is the MF fold-in's, not its own
+            selection = {field: entry for field, entry in selection.items() if field != "cross_fitted_score"}
         report["selection"] = selection
     if publish:
         chosen = ", ".join(f"{k} {v:g}" for k, v in fields.items())

@@ -91,16 +91,18 @@ def blend(method_val, fold_in_val, method_test, fold_in_test):
     return {"w": w, "rmse": rmse(test, w), "validation_rmse": min(scores)}
 
 
+CROSS_FITTED, GRID_MINIMUM = "cross-fitted", "grid minimum"
+
+
 def best_no_network(reports, seed_index):
     """The baseline of NO_NETWORK with the lowest cross-fitted validation score in seed `seed_index`
-    (baselines.cross_fitted_score: the grids' minima favour the larger grid), and the scores {name: score}.
-    Reports from before that score: the minima, for all alike."""
+    (baselines.cross_fitted_score: the grids' minima favour the larger grid), the scores {name: score}, and
+    the rule (CROSS_FITTED; GRID_MINIMUM, for all alike, where a report is from before that score)."""
     selections = {name: reports[(None, name)][seed_index]["selection"] for name in NO_NETWORK}
-    if all("cross_fitted_score" in selection for selection in selections.values()):
-        scores = {name: selection["cross_fitted_score"] for name, selection in selections.items()}
-    else:
-        scores = {name: min(selection["validation_scores"]) for name, selection in selections.items()}
-    return min(scores, key=scores.get), scores
+    rule = CROSS_FITTED if all("cross_fitted_score" in found for found in selections.values()) else GRID_MINIMUM
+    scores = {name: found["cross_fitted_score"] if rule == CROSS_FITTED else min(found["validation_scores"])
+              for name, found in selections.items()}
+    return min(scores, key=scores.get), scores, rule
 
 
 def paired_cell(results, pooled=None):
@@ -414,21 +416,28 @@ def beyond_biases(config, reports, predictions, validation, store):
     models, lines = config.models, []
     if predictions is not None:
         chosen = [best_no_network(reports, index) for index in range(len(config.seeds))]
-        store["best_no_network"] = [{"seed": seed.label, "baseline": name, "scores": scores}
-                                    for seed, (name, scores) in zip(config.seeds, chosen)]
+        store["best_no_network"] = [{"seed": seed.label, "baseline": name, "scores": scores, "by": rule}
+                                    for seed, (name, scores, rule) in zip(config.seeds, chosen)]
         select_by = reports[(None, FOLD_IN)][0]["selection"]["select_by"]
+        rule_text = {
+            CROSS_FITTED: f"cross-fitted validation {select_by} (the validation users in 10 folds, or one each "
+                          "when fewer, each predicted at the setting chosen on the rest)",
+            GRID_MINIMUM: f"validation {select_by} at each grid's minimum (reports from before the cross-fitted "
+                          "score)"}
+        rules = list(dict.fromkeys(rule for _, _, rule in chosen))
+        per_seed = [f"{seed.label}: {METHOD_NAMES[name]} ({', '.join(f'{v:.4f}' for v in scores.values())})"
+                    + (f" ({rule})" if len(rules) > 1 else "")
+                    for seed, (name, scores, rule) in zip(config.seeds, chosen)]
         lines += ["", "## What the network adds beyond the biases", "",
                   f"Best no-network baseline: the better of {' and '.join(METHOD_NAMES[n] for n in NO_NETWORK)} "
-                  f"by cross-fitted validation {select_by} (each of 10 folds of the validation users predicted at the "
-                  f"setting chosen on the rest), per seed (the scores: "
-                  f"{', '.join(METHOD_NAMES[n] for n in NO_NETWORK)}): " + "; ".join(
-                      f"{seed.label}: {METHOD_NAMES[name]} ({', '.join(f'{v:.4f}' for v in scores.values())})"
-                      for seed, (name, scores) in zip(config.seeds, chosen)) + ". Meta-learner − that baseline, "
+                  f"by {' or '.join(rule_text[rule] for rule in rules)}, per seed (the scores: "
+                  f"{', '.join(METHOD_NAMES[n] for n in NO_NETWORK)}): " + "; ".join(per_seed)
+                  + ". Meta-learner − that baseline, "
                   f"− {METHOD_NAMES[FOLD_IN]} and − {METHOD_NAMES[RECALIBRATED]} in every seed, on the same test "
                   "users (negative: the network's error is lower), intervals as above.", "",
                   "| Difference | " + " | ".join(f"{display(m)} RMSE | {display(m)} mean per-rating RMSE"
                                                 for m in models) + " |", "|---|" + "---:|---:|" * len(models)]
-        against = [("best no-network", "best_no_network", [name for name, _ in chosen]),
+        against = [("best no-network", "best_no_network", [name for name, _, _ in chosen]),
                    (METHOD_NAMES[FOLD_IN], FOLD_IN, [FOLD_IN] * len(chosen)),
                    (METHOD_NAMES[RECALIBRATED], RECALIBRATED, [RECALIBRATED] * len(chosen))]
         for label, key_name, compared_with in against:

@@ -180,7 +180,7 @@ def test_the_cross_fitted_score_predicts_each_fold_at_the_grid_point_best_on_the
     for name in ("user-item-bias", "mf-fold-in"):
         selection = reports[name]["selection"]
         points = [tuple(point) for point in selection["grid"]]
-        folds = np.arange(len(val)) % 10  # 12 validation users: folds of 2, 2, 1, ..., 1
+        folds = np.arange(len(val)) % 10  # (10 validation users here: one each; below, more users a fold)
         assembled = torch.zeros(val.query_mask.shape, dtype=torch.float64)
         for fold in range(10):
             rest = val.select(torch.from_numpy(folds != fold))
@@ -191,6 +191,43 @@ def test_the_cross_fitted_score_predicts_each_fold_at_the_grid_point_best_on_the
             assembled[folds == fold] = predicted[folds == fold]
         by_hand = metrics.task_report(assembled, val, data.max_rating)["rmse"]
         assert selection["cross_fitted_score"] == pytest.approx(by_hand, abs=1e-12)
+
+
+@pytest.mark.parametrize("select_by", ["rmse", "mean_per_rating_rmse"])
+def test_the_cross_fitted_score_on_planted_predictions_equals_a_plain_loop(select_by):
+    # 23 users, one target each, in 10 folds by position (3, 3, 3, 2, ..., 2); five grid points: the first
+    # diverged (nan), the last a copy of the third (an equal score: the earlier point wins)
+    assert baselines.cross_fit_folds(23).tolist() == [i % 10 for i in range(23)]
+    assert baselines.cross_fit_folds(3).tolist() == [0, 1, 2]
+    rng = np.random.default_rng(10)  # (a draw on which the folds choose three different points)
+    target = torch.from_numpy(rng.integers(1, 6, 23).astype(np.float64))
+    grid = [torch.full((23,), math.nan)] + [target + torch.from_numpy(rng.normal(0, s, 23)) for s in (0.6, 0.6, 0.6)]
+    grid.append(grid[2].clone())
+    tasks = SimpleNamespace(query_ratings=target[:, None, None], query_mask=torch.ones(23, 1, dtype=torch.bool))
+    fold_of_user = baselines.cross_fit_folds(23)
+    fold_sums = {point: metrics.error_sums(grid[point][:, None], target[:, None], tasks.query_mask, 5.0,
+                                           fold_of_user[:, None], 10) for point in range(5)}
+    asked = []
+
+    def predict_at(point):
+        asked.append(point)
+        return grid[point][:, None]
+
+    def score(predicted, users):  # the metric in plain numpy
+        error, rating = (predicted - target).numpy()[users], target.numpy()[users]
+        if select_by == "rmse":
+            return math.sqrt(np.mean(error ** 2))
+        return np.mean([math.sqrt(np.mean(error[rating == r] ** 2)) for r in np.unique(rating)])
+
+    folds = np.arange(23) % 10
+    assembled = torch.zeros(23, dtype=torch.float64)
+    for fold in range(10):
+        scores = [score(grid[point], folds != fold) for point in range(5)]
+        best = min(range(5), key=lambda point: scores[point] if math.isfinite(scores[point]) else math.inf)
+        assembled[folds == fold] = grid[best][folds == fold]
+    found = baselines.cross_fitted_score(fold_sums, fold_of_user, predict_at, tasks, 5.0, select_by)
+    assert found == pytest.approx(score(assembled, np.ones(23, bool)), abs=1e-12)
+    assert 2 in asked and 0 not in asked and 4 not in asked and len(set(asked)) >= 2  # folds chose apart
 
 
 def test_mf_fold_in_equals_a_rank_one_case_on_paper():

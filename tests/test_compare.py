@@ -322,6 +322,7 @@ def test_seeds_give_mean_and_standard_deviation(ratings_file, tmp_path, monkeypa
     # beyond the biases: MELO (0.8, 0.6) − the baseline better on validation (1.2, 1.0), whichever it is
     beyond = summary["beyond_biases"]
     assert [row["baseline"] for row in beyond["best_no_network"]] == ["user-item-bias", "mf-fold-in"]
+    assert [row["by"] for row in beyond["best_no_network"]] == [tables.CROSS_FITTED] * 2
     assert "7: User + item bias (0.9500, 0.9700); 8: MF fold-in (0.9700, 0.9500)" in text
     gap = -0.4 * scale
     assert beyond["paired"]["sasrec"]["melo_minus_best_no_network"]["rmse"]["per_seed"] == pytest.approx([gap] * 2)
@@ -580,6 +581,8 @@ def test_reports_from_before_the_cross_fitted_score_compare_the_grids_minima():
         selection = {"validation_scores": grid, **({} if crossed is None else {"cross_fitted_score": crossed})}
         return [{"selection": selection}]
     reports = {(None, "user-item-bias"): report([0.95, 0.93], 0.94), (None, "mf-fold-in"): report([0.96, 0.91], 0.97)}
-    assert tables.best_no_network(reports, 0) == ("user-item-bias", {"user-item-bias": 0.94, "mf-fold-in": 0.97})
+    assert tables.best_no_network(reports, 0) == ("user-item-bias", {"user-item-bias": 0.94, "mf-fold-in": 0.97},
+                                                  tables.CROSS_FITTED)
     reports[(None, "user-item-bias")] = report([0.95, 0.93])  # one without it: the minima, for both alike
-    assert tables.best_no_network(reports, 0) == ("mf-fold-in", {"user-item-bias": 0.93, "mf-fold-in": 0.91})
+    assert tables.best_no_network(reports, 0) == ("mf-fold-in", {"user-item-bias": 0.93, "mf-fold-in": 0.91},
+                                                  tables.GRID_MINIMUM)
