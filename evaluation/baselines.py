@@ -347,15 +347,17 @@ def cross_fitted_score(fold_sums, fold_of_user, predict_at, val_tasks, max_ratin
     points = list(fold_sums)
     sums = torch.stack([fold_sums[point] for point in points])  # [points, folds, buckets, fields]
     folds = sums.shape[1]
-    assembled = None
+    chosen = []
     for fold in range(folds):
         others = [other for other in range(folds) if other != fold] or [fold]
         scores = metrics.scores_from_sums(sums[:, others].sum(1), select_by)
         scores = torch.where(scores.isfinite(), scores, math.inf)  # diverged (nan, inf): never the choice
-        predicted = predict_at(points[int(torch.argmin(scores))])  # argmin: the first of equal minima
-        assembled = predicted.clone() if assembled is None else assembled
+        chosen.append(points[int(torch.argmin(scores))])  # argmin: the first of equal minima
+    predictions = {point: predict_at(point) for point in dict.fromkeys(chosen)}  # each chosen point once
+    assembled = predictions[chosen[0]].clone()
+    for fold, point in enumerate(chosen):
         users = fold_of_user == fold
-        assembled[users] = predicted[users]
+        assembled[users] = predictions[point][users]
     return metrics.task_report(assembled, val_tasks, max_rating)[select_by]
 
 

@@ -65,19 +65,19 @@ def error_sums(predicted_stars, target_stars, mask, max_rating, groups=None, num
     target = target_stars[mask].double()
     values = torch.stack([torch.ones_like(target), (predicted - target) ** 2,
                           (predicted - target).abs(), predicted], dim=1)
-    if groups is None:
-        return bucket_sums(target, values, max_rating)
-    buckets = num_half_star_buckets(max_rating)
-    keys = groups[mask] * buckets + half_star_buckets(target).clamp(0, buckets - 1)
-    sums = torch.zeros(num_groups * buckets, len(SUM_FIELDS), dtype=torch.float64, device=values.device)
-    return sums.index_add_(0, keys, values).view(num_groups, buckets, len(SUM_FIELDS)).cpu()
+    return bucket_sums(target, values, max_rating, None if groups is None else groups[mask], num_groups)
 
 
-def bucket_sums(target, values, max_rating):
-    """Rows of `values` [N, 4] added up by the half-star bucket of `target` [N]."""
-    buckets = half_star_buckets(target).clamp(0, num_half_star_buckets(max_rating) - 1)
-    sums = torch.zeros(num_half_star_buckets(max_rating), len(SUM_FIELDS), dtype=torch.float64, device=values.device)
-    return sums.index_add_(0, buckets, values).cpu()
+def bucket_sums(target, values, max_rating, groups=None, num_groups=None):
+    """Rows of `values` [N, 4] added up by the half-star bucket of `target` [N]: [buckets, 4]; with `groups`
+    [N] (each row's group in 0..num_groups - 1), by group and bucket: [num_groups, buckets, 4]."""
+    count = num_half_star_buckets(max_rating)
+    keys = half_star_buckets(target).clamp(0, count - 1)
+    if groups is not None:
+        keys = groups * count + keys
+    sums = torch.zeros((num_groups or 1) * count, len(SUM_FIELDS), dtype=torch.float64, device=values.device)
+    sums = sums.index_add_(0, keys, values).cpu()
+    return sums if groups is None else sums.view(num_groups, count, len(SUM_FIELDS))
 
 
 def scores_from_sums(sums, select_by):
