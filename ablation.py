@@ -319,9 +319,10 @@ def baseline_run(known, shared, seed, name, folder, fingerprints):
 
 
 def baseline_settings(args):
-    """The options a baseline's numbers depend on: the data, the split and tasks, and --select_by (not
-    the training flags, so an ablation of other variants or lengths reuses it)."""
-    names = (*study.DATA_OPTIONS, *(field.name for field in dataclasses.fields(TaskConfig)), "select_by")
+    """The options a baseline's numbers depend on: the data, the split and tasks, --select_by and
+    --grid_choice (not the training flags, so an ablation of other variants or lengths reuses it)."""
+    names = (*study.DATA_OPTIONS, *(field.name for field in dataclasses.fields(TaskConfig)), "select_by",
+             "grid_choice")
     return {name: getattr(args, name) for name in sorted(set(names)) if name not in study.NOT_SETTINGS}
 
 

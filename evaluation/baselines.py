@@ -266,8 +266,10 @@ BASELINES = {
                                (tuning.Axis("item_reg", ITEM_REG_GRID), tuning.Axis("user_reg", USER_REG_GRID),
                                 DECAY_AXIS)),
     "mf-fold-in": Baseline("MF fold-in", predict_mf_fold_in,
-                           (tuning.Axis("rank", RANK_GRID, integer=True, floor=1), tuning.Axis("reg", MF_REG_GRID),
-                            tuning.Axis("user_reg", FOLD_IN_REG_GRID),
+                           # simpler: a lower rank, a stronger ALS λ, a stronger λ_u (nearer the bias fold-in)
+                           (tuning.Axis("rank", RANK_GRID, integer=True, floor=1, simpler="smaller"),
+                            tuning.Axis("reg", MF_REG_GRID, simpler="larger"),
+                            tuning.Axis("user_reg", FOLD_IN_REG_GRID, simpler="larger"),
                             tuning.Axis("user_bias_reg", FOLD_IN_BIAS_REG_GRID), DECAY_AXIS)),
 }
 BASELINES["mf-fold-in-recalibrated"] = dataclasses.replace(BASELINES["mf-fold-in"], label="MF fold-in, recalibrated",
@@ -289,10 +291,13 @@ def sets_of(tasks):
                         tasks.support_age.numpy())
 
 
-def choose(name, val_tasks, fitted, max_rating, select_by, searched_axes=None):
-    """The grid value of `name` with the lowest validation `select_by` (the grid extended where the choice
-    sits on its edge, tuning.search), and the record of the search, with its `cross_fitted_score`;
-    `searched_axes`: other axes than the baseline's own."""
+def choose(name, val_tasks, fitted, max_rating, select_by, grid_choice, searched_axes=None):
+    """The grid value of `name` chosen on the validation users by `select_by`, and the record of the
+    search, with its `cross_fitted_score`. The grid is extended where its minimum sits on its edge
+    (tuning.search); `grid_choice` "one-se": where the axes say what is simpler (the MF fold-in), the choice
+    is the simplest point within one standard error of the minimum (tuning.simplest_within_one_se, over
+    the cross-fitting folds), else and with "minimum" the minimum. `searched_axes`: other axes than the
+    baseline's own."""
     found = axes(name) if searched_axes is None else searched_axes
     if not found:
         return None, None
@@ -316,13 +321,30 @@ def choose(name, val_tasks, fitted, max_rating, select_by, searched_axes=None):
             scores.append(metrics.task_report(predicted, val_tasks, max_rating)[select_by])
         return scores
 
-    best, searched = tuning.search(found, score)
+    minimum, searched = tuning.search(found, score)
+    one_se_axes = found if grid_choice == "one-se" and any(axis.simpler for axis in found) else None
+    best = minimum
+    if one_se_axes is not None:
+        points = list(fold_sums)
+        best = points[chosen_index(points, torch.stack([fold_sums[point] for point in points]), select_by,
+                                   one_se_axes)]
     grid = [point[0] if len(point) == 1 else list(point) for point in searched["points"]]
-    return value_of(best), {"select_by": select_by, "grid": grid, "validation_scores": searched["scores"],
-                            "axes": searched["axes"], "extensions": searched["extensions"],
-                            "at_edge": searched["at_edge"],
+    return value_of(best), {"select_by": select_by, "grid_choice": "minimum" if one_se_axes is None else "one-se",
+                            "grid_minimum": value_of(minimum), "grid": grid,
+                            "validation_scores": searched["scores"], "axes": searched["axes"],
+                            "extensions": searched["extensions"], "at_edge": searched["at_edge"],
                             "cross_fitted_score": cross_fitted_score(fold_sums, fold_of_user, predict_at, val_tasks,
-                                                                     max_rating, select_by)}
+                                                                     max_rating, select_by, one_se_axes)}
+
+
+def chosen_index(points, sums, select_by, one_se_axes=None):
+    """Index of the grid point chosen from its error sums per fold [points, folds, buckets, fields]: the
+    minimum of the pooled `select_by` (the first of equal minima; a diverged point, nan or inf, never), or
+    with `one_se_axes` (the searched axes) the simplest within one standard error of it."""
+    scores = metrics.scores_from_sums(sums.sum(1), select_by)
+    if one_se_axes is None:
+        return int(torch.argmin(torch.where(scores.isfinite(), scores, math.inf)))
+    return tuning.simplest_within_one_se(one_se_axes, points, metrics.scores_from_sums(sums, select_by), scores)
 
 
 CROSS_FIT_FOLDS = 10
@@ -334,13 +356,14 @@ def cross_fit_folds(num_users, folds=CROSS_FIT_FOLDS):
     return torch.arange(num_users) % min(folds, num_users)
 
 
-def cross_fitted_score(fold_sums, fold_of_user, predict_at, val_tasks, max_rating, select_by):
+def cross_fitted_score(fold_sums, fold_of_user, predict_at, val_tasks, max_rating, select_by, one_se_axes=None):
     """The validation `select_by` of a grid search with each fold's users predicted at the grid point that
-    scores best on the other folds' users (K-fold cross-fitting; one fold: the grid's minimum). A grid's
-    minimum is optimistic by how many points it holds and how few users choose among them: on ~100
-    validation users the MF fold-in's ~2,000 points beat the user + item bias fold-in's ~150 by 0.02-0.03
-    there and lost to it on the test users. So baselines with grids of different sizes are compared by this
-    score (`bias_start`, compare.py's best no-network baseline), never by their minima.
+    the search's rule (`chosen_index`: the minimum, or with `one_se_axes` the one-standard-error rule)
+    chooses on the other folds' users (K-fold cross-fitting; one fold: the choice on it). A grid's minimum
+    is optimistic by how many points it holds and how few users choose among them: on ~100 validation users
+    the MF fold-in's ~2,000 points beat the user + item bias fold-in's ~150 by 0.02-0.03 there and lost to
+    it on the test users. So baselines with grids of different sizes are compared by this score
+    (`bias_start`, compare.py's best no-network baseline), never by their minima.
     `fold_sums`: {point: error sums per fold [folds, buckets, fields]}, in the order scored (the first of
     equal scores wins, as in tuning.search, and where none is finite the first point);
     `predict_at(point)`: the validation predictions there."""
@@ -350,9 +373,7 @@ def cross_fitted_score(fold_sums, fold_of_user, predict_at, val_tasks, max_ratin
     chosen = []
     for fold in range(folds):
         others = [other for other in range(folds) if other != fold] or [fold]
-        scores = metrics.scores_from_sums(sums[:, others].sum(1), select_by)
-        scores = torch.where(scores.isfinite(), scores, math.inf)  # diverged (nan, inf): never the choice
-        chosen.append(points[int(torch.argmin(scores))])  # argmin: the first of equal minima
+        chosen.append(points[chosen_index(points, sums[:, others], select_by, one_se_axes)])
     predictions = {point: predict_at(point) for point in dict.fromkeys(chosen)}  # each chosen point once
     assembled = predictions[chosen[0]].clone()
     for fold, point in enumerate(chosen):
@@ -365,10 +386,10 @@ def factor_axes(max_rank):
     """The MF fold-in's grid with its ranks capped at `max_rank` (the head's --user_factors)."""
     rank, *others = axes("mf-fold-in")
     ranks = tuple(r for r in rank.values if r <= max_rank) or (max_rank,)
-    return [tuning.Axis(rank.name, ranks, rank.integer, rank.floor, max_rank), *others]
+    return [dataclasses.replace(rank, values=ranks, ceiling=max_rank), *others]
 
 
-START_CACHE_VERSION = 3  # 3: the two fold-ins compared by cross-fitted scores
+START_CACHE_VERSION = 4  # 3: the two fold-ins compared by cross-fitted scores; 4: --grid_choice
 
 
 @dataclass(frozen=True)
@@ -391,7 +412,8 @@ def bias_start_cache_path(data, dataset, args):
     change of any of them computes it anew."""
     key = json.dumps({"fingerprint": data.fingerprint(), "tasks": dataclasses.asdict(dataset.config),
                       "flags": {name: getattr(args, name) for name in ("rating_head", "user_factors", "bias_start",
-                                                                       "user_bias_start", "select_by")},
+                                                                       "user_bias_start", "select_by",
+                                                                       "grid_choice")},
                       "grids": [axes("user-item-bias"), axes("mf-fold-in"), ALS_SWEEPS, tuning.MAX_EXTENSIONS],
                       "version": START_CACHE_VERSION}, sort_keys=True, default=str)
     return os.path.join(args.data_dir, "cache", f"bias-start-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
@@ -445,7 +467,7 @@ def bias_start(data, dataset, args):
     if args.bias_start == "fold-in" or args.user_bias_start == "fold-in":
         val_tasks = dataset.val_tasks()
         (item_reg, user_reg, decay), searched = choose("user-item-bias", val_tasks, fitted, data.max_rating,
-                                                       args.select_by)
+                                                       args.select_by, args.grid_choice)
         if args.bias_start == "fold-in":
             start["item_biases"] = item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg,
                                                fitted.num_items) / data.max_rating
@@ -453,7 +475,8 @@ def bias_start(data, dataset, args):
             start.update(user_bias_reg=user_reg, user_decay=decay)
         if args.user_factors and args.bias_start == "fold-in":
             (rank, reg, factor_reg, bias_reg, decay), mf_searched = choose(
-                "mf-fold-in", val_tasks, fitted, data.max_rating, args.select_by, factor_axes(args.user_factors))
+                "mf-fold-in", val_tasks, fitted, data.max_rating, args.select_by, args.grid_choice,
+                factor_axes(args.user_factors))
             # by cross-fitted scores: the minimum of the far larger MF grid is the more optimistic
             if mf_searched["cross_fitted_score"] < searched["cross_fitted_score"]:
                 biases, factors = fitted.factorisation(rank, reg)
@@ -501,7 +524,7 @@ def test(args, data, dataset, name, publish=True):
     the report and the per-target CSV (rank 0's job: publish=False elsewhere). Returns the report."""
     fitted = Fitted(data, dataset.train_users, args.random_seed)
     val_tasks = dataset.val_tasks()
-    value, selection = choose(name, val_tasks, fitted, data.max_rating, args.select_by)
+    value, selection = choose(name, val_tasks, fitted, data.max_rating, args.select_by, args.grid_choice)
     tasks = dataset.test_tasks()
     predicted = predict(name, tasks, sets_of(tasks), fitted, value)
     val_predicted = predict(name, val_tasks, sets_of(val_tasks), fitted, value)

@@ -9,10 +9,18 @@ per axis. If the choice is still on that edge when the budget is spent, the sele
 An axis counts as on its edge only when the edge value is strictly better than its inner neighbour (the
 other axes at the chosen values): on a flat axis (every lr at 0 fine-tuning steps, say) more values
 change nothing. An axis given with one value is a fixed setting, not a grid, and is never extended.
+
+A grid of many points chosen on few validation users overfits them: its minimum is optimistic, and the
+point it sits on generalises badly. Where the axes say which direction is the simpler model (`simpler`),
+`simplest_within_one_se` takes the simplest point whose score is within one standard error of the
+minimum's, the standard error over the validation users' folds (the one-standard-error rule, Hastie,
+Tibshirani and Friedman, The Elements of Statistical Learning, 7.10).
 """
 import itertools
 import math
 from dataclasses import dataclass
+
+import torch
 
 MAX_EXTENSIONS = 3
 
@@ -24,6 +32,7 @@ class Axis:
     integer: bool = False
     floor: float = 0        # the natural bound below: never extended past it
     ceiling: float = math.inf  # the bound above: never extended past it
+    simpler: str = ""       # "smaller" or "larger": the direction of the simpler model ("": neither)
 
     def up(self, value):
         """The next larger value, or None past the ceiling."""
@@ -84,3 +93,27 @@ def on_edges(axes, values, scored, best):
             if scored[best] < scored[neighbour]:
                 edges[axis.name] = side
     return edges
+
+
+def simplest_within_one_se(axes, points, fold_scores, scores):
+    """Index of the simplest of `points` whose score is within one standard error of the minimum's: the
+    standard error of the per-fold differences to the minimum point (`fold_scores` [points, folds], each
+    fold's score of each point; `scores` [points], the pooled score). Simplest: by the axes that declare
+    `simpler`, in axis order (the first decides, later ones break its ties), then the lower score, then the
+    earlier point. A diverged point (nan, inf) is never chosen; with one fold, the minimum."""
+    scores = torch.where(scores.isfinite(), scores, math.inf)
+    best = int(torch.argmin(scores))  # the first of equal minima
+    folds = fold_scores.shape[1]
+    if folds < 2 or not math.isfinite(scores[best]):
+        return best
+    differences = fold_scores - fold_scores[best]
+    standard_error = differences.std(dim=1) / math.sqrt(folds)
+    within = (scores - scores[best] <= standard_error) & scores.isfinite()
+    within[best] = True
+
+    def simplicity(point):
+        return tuple(value if axis.simpler == "larger" else -value
+                     for axis, value in zip(axes, point) if axis.simpler)
+
+    return max((index for index in range(len(points)) if within[index]),
+               key=lambda index: (simplicity(points[index]), -float(scores[index]), -index))

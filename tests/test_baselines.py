@@ -173,23 +173,57 @@ def test_error_sums_per_group_and_the_scores_from_sums_equal_the_reports():
         metrics.scores_from_sums(grouped, "mae")
 
 
-def test_the_cross_fitted_score_predicts_each_fold_at_the_grid_point_best_on_the_other_folds(run_all):
+def one_se_by_hand(points, squared, counts, users):
+    """The one-standard-error rule in plain Python over `users` (a boolean mask) in 10 folds by position
+    within them: the pooled RMSE's minimum, the standard error of each point's per-fold RMSE differences to
+    it, and among the points within one of it the simplest (lowest rank, then largest ALS λ, then largest
+    λ_u), then the lower score, then the earlier point. `squared` [points, users]: summed squared errors."""
+    members = np.flatnonzero(users)
+    folds = [members[np.arange(len(members)) % 10 == fold] for fold in range(min(10, len(members)))]
+    pooled = [math.sqrt(squared[p, members].sum() / counts[members].sum()) for p in range(len(points))]
+    per_fold = [[math.sqrt(squared[p, fold].sum() / counts[fold].sum()) for fold in folds]
+                for p in range(len(points))]
+    best = min(range(len(points)), key=lambda p: pooled[p])
+
+    def standard_error(p):
+        differences = [a - b for a, b in zip(per_fold[p], per_fold[best])]
+        mean = sum(differences) / len(differences)
+        return math.sqrt(sum((d - mean) ** 2 for d in differences) / (len(differences) - 1) / len(differences))
+
+    within = [p for p in range(len(points)) if pooled[p] - pooled[best] <= standard_error(p)]
+    return max(within, key=lambda p: (-points[p][0], points[p][1], points[p][2], -pooled[p], -p))
+
+
+def test_the_cross_fitted_score_predicts_each_fold_at_the_grid_point_chosen_on_the_other_folds(run_all):
+    # the user + item bias fold-in chooses the grid's minimum, the MF fold-in by the one-standard-error rule
+    # (--grid_choice=one-se, the default): its choice and each fold's, by hand
     args, data, dataset, reports = run_all
     fitted = baselines.Fitted(data, dataset.train_users, args.random_seed)
     val = dataset.val_tasks()
-    for name in ("user-item-bias", "mf-fold-in"):
+    target, mask = val.query_ratings[:, :, -1].double().numpy(), val.query_mask.numpy()
+    folds = np.arange(len(val)) % 10  # (12 validation users: two in folds 0 and 1, one in the others)
+    for name, rule in (("user-item-bias", "minimum"), ("mf-fold-in", "one-se")):
         selection = reports[name]["selection"]
+        assert selection["grid_choice"] == rule
         points = [tuple(point) for point in selection["grid"]]
-        folds = np.arange(len(val)) % 10  # (10 validation users here: one each; below, more users a fold)
-        assembled = torch.zeros(val.query_mask.shape, dtype=torch.float64)
+        predicted = [baselines.predict(name, val, baselines.sets_of(val), fitted, point).double().numpy()
+                     for point in points]
+        squared = np.stack([(((p - target) ** 2) * mask).sum(1) for p in predicted])  # [points, users]
+        counts = mask.sum(1)
+
+        def choice(users):
+            if rule == "minimum":
+                return int(np.argmin(squared[:, users].sum(1)))
+            return one_se_by_hand(points, squared, counts, users)
+
+        chosen = points[choice(np.ones(len(val), bool))]
+        assert [reports[name][axis] for axis in selection["axes"]] == pytest.approx(list(chosen))
+        if rule == "one-se":
+            assert tuple(selection["grid_minimum"]) == points[int(np.argmin(squared.sum(1)))]
+        assembled = np.zeros_like(target)
         for fold in range(10):
-            rest = val.select(torch.from_numpy(folds != fold))
-            scores = [metrics.task_report(baselines.predict(name, rest, baselines.sets_of(rest), fitted, point),
-                                          rest, data.max_rating)["rmse"] for point in points]
-            best = points[int(np.argmin(scores))]
-            predicted = baselines.predict(name, val, baselines.sets_of(val), fitted, best).double()
-            assembled[folds == fold] = predicted[folds == fold]
-        by_hand = metrics.task_report(assembled, val, data.max_rating)["rmse"]
+            assembled[folds == fold] = predicted[choice(folds != fold)][folds == fold]
+        by_hand = metrics.task_report(torch.from_numpy(assembled), val, data.max_rating)["rmse"]
         assert selection["cross_fitted_score"] == pytest.approx(by_hand, abs=1e-12)
 
 
@@ -287,11 +321,11 @@ def test_mf_fold_in_report_equals_its_functions(run_all):
                                     report["user_bias_reg"], sets.decay_weights(report["decay"]))
     frame = pd.read_csv(metrics.predictions_path(baselines.report_path(args, "mf-fold-in")))
     assert np.sort(frame["prediction"].to_numpy()) == pytest.approx(np.sort(expected[tasks.query_mask.numpy()]))
-    assert min(report["selection"]["validation_scores"]) == pytest.approx(metrics.task_report(
-        baselines.predict("mf-fold-in", dataset.val_tasks(), baselines.sets_of(dataset.val_tasks()), fitted,
-                          (report["rank"], report["reg"], report["user_reg"], report["user_bias_reg"], report["decay"])),
-        dataset.val_tasks(),
-        data.max_rating)["rmse"])
+    chosen = [report["rank"], report["reg"], report["user_reg"], report["user_bias_reg"], report["decay"]]
+    selection = report["selection"]  # the one-standard-error choice: its own validation score, not the minimum
+    assert selection["validation_scores"][selection["grid"].index(chosen)] == pytest.approx(metrics.task_report(
+        baselines.predict("mf-fold-in", dataset.val_tasks(), baselines.sets_of(dataset.val_tasks()), fitted, chosen),
+        dataset.val_tasks(), data.max_rating)["rmse"])
 
 
 def test_the_recalibrated_mf_fold_in_is_its_least_squares_line_on_the_validation_users(run_all):

@@ -2,6 +2,8 @@
 stays on an edge is recorded."""
 import math
 
+import torch
+
 from evaluation import tuning
 
 
@@ -65,3 +67,27 @@ def test_a_diverged_setting_is_never_chosen_and_its_record_does_not_fail_the_rep
     assert json.loads((tmp_path / "r.json").read_text())["finetune_selection"]["validation_scores"][1] is None
     with pytest.raises(MeloError, match="non-finite"):
         metrics.publish({**plain, "rmse": math.nan}, "t", str(tmp_path / "s.json"))
+
+
+def test_the_one_standard_error_rule_takes_the_simplest_point_within_one_standard_error():
+    axes = [tuning.Axis("rank", (1, 2, 8), integer=True, simpler="smaller"),
+            tuning.Axis("reg", (0.5, 1.0, 5.0), simpler="larger"), tuning.Axis("decay", (0.9, 1.0))]
+    points = [(8, 1.0, 1.0), (2, 1.0, 1.0), (1, 1.0, 1.0), (1, 5.0, 1.0), (2, 1.0, 0.9), (2, 0.5, 1.0), (2, 1.0, 0.9)]
+    fold_scores = torch.tensor([
+        [1.00, 1.00, 1.00, 1.00],  # the minimum (pooled 1.0)
+        [1.10, 0.90, 1.10, 0.90],  # +0.05; differences ±0.1: standard error sqrt(0.04 / 3) / 2 = 0.058, within
+        [1.20, 1.20, 1.20, 1.20],  # the simplest, but +0.2 with a standard error of 0: outside
+        [math.nan] * 4,            # diverged: never chosen
+        [1.04, 0.96, 1.04, 0.96],  # as simple as the second (decay declares nothing), +0.02 <= 0.023: wins
+        [1.00, 1.00, 1.00, 1.00],  # ties the minimum, but a weaker reg at the same rank: less simple
+        [1.04, 0.96, 1.04, 0.96],  # a copy of the winner, later: the earlier wins
+    ], dtype=torch.float64)
+    pooled = torch.tensor([1.0, 1.05, 1.2, math.nan, 1.02, 1.0, 1.02], dtype=torch.float64)
+    assert tuning.simplest_within_one_se(axes, points, fold_scores, pooled) == 4
+    # the second at +0.06, just beyond its standard error of 0.058: out, the minimum stays
+    assert tuning.simplest_within_one_se(axes, points[:3], fold_scores[:3], torch.tensor([1.0, 1.06, 1.2])) == 0
+    # one fold: no standard error, the minimum (the first of equal minima)
+    assert tuning.simplest_within_one_se(axes, points, fold_scores[:, :1], pooled) == 0
+    # no axis says what is simpler: the lower score, then the earlier point (the minimum)
+    plain = [tuning.Axis(axis.name, axis.values) for axis in axes]
+    assert tuning.simplest_within_one_se(plain, points, fold_scores, pooled) == 0

@@ -31,7 +31,7 @@ META_SHAPE_OPTIONS = (
 # early_log_until 0 in effect, is not reused).
 PREDATED = {"rating_head": "plain", "user_factors": 0, "weighted_start": False, "weight_recency": False,
             "bias_outer_lr": None,
-            "train_query_targets": 1, "early_log_until": 0, "train_windows": "random"}
+            "train_query_targets": 1, "early_log_until": 0, "train_windows": "random", "grid_choice": "minimum"}
 
 
 def comparable(options):
@@ -72,7 +72,7 @@ META_TRAINING_OPTIONS = (
     "task_info_lr", "loss_lr", "loss_weight_decay", "outer_weight_decay", "grad_clip", "use_multi_step",
     "multi_step_loss_num_epochs", "first_order_iterations", "bias_outer_lr", "num_samples", "num_query_set",
     "train_query_targets", "train_windows", "bias_start",
-    "use_random_sequence_length", "val_size", "query_loss",
+    "use_random_sequence_length", "val_size", "query_loss", "grid_choice",
 )
 
 
