@@ -217,7 +217,7 @@ def test_the_cross_fitted_score_predicts_each_fold_at_the_grid_point_chosen_on_t
             return one_se_by_hand(points, squared, counts, users)
 
         chosen = points[choice(np.ones(len(val), bool))]
-        assert [reports[name][axis] for axis in selection["axes"]] == pytest.approx(list(chosen))
+        assert [reports[name][axis.name] for axis in baselines.axes(name)] == pytest.approx(list(chosen))
         if rule == "one-se":
             assert tuple(selection["grid_minimum"]) == points[int(np.argmin(squared.sum(1)))]
         assembled = np.zeros_like(target)
