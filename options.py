@@ -253,12 +253,13 @@ def build_parser():
     add("--select_by", default="rmse", choices=("rmse", "mean_per_rating_rmse"),
         help="validation metric that picks the best weights (main.py, train_original.py) and the "
              "baselines' and fine-tuning's settings")
-    add("--grid_choice", default="one-se", choices=("one-se", "minimum"),
+    add("--grid_choice", default="auto", choices=("auto", "one-se", "minimum"),
         help="how the MF fold-in's setting (rank, ALS lambda, lambda_u, lambda_b, decay) is chosen on the "
-             "validation users, for its report and for the bias head's start: one-se = the simplest point "
-             "(lowest rank, then strongest regularisation) whose score is within one standard error (over 10 "
-             "folds of the validation users) of the grid's minimum; minimum = the grid's minimum, which "
-             "overfits a few hundred validation users (docs/comparison.md); other baselines: the minimum")
+             "validation users, for its report and for the bias head's start: minimum = the grid's minimum, "
+             "which overfits a few hundred validation users; one-se = the simplest point (lowest rank, then "
+             "strongest regularisation) within one standard error (over 10 folds of the validation users) of "
+             "the minimum, which can oversimplify; auto = of the two, the one with the lower cross-fitted "
+             "score (docs/comparison.md). Other baselines: the minimum")
     add("--checkpoint_step", type=int, default=-1,
         help="step to resume from (training) or to evaluate (--test); -1 = none")
     add("--checkpoint_dir", default="./checkpoints", help="where main.py keeps its checkpoints")

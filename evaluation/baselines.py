@@ -294,10 +294,11 @@ def sets_of(tasks):
 def choose(name, val_tasks, fitted, max_rating, select_by, grid_choice, searched_axes=None):
     """The grid value of `name` chosen on the validation users by `select_by`, and the record of the
     search, with its `cross_fitted_score`. The grid is extended where its minimum sits on its edge
-    (tuning.search); `grid_choice` "one-se": where the axes say what is simpler (the MF fold-in), the choice
-    is the simplest point within one standard error of the minimum (tuning.simplest_within_one_se, over
-    the cross-fitting folds), else and with "minimum" the minimum. `searched_axes`: other axes than the
-    baseline's own."""
+    (tuning.search). Where the axes say what is simpler (the MF fold-in), a second rule competes with the
+    minimum: the simplest point within one standard error of it (tuning.simplest_within_one_se, over the
+    cross-fitting folds). `grid_choice` "auto" takes the rule with the lower cross-fitted score (each rule
+    applied within the folds), "one-se" or "minimum" that rule; other baselines take the minimum.
+    `searched_axes`: other axes than the baseline's own."""
     found = axes(name) if searched_axes is None else searched_axes
     if not found:
         return None, None
@@ -322,19 +323,25 @@ def choose(name, val_tasks, fitted, max_rating, select_by, grid_choice, searched
         return scores
 
     minimum, searched = tuning.search(found, score)
-    one_se_axes = found if grid_choice == "one-se" and any(axis.simpler for axis in found) else None
-    best = minimum
-    if one_se_axes is not None:
+    # each rule: (its choice, its cross-fitted score); "one-se" only where the axes say what is simpler
+    rules = {"minimum": (minimum, None)}
+    if grid_choice != "minimum" and any(axis.simpler for axis in found):
         points = list(fold_sums)
-        best = points[chosen_index(points, torch.stack([fold_sums[point] for point in points]), select_by,
-                                   one_se_axes)]
+        sums = torch.stack([fold_sums[point] for point in points])
+        rules["one-se"] = (points[chosen_index(points, sums, select_by, found)], found)
+    scored = {rule: (best, cross_fitted_score(fold_sums, fold_of_user, predict_at, val_tasks, max_rating, select_by,
+                                              one_se_axes))
+              for rule, (best, one_se_axes) in rules.items()}
+    if grid_choice == "auto":  # the rule whose cross-fitted score is the lower (the minimum on a tie)
+        rule = min(scored, key=lambda candidate: scored[candidate][1])
+    else:  # "one-se" where it applies, else the minimum
+        rule = grid_choice if grid_choice in scored else "minimum"
     grid = [point[0] if len(point) == 1 else list(point) for point in searched["points"]]
-    return value_of(best), {"select_by": select_by, "grid_choice": "minimum" if one_se_axes is None else "one-se",
-                            "grid_minimum": value_of(minimum), "grid": grid,
-                            "validation_scores": searched["scores"], "axes": searched["axes"],
-                            "extensions": searched["extensions"], "at_edge": searched["at_edge"],
-                            "cross_fitted_score": cross_fitted_score(fold_sums, fold_of_user, predict_at, val_tasks,
-                                                                     max_rating, select_by, one_se_axes)}
+    return value_of(scored[rule][0]), {
+        "select_by": select_by, "grid_choice": rule, "grid_minimum": value_of(minimum), "grid": grid,
+        "validation_scores": searched["scores"], "axes": searched["axes"], "extensions": searched["extensions"],
+        "at_edge": searched["at_edge"], "cross_fitted_score": scored[rule][1],
+        "cross_fitted_scores": {candidate: score for candidate, (_, score) in scored.items()}}
 
 
 def chosen_index(points, sums, select_by, one_se_axes=None):
@@ -540,7 +547,8 @@ def test(args, data, dataset, name, publish=True):
         report["prediction"] = fitted.mean
     if selection is not None:
         if BASELINES[name].recalibrated:  # its search's cross-fitted score is the MF fold-in's, not its own
-            selection = {field: entry for field, entry in selection.items() if field != "cross_fitted_score"}
+            selection = {field: entry for field, entry in selection.items()
+                         if field not in ("cross_fitted_score", "cross_fitted_scores")}
         report["selection"] = selection
     if publish:
         chosen = ", ".join(f"{k} {v:g}" for k, v in fields.items())

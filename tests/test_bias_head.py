@@ -236,7 +236,7 @@ def test_the_bias_head_starts_at_the_fold_in_and_basic_hands_it_to_maml(ratings_
     data = load_data(args)
     dataset = MetaDataset.from_args(data, args)
     fitted = baselines.Fitted(data, dataset.train_users)
-    (item_reg, _, _), _ = baselines.choose("user-item-bias", dataset.val_tasks(), fitted, 5.0, "rmse", "one-se")
+    (item_reg, _, _), _ = baselines.choose("user-item-bias", dataset.val_tasks(), fitted, 5.0, "rmse", "auto")
     expected = baselines.item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items) / 5.0
     assert start.global_mean.item() == pytest.approx(fitted.mean / 5.0)
     torch.testing.assert_close(start.item_bias.weight[:, 0].double(), torch.from_numpy(expected), rtol=0, atol=1e-6)
@@ -268,7 +268,7 @@ def test_basic_and_fine_tuning_start_the_user_bias_at_the_fold_in(ratings_file, 
     tasks = trainer.dataset.test_tasks()
     fitted = baselines.Fitted(trainer.data, trainer.dataset.train_users)
     (item_reg, user_reg, decay), _ = baselines.choose("user-item-bias", trainer.dataset.val_tasks(), fitted, 5.0,
-                                                      "rmse", "one-se")
+                                                      "rmse", "auto")
     head = trainer.model.rating_head
     assert head.user_bias_reg == user_reg and head.user_decay == (None if decay == 1 else decay)
     biases = baselines.item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items)
@@ -398,8 +398,8 @@ def test_the_factor_start_is_the_better_fold_in_on_validation_and_a_checkpoint_k
     fitted = baselines.Fitted(data, dataset.train_users, args.random_seed)
     val_tasks = dataset.val_tasks()
     bias_value, bias_search = baselines.choose("user-item-bias", val_tasks, fitted, data.max_rating, "rmse",
-                                               "one-se")
-    value, mf_search = baselines.choose("mf-fold-in", val_tasks, fitted, data.max_rating, "rmse", "one-se",
+                                               "auto")
+    value, mf_search = baselines.choose("mf-fold-in", val_tasks, fitted, data.max_rating, "rmse", "auto",
                                         baselines.factor_axes(8))
     assert all(rank <= 8 for rank in mf_search["axes"]["rank"])
     mf_wins = mf_search["cross_fitted_score"] < bias_search["cross_fitted_score"]  # not the grids' minima
@@ -589,7 +589,8 @@ def test_a_held_out_start_is_fitted_without_the_training_targets(ratings_file, t
     assert start.mean == pytest.approx(kept.mean() / data.max_rating)
     # the item biases are those of the kept ratings, at the item regularisation chosen on validation
     fitted = baselines.Fitted(data, dataset.train_users, args.random_seed, hold_out=targets)
-    (item_reg, _, _), _ = baselines.choose("user-item-bias", dataset.val_tasks(), fitted, data.max_rating, "rmse", "one-se")
+    (item_reg, _, _), _ = baselines.choose("user-item-bias", dataset.val_tasks(), fitted, data.max_rating, "rmse",
+                                           "auto")
     np.testing.assert_allclose(start.item_biases, baselines.item_biases(
         fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items) / data.max_rating)
     latest = baselines.bias_start(data, dataset, options.parse_args(argv + ["--train_windows=latest"]))

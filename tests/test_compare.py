@@ -383,13 +383,14 @@ def test_a_folder_from_before_the_user_bias_start_is_not_reused_under_the_fold_i
 
 def test_a_folder_from_before_the_grid_choice_is_reused_only_under_the_grid_minimum(ratings_file, tmp_path):
     """settings.json written before --grid_choice: its MF fold-in (report and start) was its grid's
-    minimum, so it is refused under today's one-standard-error choice and accepted under the minimum."""
+    minimum, so it is refused under today's default (auto, which may take the one-standard-error choice)
+    and accepted under the minimum."""
     config = compare.parse(argv(ratings_file, tmp_path, "--grid_choice=minimum"))
     settings = compare.check_settings(config)
     settings.pop("grid_choice")
     compare.record_settings(config, settings)
     compare.check_settings(config)
-    with pytest.raises(errors.MeloError, match=r"other settings: grid_choice='minimum' \(now 'one-se'\)"):
+    with pytest.raises(errors.MeloError, match=r"other settings: grid_choice='minimum' \(now 'auto'\)"):
         compare.check_settings(compare.parse(argv(ratings_file, tmp_path)))
 
 
