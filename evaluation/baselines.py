@@ -26,8 +26,10 @@
   spread of its predictions has it too (on ML-1M the fold-in under-predicts a user's latest item).
 
 A choice on the validation users minimises --select_by on main.py's fixed validation tasks (the first
---val_size validation users); a grid whose choice sits on its edge is extended (tuning.py). The report
-records the grid searched, every value's validation score, the choice and any axis still `at_edge`.
+--val_size validation users), or for the MF fold-ins may be the simplest setting within one standard
+error of that minimum (--grid_choice, `choose`); a grid whose minimum sits on its edge is extended
+(tuning.py). The report records the grid searched, every value's validation score, the choice and any axis
+on whose edge it still sits (`at_edge`; for a one-standard-error choice, its simpler edge).
 Each report is `<checkpoint_dir>/<name>_<mode>.test.json`, with the per-target CSV beside it (and the
 validation users' per-target CSV, `.validation.csv`, for compare.py's blend).
 """
@@ -337,10 +339,12 @@ def choose(name, val_tasks, fitted, max_rating, select_by, grid_choice, searched
     else:  # "one-se" where it applies, else the minimum
         rule = grid_choice if grid_choice in scored else "minimum"
     grid = [point[0] if len(point) == 1 else list(point) for point in searched["points"]]
-    return value_of(scored[rule][0]), {
+    best = scored[rule][0]
+    at_edge = searched["at_edge"] if best == minimum else tuning.choice_edges(found, searched, best)
+    return value_of(best), {
         "select_by": select_by, "grid_choice": rule, "grid_minimum": value_of(minimum), "grid": grid,
         "validation_scores": searched["scores"], "axes": searched["axes"], "extensions": searched["extensions"],
-        "at_edge": searched["at_edge"], "cross_fitted_score": scored[rule][1],
+        "at_edge": at_edge, "cross_fitted_score": scored[rule][1],
         "cross_fitted_scores": {candidate: score for candidate, (_, score) in scored.items()}}
 
 

@@ -13,8 +13,10 @@ change nothing. An axis given with one value is a fixed setting, not a grid, and
 A grid of many points chosen on few validation users overfits them: its minimum is optimistic, and the
 point it sits on generalises badly. Where the axes say which direction is the simpler model (`simpler`),
 `simplest_within_one_se` takes the simplest point whose score is within one standard error of the
-minimum's, the standard error over the validation users' folds (the one-standard-error rule, Hastie,
-Tibshirani and Friedman, The Elements of Statistical Learning, 7.10).
+minimum's: a paired variant of the one-standard-error rule (Hastie, Tibshirani and Friedman, The Elements
+of Statistical Learning, 7.10, whose threshold is the standard error of the minimum's own score), each
+point's threshold the standard error of its per-fold differences to the minimum. Such a choice is not
+extended: `choice_edges` records where it sits on its grid's simpler edge.
 """
 import itertools
 import math
@@ -92,6 +94,25 @@ def on_edges(axes, values, scored, best):
             neighbour = best[:position] + (inner,) + best[position + 1:]
             if scored[best] < scored[neighbour]:
                 edges[axis.name] = side
+    return edges
+
+
+def choice_edges(axes, record, chosen):
+    """`at_edge` of a choice other than the grid's minimum (`record`: tuning.search's): an axis with
+    `simpler` where the choice is its grid's extreme in the simpler direction, with room to go further;
+    another axis as `on_edges` has it at the chosen point."""
+    edges = on_edges(axes, record["axes"], dict(zip(record["points"], record["scores"])), chosen)
+    for position, axis in enumerate(axes):
+        if not axis.simpler:
+            continue
+        edges.pop(axis.name, None)
+        ordered, value = sorted(record["axes"][axis.name]), chosen[position]
+        if len(ordered) < 2:
+            continue
+        if axis.simpler == "larger" and value == ordered[-1] and axis.up(value) is not None:
+            edges[axis.name] = "largest"
+        elif axis.simpler == "smaller" and value == ordered[0] and axis.down(value) is not None:
+            edges[axis.name] = "smallest"
     return edges
 
 

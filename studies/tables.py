@@ -188,6 +188,17 @@ def values(reports, model, method, key, per_user=False):
     return [(r.get("per_user", {}) if per_user else r).get(key) for r in reports_of(reports, model, method)]
 
 
+def edge_reason(found):
+    """Why the choices of reports `found` on their grid's edge sit there: a minimum the grid's extensions did
+    not get off its edge, or a one-standard-error choice (--grid_choice) on its simpler edge, not extended."""
+    one_se = {r.get("selection", {}).get("grid_choice") == "one-se" for r in found if at_edge(r)}
+    extended = f"still on the edge of its grid after {tuning.MAX_EXTENSIONS} extensions"
+    simpler = "a one-standard-error choice on its grid's simpler edge (not extended)"
+    if one_se == {True}:
+        return simpler
+    return extended if one_se == {False} else f"{extended}, or {simpler}"
+
+
 def metric_table(config, reports, summary, per_user):
     """RMSE and MAE of every method per backbone (per window, or per user), MELO's error reduction against
     Basic and MAML, and a note for each choice still on its grid's edge."""
@@ -209,8 +220,8 @@ def metric_table(config, reports, summary, per_user):
             if any(edges) and (method not in baselines.BASELINES or model == models[0]):
                 axes = sorted({f"{axis} ({side})" for found in edges for axis, side in found.items()})
                 where = "" if method in baselines.BASELINES else f" on {display(model)}"
-                notes.append(f"† {method_label(config, method)}{where}: still on the edge of its grid after "
-                             f"{tuning.MAX_EXTENSIONS} extensions ({', '.join(axes)}) in "
+                reason = edge_reason(reports_of(reports, model, method))
+                notes.append(f"† {method_label(config, method)}{where}: {reason} ({', '.join(axes)}) in "
                              f"{sum(map(bool, edges))} of {len(edges)} seeds.")
         lines.append("| " + " | ".join(row) + " |")
     for other in ("basic", "maml"):

@@ -167,8 +167,8 @@ def test_baselines_without_a_network_are_variants_tested_once_and_paired(ratings
         report = json.loads(open(runs[name].report).read())
         assert report["method"] == name.replace("-", "_")
         assert summary[name]["rmse"]["mean"] == pytest.approx(report["rmse"])
-        # its validation RMSE is its chosen setting's score (for the MF fold-in not the grid's minimum: the
-        # simplest setting within one standard error of it, --grid_choice=one-se)
+        # its validation RMSE is its chosen setting's score (for the MF fold-in that of the rule
+        # --grid_choice=auto took, not necessarily the grid's minimum)
         selection = report["selection"]
         chosen = [report[axis.name] for axis in baselines.axes(name)]
         chosen = chosen[0] if len(chosen) == 1 else chosen

@@ -481,8 +481,9 @@ def test_the_start_is_cached_per_data_tasks_and_flags(ratings_file, tmp_path, mo
     for name in ("mean", "item_biases", "user_bias_reg", "item_factors", "user_factor_reg", "user_decay"):
         mine, theirs = getattr(first, name), getattr(second, name)
         assert (mine is None and theirs is None) or np.array_equal(np.asarray(mine), np.asarray(theirs)), name
-    other = options.parse_args(argv + ["--user_factors=8"])
-    assert baselines.bias_start_cache_path(data, dataset, other) != path
+    for flag in ("--user_factors=8", "--grid_choice=minimum"):
+        other = options.parse_args(argv + [flag])
+        assert baselines.bias_start_cache_path(data, dataset, other) != path
     other = options.parse_args(argv + ["--val_size=9"])
     assert baselines.bias_start_cache_path(data, MetaDataset.from_args(data, other), other) != path
     for flags in (["--train_windows=held-out"], ["--train_windows=held-out", "--train_query_targets=2"]):

@@ -381,6 +381,18 @@ def test_a_folder_from_before_the_user_bias_start_is_not_reused_under_the_fold_i
         compare.check_settings(compare.parse(argv(ratings_file, tmp_path, "--start=basic")))
 
 
+def test_the_edge_note_says_whether_a_minimum_or_a_one_standard_error_choice_sits_there():
+    def report(rule, edges):
+        return {"selection": {"grid_choice": rule, "at_edge": edges}}
+
+    one_se, minimum, inside = report("one-se", {"reg": "largest"}), report("minimum", {"rank": "largest"}), \
+        report("minimum", {})
+    simpler = "a one-standard-error choice on its grid's simpler edge (not extended)"
+    assert tables.edge_reason([one_se, inside]) == simpler
+    assert tables.edge_reason([minimum, report("one-se", {})]) == "still on the edge of its grid after 3 extensions"
+    assert tables.edge_reason([one_se, minimum]) == "still on the edge of its grid after 3 extensions, or " + simpler
+
+
 def test_a_folder_from_before_the_grid_choice_is_reused_only_under_the_grid_minimum(ratings_file, tmp_path):
     """settings.json written before --grid_choice: its MF fold-in (report and start) was its grid's
     minimum, so it is refused under today's default (auto, which may take the one-standard-error choice)

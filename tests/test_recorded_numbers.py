@@ -80,6 +80,9 @@ def run_everything(folder):
     baselines = main.main(options.parse_args(flags(folder, "baselines", "--test_baseline")))
     for name, report in baselines.items():
         found[name] = numbers(report)
+    # the MF fold-in at its grid's minimum (--grid_choice=minimum: the ML-1M tables' choice)
+    minimum = flags(folder, "baselines-minimum", "--test_baseline", "--baseline=mf-fold-in", "--grid_choice=minimum")
+    found["mf-fold-in-grid-minimum"] = numbers(main.main(options.parse_args(minimum))["mf-fold-in"])
     for model in BACKBONES:
         for head in HEADS:
             shared = flags(folder, head, f"--model={model}", f"--rating_head={head}")

@@ -91,3 +91,19 @@ def test_the_one_standard_error_rule_takes_the_simplest_point_within_one_standar
     # no axis says what is simpler: the lower score, then the earlier point (the minimum)
     plain = [tuning.Axis(axis.name, axis.values) for axis in axes]
     assert tuning.simplest_within_one_se(plain, points, fold_scores, pooled) == 0
+
+
+def test_a_one_standard_error_choice_records_its_simpler_edges():
+    axes = [tuning.Axis("rank", (1, 2, 4), integer=True, floor=1, simpler="smaller"),
+            tuning.Axis("reg", (1.0, 5.0), simpler="larger"), tuning.Axis("decay", (0.8, 0.9, 1.0), ceiling=1.0)]
+
+    def score(points):
+        return [(math.log2(rank) - 1) ** 2 + 0.01 * (reg - 1) ** 2 + (decay - 0.9) ** 2 for rank, reg, decay in points]
+
+    minimum, record = tuning.search(axes, score)
+    assert minimum == (2, 1.0, 0.9) and record["at_edge"] == {}  # reg 1.0 was an edge: 0.5 … 0.125 were worse
+    # the largest reg could go further; rank 1 is its natural bound; decay 0.9 is inside
+    assert tuning.choice_edges(axes, record, (1, 5.0, 0.9)) == {"reg": "largest"}
+    # the largest rank is not a simpler edge; decay 1.0 is its ceiling
+    assert tuning.choice_edges(axes, record, (4, 1.0, 1.0)) == {}
+    assert tuning.choice_edges(axes, record, (2, 0.125, 0.9)) == {}  # the smallest reg: the harder side
