@@ -325,14 +325,14 @@ def choose(name, val_tasks, fitted, max_rating, select_by, grid_choice, searched
         return scores
 
     minimum, searched = tuning.search(found, score)
-    # each rule: (its choice, its cross-fitted score); "one-se" only where the axes say what is simpler
+    points = list(fold_sums)
+    sums = torch.stack([fold_sums[point] for point in points])  # [points, folds, buckets, fields]
+    # each rule: (its choice, its one_se_axes); "one-se" only where the axes say what is simpler
     rules = {"minimum": (minimum, None)}
     if grid_choice != "minimum" and any(axis.simpler for axis in found):
-        points = list(fold_sums)
-        sums = torch.stack([fold_sums[point] for point in points])
         rules["one-se"] = (points[chosen_index(points, sums, select_by, found)], found)
-    scored = {rule: (best, cross_fitted_score(fold_sums, fold_of_user, predict_at, val_tasks, max_rating, select_by,
-                                              one_se_axes))
+    scored = {rule: (best, cross_fitted_score(points, sums, fold_of_user, predict_at, val_tasks, max_rating,
+                                              select_by, one_se_axes))
               for rule, (best, one_se_axes) in rules.items()}
     if grid_choice == "auto":  # the rule whose cross-fitted score is the lower (the minimum on a tie)
         rule = min(scored, key=lambda candidate: scored[candidate][1])
@@ -367,7 +367,7 @@ def cross_fit_folds(num_users, folds=CROSS_FIT_FOLDS):
     return torch.arange(num_users) % min(folds, num_users)
 
 
-def cross_fitted_score(fold_sums, fold_of_user, predict_at, val_tasks, max_rating, select_by, one_se_axes=None):
+def cross_fitted_score(points, sums, fold_of_user, predict_at, val_tasks, max_rating, select_by, one_se_axes=None):
     """The validation `select_by` of a grid search with each fold's users predicted at the grid point that
     the search's rule (`chosen_index`: the minimum, or with `one_se_axes` the one-standard-error rule)
     chooses on the other folds' users (K-fold cross-fitting; one fold: the choice on it). A grid's minimum
@@ -375,11 +375,9 @@ def cross_fitted_score(fold_sums, fold_of_user, predict_at, val_tasks, max_ratin
     the MF fold-in's ~2,000 points beat the user + item bias fold-in's ~150 by 0.02-0.03 there and lost to
     it on the test users. So baselines with grids of different sizes are compared by this score
     (`bias_start`, compare.py's best no-network baseline), never by their minima.
-    `fold_sums`: {point: error sums per fold [folds, buckets, fields]}, in the order scored (the first of
-    equal scores wins, as in tuning.search, and where none is finite the first point);
-    `predict_at(point)`: the validation predictions there."""
-    points = list(fold_sums)
-    sums = torch.stack([fold_sums[point] for point in points])  # [points, folds, buckets, fields]
+    `points`: the grid points in the order scored (the first of equal scores wins, as in tuning.search, and
+    where none is finite the first point); `sums`: their error sums per fold [points, folds, buckets,
+    fields]; `predict_at(point)`: the validation predictions there."""
     folds = sums.shape[1]
     chosen = []
     for fold in range(folds):

@@ -271,7 +271,8 @@ def test_the_cross_fitted_score_on_planted_predictions_equals_a_plain_loop(selec
         scores = [score(grid[point], folds != fold) for point in range(5)]
         best = min(range(5), key=lambda point: scores[point] if math.isfinite(scores[point]) else math.inf)
         assembled[folds == fold] = grid[best][folds == fold]
-    found = baselines.cross_fitted_score(fold_sums, fold_of_user, predict_at, tasks, 5.0, select_by)
+    found = baselines.cross_fitted_score(list(fold_sums), torch.stack(list(fold_sums.values())), fold_of_user,
+                                         predict_at, tasks, 5.0, select_by)
     assert found == pytest.approx(score(assembled, np.ones(23, bool)), abs=1e-12)
     assert 2 in asked and 0 not in asked and 4 not in asked and len(set(asked)) >= 2  # folds chose apart
 
