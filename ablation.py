@@ -372,7 +372,8 @@ def pretrained_folder(known, seed, head):
 
 def pretraining_steps(known, flags, folder, fingerprints):
     """train_original.py --save_pretrained=True for this seed into `folder`, unless its export exists and
-    was made from the data as it is now (a stale one is made again over the old run)."""
+    was made from the data as it is now (a stale one is made again over the old run); one made under other
+    settings (its shape, training options or epochs) is refused, never loaded as if it were this one."""
     flags = flags + [f"--pretrain_log_dir={folder}", f"--pretrain_epochs={known.pretrain_epochs}",
                      "--save_pretrained=True", f"--log_dir={os.path.join(folder, 'runs')}"]
     args = options.parse_args(flags)
@@ -382,10 +383,19 @@ def pretraining_steps(known, flags, folder, fingerprints):
     saved = checkpointing.read_saved_dict(export, "pretrained export")
     if study.checkpoint_is_stale(saved, lambda: study.data_fingerprint(args, fingerprints)):
         return [("pretrain", "train_original.py", flags + ["--overwrite=True"])]
-    # (exports from before they recorded it pass)
-    if saved.get("pretrain_epochs", known.pretrain_epochs) != known.pretrain_epochs:
-        raise MeloError(f"{export} was made with --pretrain_epochs={saved['pretrain_epochs']}, not "
-                        f"{known.pretrain_epochs}: use another --results_dir, or the same --pretrain_epochs")
+    # Every option Basic's weights depend on, its head's start included (exports from before they recorded
+    # their training options are checked for --pretrain_epochs alone)
+    recorded = {**saved.get("training_options", {}),
+                **{key: saved[key] for key in ("pretrain_epochs",) if key in saved}}
+    current = runs.comparable(vars(args))
+    shape = runs.comparable(saved.get("shape_options", {}))
+    differing = (checkpointing.option_differences(recorded, current,
+                                                  ("pretrain_epochs", *runs.basic_training_option_names()))
+                 + checkpointing.option_differences(shape, current, sorted(set(shape) & set(current))))
+    if differing:
+        raise MeloError(f"the Basic export {export}, which this ablation's variants would load, was made with other "
+                        f"settings: {', '.join(differing)}; use another --results_dir, or remove {export} to "
+                        f"train it again")
     return []
 
 

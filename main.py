@@ -118,16 +118,10 @@ class MetaTrainer(Trainer):
         self.validated = None if checkpoint.get("pending_validation") else self.iteration
         if restore_training:
             checkpointing.require_keys(checkpoint, ("optimizer", "scheduler", "torch_rng", "cuda_rng"), path)
-            saved = checkpoint.get("training_options", {})
-            differing = checkpointing.option_differences(saved, vars(self.args), runs.training_option_names())
-            if differing and self.dist.is_main:
-                best = ("; the best weights so far were chosen on other validation tasks, and later steps are "
-                        "compared with them" if "val_size" in saved and saved["val_size"] != self.args.val_size
-                        else "")
-                print(f"warning: resuming {path} with other training options: {', '.join(differing)}; from "
-                      f"step {self.iteration} on the run trains with the options given now (learning rates "
-                      f"and their schedules included), so it will not equal one that was never stopped{best}",
-                      file=sys.stderr)
+            warning = runs.resume_warning(path, checkpoint.get("training_options", {}), self.args,
+                                          runs.training_option_names(), self.iteration)
+            if warning and self.dist.is_main:
+                print(warning, file=sys.stderr)
             load_optimizer_state(self.optimizer, self.scheduler, checkpoint, path)
             self.recent = list(checkpoint.get("recent_losses", []))
             torch.set_rng_state(checkpoint["torch_rng"])

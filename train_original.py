@@ -170,6 +170,7 @@ class BaselineTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
     def extra_state(self):
         return {
+            "training_options": self.training_options(),
             "model_state": state_copy(self.model),
             "encoder_state": state_copy(self.encoder) if self.encoder is not None else None,
             "optimizer": self.optimizer.state_dict(),
@@ -193,7 +194,19 @@ class BaselineTrainer(Trainer):
                      "state": checkpoint["best_model_state"]}
         if restore_training:
             checkpointing.require_keys(checkpoint, ("optimizer",), path)
+            warning = runs.resume_warning(path, checkpoint.get("training_options", {}), self.args,
+                                          runs.basic_training_option_names(), self.epoch)
+            if warning and self.dist.is_main:
+                print(warning, file=sys.stderr)
+            # Adam's moments from the checkpoint, the learning rates of the flags given now (as main.py's)
+            current = [{key: group[key] for key in ("lr", "weight_decay")} for group in self.optimizer.param_groups]
             checkpointing.load_state(self.optimizer, checkpoint["optimizer"], path, "optimizer state")
+            for group, values in zip(self.optimizer.param_groups, current):
+                group.update(values)
+
+    def training_options(self):
+        """What this run's numbers depend on beyond its shape options (runs.BASIC_TRAINING_OPTIONS)."""
+        return {key: getattr(self.args, key) for key in runs.basic_training_option_names()}
 
     def finish(self, writer):
         if self.args.save_pretrained and self.dist.is_main:
@@ -393,7 +406,8 @@ class BaselineTrainer(Trainer):
         # Extra context for people reading the file; main.py checks the model name and every shape.
         exported.update(mode=self.args.mode, shape_options=self.shape, best_step=self.best["step"],
                         random_seed=self.args.random_seed, data_fingerprint=self.fingerprint,
-                        pretrain_epochs=self.args.pretrain_epochs)  # ablation.py reuses it only for these
+                        pretrain_epochs=self.args.pretrain_epochs,
+                        training_options=self.training_options())  # ablation.py reuses it only for these
         path = runs.pretrained_path(self.args)
         checkpointing.save_atomic(exported, path)
         folder = ("" if self.args.pretrain_log_dir == build_parser().get_default("pretrain_log_dir")

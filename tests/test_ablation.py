@@ -75,8 +75,20 @@ def test_ablation_trains_every_variant_and_tabulates_its_reports(ratings_file, t
     # the Basic export is shared: a new variant that loads it is refused when it was made for other epochs
     new = [f for f in flags if not f.startswith("--variants")] + [
         "--variants=maml-basic", "--define", "maml-basic=--use_adaptive_loss=False --load_pretrained=True"]
-    with pytest.raises(MeloError, match=r"pretrained.pt was made with --pretrain_epochs=1, not 2: use another "):
+    with pytest.raises(MeloError, match=r"pretrained.pt, which this ablation's variants would load, was made with "
+                                        r"other settings: pretrain_epochs=1 \(now 2\); use another --results_dir"):
         ablation.main(new + ["--pretrain_epochs=2"])
+    # and when its head's start would be chosen otherwise, or its best epoch by another score
+    for flag, named in (("--grid_choice=minimum", r"grid_choice='auto' \(now 'minimum'\)"),
+                        ("--select_by=mean_per_rating_rmse", r"select_by='rmse' \(now 'mean_per_rating_rmse'\)"),
+                        ("--pretraining_lr=0.01", r"pretraining_lr=0.001 \(now 0.01\)")):
+        with pytest.raises(MeloError, match=r"Basic export .* other settings: " + named):
+            ablation.main(new + [flag])
+    # with the same settings it is reused as it is: the new variant trains, Basic does not
+    calls.clear()
+    monkeypatch.setattr(study, "run_script", in_process(calls))
+    ablation.main(new)
+    assert [script for script, _ in calls] == ["main.py", "main.py"]
 
 
 def test_ablation_refuses_unknown_variants_and_flags_it_sets(ratings_file, tmp_path):

@@ -110,17 +110,30 @@ def test_an_empty_shard_gives_zero_loss_and_a_gradient_for_every_parameter(ratin
     assert all(p.grad is not None and not p.grad.any() for p in trainer.window_loss.parameters())
 
 
-def test_resume_is_identical_to_an_uninterrupted_run(ratings_file, tmp_path):
+def test_resume_is_identical_to_an_uninterrupted_run(ratings_file, tmp_path, capsys):
     argv = flags(ratings_file, tmp_path, "--model=sasrec", "--bert_dropout=0.3", "--pretrain_epochs=3")
     uninterrupted = run(argv)
     other = tmp_path / "resumed"
     first = run(argv + [f"--pretrain_log_dir={other}", "--pretrain_epochs=1"])
     assert first.epoch == 1
+    capsys.readouterr()
     resumed = run(argv + [f"--pretrain_log_dir={other}", "--checkpoint_step=1"])
+    assert "other training options" not in capsys.readouterr().err  # more epochs change nothing before them
     assert resumed.epoch == 3
     for (name, a), (_, b) in zip(uninterrupted.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
     assert resumed.best["rmse"] == uninterrupted.best["rmse"]
+    # other training options are pointed out, and a start option is said to be kept as saved
+    again = tmp_path / "again"
+    run(argv + [f"--pretrain_log_dir={again}", "--pretrain_epochs=1"])
+    capsys.readouterr()
+    changed = run(argv + [f"--pretrain_log_dir={again}", "--checkpoint_step=1", "--pretraining_lr=0.01",
+                          "--grid_choice=minimum"])
+    err = capsys.readouterr().err
+    assert "pretraining_lr=0.001 (now 0.01)" in err and "grid_choice='auto' (now 'minimum')" in err
+    assert "the rating head keeps the start it began with (grid_choice as saved)" in err
+    # and the run trains with the rate given now, not the checkpoint's (Adam's load_state_dict restores it)
+    assert changed.optimizer.param_groups[0]["lr"] == 0.01
 
 
 def capture_targets(monkeypatch):

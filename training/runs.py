@@ -76,12 +76,45 @@ META_TRAINING_OPTIONS = (
 )
 
 
+# The same for train_original.py (Basic): its optimiser, the tasks it validates on, and what its head's start
+# is fitted from (not --pretrain_epochs: no schedule depends on it, so a longer resumed run equals one never
+# stopped). Its export records them too, so that ablation.py does not reuse one made under others.
+BASIC_TRAINING_OPTIONS = (
+    "pretraining_batch_size", "pretraining_lr", "bias_outer_lr", "bias_start", "grid_choice", "train_windows",
+    "train_query_targets", "num_samples", "num_query_set", "min_sub_window_size", "use_random_sequence_length",
+    "val_size", "model_init_seed",
+)
+
+# The training options that say where the rating head starts: fitted when a run begins and kept in its
+# checkpoints, so a resumed run keeps its start whatever they say now.
+START_OPTIONS = ("bias_start", "grid_choice", "train_windows", "train_query_targets")
+
+
 def shape_option_names():
     return META_SHAPE_OPTIONS + backbone_option_names(shape=True)
 
 
 def training_option_names():
     return META_TRAINING_OPTIONS + backbone_option_names(shape=False)
+
+
+def basic_training_option_names():
+    return BASIC_TRAINING_OPTIONS + backbone_option_names(shape=False)
+
+
+def resume_warning(path, saved, args, names, step):
+    """The warning for resuming checkpoint `path` whose recorded training options `saved` differ from
+    `args` in any of `names` (None where none differ, or the checkpoint predates the record)."""
+    differing = checkpointing.option_differences(saved, vars(args), names)
+    if not differing:
+        return None
+    best = ("; the best weights so far were chosen on other validation tasks, and later steps are compared "
+            "with them" if "val_size" in saved and saved["val_size"] != args.val_size else "")
+    start = [key for key in START_OPTIONS if key in saved and saved[key] != getattr(args, key)]
+    kept = f"; the rating head keeps the start it began with ({', '.join(start)} as saved)" if start else ""
+    return (f"warning: resuming {path} with other training options: {', '.join(differing)}; from step {step} on "
+            f"the run trains with the options given now (learning rates and their schedules included), so it "
+            f"will not equal one that was never stopped{best}{kept}")
 
 LEARNED_LOSS_OPTIONS = ("lstm_input_size", "lstm_hidden", "lstm_num_layers")
 
