@@ -385,12 +385,11 @@ def pretraining_steps(known, flags, folder, fingerprints):
         return [("pretrain", "train_original.py", flags + ["--overwrite=True"])]
     # Every option Basic's weights depend on, its head's start included (exports from before they recorded
     # their training options are checked for --pretrain_epochs alone)
-    recorded = {**saved.get("training_options", {}),
-                **{key: saved[key] for key in ("pretrain_epochs",) if key in saved}}
+    own = ("pretrain_epochs", "model_init_seed")  # recorded beside the training options
+    recorded = {**saved.get("training_options", {}), **{key: saved[key] for key in own if key in saved}}
     current = runs.comparable(vars(args))
     shape = runs.comparable(saved.get("shape_options", {}))
-    differing = (checkpointing.option_differences(recorded, current,
-                                                  ("pretrain_epochs", *runs.basic_training_option_names()))
+    differing = (checkpointing.option_differences(recorded, current, (*own, *runs.basic_training_option_names()))
                  + checkpointing.option_differences(shape, current, sorted(set(shape) & set(current))))
     if differing:
         raise MeloError(f"the Basic export {export}, which this ablation's variants would load, was made with other "

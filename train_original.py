@@ -406,7 +406,7 @@ class BaselineTrainer(Trainer):
         # Extra context for people reading the file; main.py checks the model name and every shape.
         exported.update(mode=self.args.mode, shape_options=self.shape, best_step=self.best["step"],
                         random_seed=self.args.random_seed, data_fingerprint=self.fingerprint,
-                        pretrain_epochs=self.args.pretrain_epochs,
+                        pretrain_epochs=self.args.pretrain_epochs, model_init_seed=self.args.model_init_seed,
                         training_options=self.training_options())  # ablation.py reuses it only for these
         path = runs.pretrained_path(self.args)
         checkpointing.save_atomic(exported, path)

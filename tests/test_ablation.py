@@ -81,7 +81,8 @@ def test_ablation_trains_every_variant_and_tabulates_its_reports(ratings_file, t
     # and when its head's start would be chosen otherwise, or its best epoch by another score
     for flag, named in (("--grid_choice=minimum", r"grid_choice='auto' \(now 'minimum'\)"),
                         ("--select_by=mean_per_rating_rmse", r"select_by='rmse' \(now 'mean_per_rating_rmse'\)"),
-                        ("--pretraining_lr=0.01", r"pretraining_lr=0.001 \(now 0.01\)")):
+                        ("--pretraining_lr=0.01", r"pretraining_lr=0.001 \(now 0.01\)"),
+                        ("--vary_init=True", r"model_init_seed=0 \(now 222\)")):
         with pytest.raises(MeloError, match=r"Basic export .* other settings: " + named):
             ablation.main(new + [flag])
     # with the same settings it is reused as it is: the new variant trains, Basic does not

@@ -82,7 +82,7 @@ META_TRAINING_OPTIONS = (
 BASIC_TRAINING_OPTIONS = (
     "pretraining_batch_size", "pretraining_lr", "bias_outer_lr", "bias_start", "grid_choice", "train_windows",
     "train_query_targets", "num_samples", "num_query_set", "min_sub_window_size", "use_random_sequence_length",
-    "val_size", "model_init_seed",
+    "val_size",
 )
 
 # The training options that say where the rating head starts: fitted when a run begins and kept in its
