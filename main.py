@@ -41,12 +41,12 @@ def load_optimizer_state(optimizer, scheduler, checkpoint, path):
     """Restore Adam's moments and the schedule's position from `checkpoint`, but keep the learning rates,
     their schedules and the weight decay that the current flags give (load_state_dict would bring back the
     saved ones): a resumed run trains with the flags it is given, from its step on."""
-    current = [{key: group[key] for key in ("initial_lr", "weight_decay")} for group in optimizer.param_groups]
-    checkpointing.load_state(optimizer, checkpoint["optimizer"], path, "optimizer state")
+    current = checkpointing.load_optimizer_moments(optimizer, checkpoint["optimizer"], path,
+                                                   ("initial_lr", "weight_decay"))
     checkpointing.load_state(scheduler, checkpoint["scheduler"], path, "scheduler state")
     scheduler.base_lrs = [values["initial_lr"] for values in current]
     for group, values, schedule in zip(optimizer.param_groups, current, scheduler.lr_lambdas):
-        group.update(values, lr=values["initial_lr"] * schedule(scheduler.last_epoch))
+        group["lr"] = values["initial_lr"] * schedule(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 

@@ -199,10 +199,7 @@ class BaselineTrainer(Trainer):
             if warning and self.dist.is_main:
                 print(warning, file=sys.stderr)
             # Adam's moments from the checkpoint, the learning rates of the flags given now (as main.py's)
-            current = [{key: group[key] for key in ("lr", "weight_decay")} for group in self.optimizer.param_groups]
-            checkpointing.load_state(self.optimizer, checkpoint["optimizer"], path, "optimizer state")
-            for group, values in zip(self.optimizer.param_groups, current):
-                group.update(values)
+            checkpointing.load_optimizer_moments(self.optimizer, checkpoint["optimizer"], path, ("lr", "weight_decay"))
 
     def training_options(self):
         """What this run's numbers depend on beyond its shape options (runs.BASIC_TRAINING_OPTIONS)."""

@@ -228,6 +228,17 @@ def load_state(module, state, path, what):
                         "one saved by another version") from None
 
 
+def load_optimizer_moments(optimizer, state, path, keep):
+    """Restore an optimizer from its saved `state` (Adam's moments and step counts) but keep the `keep`
+    entries of each parameter group as they are now (load_state_dict would bring back the saved learning
+    rates): a resumed run trains with the flags it is given. Returns those entries, group by group."""
+    current = [{key: group[key] for key in keep} for group in optimizer.param_groups]
+    load_state(optimizer, state, path, "optimizer state")
+    for group, values in zip(optimizer.param_groups, current):
+        group.update(values)
+    return current
+
+
 def check_data(saved, current, path, what="checkpoint"):
     """The data fingerprint `saved` with a checkpoint or export must be the current data's. Files saved
     before fingerprints were recorded hold none: they are used, with a warning (their shape and split
