@@ -158,7 +158,8 @@ VARIANTS = {
 }
 # The baselines without a network as variants: no flags of their own, one `main.py --test_baseline` each.
 BASELINE_VARIANTS = {name: (f"no network: {baseline.label}"
-                             + (" (its val RMSE is in-sample: a, b fitted there)" if baseline.recalibrated else ""), None)
+                             + (" (its val RMSE is in-sample: a, b fitted there)" if baseline.recalibrated else "")
+                             + (" (its val RMSE is in-sample: s chosen there)" if baseline.blended else ""), None)
                       for name, baseline in baselines.BASELINES.items()}
 # Set by this script for each run; not allowed among the shared flags.
 CONTROLLED = ("mode", "data_path", "model", "random_seed", "checkpoint_dir", "log_dir",
@@ -329,7 +330,8 @@ def baseline_settings(args):
 def validation_rmse(run, report):
     """A run's validation RMSE at its chosen step (None for a report that records none), or for a baseline
     at its chosen setting: the RMSE of its validation users' CSV, which report_problem checked is the
-    report's own (for mf-fold-in-recalibrated an in-sample score: its (a, b) are fitted on those users)."""
+    report's own (for mf-fold-in-recalibrated and fold-in-blend an in-sample score: their (a, b) and s are fitted on those
+    users)."""
     if run.name not in BASELINE_VARIANTS:
         return report.get("validation", {}).get("rmse")
     frame = pd.read_csv(metrics.validation_predictions_path(run.report))

@@ -60,7 +60,7 @@ from ratings.tasks import MetaDataset
 from studies import figures, study
 from studies.study import (CONTROLLED, NOT_SETTINGS, START_FLAGS, data_fingerprint, given_flags, lock_results,
                            read_report, remake, report_problem, stopped_line, training_need)
-from studies.tables import METHOD_NAMES, NO_NETWORK, PAIRED, RECALIBRATED, build_tables, figure_reports
+from studies.tables import FOLD_IN_BLEND, METHOD_NAMES, NO_NETWORK, PAIRED, RECALIBRATED, build_tables, figure_reports
 from training import runs
 
 
@@ -301,7 +301,7 @@ def plan(config, fingerprint=None):
 def with_predictions(method):
     """Is the per-target CSV of this method read for the paired intervals? (Every report's CSVs must be the
     ones written with it, read or not: report_problem checks them all.)"""
-    return method in ("melo",) + PAIRED + NO_NETWORK + (RECALIBRATED,)
+    return method in ("melo",) + PAIRED + NO_NETWORK + (RECALIBRATED, FOLD_IN_BLEND)
 
 
 def basic_piece(config, seed, shared, model, finetune, fingerprint):

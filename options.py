@@ -249,7 +249,8 @@ def build_parser():
              "support set, regularisation chosen on validation), mf-fold-in (biased matrix factorisation by "
              "ALS on the training users, the user's factor and bias by ridge regression on the support set, "
              "rank and regularisation chosen on validation), mf-fold-in-recalibrated (its predictions mapped "
-             "to a + b * p, a and b fitted on the validation users), or all; see baselines.py")
+             "to a + b * p, a and b fitted on the validation users), fold-in-blend (s * mf-fold-in + (1 - s) * "
+             "user-item-bias, s chosen on the validation users), or all; see baselines.py")
     add("--select_by", default="rmse", choices=("rmse", "mean_per_rating_rmse"),
         help="validation metric that picks the best weights (main.py, train_original.py) and the "
              "baselines' and fine-tuning's settings")

@@ -24,6 +24,10 @@
   by the inverse share of its rating under --select_by=mean_per_rating_rmse). Two numbers fitted on the
   users that choose every setting: what a gain over the MF fold-in is worth when a global shift and
   spread of its predictions has it too (on ML-1M the fold-in under-predicts a user's latest item).
+* fold-in-blend: s · mf-fold-in + (1 − s) · user-item-bias, each at its own choice above, with s from
+  BLEND_GRID (0, 0.05, ..., 1) chosen by --select_by on the validation users (an in-sample number, like the
+  recalibration's). One number that hedges between the two fold-ins where validation cannot tell which is
+  better; a network that adds to a fold-in start should beat it too.
 
 A choice on the validation users minimises --select_by on main.py's fixed validation tasks (the first
 --val_size validation users), or for the MF fold-ins may be the simplest setting within one standard
@@ -256,6 +260,7 @@ class Baseline:
     predict: object
     axes: tuple = ()
     recalibrated: bool = False  # a + b·p, (a, b) fitted on the validation users (`recalibration`)
+    blended: bool = False  # s · mf-fold-in + (1 − s) · user-item-bias, s chosen on the validation users (`blend`)
 
 
 # --baseline's choices and compare.py's rows, in this order
@@ -276,6 +281,10 @@ BASELINES = {
 }
 BASELINES["mf-fold-in-recalibrated"] = dataclasses.replace(BASELINES["mf-fold-in"], label="MF fold-in, recalibrated",
                                                            recalibrated=True)
+# its own axes are its parts' (`BLEND_PARTS`), searched by each part's own `choose`
+BASELINES["fold-in-blend"] = Baseline("Fold-in blend (MF, user + item bias)", None, blended=True)
+BLEND_PARTS = ("user-item-bias", "mf-fold-in")  # (1 − s), s
+BLEND_GRID = tuple(round(0.05 * k, 2) for k in range(21))
 
 
 def axes(name):
@@ -524,6 +533,29 @@ def recalibration(predicted, tasks, select_by, max_rating):
     return float(a), float(b)
 
 
+def blend(val_tasks, tasks, fitted, max_rating, select_by, grid_choice):
+    """fold-in-blend's predictions of the test and validation tasks' targets (stars [T, Q] each), its
+    report fields (each part's chosen values under its name, and s) and its selection record: each of
+    BLEND_PARTS chosen on the validation users as for its own report, then s from BLEND_GRID minimising
+    `select_by` there (the first of equal scores: the lower s). A convex mix of clipped predictions needs
+    no clip of its own."""
+    fields, parts, predicted = {}, {}, {}
+    for part in BLEND_PARTS:
+        value, selection = choose(part, val_tasks, fitted, max_rating, select_by, grid_choice)
+        fields.update({f"{part.replace('-', '_')}_{axis}": chosen for axis, chosen in chosen_fields(part, value).items()})
+        parts[part] = {field: entry for field, entry in selection.items()
+                       if field not in ("cross_fitted_score", "cross_fitted_scores")}
+        predicted[part] = [predict(part, found, sets_of(found), fitted, value) for found in (tasks, val_tasks)]
+    (bias_test, bias_val), (mf_test, mf_val) = (predicted[part] for part in BLEND_PARTS)
+    scores = [metrics.task_report(s * mf_val + (1 - s) * bias_val, val_tasks, max_rating)[select_by]
+              for s in BLEND_GRID]
+    s = BLEND_GRID[int(np.argmin(scores))]
+    fields["mf_weight"] = s
+    selection = {"select_by": select_by, "grid": list(BLEND_GRID), "validation_scores": scores, "axes": ["mf_weight"],
+                 "at_edge": {}, "parts": parts}
+    return s * mf_test + (1 - s) * bias_test, s * mf_val + (1 - s) * bias_val, fields, selection
+
+
 def report_path(args, name):
     return os.path.join(args.checkpoint_dir, f"{name}_{args.mode}.test.json")
 
@@ -532,12 +564,15 @@ def test(args, data, dataset, name, publish=True):
     """Choose (on the validation users), predict and score baseline `name` on the test users; publish
     the report and the per-target CSV (rank 0's job: publish=False elsewhere). Returns the report."""
     fitted = Fitted(data, dataset.train_users, args.random_seed)
-    val_tasks = dataset.val_tasks()
-    value, selection = choose(name, val_tasks, fitted, data.max_rating, args.select_by, args.grid_choice)
-    tasks = dataset.test_tasks()
-    predicted = predict(name, tasks, sets_of(tasks), fitted, value)
-    val_predicted = predict(name, val_tasks, sets_of(val_tasks), fitted, value)
-    fields = chosen_fields(name, value)
+    val_tasks, tasks = dataset.val_tasks(), dataset.test_tasks()
+    if BASELINES[name].blended:
+        predicted, val_predicted, fields, selection = blend(val_tasks, tasks, fitted, data.max_rating, args.select_by,
+                                                            args.grid_choice)
+    else:
+        value, selection = choose(name, val_tasks, fitted, data.max_rating, args.select_by, args.grid_choice)
+        predicted = predict(name, tasks, sets_of(tasks), fitted, value)
+        val_predicted = predict(name, val_tasks, sets_of(val_tasks), fitted, value)
+        fields = chosen_fields(name, value)
     if BASELINES[name].recalibrated:
         a, b = recalibration(val_predicted, val_tasks, args.select_by, data.max_rating)
         predicted, val_predicted = ((a + b * p).clamp(fitted.low, fitted.high) for p in (predicted, val_predicted))

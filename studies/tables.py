@@ -34,6 +34,7 @@ FOLD_IN = "user-item-bias"
 # and − the MF fold-in recalibrated on the validation users (not a candidate for the best above: its two
 # numbers are fitted on the users that score it there)
 RECALIBRATED = "mf-fold-in-recalibrated"
+FOLD_IN_BLEND = "fold-in-blend"  # likewise: its s is chosen on those users
 BLEND_WEIGHTS = tuple(round(0.05 * k, 2) for k in range(21))
 
 
@@ -444,13 +445,15 @@ def beyond_biases(config, reports, predictions, validation, store):
                   f"by {' or '.join(rule_text[rule] for rule in rules)}, per seed (the scores: "
                   f"{', '.join(METHOD_NAMES[n] for n in NO_NETWORK)}): " + "; ".join(per_seed)
                   + ". Meta-learner − that baseline, "
-                  f"− {METHOD_NAMES[FOLD_IN]} and − {METHOD_NAMES[RECALIBRATED]} in every seed, on the same test "
+                  f"− {METHOD_NAMES[FOLD_IN]}, − {METHOD_NAMES[RECALIBRATED]} and − {METHOD_NAMES[FOLD_IN_BLEND]} in "
+                  "every seed, on the same test "
                   "users (negative: the network's error is lower), intervals as above.", "",
                   "| Difference | " + " | ".join(f"{display(m)} RMSE | {display(m)} mean per-rating RMSE"
                                                 for m in models) + " |", "|---|" + "---:|---:|" * len(models)]
         against = [("best no-network", "best_no_network", [name for name, _, _ in chosen]),
                    (METHOD_NAMES[FOLD_IN], FOLD_IN, [FOLD_IN] * len(chosen)),
-                   (METHOD_NAMES[RECALIBRATED], RECALIBRATED, [RECALIBRATED] * len(chosen))]
+                   (METHOD_NAMES[RECALIBRATED], RECALIBRATED, [RECALIBRATED] * len(chosen)),
+                   (METHOD_NAMES[FOLD_IN_BLEND], FOLD_IN_BLEND, [FOLD_IN_BLEND] * len(chosen))]
         for label, key_name, compared_with in against:
             for method in ("maml", "melo"):
                 row = [f"{METHOD_NAMES[method]} − {label}"]

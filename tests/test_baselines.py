@@ -366,6 +366,36 @@ def test_the_recalibrated_mf_fold_in_is_its_least_squares_line_on_the_validation
                                                                             validation["rating"])))
 
 
+def test_the_fold_in_blend_mixes_the_two_fold_ins_by_the_weight_validation_chose(run_all):
+    args, data, dataset, reports = run_all
+    report, keys = reports["fold-in-blend"], ["user", "window"]
+    # each part at its own report's choice
+    for part, axes in (("user-item-bias", ("item_reg", "user_reg", "decay")),
+                       ("mf-fold-in", ("rank", "reg", "user_reg", "user_bias_reg", "decay"))):
+        assert all(report[f"{part.replace('-', '_')}_{axis}"] == reports[part][axis] for axis in axes)
+    frames = {}
+    for name in ("fold-in-blend", "user-item-bias", "mf-fold-in"):
+        path = baselines.report_path(args, name)
+        frames[name] = [pd.read_csv(metrics.predictions_path(path)), pd.read_csv(metrics.validation_predictions_path(path))]
+
+    def mixed(s, which):  # s · MF + (1 − s) · bias fold-in, joined by user and window
+        mf, bias = frames["mf-fold-in"][which], frames["user-item-bias"][which]
+        both = mf.merge(bias, on=keys, suffixes=("", "_bias"), validate="one_to_one")
+        return both.assign(prediction=s * both["prediction"] + (1 - s) * both["prediction_bias"])[keys + ["rating", "prediction"]]
+
+    # s is the grid's first minimum of the validation RMSE, and the test predictions are the mix at s
+    scores = [rmse(list(zip(frame["prediction"], frame["rating"]))) for frame in (mixed(s, 1) for s in baselines.BLEND_GRID)]
+    s = report["mf_weight"]
+    assert s == baselines.BLEND_GRID[int(np.argmin(scores))]
+    assert report["selection"]["validation_scores"] == pytest.approx(scores)
+    mine = frames["fold-in-blend"][0].merge(mixed(s, 0), on=keys, suffixes=("", "_expected"), validate="one_to_one")
+    assert len(mine) == len(frames["fold-in-blend"][0]) == report["count"]
+    assert mine["prediction"].to_numpy() == pytest.approx(mine["prediction_expected"].to_numpy())
+    # its validation predictions are the mix at s too: there it is as good as the better fold-in or better
+    validation = frames["fold-in-blend"][1]
+    assert rmse(list(zip(validation["prediction"], validation["rating"]))) == pytest.approx(min(scores))
+
+
 def test_the_per_rating_recalibration_weighs_each_rating_by_its_inverse_share():
     # three 4-star targets and one 1-star: weights 4 / (2 * 3) each and 4 / (2 * 1)
     tasks = SimpleNamespace(query_mask=torch.ones(4, 1, dtype=torch.bool),
