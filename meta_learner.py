@@ -31,6 +31,9 @@ from models.loss_networks import build_inner_loss, query_loss
 
 EMBEDDING = "item_embedding.weight"  # indexed by item id: each task adapts a small table of its items' rows
 SUPPORT_AGE = "support_age"  # the context entry of each support position's recency (TaskBatch.support_age)
+# the context entry of what the rating head's start needs per support position beyond its item id (its
+# `start_offset`, looked up by item id before the ids are remapped into a task's small item table)
+START_OFFSET = "start_offset"
 QUERY_TARGET_WEIGHTS = "query_target_weights"  # the context entry of each query target's outer-loss weight
 # --inner_params=head adapts these (with the rating head's own parameters): the output layer, ANIL-style.
 HEAD_PREFIX = "head."
@@ -152,9 +155,9 @@ class MetaLearner(nn.Module):
             items, labels, mask = support
             weights_of = lambda predictions: inner_loss.position_weights(  # noqa: E731
                 predictions, labels, mask, context, 0)
-        age = None if context is None else context.get(SUPPORT_AGE)
+        age, offset = (None, None) if context is None else (context.get(SUPPORT_AGE), context.get(START_OFFSET))
         return self.split_adapted(self.backbone.rating_head.task_start(self.backbone, params, *support,
-                                                                       weights_of=weights_of, age=age))
+                                                                       weights_of=weights_of, age=age, offset=offset))
 
     # ------------------------------------------------------------------ one task
     def adapt_task(self, params, support, context, query, scored_steps, first_order, merge_query=True,
@@ -216,6 +219,9 @@ class MetaLearner(nn.Module):
         query = (batch.query_items, batch.query_ratings / self.max_rating, batch.query_items != 0)
         context = self.inner_loss.prepare(support_labels, support_mask, batch.support_age)
         context[SUPPORT_AGE] = batch.support_age  # each position's recency, for the fold-in start's decay weights
+        offset = self.backbone.rating_head.start_offset(batch.support_items)
+        if offset is not None:
+            context[START_OFFSET] = offset
         if self.query_loss == "balanced":
             context[QUERY_TARGET_WEIGHTS] = self.query_rating_weights[
                 half_star_buckets(batch.query_ratings[:, :, -1]).clamp(0, len(self.query_rating_weights) - 1)]

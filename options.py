@@ -142,9 +142,12 @@ def build_parser():
         help="MELO with --user_bias_start=fold-in: the fold-in start of b_user (and p_user) is the weighted "
              "least-squares fit with the learned loss's weights, i.e. the minimum over the user's parameters "
              "of the (ridge-penalised) adaptive inner loss, so the weights act on the user's estimate too")
-    add("--bias_start", default="fold-in", choices=("fold-in", "zero"),
+    add("--bias_start", default="fold-in", choices=("fold-in", "blend", "zero"),
         help="--rating_head=bias: the item biases start at the user + item bias fold-in's (closed form on the "
-             "training users, regularisation chosen on validation) or at zero; mu is the training users' mean")
+             "training users, regularisation chosen on validation; with --user_factors, the better of it and "
+             "the MF fold-in), at the fold-in blend's (with --user_factors: s * MF fold-in + (1 - s) * user + "
+             "item bias fold-in, s chosen on validation, each user's part of both fold-ins solved per task), "
+             "or at zero; mu is the training users' mean")
     add("--user_bias_start", default="fold-in", choices=("fold-in", "learned"),
         help="--rating_head=bias: where each user's b_user starts before the inner loop (and fine-tuning): at "
              "its meta-learned value (learned), or moved from it to the user + item bias fold-in's shrunk "
@@ -334,6 +337,9 @@ def validate(parser, args):
     if args.csv_columns and sorted(args.csv_columns.split(",")) != sorted(COLUMN_ROLES):
         parser.error(f"--csv_columns must name {', '.join(COLUMN_ROLES)} once each, in the file's column "
                      f"order, got {args.csv_columns!r}")
+    if args.bias_start == "blend" and not (args.rating_head == "bias" and args.user_factors > 0):
+        parser.error("--bias_start=blend starts the bias head's factor term as the MF fold-in's: it needs "
+                     "--rating_head=bias and --user_factors=K (K > 0)")
     if args.test and args.checkpoint_step < 0 and not args.test_baseline:
         parser.error("--test needs --checkpoint_step=N (the step to evaluate)")
 

@@ -414,13 +414,21 @@ START_CACHE_VERSION = 4  # 3: the two fold-ins compared by cross-fitted scores; 
 class HeadStart:
     """Where the bias rating head starts (`models.heads.BiasHead.set_start`'s keyword arguments), in normalised
     ratings: μ, the item biases and factors (None: unchanged), and the fold-in's λs and recency decay for
-    each task's start of (b_user, p_user) (None: no per-task start, or no factor solve)."""
+    each task's start of (b_user, p_user) (None: no per-task start, or no factor solve). Under
+    --bias_start=blend also s (`blend_weight`), the MF fold-in's item biases minus the user + item bias
+    fold-in's (`blend_item_offset`) and the latter's λ_user and γ (`blend_bias_reg`, `blend_bias_decay`):
+    the item biases are then the blend's, (1 − s) · bias fold-in's + s · MF's, and the user's part of each
+    fold-in is solved per task and mixed the same way."""
     mean: float
     item_biases: np.ndarray = None
     user_bias_reg: float = None
     item_factors: np.ndarray = None
     user_factor_reg: float = None
     user_decay: float = None
+    blend_weight: float = None
+    blend_item_offset: np.ndarray = None
+    blend_bias_reg: float = None
+    blend_bias_decay: float = None
 
 
 def bias_start_cache_path(data, dataset, args):
@@ -479,9 +487,15 @@ def bias_start(data, dataset, args):
     users: where its `cross_fitted_score` is the lower, the item biases and factors are its ALS fit's and
     (with --user_bias_start=fold-in) λ_b, λ_u and γ its choices, so the head starts as the MF fold-in; else
     the factors stay 0 and it starts as the user + item bias fold-in. With --train_windows=held-out the fits leave
-    out each training user's latest --train_query_targets ratings (`held_out_ratings`)."""
+    out each training user's latest --train_query_targets ratings (`held_out_ratings`).
+
+    With --bias_start=blend (and --user_factors) the head starts as the fold-in blend instead, s chosen on the
+    validation users as for its report (`blend_choice`): s = 1 is the MF fold-in's start, s = 0 the user +
+    item bias fold-in's (with a zero factor term)."""
     fitted = Fitted(data, dataset.train_users, args.random_seed, held_out_ratings(args))
     start = {"mean": fitted.mean / data.max_rating}
+    if args.bias_start == "blend":
+        return HeadStart(**start, **blend_start(fitted, dataset.val_tasks(), data.max_rating, args))
     if args.bias_start == "fold-in" or args.user_bias_start == "fold-in":
         val_tasks = dataset.val_tasks()
         (item_reg, user_reg, decay), searched = choose("user-item-bias", val_tasks, fitted, data.max_rating,
@@ -502,6 +516,22 @@ def bias_start(data, dataset, args):
                 if args.user_bias_start == "fold-in":
                     start.update(user_bias_reg=bias_reg, user_factor_reg=factor_reg, user_decay=decay)
     return HeadStart(**start)
+
+
+def blend_start(fitted, val_tasks, max_rating, args):
+    """`bias_start`'s fields under --bias_start=blend (normalised ratings)."""
+    values, s, _ = blend_choice(val_tasks, fitted, max_rating, args.select_by, args.grid_choice,
+                                factor_axes(args.user_factors))
+    (item_reg, bias_user_reg, bias_decay), (rank, reg, factor_reg, mf_user_reg, mf_decay) = (
+        values[part] for part in BLEND_PARTS)
+    bias_items = item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items)
+    mf_items, factors = fitted.factorisation(rank, reg)
+    start = {"item_biases": ((1 - s) * bias_items + s * mf_items) / max_rating, "item_factors": factors,
+             "blend_weight": s, "blend_item_offset": (mf_items - bias_items) / max_rating}
+    if args.user_bias_start == "fold-in":
+        start.update(user_bias_reg=mf_user_reg, user_factor_reg=factor_reg, user_decay=mf_decay,
+                     blend_bias_reg=bias_user_reg, blend_bias_decay=bias_decay)
+    return start
 
 
 def start_bias_head(backbone, data, dataset, args):
@@ -533,27 +563,39 @@ def recalibration(predicted, tasks, select_by, max_rating):
     return float(a), float(b)
 
 
-def blend(val_tasks, tasks, fitted, max_rating, select_by, grid_choice):
-    """fold-in-blend's predictions of the test and validation tasks' targets (stars [T, Q] each), its
-    report fields (each part's chosen values under its name, and s) and its selection record: each of
-    BLEND_PARTS chosen on the validation users as for its own report, then s from BLEND_GRID minimising
-    `select_by` there (the first of equal scores: the lower s). A convex mix of clipped predictions needs
-    no clip of its own."""
-    fields, parts, predicted = {}, {}, {}
+def blend_choice(val_tasks, fitted, max_rating, select_by, grid_choice, mf_axes=None):
+    """fold-in-blend's choices on the validation users: each of BLEND_PARTS chosen as for its own report (the
+    MF fold-in on `mf_axes`, default its own), then s from BLEND_GRID minimising `select_by` on the mix of
+    their validation predictions (the first of equal scores: the lower s). Returns {part: its chosen value},
+    s, and the selection record (every s's score, each part's search)."""
+    values, parts, predicted = {}, {}, {}
+    sets = sets_of(val_tasks)
     for part in BLEND_PARTS:
-        value, selection = choose(part, val_tasks, fitted, max_rating, select_by, grid_choice)
-        fields.update({f"{part.replace('-', '_')}_{axis}": chosen for axis, chosen in chosen_fields(part, value).items()})
+        values[part], selection = choose(part, val_tasks, fitted, max_rating, select_by, grid_choice,
+                                         mf_axes if part == "mf-fold-in" else None)
         parts[part] = {field: entry for field, entry in selection.items()
                        if field not in ("cross_fitted_score", "cross_fitted_scores")}
-        predicted[part] = [predict(part, found, sets_of(found), fitted, value) for found in (tasks, val_tasks)]
-    (bias_test, bias_val), (mf_test, mf_val) = (predicted[part] for part in BLEND_PARTS)
-    scores = [metrics.task_report(s * mf_val + (1 - s) * bias_val, val_tasks, max_rating)[select_by]
-              for s in BLEND_GRID]
+        predicted[part] = predict(part, val_tasks, sets, fitted, values[part])
+    bias, mf = (predicted[part] for part in BLEND_PARTS)
+    scores = [metrics.task_report(s * mf + (1 - s) * bias, val_tasks, max_rating)[select_by] for s in BLEND_GRID]
     s = BLEND_GRID[int(np.argmin(scores))]
+    return values, s, {"select_by": select_by, "grid": list(BLEND_GRID), "validation_scores": scores,
+                       "axes": ["mf_weight"], "at_edge": {}, "parts": parts}
+
+
+def blend(val_tasks, tasks, fitted, max_rating, select_by, grid_choice):
+    """fold-in-blend's predictions of the test and validation tasks' targets (stars [T, Q] each), its
+    report fields (each part's chosen values under its name, and s) and its selection record
+    (`blend_choice`). A convex mix of clipped predictions needs no clip of its own."""
+    values, s, selection = blend_choice(val_tasks, fitted, max_rating, select_by, grid_choice)
+    fields = {f"{part.replace('-', '_')}_{axis}": chosen
+              for part in BLEND_PARTS for axis, chosen in chosen_fields(part, values[part]).items()}
     fields["mf_weight"] = s
-    selection = {"select_by": select_by, "grid": list(BLEND_GRID), "validation_scores": scores, "axes": ["mf_weight"],
-                 "at_edge": {}, "parts": parts}
-    return s * mf_test + (1 - s) * bias_test, s * mf_val + (1 - s) * bias_val, fields, selection
+    mixed = []
+    for found in (tasks, val_tasks):
+        bias, mf = (predict(part, found, sets_of(found), fitted, values[part]) for part in BLEND_PARTS)
+        mixed.append(s * mf + (1 - s) * bias)
+    return (*mixed, fields, selection)
 
 
 def report_path(args, name):

@@ -13,8 +13,9 @@ on every backbone, as `backbone.rating_head`. A head is one class:
 - `fits_start`: whether the trainers fit its start on the training data (`baselines.cached_bias_start`),
   which `set_start(backbone, mean, ...)` puts in, with the per-task start's settings (`START_SETTINGS`,
   kept in checkpoints);
-- `task_start(backbone, params, items, labels, mask, weights_of, age)`: a task's parameters where its
-  inner loop (or fine-tuning) starts, from its support set.
+- `task_start(backbone, params, items, labels, mask, weights_of, age, offset)`: a task's parameters where
+  its inner loop (or fine-tuning) starts, from its support set; `start_offset(item_ids)`: what it needs
+  per support position beyond the item ids a task's small item table remaps (None: nothing).
 
 A new head is one class and one `register_head` line.
 """
@@ -31,7 +32,8 @@ ITEM_FACTOR = "item_factor.weight"
 USER_BIAS = "user_bias"
 USER_FACTOR = "user_factor"
 # the per-task start's settings, chosen on validation users when a run starts and kept in its checkpoints
-START_SETTINGS = ("user_bias_reg", "user_factor_reg", "user_decay")
+START_SETTINGS = ("user_bias_reg", "user_factor_reg", "user_decay", "blend_weight", "blend_item_offset",
+                  "blend_bias_reg", "blend_bias_decay")
 
 HEADS = {}
 
@@ -61,6 +63,9 @@ class RatingHead:
         self.user_bias_reg = None  # λ of each task's fold-in start of b_user; None: b_user's meta-learned value
         self.user_factor_reg = None  # λ of the joint start of p_user (--user_factors); None: no solve
         self.user_decay = None  # γ of that start's recency weights γ^age; None: every support rating alike
+        # --bias_start=blend: s, the MF minus the bias fold-in's item biases [num_items + 1], and the bias
+        # fold-in's λ_user and γ (None: no blend)
+        self.blend_weight = self.blend_item_offset = self.blend_bias_reg = self.blend_bias_decay = None
 
     @classmethod
     def attach(cls, backbone, user_factors=0):
@@ -80,7 +85,7 @@ class RatingHead:
         return {name: p for name, p in backbone.named_parameters() if name in own}
 
     def set_start(self, backbone, mean, item_biases=None, user_bias_reg=None, item_factors=None,
-                  user_factor_reg=None, user_decay=None):
+                  user_factor_reg=None, user_decay=None, **blend):
         """Nothing to start for a head without parameters of its own."""
 
     def start_settings(self):
@@ -92,8 +97,11 @@ class RatingHead:
             if name in saved:
                 setattr(self, name, saved[name])
 
-    def task_start(self, backbone, params, items, labels, mask, weights_of=None, age=None):
+    def task_start(self, backbone, params, items, labels, mask, weights_of=None, age=None, offset=None):
         return params
+
+    def start_offset(self, item_ids):
+        return None
 
 
 class PlainHead(RatingHead):
@@ -145,7 +153,8 @@ class BiasHead(RatingHead):
 
     @classmethod
     def describe(cls, args):
-        return (f" (item biases starting at {args.bias_start}"
+        start = "the fold-in blend" if args.bias_start == "blend" else args.bias_start
+        return (f" (item biases starting at {start}"
                 + (f", a {args.user_factors}-column user x item factor term" if args.user_factors else "")
                 + (", its tables held at their start" if args.bias_outer_lr == 0 else "") + ")")
 
@@ -156,16 +165,30 @@ class BiasHead(RatingHead):
         return rating + torch.sigmoid(logits) - 0.5
 
     def set_start(self, backbone, mean, item_biases=None, user_bias_reg=None, item_factors=None,
-                  user_factor_reg=None, user_decay=None):
+                  user_factor_reg=None, user_decay=None, blend_weight=None, blend_item_offset=None,
+                  blend_bias_reg=None, blend_bias_decay=None):
         """μ and (optionally) the item-bias table [num_items + 1], normalised ratings (stars / max rating),
         and `user_bias_reg`, the shrinkage λ (in items) of each task's fold-in start of b_user (None: no
         such start); with a factor term, the item factors [num_items + 1, ≤ K] (the columns beyond theirs
         stay 0) and `user_factor_reg`, the ridge λ of p_user's fold-in start (solved jointly with b_user's),
-        and `user_decay`, the γ of that start's recency weights (None or 1: none)."""
+        and `user_decay`, the γ of that start's recency weights (None or 1: none).
+        The fold-in blend's start (--bias_start=blend; `blend_weight` s, with a factor term): `item_biases`
+        are the blend's, `blend_item_offset` [num_items + 1] the MF fold-in's item biases minus the user +
+        item bias fold-in's, and the MF fold-in's λs and γ are the ones above; `blend_bias_reg` and
+        `blend_bias_decay` are the user + item bias fold-in's λ_user and γ (`task_start`)."""
         self.user_bias_reg = None if user_bias_reg is None else float(user_bias_reg)
         self.user_decay = None if user_decay is None or float(user_decay) == 1.0 else float(user_decay)
         has_factors = hasattr(backbone, "item_factor")
         self.user_factor_reg = None if user_factor_reg is None or not has_factors else float(user_factor_reg)
+        blended = blend_weight is not None and has_factors
+        if blend_weight is not None and not has_factors:
+            raise MeloError("the fold-in blend's start needs the factor term: add --user_factors=K (K > 0)")
+        self.blend_weight = float(blend_weight) if blended else None
+        self.blend_item_offset = (torch.as_tensor(blend_item_offset, dtype=torch.float64)
+                                  if blended and blend_item_offset is not None else None)
+        self.blend_bias_reg = None if not blended or blend_bias_reg is None else float(blend_bias_reg)
+        self.blend_bias_decay = (None if not blended or blend_bias_decay is None or float(blend_bias_decay) == 1.0
+                                 else float(blend_bias_decay))
         with torch.no_grad():
             backbone.global_mean.fill_(float(mean))
             if item_biases is not None:
@@ -176,7 +199,7 @@ class BiasHead(RatingHead):
                 backbone.item_factor.weight.zero_()
                 backbone.item_factor.weight[:, :factors.shape[1]] = factors
 
-    def task_start(self, backbone, params, items, labels, mask, weights_of=None, age=None):
+    def task_start(self, backbone, params, items, labels, mask, weights_of=None, age=None, offset=None):
         """`params` with b_user moved, for this task, to the fold-in's shrunk estimate from its support set
         (items, labels, mask): b_user + fold_in_shift of the residuals at b_user, with `user_bias_reg` as
         λ. With f ≡ 0 and b_user = 0 that is the user + item bias fold-in exactly: the inner loop (or
@@ -185,21 +208,51 @@ class BiasHead(RatingHead):
         `weights_of(predictions) -> [..., L]`: per-position weights of the fit (MELO's learned weights, with
         --weighted_start), so the start minimises the weighted inner loss over the user's parameters; with
         `user_decay` γ and the positions' recency `age` [..., L], the fit weighs each rating by γ^age too
-        (`recency_weights`), as the fold-in it starts from. `params` unchanged without that start."""
+        (`recency_weights`), as the fold-in it starts from. `params` unchanged without that start.
+        Under the fold-in blend's start (s = `blend_weight`) both fold-ins are solved on the residuals their
+        own item biases leave, b − s·d and b + (1 − s)·d for the blend's b and `offset` d [..., L] (the
+        positions' `start_offset`; None: looked up by `items`, which must then be item ids, not a small
+        table's), each with its own λs and γ: b_user moves by (1 − s) · the bias fold-in's shift + s · the
+        MF fold-in's, p_user by s · the MF fold-in's; with f ≡ 0 the head is then the fold-in blend."""
         if self.user_bias_reg is None:
             return params
         predictions = functional_call(backbone, params, (items,))
         residuals = labels - predictions
-        weights = None if weights_of is None else weights_of(predictions)
+        learned = None if weights_of is None else weights_of(predictions)
+        weights = learned
         if self.user_decay is not None and age is not None:
             decayed = recency_weights(age, items, mask, self.user_decay, residuals.dtype)
             weights = decayed if weights is None else weights * decayed
+        if self.blend_weight is not None:
+            return self.blend_task_start(params, residuals, items, mask, learned, weights, age, offset)
         if self.user_factor_reg is None:
             shift = fold_in_shift(residuals, items, mask, self.user_bias_reg, weights)
             return {**params, USER_BIAS: params[USER_BIAS] + shift}
         shift = fold_in_solve(residuals, params[ITEM_FACTOR][items], items, mask, self.user_factor_reg,
                               self.user_bias_reg, weights)
         return {**params, USER_FACTOR: params[USER_FACTOR] + shift[:-1], USER_BIAS: params[USER_BIAS] + shift[-1]}
+
+
+    def blend_task_start(self, params, residuals, items, mask, learned, mf_weights, age, offset):
+        """`task_start` under the fold-in blend's start: `learned` the positions' learned weights (or None),
+        `mf_weights` the MF fold-in's (with its recency weights)."""
+        s = self.blend_weight
+        offset = (self.start_offset(items) if offset is None else offset).to(residuals)
+        bias_weights = learned
+        if self.blend_bias_decay is not None and age is not None:
+            decayed = recency_weights(age, items, mask, self.blend_bias_decay, residuals.dtype)
+            bias_weights = decayed if bias_weights is None else bias_weights * decayed
+        shift = fold_in_shift(residuals + s * offset, items, mask, self.blend_bias_reg, bias_weights)
+        solved = fold_in_solve(residuals - (1 - s) * offset, params[ITEM_FACTOR][items], items, mask,
+                               self.user_factor_reg, self.user_bias_reg, mf_weights)
+        return {**params, USER_FACTOR: params[USER_FACTOR] + s * solved[:-1],
+                USER_BIAS: params[USER_BIAS] + (1 - s) * shift + s * solved[-1]}
+
+    def start_offset(self, item_ids):
+        """Per position of `item_ids` (item ids), the fold-in blend's item offset d (None: no blend)."""
+        if self.blend_weight is None:
+            return None
+        return self.blend_item_offset.to(item_ids.device)[item_ids]
 
 
 for _head in (PlainHead, BiasHead):

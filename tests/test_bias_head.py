@@ -419,6 +419,34 @@ def test_the_factor_start_is_the_better_fold_in_on_validation_and_a_checkpoint_k
     assert trainer.best["rmse"] <= start["best_rmse"] == pytest.approx(chosen, abs=1e-5)
 
 
+def test_the_blend_start_is_chosen_on_validation_and_a_checkpoint_keeps_it(ratings_file, tmp_path):
+    argv = ["--mode=ml-100k", f"--data_path={ratings_file}", f"--data_dir={tmp_path}/Data", "--min_item=1",
+            "--num_test_data=20", "--val_size=10", "--batch_size=4", "--num_samples=5", "--num_query_set=2",
+            "--max_seq_len=10", "--gru4rec_hidden_size=16", "--model=gru4rec", "--user_factors=8",
+            "--num_train_iterations=1", "--log_interval=1", f"--checkpoint_dir={tmp_path}/ckpt",
+            f"--log_dir={tmp_path}/runs", "--inner_lr=0", "--bias_start=blend"]
+    args = options.parse_args(argv)
+    data = load_data(args)
+    dataset = MetaDataset.from_args(data, args)
+    fitted = baselines.Fitted(data, dataset.train_users, args.random_seed)
+    values, s, record = baselines.blend_choice(dataset.val_tasks(), fitted, data.max_rating, "rmse", "auto",
+                                               baselines.factor_axes(8))
+    start = baselines.bias_start(data, dataset, args)
+    (item_reg, bias_reg, bias_decay), (rank, reg, factor_reg, mf_bias_reg, mf_decay) = (
+        values[part] for part in baselines.BLEND_PARTS)
+    assert start.blend_weight == s and start.item_factors.shape[1] == rank <= 8
+    assert (start.user_bias_reg, start.user_factor_reg, start.user_decay) == (mf_bias_reg, factor_reg, mf_decay)
+    assert (start.blend_bias_reg, start.blend_bias_decay) == (bias_reg, bias_decay)
+    trainer = main.main(options.parse_args(argv))
+    saved = torch.load(tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step1.pt", weights_only=True)
+    assert saved["blend_weight"] == s and saved["blend_bias_reg"] == bias_reg
+    assert torch.equal(saved["blend_item_offset"], torch.as_tensor(start.blend_item_offset))
+    # step 0's validation is the blend's own (inner rates 0: the start alone)
+    step0 = torch.load(tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step0.pt", weights_only=True)
+    scores = record["validation_scores"]
+    assert trainer.best["rmse"] <= step0["best_rmse"] == pytest.approx(min(scores), abs=1e-5)
+
+
 @pytest.mark.parametrize("factors", [0, 3])
 def test_the_weighted_start_fits_the_users_parameters_with_melos_weights(float64, factors):
     # --weighted_start: the fold-in start is the weighted least-squares fit with the adaptive loss's step-0
@@ -525,6 +553,56 @@ def test_the_fold_in_start_with_recency_decay_is_the_decayed_fold_in(float64, fa
     undecayed = baselines.user_item_bias(sets, targets, MU * 5, biases.numpy() * 5, 2.5, -math.inf, math.inf)
     if not factors:
         assert not np.allclose(expected, undecayed, atol=1e-3)  # (the decay does move the predictions)
+
+
+@pytest.mark.parametrize("s", [0.0, 0.35, 1.0])
+def test_the_blend_start_is_the_fold_in_blend(float64, s):
+    # --bias_start=blend: item biases (1 − s)·b_bias + s·b_mf, the MF fold-in's factors, and per task both
+    # fold-ins solved on their own items' residuals with their own λs and γs, mixed by s: with f ≡ 0 the
+    # untrained network is s · baselines' MF fold-in + (1 − s) · their user + item bias fold-in, on the
+    # vmapped fast path (small per-task item tables, the offsets looked up before the ids are remapped) and
+    # the per-task path
+    learner = bias_learner("gru4rec", "--use_adaptive_loss=False", "--num_inner_steps=1", "--inner_lr=0",
+                           "--user_factors=4").eval()
+    generator = torch.Generator().manual_seed(13)
+    bias_items, mf_items = (0.2 * torch.randn(NUM_ITEMS + 1, generator=generator, dtype=torch.float64)
+                            for _ in range(2))
+    factors = 0.5 * torch.randn(NUM_ITEMS + 1, 3, generator=generator, dtype=torch.float64)
+    bias_items[0], mf_items[0], factors[0] = 0, 0, 0
+    backbone = learner.backbone
+    backbone.rating_head.set_start(backbone, MU, (1 - s) * bias_items + s * mf_items, user_bias_reg=2.5,
+                                   item_factors=factors, user_factor_reg=1.5, user_decay=0.9, blend_weight=s,
+                                   blend_item_offset=mf_items - bias_items, blend_bias_reg=4.0, blend_bias_decay=0.8)
+    batch = random_batch()
+    batch.support_items[1, 1, -3:] = batch.support_items[1, 0, -3:]  # items in two windows, other ratings
+    batch.support_age = torch.where(batch.support_items > 0, batch.support_items % 7, 0)  # one age per item
+    sets = baselines.support_sets(batch.support_items.numpy(), batch.support_ratings.numpy(),
+                                  batch.support_mask.numpy(), batch.support_age.numpy())
+    targets = batch.query_items[:, :, -1].numpy()
+    mf = baselines.mf_fold_in(sets, targets, MU * 5, mf_items.numpy() * 5, factors.numpy(), 1.5, -math.inf, math.inf,
+                              2.5, sets.decay_weights(0.9))
+    bias = baselines.user_item_bias(sets, targets, MU * 5, bias_items.numpy() * 5, 4.0, -math.inf, math.inf,
+                                    sets.decay_weights(0.8))
+    expected = torch.from_numpy(s * mf + (1 - s) * bias)
+    torch.testing.assert_close(learner.predict(batch), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(learner.predict(batch, fast=False), expected, rtol=0, atol=1e-6)
+    # on item ids (Basic's fine-tuning) the head looks the offsets up itself
+    params = dict(backbone.named_parameters())
+    task = (batch.support_items[1], batch.support_ratings[1] / 5, batch.support_items[1] != 0)
+    found = backbone.rating_head.task_start(backbone, params, *task, age=batch.support_age[1])
+    given = backbone.rating_head.task_start(backbone, params, *task, age=batch.support_age[1],
+                                            offset=backbone.rating_head.start_offset(task[0]))
+    assert all(torch.equal(found[name], given[name]) for name in (USER_BIAS, "user_factor"))
+    if 0 < s < 1:  # the mix is neither fold-in
+        assert not np.allclose(expected.numpy(), mf, atol=1e-3) and not np.allclose(expected.numpy(), bias, atol=1e-3)
+
+
+def test_the_blend_start_needs_the_factor_term(ratings_file, tmp_path):
+    with pytest.raises(SystemExit):
+        options.parse_args(["--bias_start=blend"])
+    learner = bias_learner("gru4rec")
+    with pytest.raises(errors.MeloError, match="needs the factor term: add --user_factors"):
+        learner.backbone.rating_head.set_start(learner.backbone, MU, blend_weight=0.5)
 
 
 class ItemBiasOnlyHead(heads.RatingHead):
