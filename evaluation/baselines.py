@@ -440,7 +440,8 @@ def bias_start_cache_path(data, dataset, args):
                       "flags": {name: getattr(args, name) for name in ("rating_head", "user_factors", "bias_start",
                                                                        "user_bias_start", "select_by",
                                                                        "grid_choice")},
-                      "grids": [axes("user-item-bias"), axes("mf-fold-in"), ALS_SWEEPS, tuning.MAX_EXTENSIONS],
+                      "grids": [axes("user-item-bias"), axes("mf-fold-in"), ALS_SWEEPS, tuning.MAX_EXTENSIONS,
+                                BLEND_GRID],
                       "version": START_CACHE_VERSION}, sort_keys=True, default=str)
     return os.path.join(args.data_dir, "cache", f"bias-start-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
 

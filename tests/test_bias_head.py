@@ -287,6 +287,32 @@ def test_basic_and_fine_tuning_start_the_user_bias_at_the_fold_in(ratings_file, 
                                rtol=0, atol=1e-4)
 
 
+def test_basic_and_fine_tuning_start_at_the_fold_in_blend(ratings_file, tmp_path, monkeypatch):
+    # --bias_start=blend: an untrained Basic model (f ≡ 0) tested without steps is the fold-in blend, its
+    # parts at the choices the start made (the MF fold-in's ranks capped at --user_factors), the head
+    # looking its item offsets up by item id; s = 0.5, the grid's only value, so both parts count
+    monkeypatch.setattr(baselines, "BLEND_GRID", (0.5,))
+    trainer = train_original.BaselineTrainer(
+        options.parse_args(run_flags(ratings_file, tmp_path, "--bias_start=blend", "--user_factors=8")),
+        Distributed("cpu"))
+    tasks = trainer.dataset.test_tasks()
+    fitted = baselines.Fitted(trainer.data, trainer.dataset.train_users, trainer.args.random_seed)
+    values, s, _ = baselines.blend_choice(trainer.dataset.val_tasks(), fitted, 5.0, "rmse", "auto",
+                                          baselines.factor_axes(8))
+    (item_reg, user_reg, decay), (rank, reg, factor_reg, bias_reg, mf_decay) = (values[part] for part in
+                                                                                baselines.BLEND_PARTS)
+    sets, targets = baselines.sets_of(tasks), tasks.query_items[:, :, -1].numpy()
+    bias = baselines.user_item_bias(sets, targets, fitted.mean, baselines.item_biases(
+        fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items), user_reg, -math.inf, math.inf,
+        sets.decay_weights(decay))
+    mf = baselines.mf_fold_in(sets, targets, fitted.mean, *fitted.factorisation(rank, reg), factor_reg, -math.inf,
+                              math.inf, bias_reg, sets.decay_weights(mf_decay))
+    expected = torch.from_numpy(np.clip(s * mf + (1 - s) * bias, fitted.low, fitted.high))
+    assert s == 0.5
+    for predicted in trainer.predictions(tasks, lr=0.0, record=(0, 2)):  # at lr 0, fine-tuning stays there
+        torch.testing.assert_close(predicted, expected, rtol=0, atol=1e-4)
+
+
 def test_a_checkpoint_keeps_the_shrinkage_of_the_user_bias_start_it_trained_with(ratings_file, tmp_path):
     # λ_user is chosen on the validation tasks when a run starts; its checkpoints keep it, so a test (or a
     # resume) under other validation flags starts b_user as the run trained it, and the report says which
