@@ -180,8 +180,8 @@ class BiasHead(RatingHead):
         self.user_decay = None if user_decay is None or float(user_decay) == 1.0 else float(user_decay)
         has_factors = hasattr(backbone, "item_factor")
         self.user_factor_reg = None if user_factor_reg is None or not has_factors else float(user_factor_reg)
-        blended = blend_weight is not None and has_factors
-        if blend_weight is not None and not has_factors:
+        blended = blend_weight is not None
+        if blended and not has_factors:
             raise MeloError("the fold-in blend's start needs the factor term: add --user_factors=K (K > 0)")
         self.blend_weight = float(blend_weight) if blended else None
         self.blend_item_offset = (torch.as_tensor(blend_item_offset, dtype=torch.float64)
