@@ -471,6 +471,9 @@ def test_the_blend_start_is_chosen_on_validation_and_a_checkpoint_keeps_it(ratin
     step0 = torch.load(tmp_path / "ckpt" / "gru4rec_ml-100k_melo_step0.pt", weights_only=True)
     scores = record["validation_scores"]
     assert trainer.best["rmse"] <= step0["best_rmse"] == pytest.approx(min(scores), abs=1e-5)
+    # a test of the checkpoint under other validation flags starts from the blend it trained from
+    tested = main.main(options.parse_args(argv + ["--test", "--checkpoint_step=1", "--val_size=5"]))
+    assert tested["blend_weight"] == s and tested["validation"]["rmse"] == pytest.approx(trainer.best["rmse"])
 
 
 @pytest.mark.parametrize("factors", [0, 3])
