@@ -343,9 +343,7 @@ def test(trainer):
     report.update(method=trainer.prefix.rsplit("_", 1)[1], model=args.model, mode=args.mode,
                   checkpoint_step=args.checkpoint_step, weights=which, random_seed=args.random_seed,
                   model_init_seed=args.model_init_seed, select_by=args.select_by,
-                  user_bias_reg=trainer.backbone.rating_head.user_bias_reg,
-                  user_factor_reg=trainer.backbone.rating_head.user_factor_reg,
-                  blend_weight=trainer.backbone.rating_head.blend_weight)
+                  **trainer.backbone.rating_head.reported_start())
     if checkpoint.get("best_report") is not None and from_best:  # what chose these weights
         report["validation"] = {key: checkpoint["best_report"][key] for key in ("rmse", "mae", "mean_per_rating_rmse")}
         report["validation"]["step"] = checkpoint["best_step"]

@@ -432,9 +432,7 @@ def test(trainer):
     report.update(method="finetune" if steps or selection else runs.basic_method(args), model=args.model,
                   mode=args.mode, checkpoint_step=args.checkpoint_step, weights=which,
                   random_seed=args.random_seed, model_init_seed=args.model_init_seed, select_by=args.select_by,
-                  finetune_steps=steps, finetune_lr=lr, user_bias_reg=trainer.backbone.rating_head.user_bias_reg,
-                  user_factor_reg=trainer.backbone.rating_head.user_factor_reg,
-                  blend_weight=trainer.backbone.rating_head.blend_weight)
+                  finetune_steps=steps, finetune_lr=lr, **trainer.backbone.rating_head.reported_start())
     if selection is not None:
         report["finetune_selection"] = selection
     if trainer.dist.is_main:

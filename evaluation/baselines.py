@@ -521,8 +521,8 @@ def bias_start(data, dataset, args):
 
 def blend_start(fitted, val_tasks, max_rating, args):
     """`bias_start`'s fields under --bias_start=blend (normalised ratings)."""
-    values, s, _ = blend_choice(val_tasks, fitted, max_rating, args.select_by, args.grid_choice,
-                                factor_axes(args.user_factors))
+    values, s, _, _ = blend_choice(val_tasks, fitted, max_rating, args.select_by, args.grid_choice,
+                                   factor_axes(args.user_factors))
     (item_reg, bias_user_reg, bias_decay), (rank, reg, factor_reg, mf_user_reg, mf_decay) = (
         values[part] for part in BLEND_PARTS)
     bias_items = item_biases(fitted.items, fitted.ratings, fitted.mean, item_reg, fitted.num_items)
@@ -568,35 +568,39 @@ def blend_choice(val_tasks, fitted, max_rating, select_by, grid_choice, mf_axes=
     """fold-in-blend's choices on the validation users: each of BLEND_PARTS chosen as for its own report (the
     MF fold-in on `mf_axes`, default its own), then s from BLEND_GRID minimising `select_by` on the mix of
     their validation predictions (the first of equal scores: the lower s). Returns {part: its chosen value},
-    s, and the selection record (every s's score, each part's search)."""
+    s, the selection record (every s's score, each part's search) and the mix's validation predictions."""
     values, parts, predicted = {}, {}, {}
     sets = sets_of(val_tasks)
     for part in BLEND_PARTS:
         values[part], selection = choose(part, val_tasks, fitted, max_rating, select_by, grid_choice,
                                          mf_axes if part == "mf-fold-in" else None)
-        parts[part] = {field: entry for field, entry in selection.items()
-                       if field not in ("cross_fitted_score", "cross_fitted_scores")}
+        parts[part] = without_cross_fit(selection)
         predicted[part] = predict(part, val_tasks, sets, fitted, values[part])
     bias, mf = (predicted[part] for part in BLEND_PARTS)
     scores = [metrics.task_report(s * mf + (1 - s) * bias, val_tasks, max_rating)[select_by] for s in BLEND_GRID]
     s = BLEND_GRID[int(np.argmin(scores))]
     return values, s, {"select_by": select_by, "grid": list(BLEND_GRID), "validation_scores": scores,
-                       "axes": ["mf_weight"], "at_edge": {}, "parts": parts}
+                       "axes": ["mf_weight"], "at_edge": {}, "parts": parts}, s * mf + (1 - s) * bias
+
+
+def without_cross_fit(selection):
+    """A search record without its cross-fitted scores: for a baseline whose score is not its search's own
+    (the recalibrated MF fold-in's, the blend's parts)."""
+    return {field: entry for field, entry in selection.items()
+            if field not in ("cross_fitted_score", "cross_fitted_scores")}
 
 
 def blend(val_tasks, tasks, fitted, max_rating, select_by, grid_choice):
     """fold-in-blend's predictions of the test and validation tasks' targets (stars [T, Q] each), its
     report fields (each part's chosen values under its name, and s) and its selection record
     (`blend_choice`). A convex mix of clipped predictions needs no clip of its own."""
-    values, s, selection = blend_choice(val_tasks, fitted, max_rating, select_by, grid_choice)
+    values, s, selection, val_predicted = blend_choice(val_tasks, fitted, max_rating, select_by, grid_choice)
     fields = {f"{part.replace('-', '_')}_{axis}": chosen
               for part in BLEND_PARTS for axis, chosen in chosen_fields(part, values[part]).items()}
     fields["mf_weight"] = s
-    mixed = []
-    for found in (tasks, val_tasks):
-        bias, mf = (predict(part, found, sets_of(found), fitted, values[part]) for part in BLEND_PARTS)
-        mixed.append(s * mf + (1 - s) * bias)
-    return (*mixed, fields, selection)
+    sets = sets_of(tasks)
+    bias, mf = (predict(part, tasks, sets, fitted, values[part]) for part in BLEND_PARTS)
+    return s * mf + (1 - s) * bias, val_predicted, fields, selection
 
 
 def report_path(args, name):
@@ -627,8 +631,7 @@ def test(args, data, dataset, name, publish=True):
         report["prediction"] = fitted.mean
     if selection is not None:
         if BASELINES[name].recalibrated:  # its search's cross-fitted score is the MF fold-in's, not its own
-            selection = {field: entry for field, entry in selection.items()
-                         if field not in ("cross_fitted_score", "cross_fitted_scores")}
+            selection = without_cross_fit(selection)
         report["selection"] = selection
     if publish:
         chosen = ", ".join(f"{k} {v:g}" for k, v in fields.items())

@@ -34,6 +34,8 @@ USER_FACTOR = "user_factor"
 # the per-task start's settings, chosen on validation users when a run starts and kept in its checkpoints
 START_SETTINGS = ("user_bias_reg", "user_factor_reg", "user_decay", "blend_weight", "blend_item_offset",
                   "blend_bias_reg", "blend_bias_decay")
+# those a test report records: where its tasks' inner loop (or fine-tuning) started
+REPORTED_START = ("user_bias_reg", "user_factor_reg", "blend_weight")
 
 HEADS = {}
 
@@ -90,6 +92,9 @@ class RatingHead:
 
     def start_settings(self):
         return {name: getattr(self, name) for name in START_SETTINGS}
+
+    def reported_start(self):
+        return {name: getattr(self, name) for name in REPORTED_START}
 
     def load_start_settings(self, saved):
         """The per-task start's settings a checkpoint kept (those it has)."""
@@ -177,7 +182,7 @@ class BiasHead(RatingHead):
         item bias fold-in's, and the MF fold-in's λs and γ are the ones above; `blend_bias_reg` and
         `blend_bias_decay` are the user + item bias fold-in's λ_user and γ (`task_start`)."""
         self.user_bias_reg = None if user_bias_reg is None else float(user_bias_reg)
-        self.user_decay = None if user_decay is None or float(user_decay) == 1.0 else float(user_decay)
+        self.user_decay = decay_setting(user_decay)
         has_factors = hasattr(backbone, "item_factor")
         self.user_factor_reg = None if user_factor_reg is None or not has_factors else float(user_factor_reg)
         blended = blend_weight is not None
@@ -187,8 +192,7 @@ class BiasHead(RatingHead):
         self.blend_item_offset = (torch.as_tensor(blend_item_offset, dtype=torch.float64)
                                   if blended and blend_item_offset is not None else None)
         self.blend_bias_reg = None if not blended or blend_bias_reg is None else float(blend_bias_reg)
-        self.blend_bias_decay = (None if not blended or blend_bias_decay is None or float(blend_bias_decay) == 1.0
-                                 else float(blend_bias_decay))
+        self.blend_bias_decay = decay_setting(blend_bias_decay) if blended else None
         with torch.no_grad():
             backbone.global_mean.fill_(float(mean))
             if item_biases is not None:
@@ -219,12 +223,9 @@ class BiasHead(RatingHead):
         predictions = functional_call(backbone, params, (items,))
         residuals = labels - predictions
         learned = None if weights_of is None else weights_of(predictions)
-        weights = learned
-        if self.user_decay is not None and age is not None:
-            decayed = recency_weights(age, items, mask, self.user_decay, residuals.dtype)
-            weights = decayed if weights is None else weights * decayed
         if self.blend_weight is not None:
-            return self.blend_task_start(params, residuals, items, mask, learned, weights, age, offset)
+            return self.blend_task_start(params, residuals, items, mask, learned, age, offset)
+        weights = with_recency(learned, age, items, mask, self.user_decay, residuals.dtype)
         if self.user_factor_reg is None:
             shift = fold_in_shift(residuals, items, mask, self.user_bias_reg, weights)
             return {**params, USER_BIAS: params[USER_BIAS] + shift}
@@ -232,16 +233,13 @@ class BiasHead(RatingHead):
                               self.user_bias_reg, weights)
         return {**params, USER_FACTOR: params[USER_FACTOR] + shift[:-1], USER_BIAS: params[USER_BIAS] + shift[-1]}
 
-
-    def blend_task_start(self, params, residuals, items, mask, learned, mf_weights, age, offset):
+    def blend_task_start(self, params, residuals, items, mask, learned, age, offset):
         """`task_start` under the fold-in blend's start: `learned` the positions' learned weights (or None),
-        `mf_weights` the MF fold-in's (with its recency weights)."""
+        each fold-in's fit weighted by them and its own recency weights."""
         s = self.blend_weight
         offset = (self.start_offset(items) if offset is None else offset).to(residuals)
-        bias_weights = learned
-        if self.blend_bias_decay is not None and age is not None:
-            decayed = recency_weights(age, items, mask, self.blend_bias_decay, residuals.dtype)
-            bias_weights = decayed if bias_weights is None else bias_weights * decayed
+        bias_weights = with_recency(learned, age, items, mask, self.blend_bias_decay, residuals.dtype)
+        mf_weights = with_recency(learned, age, items, mask, self.user_decay, residuals.dtype)
         shift = fold_in_shift(residuals + s * offset, items, mask, self.blend_bias_reg, bias_weights)
         solved = fold_in_solve(residuals - (1 - s) * offset, params[ITEM_FACTOR][items], items, mask,
                                self.user_factor_reg, self.user_bias_reg, mf_weights)
@@ -252,7 +250,9 @@ class BiasHead(RatingHead):
         """Per position of `item_ids` (item ids), the fold-in blend's item offset d (None: no blend)."""
         if self.blend_weight is None:
             return None
-        return self.blend_item_offset.to(item_ids.device)[item_ids]
+        if self.blend_item_offset.device != item_ids.device:  # once, not every batch: kept where it is used
+            self.blend_item_offset = self.blend_item_offset.to(item_ids.device)
+        return self.blend_item_offset[item_ids]
 
 
 for _head in (PlainHead, BiasHead):
@@ -295,6 +295,20 @@ def fold_in_solve(residuals, factors, items, mask, factor_reg, bias_reg, weights
     penalty[-1] = float(bias_reg)
     gram = weighted.T @ x + torch.diag(penalty + 1e-9)
     return torch.linalg.solve(gram, weighted.T @ residuals.flatten())
+
+
+def decay_setting(decay):
+    """A fold-in start's recency decay γ as the head keeps it: None for none (None or 1)."""
+    return None if decay is None or float(decay) == 1.0 else float(decay)
+
+
+def with_recency(weights, age, items, mask, decay, dtype):
+    """`weights` [..., L] (None: every position alike) times the positions' recency weights
+    (`recency_weights`); unchanged without a decay γ or the positions' `age`."""
+    if decay is None or age is None:
+        return weights
+    decayed = recency_weights(age, items, mask, decay, dtype)
+    return decayed if weights is None else weights * decayed
 
 
 def recency_weights(age, items, mask, decay, dtype):

@@ -297,8 +297,8 @@ def test_basic_and_fine_tuning_start_at_the_fold_in_blend(ratings_file, tmp_path
         Distributed("cpu"))
     tasks = trainer.dataset.test_tasks()
     fitted = baselines.Fitted(trainer.data, trainer.dataset.train_users, trainer.args.random_seed)
-    values, s, _ = baselines.blend_choice(trainer.dataset.val_tasks(), fitted, 5.0, "rmse", "auto",
-                                          baselines.factor_axes(8))
+    values, s, _, _ = baselines.blend_choice(trainer.dataset.val_tasks(), fitted, 5.0, "rmse", "auto",
+                                             baselines.factor_axes(8))
     (item_reg, user_reg, decay), (rank, reg, factor_reg, bias_reg, mf_decay) = (values[part] for part in
                                                                                 baselines.BLEND_PARTS)
     sets, targets = baselines.sets_of(tasks), tasks.query_items[:, :, -1].numpy()
@@ -455,8 +455,8 @@ def test_the_blend_start_is_chosen_on_validation_and_a_checkpoint_keeps_it(ratin
     data = load_data(args)
     dataset = MetaDataset.from_args(data, args)
     fitted = baselines.Fitted(data, dataset.train_users, args.random_seed)
-    values, s, record = baselines.blend_choice(dataset.val_tasks(), fitted, data.max_rating, "rmse", "auto",
-                                               baselines.factor_axes(8))
+    values, s, record, _ = baselines.blend_choice(dataset.val_tasks(), fitted, data.max_rating, "rmse", "auto",
+                                                  baselines.factor_axes(8))
     start = baselines.bias_start(data, dataset, args)
     (item_reg, bias_reg, bias_decay), (rank, reg, factor_reg, mf_bias_reg, mf_decay) = (
         values[part] for part in baselines.BLEND_PARTS)
