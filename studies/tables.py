@@ -58,9 +58,9 @@ def per_user_pair(melo, other):
 
 
 def paired_difference(melo, other, resamples, seed):
-    """metrics.paired_bootstrap of MELO − other on the same test targets (matched by user and window)."""
-    a, b = per_user_pair(melo, other)
-    return metrics.paired_bootstrap(a["squared_error"], b["squared_error"], a["windows"], a["rating"], resamples, seed)
+    """metrics.paired_bootstrap of MELO − other on the same test targets (matched by user and window): one
+    seed's pooled_difference (one stratum draws as no strata do)."""
+    return pooled_difference([(melo, other)], resamples, seed)
 
 
 def pooled_difference(pairs, resamples, seed):
