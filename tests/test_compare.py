@@ -103,7 +103,8 @@ def test_table_end_to_end_equals_the_reports(ratings_file, tmp_path, monkeypatch
     assert ("from the fold-in (random weights, f = 0) (inner loop adapting the output layer, inner lr from 0, "
             f"outer loss on the query target; MELO's weights {options.parse_args([]).adaptive_weights}, task state "
             "static, fitting the start too, reading each rating's recency)") in text
-    assert ", a 32-column user x item factor term, its tables held at their start)" in text
+    assert ("(item biases starting at the fold-in blend, a 32-column user x item factor term, its tables held "
+            "at their start)") in text
     assert len(meta_runs) == 8 and all(not args.load_pretrained and not args.load_pretrained_embedding and
                                        args.user_bias_start == "fold-in" and args.inner_lr == 0 and
                                        args.query_loss == "target" and not args.adapt_user_bias and
@@ -355,6 +356,28 @@ def test_start_chooses_the_meta_learners_first_weights(ratings_file, tmp_path):
     basic, maml = meta_training_args("--inner_lr=0.05")
     assert not (basic.save_pretrained or maml.load_pretrained or maml.load_pretrained_embedding)
     assert (maml.inner_lr, maml.query_loss, maml.user_bias_start) == (0.05, "target", "fold-in")
+
+
+def test_every_network_starts_from_the_fold_in_blend_where_there_is_one(ratings_file, tmp_path, capsys):
+    def bias_starts(*extra):
+        config = compare.parse(argv(ratings_file, tmp_path, "--models=gru4rec", *extra))
+        return {piece.method: options.parse_args(piece.steps[0][2]).bias_start for piece in compare.plan(config)
+                if piece.method in ("basic", "maml", "melo")}
+
+    # the bias head with --user_factors (compare.py's default 32): the blend, Basic's and the meta-learners'
+    assert bias_starts() == {"basic": "blend", "maml": "blend", "melo": "blend"}
+    # nothing to blend: the better fold-in (the user + item bias fold-in without factors)
+    assert set(bias_starts("--user_factors=0").values()) == {"fold-in"}
+    assert set(bias_starts("--rating_head=plain").values()) == {"fold-in"}
+    assert set(bias_starts("--bias_start=fold-in").values()) == {"fold-in"}  # asked for: kept
+    with pytest.raises(SystemExit):
+        compare.parse(argv(ratings_file, tmp_path, "--bias_start=blend", "--user_factors=0"))
+    assert "--bias_start=blend starts the bias head's factor term" in capsys.readouterr().err
+    # a folder made at the MF fold-in's start is not mixed with the blend's
+    made_at_fold_in = compare.parse(argv(ratings_file, tmp_path, "--bias_start=fold-in"))
+    compare.record_settings(made_at_fold_in, compare.check_settings(made_at_fold_in))
+    with pytest.raises(errors.MeloError, match=r"other settings: .*bias_start='fold-in' \(now 'blend'\)"):
+        compare.check_settings(compare.parse(argv(ratings_file, tmp_path)))
 
 
 def test_a_folder_from_before_start_keeps_its_recipe(ratings_file, tmp_path):
