@@ -106,11 +106,11 @@ def build_parser():
              "--user_factors): with it the head starts as the fold-in blend of the user + item bias fold-in and "
              "the MF fold-in of rank <= K (--bias_start), so the networks start from the strongest classic "
              "baseline")
-    add("--bias_start", default=None, choices=("fold-in", "blend", "zero"),
-        help="where every network's bias head starts (main.py's --bias_start); default: blend with the "
-             "bias head and --user_factors (s * MF fold-in + (1 - s) * user + item bias fold-in, s chosen on the validation "
-             "users: on real ML-1M it validates better than the better fold-in for every meta-learner and "
-             "backbone), fold-in without (nothing to blend)")
+    add("--bias_start", default=None, choices=options.BIAS_STARTS,
+        help="where every network's bias head starts (main.py's --bias_start); default: blend with the bias "
+             "head and --user_factors (s * MF fold-in + (1 - s) * user + item bias fold-in, s chosen on the "
+             "validation users: on real ML-1M it validates better than the better fold-in for every "
+             "meta-learner and backbone), fold-in without (nothing to blend)")
     add("--bias_outer_lr", type=flag_types.learning_rate, default=0.0,
         help="Adam lr of the bias head's tables in every network's training (main.py's --bias_outer_lr): 0 "
              "keeps them at their fold-in start, which Adam's per-row steps would move by noise")
@@ -178,8 +178,7 @@ def parse(argv=None):
         raise MeloError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from "
                         f"{', '.join(BACKBONES)}")
     # every run's, before the passed-through flags
-    blendable = known.rating_head == "bias" and known.user_factors > 0
-    bias_start = known.bias_start or ("blend" if blendable else "fold-in")
+    bias_start = known.bias_start or ("blend" if options.can_blend(known) else "fold-in")
     extra = [f"--rating_head={known.rating_head}", f"--user_factors={known.user_factors}",
              f"--bias_start={bias_start}", f"--bias_outer_lr={known.bias_outer_lr:g}", *extra]
     defaults = options.parse_args([f"--mode={known.mode}", *extra])

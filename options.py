@@ -22,6 +22,8 @@ MODES = ("ml-1m", "ml-10m", "ml-100k", "amazon", "yelp")
 
 # The four columns of a ratings file, in the order MELO reads them (--csv_columns names them in file order).
 COLUMN_ROLES = ("user", "item", "rating", "timestamp")
+BIAS_STARTS = ("fold-in", "blend", "zero")  # --bias_start's choices
+
 # Where each mode's ratings live when --data_path is not given (MovieLens is downloaded there).
 DEFAULT_DATA_PATHS = {
     "ml-1m": "./Data/ml-1m/ratings.dat",
@@ -42,6 +44,11 @@ class CommandLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (--help lists the options)\n")
+
+
+def can_blend(args):
+    """Does --bias_start=blend apply: a bias head with a factor term (the MF fold-in's part of the blend)?"""
+    return args.rating_head == "bias" and args.user_factors > 0
 
 
 def build_parser():
@@ -142,7 +149,7 @@ def build_parser():
         help="MELO with --user_bias_start=fold-in: the fold-in start of b_user (and p_user) is the weighted "
              "least-squares fit with the learned loss's weights, i.e. the minimum over the user's parameters "
              "of the (ridge-penalised) adaptive inner loss, so the weights act on the user's estimate too")
-    add("--bias_start", default="fold-in", choices=("fold-in", "blend", "zero"),
+    add("--bias_start", default="fold-in", choices=BIAS_STARTS,
         help="--rating_head=bias: the item biases start at the user + item bias fold-in's (closed form on the "
              "training users, regularisation chosen on validation; with --user_factors, the better of it and "
              "the MF fold-in), at the fold-in blend's (with --user_factors: s * MF fold-in + (1 - s) * user + "
@@ -337,7 +344,7 @@ def validate(parser, args):
     if args.csv_columns and sorted(args.csv_columns.split(",")) != sorted(COLUMN_ROLES):
         parser.error(f"--csv_columns must name {', '.join(COLUMN_ROLES)} once each, in the file's column "
                      f"order, got {args.csv_columns!r}")
-    if args.bias_start == "blend" and not (args.rating_head == "bias" and args.user_factors > 0):
+    if args.bias_start == "blend" and not can_blend(args):
         parser.error("--bias_start=blend starts the bias head's factor term as the MF fold-in's: it needs "
                      "--rating_head=bias and --user_factors=K (K > 0)")
     if args.test and args.checkpoint_step < 0 and not args.test_baseline:
