@@ -141,6 +141,9 @@ class MetaTrainer(Trainer):
             runs.log_hparams(writer, self.args, self.best)
 
     # ------------------------------------------------------------------ evaluation
+    def validation_stars(self, tasks):
+        return self.predictions(tasks)[0]
+
     def predictions(self, tasks, with_weights=False):
         """Predicted stars [T, Q] (CPU) of a fixed task set's query targets, and with `with_weights` the
         adaptive loss's weight sums per rating value on the tasks' support sets (None for MAML++). The

@@ -249,6 +249,11 @@ def build_parser():
     add("--test_best", type=str2bool, default=True,
         help="with --test: use the best-by-validation weights saved with that step "
              "(False: the weights of exactly that step)")
+    add("--step_choice", default="minimum", choices=("minimum", "one-se"),
+        help="with --test and --test_best: minimum = the weights of the step with the lowest validation "
+             "--select_by; one-se = those only if they beat the start's (step 0, the untrained network) by more "
+             "than one standard error of the paired per-user difference on the validation users, else the "
+             "start's (docs/comparison.md)")
     add("--test_baseline", action="store_true",
         help="score the baselines without a network (--baseline) on the test targets")
 

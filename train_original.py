@@ -178,11 +178,12 @@ class BaselineTrainer(Trainer):
         }
 
     def save(self):
-        """Save this epoch's checkpoint, then remove this run's other step files but the best epoch's."""
+        """Save this epoch's checkpoint, then remove this run's other step files but the best epoch's and
+        epoch 0's (the start, which --step_choice=one-se compares with)."""
         path = super().save()
         if path is not None:
             for step in checkpointing.available_steps(self.directory, self.prefix):
-                if step not in (self.epoch, self.best["step"]):
+                if step not in (self.epoch, self.best["step"], 0):
                     os.remove(self.checkpoint_path(step))
         return path
 
@@ -272,6 +273,9 @@ class BaselineTrainer(Trainer):
         predicted = vmap(one_task, randomness="different", out_dims=1)(tasks.support_items, labels,
                                                                        tasks.support_age, tasks.query_items)
         return predicted.detach() * self.max_rating
+
+    def validation_stars(self, tasks):
+        return self.predictions(tasks)[0]  # as evaluate() scores each epoch
 
     def predictions(self, tasks, lr=None, record=None, user_start=True):
         """predict() of a whole fixed task set: under torchrun the tasks are sharded and each rank's rows

@@ -302,6 +302,20 @@ def paired_bootstrap(squared_a, squared_b, windows, ratings, resamples=1000, see
             for key, point, spread in zip(("rmse", "mean_per_rating_rmse"), difference(everyone), difference(weights))}
 
 
+def paired_gain(frame, start_frame, select_by, resamples=2000, seed=0):
+    """`frame` − `start_frame` in `select_by` ("rmse" or "mean_per_rating_rmse") on the same targets
+    (prediction frames of one task set), with one standard error of it: half the width of the paired
+    bootstrap's central 68.27 % interval over users; `resolved` when that interval lies below 0, i.e. the
+    gain exceeds one standard error."""
+    a, b = per_user_errors(frame), per_user_errors(start_frame)
+    if not a.index.equals(b.index) or not (a["windows"] == b["windows"]).all():
+        raise ValueError("paired_gain needs two frames of the same targets")
+    found = paired_bootstrap(a["squared_error"], b["squared_error"], a["windows"], a["rating"], resamples, seed,
+                             level=0.6827)[select_by]
+    return {"difference": found["difference"], "standard_error": (found["high"] - found["low"]) / 2,
+            "resolved": found["high"] < 0}
+
+
 # Student's t 97.5% quantiles for 1..30 degrees of freedom (numpy has no t distribution, and scipy is not
 # a dependency); beyond 30 the Cornish-Fisher expansion z + (z^3 + z) / (4 df) is within 0.004 of them.
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,

@@ -9,6 +9,7 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -429,3 +430,56 @@ def test_balanced_query_loss_weights_the_ratings_of_the_training_users(ratings_f
     assert torch.equal(trainer.learner.query_rating_weights, expected)
     assert len(set(expected[expected > 0].tolist())) > 1  # the generated ratings are not uniform
     assert "query_rating_weights" not in trainer.learner.state_dict()  # the data gives it again on resume
+
+
+def test_step_choice_one_se_keeps_the_start_unless_the_best_steps_gain_is_resolved(ratings_file, tmp_path,
+                                                                                   monkeypatch, capsys):
+    argv = flags(ratings_file, tmp_path, "--model=gru4rec", "--rating_head=plain", "--outer_lr=0.01",
+                 "--num_train_iterations=8", "--log_interval=4")
+    trained = run(argv)
+    assert trained.best["step"] in (4, 8)  # training moved the best away from the start
+    test = argv + ["--checkpoint_step=8", "--test"]
+    minimum = run(test)
+    start = run(argv + ["--checkpoint_step=0", "--test", "--test_best=False"])
+    assert start["rmse"] != minimum["rmse"]
+    compared = []
+
+    def gain(frame, start_frame, select_by):
+        compared.append((frame["prediction"].to_numpy(), start_frame["prediction"].to_numpy(), select_by))
+        return {"difference": -0.01, "standard_error": 0.02 if not resolved else 0.001, "resolved": resolved}
+
+    monkeypatch.setattr(metrics, "paired_gain", gain)
+    resolved = True
+    kept = run(test + ["--step_choice=one-se"])
+    assert kept["rmse"] == minimum["rmse"] and kept["validation"]["step"] == trained.best["step"]
+    assert "against the start, one standard error 0.0010" in kept["weights"]
+    resolved = False
+    fell_back = run(test + ["--step_choice=one-se"])
+    assert fell_back["rmse"] == start["rmse"] and fell_back["validation"]["step"] == 0
+    assert fell_back["weights"].startswith("the start's weights (step 0)")
+    # it compared the best step's validation predictions with the start's, on the same targets
+    best_predictions, start_predictions, select_by = compared[-1]
+    assert select_by == "rmse" and len(best_predictions) == len(start_predictions)
+    assert not np.allclose(best_predictions, start_predictions)
+
+
+def test_paired_gain_is_resolved_only_beyond_one_standard_error():
+    rng = np.random.default_rng(0)
+    users = 400
+    rating = rng.integers(1, 6, users).astype(float)
+    start = rating + np.repeat(rng.normal(0, 1.0, users // 2), 2)  # users in pairs with the same error
+    frame = lambda prediction: pd.DataFrame({"user": np.arange(users), "window": 0, "item": 1,  # noqa: E731
+                                             "rating": rating, "prediction": prediction})
+    closer = metrics.paired_gain(frame(rating + 0.7 * (start - rating)), frame(start), "rmse")
+    assert closer["difference"] < 0 and closer["resolved"] and closer["standard_error"] > 0
+    # of each pair, one user's error 5 % larger, the other's 5 % smaller: a loss of 0.25 % of the MSE, well
+    # within the noise
+    wobble = rating + (start - rating) * (1 + 0.05 * np.tile([1.0, -1.0], users // 2))
+    noise = metrics.paired_gain(frame(wobble), frame(start), "rmse")
+    assert abs(noise["difference"]) < noise["standard_error"] and not noise["resolved"]
+    # one standard error: about the standard deviation of the per-user difference in MSE over sqrt(users),
+    # mapped to RMSE (d RMSE = d MSE / (2 RMSE))
+    mse_se = np.std((wobble - rating) ** 2 - (start - rating) ** 2, ddof=1) / np.sqrt(users)
+    assert noise["standard_error"] == pytest.approx(mse_se / (2 * np.sqrt(((start - rating) ** 2).mean())), rel=0.2)
+    with pytest.raises(ValueError, match="same targets"):
+        metrics.paired_gain(frame(start).iloc[1:], frame(start), "rmse")

@@ -73,7 +73,7 @@ def test_training_lowers_the_loss_and_keeps_best_and_latest(ratings_file, tmp_pa
     assert fixed_loss(trainer) < 0.7 * before
     prefix = runs.basic_prefix(trainer.args)
     assert prefix.endswith("basic-learned-loss" if learned_loss == "True" else "basic")
-    kept = {4, trainer.best["step"]}
+    kept = {0, 4, trainer.best["step"]}  # the start, the latest and the best
     assert sorted(os.listdir(tmp_path / "pre")) == sorted(f"{prefix}_step{s}.pt" for s in kept)
     assert glob.glob(str(tmp_path / "runs" / f"{prefix}_*" / "events.out.tfevents.*"))
     printed = capsys.readouterr().out
@@ -294,4 +294,21 @@ def test_a_fresh_run_replaces_an_earlier_one_only_with_overwrite(ratings_file, t
     assert "resume it with --checkpoint_step=3" in capsys.readouterr().err
     assert {name: (tmp_path / "pre" / name).read_bytes() for name in os.listdir(tmp_path / "pre")} == earlier
     run(argv + ["--pretrain_epochs=1", "--overwrite=True"])
-    assert os.listdir(tmp_path / "pre") == [f"{prefix}_step1.pt"]
+    assert sorted(os.listdir(tmp_path / "pre")) == [f"{prefix}_step0.pt", f"{prefix}_step1.pt"]
+
+
+def test_step_choice_one_se_gives_basic_the_start_unless_its_best_epoch_gains_beyond_the_noise(
+        ratings_file, tmp_path, monkeypatch):
+    argv = flags(ratings_file, tmp_path, "--model=gru4rec", "--rating_head=plain", "--pretraining_lr=0.01",
+                 "--pretrain_epochs=3")
+    trained = run(argv)
+    assert trained.best["step"] in (1, 2, 3)  # training moved the best away from epoch 0
+    minimum = run(argv + ["--checkpoint_step=3", "--test"])
+    start = run(argv + ["--checkpoint_step=0", "--test", "--test_best=False"])
+    assert start["rmse"] != minimum["rmse"]
+    gains = []
+    monkeypatch.setattr(metrics, "paired_gain",
+                        lambda *_: gains.pop(0) and {"difference": -0.01, "standard_error": 0.02, "resolved": False})
+    gains.append(True)
+    fell_back = run(argv + ["--checkpoint_step=3", "--test", "--step_choice=one-se"])
+    assert fell_back["rmse"] == start["rmse"] and fell_back["weights"].startswith("the start's weights (step 0)")

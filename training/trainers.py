@@ -17,7 +17,7 @@ import numpy as np
 
 from common.errors import MeloError
 from common.runtime import LostPeer, stop_signals_as_flag
-from evaluation import baselines
+from evaluation import baselines, metrics
 from ratings.preprocess import load_data
 from ratings.tasks import MetaDataset
 from training import checkpointing, runs
@@ -67,6 +67,11 @@ class Trainer:
         return getattr(self.args, self.total_flag[2:])
 
     # ------------------------------------------------------------------ the subclass's part
+    def validation_stars(self, tasks):
+        """Predicted stars [T, Q] of `tasks`' query targets by the tested weights as they are (no
+        fine-tuning): what --step_choice=one-se compares."""
+        raise NotImplementedError
+
     @property
     def tested_module(self):
         """The module whose weights the checkpoints hold and --test scores."""
@@ -159,7 +164,39 @@ class Trainer:
         best, which = checkpointing.tested_weights(checkpoint, step, self.args.test_best, self.best_key)
         if best is not None:
             checkpointing.load_state(self.tested_module, best, self.checkpoint_path(step), "best weights")
+            if self.args.step_choice == "one-se" and checkpoint["best_step"]:
+                checkpoint, which = self.start_unless_resolved(checkpoint, which)
         return checkpoint, which, best is not None
+
+    def start_unless_resolved(self, checkpoint, which):
+        """--step_choice=one-se: the best step's weights (loaded) stay only if their validation --select_by
+        beats the start's (step 0, the untrained network: the fold-in under the fold-in start) by more than
+        one standard error of the paired per-user difference; else the start's weights are loaded. A best
+        step picked among many by a gain within the noise of the validation users is as likely to lose on
+        test as to win (docs/comparison.md). (checkpoint, which): with the start, the checkpoint's best_step
+        and best_report are the start's."""
+        path = self.checkpoint_path(0)
+        start = checkpointing.load_checkpoint(self.directory, self.prefix, 0)
+        if start.get("best_step") != 0 or start.get(self.best_key) is None:
+            raise MeloError(f"--step_choice=one-se compares the best step with the start, but {path} holds no "
+                            f"validated start; test with --step_choice=minimum")
+        tasks = self.dataset.val_tasks()
+        best_stars = self.validation_stars(tasks)
+        best_state = state_copy(self.tested_module)
+        checkpointing.load_state(self.tested_module, start[self.best_key], path, "start's weights")
+        start_stars = self.validation_stars(tasks)
+        frame = functools.partial(metrics.prediction_frame, tasks, data=self.data)
+        gain = metrics.paired_gain(frame(predicted_stars=best_stars), frame(predicted_stars=start_stars),
+                                   self.args.select_by)
+        said = (f"step {checkpoint['best_step']}'s validation {self.args.select_by} {gain['difference']:+.4f} "
+                f"against the start, one standard error {gain['standard_error']:.4f}")
+        if gain["resolved"]:
+            checkpointing.load_state(self.tested_module, best_state, self.checkpoint_path(checkpoint["step"]),
+                                     "best weights")
+            return checkpoint, f"{which}; {said}"
+        start_report = metrics.task_report(start_stars, tasks, self.data.max_rating)
+        return ({**checkpoint, "best_step": 0, "best_report": start_report},
+                f"the start's weights (step 0): {said}, within it (--step_choice=one-se)")
 
     def mean_rating_rmse(self, tasks):
         """The RMSE (per window) on `tasks` of predicting the training users' mean rating for everyone
