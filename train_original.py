@@ -275,7 +275,7 @@ class BaselineTrainer(Trainer):
         return predicted.detach() * self.max_rating
 
     def validation_stars(self, tasks):
-        return self.predictions(tasks)[0]  # as evaluate() scores each epoch
+        return self.predictions(tasks)[0]
 
     def predictions(self, tasks, lr=None, record=None, user_start=True):
         """predict() of a whole fixed task set: under torchrun the tasks are sharded and each rank's rows
@@ -291,7 +291,7 @@ class BaselineTrainer(Trainer):
         Basic: with b_user's (and p_user's) fold-in start from each user's support set under
         --user_bias_start=fold-in, so the best epoch is the best Basic as tested (and epoch 0, the
         untrained model, is the fold-in itself)."""
-        return metrics.task_report(self.predictions(tasks)[0], tasks, self.max_rating)
+        return metrics.task_report(self.validation_stars(tasks), tasks, self.max_rating)
 
     def choose_finetuning(self, tasks):
         """The (lr, steps) of --finetune_lr_grid x --finetune_steps_grid (an empty grid: the single

@@ -10,12 +10,12 @@ two are paired in order, one file per seed, and a pair is refused unless both ho
 (tables.pooled_difference: a paired bootstrap drawing users within each seed)."""
 import argparse
 import glob
-import sys
 
 import pandas as pd
 
 from common import flag_types
 from common.errors import MeloError
+import options
 from studies import tables
 
 METRICS = (("rmse", "RMSE"), ("mean_per_rating_rmse", "mean per-rating RMSE"))
@@ -57,7 +57,7 @@ def pair(first, second, resamples=2000, seed=0):
         raise MeloError(f"{len(first)} CSVs against {len(second)}: give one test CSV per seed on each side")
     frames = [(read_predictions(a), read_predictions(b)) for a, b in zip(first, second)]
     found = tables.pooled_difference(frames, resamples, seed)
-    per_seed = [tables.pooled_difference([frames_of_seed], 1, seed) for frames_of_seed in frames]  # points only
+    per_seed = [tables.paired_difference(a, b, 1, seed) for a, b in frames]  # their points only
     for key, _ in METRICS:
         found[key]["lower"] = sum(one[key]["difference"] < 0 for one in per_seed)
     return found
@@ -86,8 +86,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except MeloError as error:
-        sys.stderr.write(f"error: {error}\n")
-        sys.exit(2)
+    options.run_cli(main, parse=lambda argv: argv)
